@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test fuzz seed purity clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned: 2.13.0 (CPU build) lies on disk; a loose range pulls a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/aotgrad explain
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests
+
+seed: $(STAMP)
+	$(BIN)/python ../shared/seedtests/run_seed.py
+
+purity:
+	$(PY) ../shared/seedtests/check_purity.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

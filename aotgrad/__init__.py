@@ -1,0 +1,41 @@
+"""aotgrad — ahead-of-time autograd for PyTorch.
+
+Note [Calling convention]
+-------------------------
+Given a function and example inputs, aotgrad traces one functional ATen graph
+(the *joint* forward+backward, or an *inference* graph when no gradient is
+needed), splits the joint into a forward and a backward graph, hands each to a
+compiler, and wraps the results in a runtime that behaves like eager PyTorch.
+
+* graph inputs are the call's tensors, flattened from its pytrees (for modules:
+  parameters, then buffers, then user tensors); a tensor passed twice is one
+  input; non-tensor leaves are constants baked into the graph;
+* the forward graph takes the primals ``primals_1 ... primals_N`` and returns
+  ``(*mutated_input_values, *user_outputs, *saved_tensors, *saved_symints)``;
+* the backward graph takes ``(*saved_symints, *saved_tensors, *tangents)`` —
+  tangents are named ``tangents_1 ...``, one per differentiable output, and are
+  contiguous — and returns one gradient (or ``None``) per primal;
+* the inference graph takes ``arg0_1 ...`` and returns
+  ``(*mutated_input_values, *user_outputs)``;
+* compiled graphs are always called *boxed*: with one list they may clear.
+
+The stages, one module each: ``flatten`` → ``analyze`` → ``trace`` →
+``partition`` → ``compile`` → ``runtime`` (driven by ``pipeline``).
+"""
+
+from . import backends, config
+from .api import (
+    aot_function,
+    aot_module,
+    aot_module_simplified,
+    compiled_function,
+    compiled_module,
+)
+from .compile import get_aot_compilation_context, make_boxed_compiler, make_boxed_func, nop
+from .partition import default_partition
+
+__all__ = [
+    "aot_function", "aot_module", "aot_module_simplified", "compiled_function",
+    "compiled_module", "config", "backends", "default_partition",
+    "get_aot_compilation_context", "make_boxed_compiler", "make_boxed_func", "nop",
+]

@@ -1,0 +1,202 @@
+"""The public entry points: aot_function, aot_module, aot_module_simplified.
+
+``aot_function`` compiles lazily, on the first call, and keeps one compiled
+program per *guard key* — the metadata of the call's inputs (shape, stride,
+dtype, device, requires_grad of each tensor; the value of each constant; which
+tensors are passed twice) and the grad mode.  A call with a new key compiles
+again (see Note [Guard key]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from . import config
+from ._torch import pytree
+from .compile import Compiler
+from .partition import default_partition
+from .pipeline import CompileOptions, CompileReport, compile_call
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.storage_offset())
+
+
+def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
+    """Note [Guard key]: everything about a call that the compiled program assumes.
+
+    Tensors: shape (ndim when ``dynamic``), stride, dtype, device,
+    requires_grad; constants: their value; plus which leaves are the same
+    tensor object, the input tree structure and the grad mode.
+    """
+    parts: list = [torch.is_grad_enabled(), in_spec]
+    tensor_ids = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tensor_ids.append(id(leaf))
+            if dynamic:
+                parts.append((leaf.dim(), leaf.dtype, leaf.device, leaf.requires_grad))
+            else:
+                parts.append(_tensor_key(leaf))
+        else:
+            parts.append((type(leaf), _hashable(leaf)))
+    if len(set(tensor_ids)) != len(tensor_ids):
+        first: dict[int, int] = {}
+        parts.append(tuple(first.setdefault(i, k) for k, i in enumerate(tensor_ids)))
+    return tuple(parts)
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("id", id(value))
+
+
+class AOTFunction:
+    """The callable ``aot_function`` returns (same signature as the user's fn)."""
+
+    def __init__(self, fn: Callable, options: CompileOptions):
+        self.fn = fn
+        self.options = options
+        self._compiled: dict[tuple, Callable[[list], Any]] = {}
+        self.last_report: CompileReport | None = None
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, in_spec = pytree.tree_flatten((args, kwargs))
+        key = guard_key(leaves, in_spec, self.options.dynamic)
+        run = self._compiled.get(key)
+        if run is None:
+            run = self._compile(leaves, in_spec, key)
+        return run(leaves)
+
+    def _compile(self, leaves: list, in_spec: Any, key: tuple) -> Callable[[list], Any]:
+        if len(self._compiled) >= config.cache_size_limit:
+            raise RuntimeError(
+                f"aotgrad: {self.__name__} was compiled for {len(self._compiled)} different "
+                "input signatures (shapes/dtypes/requires_grad), the limit "
+                "(aotgrad.config.cache_size_limit). Use dynamic=True for varying shapes, or "
+                "raise the limit.")
+        report = CompileReport()
+        run = compile_call(self.fn, self.options, leaves, in_spec, report)
+        self.last_report = report
+        self._compiled[key] = run
+        return run
+
+
+def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | None = None,
+                 partition_fn: Callable = default_partition,
+                 decompositions: Mapping | None = None, num_params_buffers: int = 0,
+                 keep_inference_input_mutations: bool = False,
+                 inference_compiler: Compiler | None = None, *, dynamic: bool = False,
+                 disable_functionalization: bool = False) -> AOTFunction:
+    """Compile ``fn`` ahead of time into a forward and a backward graph.
+
+    ``fw_compiler`` / ``bw_compiler`` / ``inference_compiler`` take
+    ``(fx.GraphModule, example_inputs)`` and return a callable;
+    ``bw_compiler`` and ``inference_compiler`` default to ``fw_compiler``.
+    Compilation happens on the first call, again for inputs with new metadata.
+    """
+    if disable_functionalization:
+        raise NotImplementedError(
+            "aotgrad always functionalizes (it is how mutations stay exact); "
+            "drop disable_functionalization=True")
+    options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions,
+                             num_params_buffers, keep_inference_input_mutations,
+                             inference_compiler, dynamic)
+    return AOTFunction(fn, options)
+
+
+class AOTModule(nn.Module):
+    """The module ``aot_module`` returns: parameters and buffers become inputs."""
+
+    def __init__(self, mod: nn.Module, compiled: AOTFunction):
+        super().__init__()
+        self.orig_module = mod
+        self._compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        params = dict(self.orig_module.named_parameters(remove_duplicate=False))
+        buffers = dict(self.orig_module.named_buffers(remove_duplicate=False))
+        return self._compiled(params, buffers, *args, **kwargs)
+
+
+def _functional_call(mod: nn.Module) -> Callable:
+    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(mod, (params, buffers), args, kwargs,
+                                          tie_weights=False)
+
+    call.__name__ = type(mod).__name__
+    return call
+
+
+def aot_module(mod: nn.Module, *args: Any, **kwargs: Any) -> AOTModule:
+    """``aot_function`` for a module: its parameters, then buffers, are lifted to
+    the first graph inputs.  Takes ``aot_function``'s arguments after ``mod``."""
+    num = sum(1 for _ in mod.named_parameters(remove_duplicate=False)) + \
+        sum(1 for _ in mod.named_buffers(remove_duplicate=False))
+    kwargs["num_params_buffers"] = num
+    return AOTModule(mod, aot_function(_functional_call(mod), *args, **kwargs))
+
+
+def aot_module_simplified(mod: nn.Module | Callable, example_inputs: list,
+                          fw_compiler: Compiler, bw_compiler: Compiler | None = None,
+                          partition_fn: Callable = default_partition,
+                          decompositions: Mapping | None = None,
+                          keep_inference_input_mutations: bool = False,
+                          inference_compiler: Compiler | None = None,
+                          **_unused: Any) -> Callable:
+    """Compile now, for flat tensor inputs like ``example_inputs`` (maybe fake).
+
+    The result takes the same flat list of tensors as positional arguments and
+    returns a flat tuple/list as ``mod`` does.  It does no guarding of its own:
+    the caller (torch.compile) guards.  Parameters and buffers of ``mod`` are
+    lifted to graph inputs ahead of the user inputs.
+    """
+    options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions, 0,
+                             keep_inference_input_mutations, inference_compiler, False)
+    return compile_simplified(mod, list(example_inputs), options)
+
+
+def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
+                       options: CompileOptions, report: CompileReport | None = None) -> Callable:
+    """The work of ``aot_module_simplified`` (also used by the cache)."""
+    named = []
+    if isinstance(mod, nn.Module):
+        named = list(mod.named_parameters(remove_duplicate=False)) + \
+            list(mod.named_buffers(remove_duplicate=False))
+    names = [n for n, _ in named]
+    lifted = [t for _, t in named]
+    num = len(lifted)
+
+    def flat_fn(*all_inputs: Any) -> Any:
+        if num == 0:
+            return mod(*all_inputs)
+        state = dict(zip(names, all_inputs[:num]))
+        return torch.func.functional_call(mod, state, tuple(all_inputs[num:]), tie_weights=False)
+
+    leaves = lifted + list(example_inputs)
+    in_spec = pytree.tree_flatten((tuple(leaves), {}))[1]
+    options = dataclasses.replace(options, num_params_buffers=num)
+    run = compile_call(flat_fn, options, leaves, in_spec, report)
+
+    def forward(*runtime_args: Any) -> Any:
+        return run([*lifted, *runtime_args])
+
+    if isinstance(mod, nn.Module):
+        forward.zero_grad = mod.zero_grad  # type: ignore[attr-defined]
+        forward.named_parameters = mod.named_parameters  # type: ignore[attr-defined]
+        forward.named_buffers = mod.named_buffers  # type: ignore[attr-defined]
+    return forward
+
+
+# the names functorch users know
+compiled_function = aot_function
+compiled_module = aot_module

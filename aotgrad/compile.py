@@ -1,0 +1,117 @@
+"""Stage 6 — compile: hand each graph to the user's compiler.
+
+A compiler takes ``(gm, example_inputs)`` (fake tensors) and returns a
+callable.  aotgrad always calls compiled graphs *boxed*: with one list of
+arguments that the callee may clear, so inputs die as early as possible.  A
+compiler that returns an unboxed callable is adapted with ``make_boxed_func``.
+
+While a compiler runs, ``get_aot_compilation_context()`` tells which graph it
+is compiling ("forward", "backward" or "inference"), the model's name and how
+many graphs were compiled before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+
+from .partition import Partitioned
+
+Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable]
+
+
+def make_boxed_func(f: Callable) -> Callable:
+    """Adapt ``f(*args)`` to the boxed convention ``g(args_list)``."""
+    def g(args):
+        return f(*args)
+
+    g._boxed_call = True  # type: ignore[attr-defined]
+    return g
+
+
+def make_boxed_compiler(compiler: Compiler) -> Compiler:
+    """Wrap a compiler so that what it returns is called boxed."""
+    def boxed_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return ensure_boxed(compiler(gm, example_inputs))
+
+    boxed_compiler.__name__ = getattr(compiler, "__name__", "boxed_compiler")
+    return boxed_compiler
+
+
+def ensure_boxed(f: Callable) -> Callable:
+    return f if getattr(f, "_boxed_call", False) else make_boxed_func(f)
+
+
+@make_boxed_compiler
+def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """The compiler that compiles nothing: runs the graph as Python."""
+    return gm
+
+
+# ---------------------------------------------------------------- compilation context
+
+_graph_being_compiled: list[str] = []
+_model_name: str = "model"
+_graph_counter = itertools.count()
+_nth_graph: int = 0
+
+
+def get_aot_compilation_context() -> tuple[list[str], str, int]:
+    """``(graphs being compiled, model name, number of graphs compiled before)``."""
+    return list(_graph_being_compiled), _model_name, _nth_graph
+
+
+def set_model_name(name: str) -> None:
+    global _model_name
+    _model_name = name
+
+
+@contextlib.contextmanager
+def compiling(graph_name: str):
+    global _nth_graph
+    _graph_being_compiled[:] = [graph_name]
+    try:
+        yield
+    finally:
+        _graph_being_compiled.clear()
+        _nth_graph = next(_graph_counter) + 1
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class CompiledGraphs:
+    forward: Callable                  # boxed; the inference graph when backward is None
+    backward: Callable | None          # boxed
+    num_fwd_outputs: int
+    num_saved_tensors: int = 0
+    num_saved_symints: int = 0
+
+
+def placeholder_values(gm: fx.GraphModule) -> list[Any]:
+    return [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+
+
+def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                      compiler: Compiler, num_outputs: int) -> CompiledGraphs:
+    with compiling("inference"):
+        fn = ensure_boxed(compiler(gm, list(example_inputs)))
+    return CompiledGraphs(fn, None, num_outputs)
+
+
+def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:
+    """Compile the forward, then the backward, eagerly (not on first backward).
+
+    Compiling both up front surfaces compiler errors at the first call, not in
+    the middle of a training step, and lets the cache store both at once.
+    """
+    with compiling("forward"):
+        fw = ensure_boxed(fw_compiler(parts.fw_gm, placeholder_values(parts.fw_gm)))
+    with compiling("backward"):
+        bw = ensure_boxed(bw_compiler(parts.bw_gm, placeholder_values(parts.bw_gm)))
+    return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
+                          parts.num_saved_symints)

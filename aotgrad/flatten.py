@@ -1,0 +1,105 @@
+"""Stage 1 — flatten: from the user's call to a flat list of graph inputs.
+
+The user calls ``fn(*args, **kwargs)`` with pytrees.  This stage flattens
+``(args, kwargs)`` into leaves and decides which leaves become graph inputs:
+
+* tensors become graph inputs, in leaf order (for ``aot_module`` the
+  parameters and buffers come first: they are the first leaves);
+* a tensor passed more than once (the same object) becomes one graph input;
+* every other leaf (ints, floats, None, strings ...) is a constant, baked
+  into the graph; the guard key holds its value, so a new value recompiles.
+
+    leaves:       [2, None, t0, t1, t0]
+    leaf_slot:    [-1, -1,   0,  1,  0]      (-1: constant)
+    graph_leaf:   [2, 3]                     (graph input k = leaves[graph_leaf[k]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import _torch
+from ._torch import pytree
+
+
+@dataclass(frozen=True)
+class FlatInputs:
+    in_spec: Any                     # TreeSpec of (args, kwargs)
+    leaf_slot: tuple[int, ...]       # per leaf: graph input index, or -1 for a constant
+    graph_leaf: tuple[int, ...]      # per graph input: the leaf it comes from
+    constants: tuple[Any, ...]       # per leaf: its value when constant, else None
+    num_params_buffers: int
+
+    @property
+    def num_graph_inputs(self) -> int:
+        return len(self.graph_leaf)
+
+
+def flatten_inputs(leaves: list[Any], in_spec: Any, num_params_buffers: int = 0) -> FlatInputs:
+    """Decide the graph inputs of one call (see the module docstring)."""
+    slot_of_tensor: dict[int, int] = {}
+    leaf_slot: list[int] = []
+    graph_leaf: list[int] = []
+    constants: list[Any] = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            _check_supported_tensor(leaf, i)
+            slot = slot_of_tensor.get(id(leaf))
+            if slot is None:
+                slot = slot_of_tensor[id(leaf)] = len(graph_leaf)
+                graph_leaf.append(i)
+            leaf_slot.append(slot)
+            constants.append(None)
+        else:
+            if isinstance(leaf, _torch.sym_types):
+                raise NotImplementedError(
+                    f"aotgrad: input leaf {i} is a symbolic {type(leaf).__name__}; pass symbolic "
+                    "sizes through tensors (dynamic=True) instead")
+            leaf_slot.append(-1)
+            constants.append(leaf)
+    return FlatInputs(in_spec, tuple(leaf_slot), tuple(graph_leaf), tuple(constants),
+                      num_params_buffers)
+
+
+def _check_supported_tensor(t: torch.Tensor, position: int) -> None:
+    if _torch.is_wrapper_subclass(t):
+        raise NotImplementedError(
+            f"aotgrad: input {position} is a tensor subclass ({type(t).__name__}); tensor "
+            "subclasses are not supported yet. Pass its inner tensors instead.")
+    if t.layout != torch.strided:
+        raise NotImplementedError(
+            f"aotgrad: input {position} has layout {t.layout}; only strided (dense) tensors "
+            "can be graph inputs. Convert it with .to_dense() first.")
+
+
+def select_graph_inputs(flat: FlatInputs, leaves: list[Any]) -> list[Any]:
+    return [leaves[i] for i in flat.graph_leaf]
+
+
+def make_flat_fn(fn: Callable, flat: FlatInputs) -> "FlatFunction":
+    return FlatFunction(fn, flat)
+
+
+class FlatFunction:
+    """``fn`` seen as a function of the graph inputs returning a flat list.
+
+    Calling it rebuilds the user's ``(args, kwargs)`` from the graph inputs and
+    the baked constants, calls ``fn`` and flattens what it returns; the output
+    TreeSpec is kept in ``out_spec`` (the same on every call).
+    """
+
+    def __init__(self, fn: Callable, flat: FlatInputs):
+        self.fn = fn
+        self.flat = flat
+        self.out_spec: Any = None
+
+    def __call__(self, *graph_inputs: Any) -> list[Any]:
+        flat = self.flat
+        leaves = [graph_inputs[s] if s >= 0 else c for s, c in zip(flat.leaf_slot, flat.constants)]
+        args, kwargs = pytree.tree_unflatten(leaves, flat.in_spec)
+        out = self.fn(*args, **kwargs)
+        out_leaves, self.out_spec = pytree.tree_flatten(out)
+        return out_leaves

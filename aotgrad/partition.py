@@ -1,0 +1,195 @@
+"""Stage 5 — partition: split the joint graph into forward and backward.
+
+Every partitioner has the signature
+
+    partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs) -> (fw_gm, bw_gm)
+
+and produces graphs in the calling convention of Note [Calling convention]
+(``aotgrad/__init__.py``): the forward returns
+``(*forward_outputs, *saved_tensors, *saved_symints)``; the backward takes
+``(*saved_symints, *saved_tensors, *tangents)`` and returns one gradient (or
+None) per primal.  Roles are read from the descriptors the trace stage puts on
+placeholders (``node.meta["desc"]``), never from node names.
+
+``default_partition`` saves what the backward uses and recomputes nothing::
+
+    joint:  sin = sin(primals_1); cos = cos(sin)              # forward
+            mul = mul(tangents_1, neg(sin(sin)))              # backward
+            mul_1 = mul(mul, cos(primals_1))
+    fw:     return (cos, primals_1, sin)                      # saves primals_1, sin
+    bw:     (primals_1, sin, tangents_1) -> (mul_1,)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+from .descriptors import DESC, Primal, Saved, Tangent
+
+
+@dataclass(frozen=True)
+class JointRoles:
+    """The joint graph's nodes by role."""
+    primals: tuple[fx.Node, ...]
+    tangents: tuple[fx.Node, ...]
+    fwd_outputs: tuple            # nodes (or None)
+    bwd_outputs: tuple            # nodes (or None), one per primal
+
+
+def joint_roles(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> JointRoles:
+    primals, tangents = [], []
+    for node in joint_gm.graph.find_nodes(op="placeholder"):
+        desc = node.meta.get(DESC)
+        if isinstance(desc, Primal):
+            primals.append(node)
+        elif isinstance(desc, Tangent):
+            tangents.append(node)
+        else:
+            raise ValueError(
+                f"aotgrad partition: placeholder {node.name} has no Primal/Tangent descriptor "
+                "(node.meta['desc']); partitioners take joint graphs traced by aotgrad")
+    outs = tuple(joint_gm.graph.output_node().args[0])
+    return JointRoles(tuple(primals), tuple(tangents), outs[:num_fwd_outputs],
+                      outs[num_fwd_outputs:])
+
+
+def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
+    """Nodes that ``outputs`` depend on (inclusive), not walking past ``stop``."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in outputs if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in stop:
+            continue
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def forward_nodes(roles: JointRoles) -> set[fx.Node]:
+    """Nodes the forward computes: what its outputs need, plus the primals.
+
+    Tuple-valued nodes pull in their ``getitem`` users so that a tuple is never
+    saved whole (Note [Saved values are tensors or symbolic ints]).
+    """
+    nodes = ancestors(roles.fwd_outputs) | set(roles.primals)
+    for n in list(nodes):
+        if not isinstance(n.meta.get("val"), (torch.Tensor,) + _torch.sym_types):
+            nodes.update(u for u in n.users if u.target is operator.getitem)
+    return nodes
+
+
+def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
+                    saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward graphs, given what the forward saves.
+
+    Everything the backward needs that is not saved or a tangent is
+    recomputed in the backward from saved values; ``saved`` must make that
+    possible (a backward node may not reach a primal that is not saved).
+
+    Note [Saved values are tensors or symbolic ints]: the forward returns
+    saved tensors then saved symbolic ints; the backward takes them in the
+    opposite order, symbolic ints first.
+    """
+    saved_syms = [n for n in saved if _torch.is_sym_node(n)]
+    saved_tensors = [n for n in saved if not _torch.is_sym_node(n)]
+    for n in saved_tensors:
+        if not isinstance(n.meta.get("val"), torch.Tensor):
+            raise AssertionError(f"aotgrad partition: saved value {n.format_node()} is not a tensor")
+    fw_outputs = list(roles.fwd_outputs) + saved_tensors + saved_syms
+    fw = extract_graph(joint_gm.graph, list(roles.primals), fw_outputs)
+    _set_output_descs(fw, len(roles.fwd_outputs), saved_tensors + saved_syms)
+    bw_inputs = saved_syms + saved_tensors + list(roles.tangents)
+    bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs))
+    for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
+        node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
+    return (fx.GraphModule(joint_gm, fw), fx.GraphModule(joint_gm, bw))
+
+
+def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node]) -> None:
+    from .descriptors import UserOutput
+
+    graph.output_node().meta[DESC] = tuple(UserOutput(k) for k in range(num_fwd_outputs)) + \
+        tuple(Saved(n.name) for n in saved)
+
+
+def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence) -> fx.Graph:
+    """A new graph computing ``outputs`` from ``inputs`` (placeholders, in order).
+
+    Nodes keep their names and meta.  Raises if an output depends on a
+    placeholder of ``graph`` that is not among ``inputs``.
+    """
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        p = new.placeholder(n.name)
+        p.meta = dict(n.meta)
+        env[n] = p
+    needed = ancestors(outputs, stop=frozenset(inputs))
+    for n in graph.nodes:
+        if n not in needed or n in env:
+            continue
+        if n.op == "placeholder":
+            raise AssertionError(
+                f"aotgrad partition: {n.name} is needed but is not an input of the new graph")
+        if n.op == "output":
+            continue
+        env[n] = new.node_copy(n, lambda x: env[x])
+    new.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outputs))
+    new.lint()
+    return new
+
+
+def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+                      **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Save every forward value the backward uses; recompute nothing."""
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    fwd = forward_nodes(roles)
+    return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))
+
+
+def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]) -> list[fx.Node]:
+    """Forward nodes that the backward reads, in graph order."""
+    bwd = ancestors(roles.bwd_outputs, stop=frozenset(fwd)) - fwd
+    used = {n for b in bwd for n in b.all_input_nodes if n in fwd}
+    used.update(n for n in roles.bwd_outputs if n in fwd)
+    return [n for n in joint_gm.graph.nodes if n in used]
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    """The forward and backward graphs and how many values the forward saves."""
+    fw_gm: fx.GraphModule
+    bw_gm: fx.GraphModule
+    num_fwd_outputs: int
+    num_saved_tensors: int
+    num_saved_symints: int
+
+
+def partition(joint_gm: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
+              partition_fn) -> Partitioned:
+    """Run a partitioner and check that its graphs follow the calling convention."""
+    fw_gm, bw_gm = partition_fn(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
+    fw_outs = fw_gm.graph.output_node().args[0]
+    saved = fw_outs[num_fwd_outputs:]
+    num_syms = sum(1 for n in saved if isinstance(n, fx.Node) and _torch.is_sym_node(n))
+    num_tensors = len(saved) - num_syms
+    if any(_torch.is_sym_node(n) for n in saved[:num_tensors]):
+        raise AssertionError("aotgrad partition: the forward must return saved tensors before "
+                             "saved symbolic ints (Note [Saved values are tensors or symbolic ints])")
+    num_tangents = sum(1 for n in joint_gm.graph.find_nodes(op="placeholder")
+                       if isinstance(n.meta.get(DESC), Tangent))
+    num_bw_inputs = len(bw_gm.graph.find_nodes(op="placeholder"))
+    if num_bw_inputs != len(saved) + num_tangents:
+        raise AssertionError(
+            f"aotgrad partition: the backward takes {num_bw_inputs} inputs, expected "
+            f"{len(saved)} saved values + {num_tangents} tangents")
+    return Partitioned(fw_gm, bw_gm, num_fwd_outputs, num_tensors, num_syms)

@@ -1,0 +1,130 @@
+"""The pipeline: runs the stages in order for one call signature.
+
+    flatten -> analyze -> trace -> partition -> compile -> runtime
+
+Each stage is one module with one entry point; this module only threads their
+dataclasses through and times them (``CompileReport``, shown by
+``aotgrad explain``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+from .analyze import Signature, analyze
+from .check import check_graph
+from .compile import Compiler, compile_inference, compile_joint
+from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
+from .partition import Partitioned, default_partition, partition
+from .runtime import build_runtime
+from .trace import TracedGraph, trace
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    fw_compiler: Compiler
+    bw_compiler: Compiler | None = None
+    partition_fn: Callable = default_partition
+    decompositions: Mapping | None = None
+    num_params_buffers: int = 0
+    keep_inference_input_mutations: bool = False
+    inference_compiler: Compiler | None = None
+    dynamic: bool = False
+
+
+@dataclass
+class CompileReport:
+    """What one compilation produced and how long each stage took (seconds)."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    signature: Signature | None = None
+    traced: TracedGraph | None = None
+    partitioned: Partitioned | None = None
+
+    @property
+    def forward_graph(self) -> fx.GraphModule | None:
+        if self.partitioned is not None:
+            return self.partitioned.fw_gm
+        return self.traced.gm if self.traced is not None else None
+
+    @property
+    def backward_graph(self) -> fx.GraphModule | None:
+        return self.partitioned.bw_gm if self.partitioned is not None else None
+
+
+@contextlib.contextmanager
+def _timed(report: CompileReport, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        secs = report.stage_seconds
+        secs[stage] = secs.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def fake_inputs_for(graph_inputs: Sequence[torch.Tensor], dynamic: bool):
+    """Fake versions of the graph inputs, and their fake mode.
+
+    Inputs that are already fake (from dynamo) keep their mode and symbolic
+    sizes; real inputs get a fresh mode, symbolic when ``dynamic``.
+    """
+    mode = _torch.detect_fake_mode(list(graph_inputs))
+    static = not dynamic
+    if mode is None:
+        mode = _torch.new_fake_mode(dynamic)
+    else:
+        static = True  # real tensors beside dynamo's fakes are parameters: static
+    fakes = [x if isinstance(x, _torch.FakeTensor) else _torch.fake_from_real(mode, x, static)
+             for x in graph_inputs]
+    return mode, fakes
+
+
+def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
+                 report: CompileReport | None = None) -> Callable[[list], Any]:
+    """Compile ``fn`` for calls whose flat leaves look like ``leaves``."""
+    report = report if report is not None else CompileReport()
+    stage = functools.partial(_timed, report)
+    grad_enabled = torch.is_grad_enabled()
+    with stage("flatten"):
+        flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
+        flat_fn = make_flat_fn(fn, flat)
+        graph_inputs = select_graph_inputs(flat, leaves)
+        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
+    with _torch.tracing_context(fake_mode):
+        with stage("analyze"):
+            sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled)
+        report.signature = sig
+        with stage("trace"):
+            traced = trace(flat_fn, fakes, sig, options.decompositions)
+            check_graph(traced.gm)
+        report.traced = traced
+        if traced.is_joint:
+            with stage("partition"):
+                parts = partition(traced.gm, _split_joint_inputs(traced, flat),
+                                  traced.num_fwd_outputs, options.partition_fn)
+                check_graph(parts.fw_gm)
+                check_graph(parts.bw_gm)
+            report.partitioned = parts
+    with stage("compile"):
+        if traced.is_joint:
+            compiled = compile_joint(parts, options.fw_compiler,
+                                     options.bw_compiler or options.fw_compiler)
+        else:
+            compiled = compile_inference(traced.gm, fakes,
+                                         options.inference_compiler or options.fw_compiler,
+                                         traced.num_fwd_outputs)
+    with stage("runtime"):
+        run = build_runtime(flat, sig, compiled)
+    return run
+
+
+def _split_joint_inputs(traced: TracedGraph, flat: FlatInputs) -> list[list]:
+    n = flat.num_graph_inputs
+    return [list(traced.example_inputs[:n]), list(traced.example_inputs[n:])]
