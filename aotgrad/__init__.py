@@ -31,11 +31,15 @@ from .api import (
     compiled_function,
     compiled_module,
 )
+from .cache import AOTAutogradCache, SerializableAOTDispatchCompiler
 from .compile import get_aot_compilation_context, make_boxed_compiler, make_boxed_func, nop
+from .export import aot_export_function, aot_export_joint_simple, aot_export_module
 from .partition import default_partition
 
 __all__ = [
     "aot_function", "aot_module", "aot_module_simplified", "compiled_function",
     "compiled_module", "config", "backends", "default_partition",
     "get_aot_compilation_context", "make_boxed_compiler", "make_boxed_func", "nop",
+    "AOTAutogradCache", "SerializableAOTDispatchCompiler", "aot_export_function",
+    "aot_export_joint_simple", "aot_export_module",
 ]

@@ -6,7 +6,7 @@ goes through here, so that differences between the torch versions we support
 (2.11 to 2.13) live in one place.  The rest of the package imports names from
 this module and never from ``torch._*`` directly.
 
-PyTorch's own AOTAutograd (``torch._functorch.aot_autograd`` and friends) is
+PyTorch's own AOTAutograd (its entry points, partitioners and compilers) is
 never imported, here or anywhere else in the package.
 """
 
@@ -133,13 +133,96 @@ def is_sym_node(node: torch.fx.Node) -> bool:
 
 # ---------------------------------------------------------------- inductor / dynamo
 
-def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: bool = False):
-    """Compile an ATen graph with inductor's graph compiler (not its AOT path)."""
-    from torch._inductor.compile_fx import compile_fx_inner
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: bool = False,
+                     is_inference: bool = False):
+    """Compile one of aotgrad's ATen graphs with inductor's graph compiler.
 
-    return compile_fx_inner(gm, example_inputs, is_backward=is_backward)
+    Calls ``torch._inductor.compile_fx.compile_fx_inner`` directly — never
+    ``compile_fx``, which would run torch's own AOTAutograd.  It sets up what
+    ``compile_fx`` would have set up around it: the fake mode of the graph's
+    example inputs as ``V.fake_mode``, a ``TracingContext`` with that mode,
+    the Python dispatcher, and compiled autograd off.  Inductor rewrites the
+    graph in place, so it gets a copy (the caller's ``gm`` stays as it was).
+    Every tensor output keeps the stride it had when traced (the runtime and
+    the user rely on eager's strides).
+
+    Returns inductor's ``OutputCode``, which is called boxed (``_boxed_call``).
+    """
+    from torch._dynamo import compiled_autograd
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.virtualized import V
+
+    gm = _copy_graph_module(gm)
+    output = next(iter(reversed(gm.graph.nodes)))
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)):
+        outs = (outs,)
+        output.args = (outs,)
+        gm.recompile()
+    output.meta["user_visible_output_idxs"] = [
+        i for i, n in enumerate(outs)
+        if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+
+    example_inputs = list(example_inputs)
+    fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    context = TracingContext.try_get()
+    if context is None or context.fake_mode is not fake_mode:
+        context = TracingContext(fake_mode)
+    with V.set_fake_mode(fake_mode), tracing(context), enable_python_dispatcher(), \
+            compiled_autograd._disable():
+        return compile_fx_inner(gm, example_inputs, is_backward=is_backward,
+                                is_inference=is_inference)
+
+
+def inductor_decompositions() -> dict:
+    """The decomposition table inductor expects its ATen graphs to be traced with."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node meta copied shallowly)."""
+    graph = torch.fx.Graph()
+    graph.set_codegen(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
 
 
 def dynamo_fake_mode(example_inputs) -> FakeTensorMode | None:
     """The fake mode dynamo traced with, if it handed us fake tensors."""
     return detect_fake_mode(list(example_inputs))
+
+
+# ---------------------------------------------------------------- counters and meta
+
+def bump_counter(group: str, name: str) -> None:
+    """Count an event where torch.compile users look for it (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    counters[group][name] += 1
+
+
+def propagate_fake_values(gm: torch.fx.GraphModule, fake_inputs) -> None:
+    """Fill ``node.meta["val"]`` of every node by running ``gm`` on fake inputs."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = detect_fake_mode(list(fake_inputs))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+# ---------------------------------------------------------------- TorchScript (compilers.ts_compile)
+
+from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket  # noqa: E402,F401
+
+
+@contextlib.contextmanager
+def jit_autocast_disabled():
+    """TorchScript's own autocast pass off while scripting (as functorch's ts_compile)."""
+    old = torch._C._jit_set_autocast_mode(False)
+    try:
+        yield
+    finally:
+        torch._C._jit_set_autocast_mode(old)

@@ -167,7 +167,9 @@ def aot_module_simplified(mod: nn.Module | Callable, example_inputs: list,
 
 def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
                        options: CompileOptions, report: CompileReport | None = None) -> Callable:
-    """The work of ``aot_module_simplified`` (also used by the cache)."""
+    """The work of ``aot_module_simplified``."""
+    from .cache import compile_with_cache
+
     named = []
     if isinstance(mod, nn.Module):
         named = list(mod.named_parameters(remove_duplicate=False)) + \
@@ -185,7 +187,8 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
     leaves = lifted + list(example_inputs)
     in_spec = pytree.tree_flatten((tuple(leaves), {}))[1]
     options = dataclasses.replace(options, num_params_buffers=num)
-    run = compile_call(flat_fn, options, leaves, in_spec, report)
+    run = compile_with_cache(flat_fn, mod, options, leaves, in_spec,
+                             report if report is not None else CompileReport())
 
     def forward(*runtime_args: Any) -> Any:
         return run([*lifted, *runtime_args])

@@ -74,6 +74,19 @@ def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
     return seen
 
 
+def descendants(inputs: Iterable) -> set[fx.Node]:
+    """Nodes that depend on ``inputs`` (inclusive)."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in inputs if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.users)
+    return seen
+
+
 def forward_nodes(roles: JointRoles) -> set[fx.Node]:
     """Nodes the forward computes: what its outputs need, plus the primals.
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from . import _torch
 from .analyze import Signature, analyze
 from .check import check_graph
-from .compile import Compiler, compile_inference, compile_joint
+from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
 from .runtime import build_runtime
@@ -47,6 +47,7 @@ class CompileReport:
     signature: Signature | None = None
     traced: TracedGraph | None = None
     partitioned: Partitioned | None = None
+    compiled: CompiledGraphs | None = None
 
     @property
     def forward_graph(self) -> fx.GraphModule | None:
@@ -86,42 +87,67 @@ def fake_inputs_for(graph_inputs: Sequence[torch.Tensor], dynamic: bool):
     return mode, fakes
 
 
-def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
-                 report: CompileReport | None = None) -> Callable[[list], Any]:
-    """Compile ``fn`` for calls whose flat leaves look like ``leaves``."""
-    report = report if report is not None else CompileReport()
+@dataclass(frozen=True)
+class Traced:
+    """The first stages' results for one call signature."""
+    flat: FlatInputs
+    signature: Signature
+    graph: TracedGraph
+    fake_mode: Any
+    fake_inputs: list
+
+
+def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
+               report: CompileReport, *, loss_index: int | None = None,
+               require_grad: bool | None = None) -> Traced:
+    """flatten -> analyze -> trace (also the first half of export)."""
     stage = functools.partial(_timed, report)
-    grad_enabled = torch.is_grad_enabled()
+    grad_enabled = torch.is_grad_enabled() if require_grad is None else require_grad
     with stage("flatten"):
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
-        graph_inputs = select_graph_inputs(flat, leaves)
-        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
-    with _torch.tracing_context(fake_mode):
+        fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
+    with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled):
         with stage("analyze"):
             sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled)
         report.signature = sig
         with stage("trace"):
-            traced = trace(flat_fn, fakes, sig, options.decompositions)
+            traced = trace(flat_fn, fakes, sig, options.decompositions, loss_index=loss_index)
             check_graph(traced.gm)
         report.traced = traced
-        if traced.is_joint:
-            with stage("partition"):
-                parts = partition(traced.gm, _split_joint_inputs(traced, flat),
-                                  traced.num_fwd_outputs, options.partition_fn)
-                check_graph(parts.fw_gm)
-                check_graph(parts.bw_gm)
-            report.partitioned = parts
+    return Traced(flat, sig, traced, fake_mode, fakes)
+
+
+def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
+                 report: CompileReport | None = None) -> Callable[[list], Any]:
+    """Compile ``fn`` for calls whose flat leaves look like ``leaves``."""
+    report = report if report is not None else CompileReport()
+    t = trace_call(fn, options, leaves, in_spec, report)
+    return compile_traced(t, options, report)
+
+
+def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) -> Callable[[list], Any]:
+    """partition -> compile -> runtime."""
+    stage = functools.partial(_timed, report)
+    traced = t.graph
+    if traced.is_joint:
+        with _torch.tracing_context(t.fake_mode), stage("partition"):
+            parts = partition(traced.gm, _split_joint_inputs(traced, t.flat),
+                              traced.num_fwd_outputs, options.partition_fn)
+            check_graph(parts.fw_gm)
+            check_graph(parts.bw_gm)
+        report.partitioned = parts
     with stage("compile"):
         if traced.is_joint:
             compiled = compile_joint(parts, options.fw_compiler,
                                      options.bw_compiler or options.fw_compiler)
         else:
-            compiled = compile_inference(traced.gm, fakes,
+            compiled = compile_inference(traced.gm, t.fake_inputs,
                                          options.inference_compiler or options.fw_compiler,
                                          traced.num_fwd_outputs)
+    report.compiled = compiled
     with stage("runtime"):
-        run = build_runtime(flat, sig, compiled)
+        run = build_runtime(t.flat, t.signature, compiled)
     return run
 
 

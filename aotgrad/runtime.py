@@ -52,6 +52,10 @@ def _inference_runner(compiled: CompiledGraphs) -> Callable[[list], list]:
 
 
 def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list], list]:
+    """Note [No double backward]: the compiled backward is a graph over saved
+    values that autograd cannot see through, so differentiating its result
+    again would silently drop terms.  It runs under no_grad; with
+    create_graph=True its gradients are tied to an error node instead."""
     forward, backward = compiled.forward, compiled.backward
     num_out = compiled.num_fwd_outputs
     end_tensors = num_out + compiled.num_saved_tensors
@@ -73,9 +77,12 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
         @staticmethod
         def backward(ctx, *grads):
             tangents = [grads[k].contiguous() for k in diff]
-            args = [*ctx.symints, *ctx.saved_tensors, *tangents]
-            del ctx.symints
-            return tuple(backward(args))
+            saved = ctx.saved_tensors
+            with torch.no_grad():
+                grad_inputs = backward([*ctx.symints, *saved, *tangents])
+            if torch.is_grad_enabled():  # create_graph=True: Note [No double backward]
+                return _refuse_double_backward(grad_inputs, [*saved, *tangents])
+            return tuple(grad_inputs)
 
     CompiledFunction.__name__ = "CompiledFunction"
     apply = CompiledFunction.apply
@@ -84,6 +91,32 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
         return list(apply(*inputs))
 
     return run
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, num_grads, *tensors):
+        return tuple(t.clone() for t in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "aotgrad: differentiating the gradient of a compiled function (double backward, "
+            "e.g. a gradient penalty) is not supported: the compiled backward is opaque to "
+            "autograd. Run that part of the model eagerly.")
+
+
+def _refuse_double_backward(grad_inputs: list, backward_inputs: list) -> tuple:
+    """Gradients that raise a clear error if autograd differentiates them."""
+    present = [k for k, g in enumerate(grad_inputs) if g is not None]
+    deps = [t for t in backward_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not present or not deps:
+        return tuple(grad_inputs)
+    wrapped = _RefuseDoubleBackward.apply(len(present), *[grad_inputs[k] for k in present], *deps)
+    out = list(grad_inputs)
+    for k, g in zip(present, wrapped):
+        out[k] = g
+    return tuple(out)
 
 
 def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:

@@ -39,9 +39,15 @@ class TracedGraph:
 
 
 def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signature,
-          decompositions: Mapping | None) -> TracedGraph:
+          decompositions: Mapping | None, *, loss_index: int | None = None) -> TracedGraph:
+    """The joint graph when ``sig.needs_autograd``, else the inference graph.
+
+    With ``loss_index`` (export of a training step) the joint takes no
+    tangents: it differentiates the scalar output ``loss_index`` (a graph
+    output index) as ``loss.backward()`` would.
+    """
     if sig.needs_autograd:
-        return _trace_joint(flat_fn, fake_inputs, sig, decompositions)
+        return _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index)
     return _trace_inference(flat_fn, fake_inputs, sig, decompositions)
 
 
@@ -69,8 +75,8 @@ def example_tangents(outputs: Sequence[OutputInfo]) -> list[torch.Tensor]:
     return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
 
 
-def _trace_joint(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
-    diff = sig.differentiable_outputs
+def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> TracedGraph:
+    diff = sig.differentiable_outputs if loss_index is None else (loss_index,)
     grad_is_none: list[bool] = []
 
     def joint(primals, tangents):
@@ -82,7 +88,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
             grads: list = []
             if diff and wrt:
                 grads = list(torch.autograd.grad(
-                    [outs[k] for k in diff], wrt, f_tangents, allow_unused=True))
+                    [outs[k] for k in diff], wrt, f_tangents or None, allow_unused=True))
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
@@ -91,7 +97,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
                     [_torch.from_functional(g) for g in all_grads if g is not None])
 
     graph_outs = [sig.outputs[i] for i in sig.graph_outputs]
-    tangents = example_tangents([graph_outs[k] for k in diff])
+    tangents = example_tangents([graph_outs[k] for k in diff]) if loss_index is None else []
     primals = [_detached_like(x) for x in fake_inputs]
     with torch.enable_grad():
         gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)

@@ -1,0 +1,91 @@
+"""Shared test helpers: compile, run against eager, compare everything."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.utils._pytree as pytree
+
+import aotgrad
+
+
+class GraphRecorder:
+    """A compiler that records the graphs it is given and runs them as Python."""
+
+    def __init__(self):
+        self.graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": [],
+                                                             "inference": []}
+
+    def __call__(self, gm, example_inputs):
+        kind = aotgrad.get_aot_compilation_context()[0][0]
+        self.graphs[kind].append(gm)
+        return gm
+
+    def last(self, kind: str) -> torch.fx.GraphModule:
+        return self.graphs[kind][-1]
+
+
+def clone_inputs(args):
+    def clone(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().requires_grad_(x.requires_grad)
+        return x
+    return pytree.tree_map(clone, args)
+
+
+def _loss(out):
+    leaves = [o for o in pytree.tree_leaves(out)
+              if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not leaves:
+        return None
+    return sum((o.float().sum() if o.is_floating_point() else o.abs().sum()).real
+               for o in leaves)
+
+
+def run_and_grads(fn, args):
+    out = fn(*args)
+    loss = _loss(out)
+    grads = None
+    inputs = [x for x in pytree.tree_leaves(args)
+              if isinstance(x, torch.Tensor) and x.requires_grad]
+    if loss is not None and inputs:
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return out, grads
+
+
+def assert_same_as_eager(testcase, fn, args, compiled=None, **aot_kwargs):
+    """Compile ``fn`` (nop compilers unless given) and compare with eager on
+    outputs, gradients, requires_grad and is_leaf."""
+    if compiled is None:
+        aot_kwargs.setdefault("fw_compiler", aotgrad.nop)
+        compiled = aotgrad.aot_function(fn, **aot_kwargs)
+    ref_args, test_args = clone_inputs(args), clone_inputs(args)
+    ref_out, ref_grads = run_and_grads(fn, ref_args)
+    test_out, test_grads = run_and_grads(compiled, test_args)
+    ref_leaves, ref_spec = pytree.tree_flatten(ref_out)
+    test_leaves, test_spec = pytree.tree_flatten(test_out)
+    testcase.assertEqual(ref_spec, test_spec)
+    for r, t in zip(ref_leaves, test_leaves):
+        testcase.assertEqual(type(r), type(t))
+        if isinstance(r, torch.Tensor):
+            testcase.assertEqual(r.requires_grad, t.requires_grad)
+            testcase.assertEqual(r.is_leaf, t.is_leaf)
+            torch.testing.assert_close(t, r)
+        else:
+            testcase.assertEqual(r, t)
+    testcase.assertEqual(ref_grads is None, test_grads is None)
+    if ref_grads is not None:
+        for r, t in zip(ref_grads, test_grads):
+            testcase.assertEqual(r is None, t is None)
+            if r is not None:
+                torch.testing.assert_close(t, r)
+    return compiled, test_out
+
+
+def module_grads(mod):
+    return [None if p.grad is None else p.grad.clone() for p in mod.parameters()]
+
+
+def copy_module(mod):
+    return copy.deepcopy(mod)
