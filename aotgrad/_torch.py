@@ -167,9 +167,11 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
     example_inputs = list(example_inputs)
     fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     context = TracingContext.try_get()
-    if context is None or context.fake_mode is not fake_mode:
-        context = TracingContext(fake_mode)
-    with V.set_fake_mode(fake_mode), tracing(context), enable_python_dispatcher(), \
+    if context is not None and context.fake_mode is fake_mode:
+        in_context = contextlib.nullcontext()  # dynamo's own context: keep it as is
+    else:
+        in_context = tracing(TracingContext(fake_mode))
+    with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
             compiled_autograd._disable():
         return compile_fx_inner(gm, example_inputs, is_backward=is_backward,
                                 is_inference=is_inference)
@@ -226,3 +228,20 @@ def jit_autocast_disabled():
         yield
     finally:
         torch._C._jit_set_autocast_mode(old)
+
+
+# ---------------------------------------------------------------- saved-tensor hooks
+
+def top_saved_tensor_hooks():
+    """The innermost active ``saved_tensors_hooks`` (pack, unpack), or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+
+@contextlib.contextmanager
+def hide_saved_tensor_hooks():
+    """Make autograd ignore saved-tensor hooks (while aotgrad traces)."""
+    prior = torch._C._autograd._saved_tensors_hooks_set_tracing(True)
+    try:
+        yield
+    finally:
+        torch._C._autograd._saved_tensors_hooks_set_tracing(prior)

@@ -179,7 +179,8 @@ def _placeholder_meta(gm: fx.GraphModule) -> tuple:
 
 
 def _entry_for(t: Traced, report: CompileReport) -> CacheEntry | None:
-    if t.fake_mode.shape_env is not None and t.fake_mode.shape_env.var_to_val:
+    if any(isinstance(s, torch.SymInt) for x in t.fake_inputs if isinstance(x, torch.Tensor)
+           for s in (*x.shape, *x.stride())):
         return None  # symbolic sizes: kept in memory only
     if report.partitioned is not None:
         p: Partitioned = report.partitioned

@@ -90,6 +90,7 @@ class CompiledGraphs:
     num_fwd_outputs: int
     num_saved_tensors: int = 0
     num_saved_symints: int = 0
+    saved_hooks_inlined: bool = False
 
 
 def placeholder_values(gm: fx.GraphModule) -> list[Any]:
@@ -114,4 +115,4 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     with compiling("backward"):
         bw = ensure_boxed(bw_compiler(parts.bw_gm, placeholder_values(parts.bw_gm)))
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
-                          parts.num_saved_symints)
+                          parts.num_saved_symints, parts.saved_hooks_inlined)

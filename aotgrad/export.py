@@ -66,9 +66,12 @@ def _export(fn: Callable, args: Sequence[Any], kwargs: Mapping | None, *,
             "backward to trace. Make the parameters (or inputs) require grad.")
     for i, out in enumerate(t.signature.outputs):
         if out.kind is not OutputKind.FRESH:
+            what = {OutputKind.IS_INPUT: "an input itself", OutputKind.CONSTANT: "not a tensor",
+                    OutputKind.ALIAS_OF_INPUT: "a view of an input",
+                    OutputKind.ALIAS_OF_INTERMEDIATE: "a view of another output"}[out.kind]
             raise RuntimeError(
-                f"aotgrad export: output {i} is {out.kind.value.replace('_', ' ')}; exported "
-                "graphs return only tensors they compute. Return a fresh tensor (e.g. clone()).")
+                f"aotgrad export: output {i} is {what}; exported graphs return only tensors "
+                "they compute. Return a fresh tensor (e.g. .clone()) instead.")
     gm = t.graph.gm
     gm.meta["aotgrad_signature"] = t.signature
     return t
@@ -98,11 +101,6 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], *, trace_joint: bool,
                 decompositions=decompositions, trace_joint=trace_joint,
                 loss_index=output_loss_index)
     sig, gm = t.signature, t.graph.gm
-    if trace_joint:
-        loss = sig.outputs[output_loss_index]
-        if loss.shape != ():
-            raise ValueError(f"aot_export_module: output {output_loss_index} is not a scalar "
-                             f"(shape {list(loss.shape)}); the loss must be a scalar")
     placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     out_nodes = list(gm.graph.output_node().args[0])
     n_p, n_b = len(params), len(buffers)

@@ -185,6 +185,7 @@ class Partitioned:
     num_fwd_outputs: int
     num_saved_tensors: int
     num_saved_symints: int
+    saved_hooks_inlined: bool = False     # Note [Hooks apply once] (saved_hooks.py)
 
 
 def partition(joint_gm: fx.GraphModule, joint_inputs, num_fwd_outputs: int,

@@ -25,6 +25,7 @@ from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
 from .runtime import build_runtime
+from .saved_hooks import inline_hooks
 from .trace import TracedGraph, trace
 
 
@@ -107,7 +108,8 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
         fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
-    with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled):
+    with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
+            _torch.hide_saved_tensor_hooks():
         with stage("analyze"):
             sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled)
         report.signature = sig
@@ -134,6 +136,9 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
         with _torch.tracing_context(t.fake_mode), stage("partition"):
             parts = partition(traced.gm, _split_joint_inputs(traced, t.flat),
                               traced.num_fwd_outputs, options.partition_fn)
+            hooks = _torch.top_saved_tensor_hooks()
+            if hooks is not None:
+                parts = inline_hooks(parts, hooks)
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

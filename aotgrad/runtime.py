@@ -24,6 +24,7 @@ from .analyze import OutputKind, Signature
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
 from ._torch import pytree
+from .saved_hooks import hooks_off
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs) -> Callable[[list], Any]:
@@ -87,8 +88,13 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
     CompiledFunction.__name__ = "CompiledFunction"
     apply = CompiledFunction.apply
 
-    def run(inputs: list) -> list:
-        return list(apply(*inputs))
+    if compiled.saved_hooks_inlined:
+        def run(inputs: list) -> list:
+            with hooks_off():  # autograd packs saved tensors when apply returns
+                return list(apply(*inputs))
+    else:
+        def run(inputs: list) -> list:
+            return list(apply(*inputs))
 
     return run
 

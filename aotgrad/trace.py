@@ -77,6 +77,12 @@ def example_tangents(outputs: Sequence[OutputInfo]) -> list[torch.Tensor]:
 
 def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> TracedGraph:
     diff = sig.differentiable_outputs if loss_index is None else (loss_index,)
+    if loss_index is not None:
+        loss = sig.outputs[sig.graph_outputs[loss_index]]
+        if len(loss.shape) != 0 or not loss.requires_grad:
+            raise ValueError(
+                f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
+                f"{list(loss.shape)}, requires_grad={loss.requires_grad}); the loss must be one")
     grad_is_none: list[bool] = []
 
     def joint(primals, tangents):

@@ -1,0 +1,107 @@
+"""The ``aotgrad`` command line (console script and ``python -m aotgrad``).
+
+Only argument parsing, exit codes and output destinations live here; what
+``explain`` computes and how it is rendered is in ``aotgrad.explain``.
+
+Exit status: 0 when compiled outputs and gradients match eager, 1 when they
+do not, 2 for a usage error (bad arguments, a target that cannot be loaded,
+an unavailable partitioner), 3 when compiling or running the target fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Sequence
+
+EPILOG = """\
+examples:
+  aotgrad explain                              the built-in transformer
+  aotgrad explain mypkg.models:make            your factory: make() -> (model_or_fn, example_inputs)
+  aotgrad explain path/to/file.py:make --graphs
+  aotgrad explain --partitioner mincut --json report.json
+
+exit status: 0 matches eager, 1 mismatch, 2 usage error, 3 compile/run failure
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aotgrad", description="aotgrad: ahead-of-time autograd for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    ex = sub.add_parser(
+        "explain", help="compile a training step and report graphs, saved tensors, timings",
+        description="Compile a training step (forward + loss + backward) with aotgrad, check "
+                    "it against eager, and report graph sizes, the tensors saved for the "
+                    "backward and the time spent in each pipeline stage.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("target", nargs="?", metavar="MODULE:FACTORY",
+                    help="a factory returning (nn.Module or function, example_inputs); "
+                         "default: the built-in small transformer")
+    ex.add_argument("--partitioner", choices=("default", "mincut"), default="default",
+                    help="how to split the joint graph (default: %(default)s)")
+    ex.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH "
+                    "('-' for stdout, replacing the text report)")
+    ex.add_argument("--graphs", action="store_true",
+                    help="print the forward and backward graph code")
+    ex.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="warm steps to time, compiled and eager (0 to skip; default: 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "explain":
+        parser.print_help()
+        return 2
+    return _explain(args)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import ExplainError, explain, load_target, render, resolve_partitioner
+
+    def error(msg: str) -> None:
+        print(f"aotgrad explain: error: {msg}", file=sys.stderr)
+
+    try:
+        resolve_partitioner(args.partitioner)  # fail fast, before any work
+        target = load_target(args.target)
+    except ExplainError as e:
+        error(str(e))
+        return 2
+    try:
+        report = explain(target, partitioner=args.partitioner, repeat=max(args.repeat, 0))
+    except ExplainError as e:
+        error(str(e))
+        return 2
+    except Exception as e:  # the user's program or aotgrad failed: show where
+        traceback.print_exc()
+        error(f"compiling or running {target.name} failed: {type(e).__name__}: {e}")
+        return 3
+    status = 0 if report.ok else 1
+    try:
+        if args.json == "-":
+            json.dump(report.to_json(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render(report, graphs=args.graphs))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(report.to_json(), f, indent=2)
+                print(f"\nreport written to {args.json}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `aotgrad explain | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError as e:
+        error(f"cannot write the report: {e}")
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""``aotgrad explain``: compile one training step and show what aotgrad made of it.
+
+The command answers the questions a user has about a compiled program before
+trusting it: *is it right?* (outputs and every gradient against eager, on the
+same inputs), *what did it trace?* (forward/backward graph sizes, optionally
+their code), *what does it keep alive?* (each tensor the forward saves for the
+backward, with its bytes — the activation memory the partitioner decided on)
+and *where did the time go?* (``CompileReport.stage_seconds`` per pipeline
+stage, the first call, warm steps against eager).
+
+Computing and printing are separate: ``explain()`` returns an
+``ExplainReport`` (plain numbers, JSON-ready via ``to_json()``), and
+``render()`` turns one into text.  ``load_target()`` resolves what to explain:
+the built-in transformer (``aotgrad.models``) or a user factory
+``MODULE:FACTORY`` returning ``(model_or_fn, example_inputs)``.
+
+A training step is: call the compiled program, reduce its output to a scalar
+loss (the output itself when it is a scalar, else the sum of the sums of its
+floating-point tensors that require grad), and run the backward.  Modules go
+through ``aot_module`` (parameters and buffers lifted to graph inputs),
+functions through ``aot_function``; both with the ``nop`` compiler, so the
+graphs that run are exactly the graphs shown.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ._torch import StorageWeakRef, new_fake_mode, pytree
+from .api import AOTFunction, aot_function, aot_module
+from .compile import nop
+from .descriptors import DESC, Primal
+from .flatten import flatten_inputs
+from .partition import default_partition
+from .pipeline import CompileReport
+
+STAGES = ("flatten", "analyze", "trace", "partition", "compile", "runtime")
+PARTITIONERS = ("default", "mincut")
+BUILTIN = "aotgrad.models:make_training_step"
+
+
+class ExplainError(Exception):
+    """A problem with what the user asked for (bad target, missing partitioner)."""
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class GraphStats:
+    call_function: int            # nodes that compute (ATen ops, getitem)
+    total: int                    # all nodes, placeholders and output included
+    code: str                     # the graph as readable Python
+
+
+@dataclass
+class SavedTensor:
+    name: str                     # the node name in the forward graph
+    shape: list[int] | None       # None for a saved symbolic int
+    dtype: str
+    bytes: int                    # numel * element_size (0 for a symbolic int)
+    source: str                   # "activation", or "param NAME" / "buffer NAME" / "arg PATH"
+    alias_of: str | None = None   # a graph input or an earlier saved tensor sharing its storage
+    storage_bytes: int = 0        # bytes of the storage it keeps alive
+
+
+@dataclass
+class Check:
+    checked: int                  # how many tensors were compared
+    match: bool | None            # None: nothing to compare (e.g. no gradients)
+    detail: str = ""              # the first mismatch, when there is one
+
+
+@dataclass
+class ExplainReport:
+    target: str                   # what was compiled (``MODULE:FACTORY``)
+    description: str
+    api: str                      # "aot_module" or "aot_function"
+    partitioner: str
+    torch_version: str
+    mode: str                     # "training" (forward + backward) or "inference"
+    forward: GraphStats
+    backward: GraphStats | None
+    saved: list[SavedTensor]
+    stage_seconds: dict[str, float]
+    setup_seconds: float          # one-time torch setup paid before compiling (see explain())
+    first_call_seconds: float     # the first compiled call: compile + forward
+    first_backward_seconds: float | None
+    warm_step_seconds: float | None    # median compiled step (forward + backward) after compiling
+    eager_step_seconds: float | None   # median eager step, same inputs
+    outputs: Check
+    gradients: Check
+    num_graph_inputs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(s.bytes for s in self.saved)
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Memory the backward keeps alive beyond the graph inputs: the storages of
+        saved activations, each counted once (views of inputs and of other saved
+        tensors cost nothing more)."""
+        return sum(s.storage_bytes for s in self.saved
+                   if s.source == "activation" and s.alias_of is None)
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.outputs.match is not False and self.gradients.match is not False
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(saved_bytes=self.saved_bytes,
+                    saved_activation_bytes=self.saved_activation_bytes,
+                    compile_seconds=self.compile_seconds, ok=self.ok)
+        return data
+
+
+# ---------------------------------------------------------------- what to explain
+
+
+@dataclass
+class Target:
+    obj: Any                      # an nn.Module or a callable
+    inputs: tuple                 # example positional arguments
+    name: str
+    description: str
+
+
+def load_target(spec: str | None) -> Target:
+    """Resolve ``MODULE:FACTORY`` (or the built-in transformer when ``spec`` is None).
+
+    ``MODULE`` is a dotted module name, importable from the current directory
+    (as with ``python -m``), or a path to a ``.py`` file; ``FACTORY`` names a
+    callable in it (dotted for nested attributes) returning
+    ``(model_or_fn, example_inputs)``.
+    """
+    if spec is None:
+        from .models import TransformerConfig, make_training_step
+
+        obj, inputs = make_training_step()
+        return Target(obj, inputs, BUILTIN,
+                      f"built-in transformer training step ({TransformerConfig().describe()})")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ExplainError(f"target {spec!r} is not of the form MODULE:FACTORY "
+                           "(e.g. mypkg.models:make)")
+    module = _import_module(module_name)
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            names = sorted(n for n, v in vars(module).items()
+                           if callable(v) and not n.startswith("_"))
+            hint = f"; callables there: {', '.join(names[:12])}" if names else ""
+            raise ExplainError(f"module {module_name!r} has no attribute {attr!r}{hint}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ExplainError(f"{spec} is a {type(factory).__name__}, not a callable factory")
+    try:
+        made = factory()
+    except Exception as e:
+        raise ExplainError(f"calling {spec}() raised {type(e).__name__}: {e}") from e
+    return Target(*_check_made(made, spec), spec, f"{spec}()")
+
+
+def _import_module(name: str):
+    if name.endswith(".py") or os.sep in name:
+        if not os.path.isfile(name):
+            raise ExplainError(f"no such file: {name}")
+        mod_name = os.path.splitext(os.path.basename(name))[0]
+        spec = importlib.util.spec_from_file_location(mod_name, name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(mod_name, module)  # dataclasses and pickle look modules up
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ExplainError(f"running {name} raised {type(e).__name__}: {e}") from e
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the console script does not
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".")):
+            raise ExplainError(f"cannot import module {name!r}: {e}. Run from the directory "
+                               "that contains it, or install it") from e
+        raise ExplainError(f"importing {name!r} failed: {e}") from e
+    except Exception as e:
+        raise ExplainError(f"importing {name!r} raised {type(e).__name__}: {e}") from e
+
+
+def _check_made(made: Any, spec: str) -> tuple[Any, tuple]:
+    if not (isinstance(made, (tuple, list)) and len(made) == 2):
+        raise ExplainError(f"{spec}() must return (model_or_fn, example_inputs), "
+                           f"got {type(made).__name__}")
+    obj, inputs = made
+    if not callable(obj):
+        raise ExplainError(f"{spec}() returned a {type(obj).__name__} to compile, not a "
+                           "module or function")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise ExplainError(f"{spec}() must return example_inputs as a tuple or list of "
+                           f"arguments, got {type(inputs).__name__}")
+    return obj, tuple(inputs)
+
+
+def resolve_partitioner(name: str) -> Callable:
+    if name == "default":
+        return default_partition
+    if name == "mincut":
+        try:
+            from .mincut import min_cut_rematerialization_partition
+        except ImportError as e:
+            raise ExplainError("--partitioner mincut needs aotgrad.mincut."
+                               f"min_cut_rematerialization_partition, which is not available "
+                               f"({e})") from e
+        return min_cut_rematerialization_partition
+    raise ExplainError(f"unknown partitioner {name!r}; choose one of {', '.join(PARTITIONERS)}")
+
+
+# ---------------------------------------------------------------- running it
+
+
+def explain(target: Target, partitioner: str = "default", repeat: int = 3) -> ExplainReport:
+    """Compile ``target``'s training step, run it beside eager, and measure."""
+    partition_fn = resolve_partitioner(partitioner)
+    obj, is_module = target.obj, isinstance(target.obj, nn.Module)
+    eager_obj = _copy_module(obj) if is_module else obj
+    if is_module:
+        compiled = aot_module(obj, nop, nop, partition_fn=partition_fn)
+        aot_fn: AOTFunction = compiled._compiled
+    else:
+        compiled = aot_fn = aot_function(obj, nop, nop, partition_fn=partition_fn)
+
+    # The first fake-tensor mode of a process costs ~1 s of one-time imports and
+    # setup (ShapeEnv, sympy); pay it here so that stage times are per compile.
+    t0 = time.perf_counter()
+    new_fake_mode(False)
+    setup = time.perf_counter() - t0
+
+    eager_in = _fresh(target.inputs)
+    eager_out = eager_obj(*eager_in)
+    eager_loss = _loss(eager_out)
+    if eager_loss is not None:
+        eager_loss.backward()
+
+    comp_in = _fresh(target.inputs)
+    t0 = time.perf_counter()
+    comp_out = compiled(*comp_in)
+    first_call = time.perf_counter() - t0
+    comp_loss = _loss(comp_out)
+    first_bw = None
+    if comp_loss is not None:
+        t0 = time.perf_counter()
+        comp_loss.backward()
+        first_bw = time.perf_counter() - t0
+
+    report = aot_fn.last_report
+    if report is None or report.forward_graph is None:
+        raise RuntimeError("aotgrad explain: the compiled call left no CompileReport")
+    outputs = _compare_outputs(eager_out, comp_out)
+    grads = _compare_grads(_grads(eager_obj, eager_in, is_module), _grads(obj, comp_in, is_module))
+    labels = _input_labels(obj, target.inputs, is_module)
+
+    warm = eager = None
+    if repeat > 0:
+        warm = _median_step(compiled, target.inputs, repeat)
+        eager = _median_step(eager_obj, target.inputs, repeat)
+
+    part = report.partitioned
+    return ExplainReport(
+        target=target.name, description=target.description,
+        api="aot_module" if is_module else "aot_function", partitioner=partitioner,
+        torch_version=torch.__version__,
+        mode="training" if part is not None else "inference",
+        forward=graph_stats(report.forward_graph),
+        backward=graph_stats(report.backward_graph) if part is not None else None,
+        saved=saved_tensors(report, labels),
+        stage_seconds={s: report.stage_seconds[s] for s in STAGES if s in report.stage_seconds},
+        setup_seconds=setup, first_call_seconds=first_call, first_backward_seconds=first_bw,
+        warm_step_seconds=warm, eager_step_seconds=eager,
+        outputs=outputs, gradients=grads, num_graph_inputs=len(labels))
+
+
+def graph_stats(gm: fx.GraphModule) -> GraphStats:
+    nodes = list(gm.graph.nodes)
+    code = "\n".join(line for line in gm.print_readable(print_output=False).splitlines()
+                     if line.strip() != "# No stacktrace found for following nodes")
+    return GraphStats(sum(1 for n in nodes if n.op == "call_function"), len(nodes), code)
+
+
+def saved_tensors(report: CompileReport, labels: list[str]) -> list[SavedTensor]:
+    """The values the forward graph returns for the backward, in order.
+
+    A saved tensor whose storage is a graph input's (the input itself, or a
+    view such as a transposed weight) is labelled with that input; one that
+    shares storage with an earlier saved tensor names it in ``alias_of``.
+    Storages are compared on the fake tensors in ``node.meta["val"]``.
+    """
+    part = report.partitioned
+    if part is None:
+        return []
+    graph = report.forward_graph.graph
+    owner: dict[StorageWeakRef, str] = {}
+    for node in graph.find_nodes(op="placeholder"):
+        desc, val = node.meta.get(DESC), node.meta.get("val")
+        if isinstance(desc, Primal) and isinstance(val, torch.Tensor) and desc.index < len(labels):
+            owner.setdefault(StorageWeakRef(val.untyped_storage()), labels[desc.index])
+    inputs = set(owner.values())
+    rows = []
+    for node in graph.output_node().args[0][part.num_fwd_outputs:]:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            rows.append(SavedTensor(node.name, None, type(val).__name__, 0, "activation"))
+            continue
+        storage = StorageWeakRef(val.untyped_storage())
+        first = owner.setdefault(storage, node.name)
+        if first in inputs:
+            source = first if node.op == "placeholder" else f"view of {first}"
+            alias = None if node.op == "placeholder" else first
+        else:
+            source, alias = "activation", (None if first == node.name else first)
+        rows.append(SavedTensor(node.name, [int(s) for s in val.shape],
+                                str(val.dtype).removeprefix("torch."),
+                                int(val.numel()) * val.element_size(), source, alias,
+                                int(val.untyped_storage().nbytes())))
+    return rows
+
+
+def _input_labels(obj: Any, inputs: tuple, is_module: bool) -> list[str]:
+    """A readable name per graph input, in graph-input order (as ``flatten`` decides)."""
+    names: dict[int, str] = {}
+    if is_module:
+        params = dict(obj.named_parameters(remove_duplicate=False))
+        buffers = dict(obj.named_buffers(remove_duplicate=False))
+        for n, t in params.items():
+            names.setdefault(id(t), f"param {n}")
+        for n, t in buffers.items():
+            names.setdefault(id(t), f"buffer {n}")
+        args: tuple = (params, buffers, *inputs)
+    else:
+        args = inputs
+    for path, leaf in pytree.tree_flatten_with_path(tuple(inputs))[0]:
+        if isinstance(leaf, torch.Tensor):
+            names.setdefault(id(leaf), f"arg{pytree.keystr(path)}")
+    leaves, spec = pytree.tree_flatten((args, {}))
+    flat = flatten_inputs(leaves, spec, 0)
+    return [names.get(id(leaves[i]), f"graph input {k}") for k, i in enumerate(flat.graph_leaf)]
+
+
+def _copy_module(mod: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(mod)
+    except Exception as e:
+        raise ExplainError(f"cannot deep-copy {type(mod).__name__} to run it eagerly beside "
+                           f"the compiled one: {e}") from e
+
+
+def _fresh(inputs: tuple) -> tuple:
+    """Independent copies of the example inputs (same tensor passed twice stays one)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def fresh(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in memo:
+            memo[id(x)] = x.detach().clone().requires_grad_(x.requires_grad)
+        return memo[id(x)]
+
+    return pytree.tree_map(fresh, inputs)
+
+
+def _loss(out: Any) -> torch.Tensor | None:
+    """The scalar to differentiate: the output if scalar, else the sum of sums."""
+    if isinstance(out, torch.Tensor) and out.dim() == 0 and out.requires_grad:
+        return out
+    parts = [t.sum() for t in pytree.tree_leaves(out)
+             if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+def _compare_outputs(expected: Any, actual: Any) -> Check:
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    act_leaves, act_spec = pytree.tree_flatten(actual)
+    if exp_spec != act_spec:
+        return Check(0, False, f"output structure differs: eager {exp_spec}, compiled {act_spec}")
+    checked = 0
+    for k, (e, a) in enumerate(zip(exp_leaves, act_leaves)):
+        if isinstance(e, torch.Tensor):
+            checked += 1
+            detail = _close(a, e, f"output {k}")
+            if detail:
+                return Check(checked, False, detail)
+        elif e != a:
+            return Check(checked, False, f"output {k}: eager {e!r}, compiled {a!r}")
+    return Check(checked, True)
+
+
+def _grads(obj: Any, inputs: tuple, is_module: bool) -> dict[str, torch.Tensor | None]:
+    grads: dict[str, torch.Tensor | None] = {}
+    if is_module:
+        grads.update((f"param {n}", p.grad) for n, p in obj.named_parameters()
+                     if p.requires_grad)
+    for path, leaf in pytree.tree_flatten_with_path(inputs)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            grads[f"arg{pytree.keystr(path)}"] = leaf.grad
+    return grads
+
+
+def _compare_grads(expected: dict, actual: dict) -> Check:
+    if not expected:
+        return Check(0, None, "nothing requires grad")
+    checked = 0
+    for name, e in expected.items():
+        a = actual.get(name)
+        checked += 1
+        if (e is None) != (a is None):
+            return Check(checked, False, f"grad of {name}: eager {'None' if e is None else 'a tensor'}"
+                         f", compiled {'None' if a is None else 'a tensor'}")
+        detail = _close(a, e, f"grad of {name}") if e is not None else ""
+        if detail:
+            return Check(checked, False, detail)
+    return Check(checked, True)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> str:
+    try:
+        torch.testing.assert_close(actual, expected)
+    except AssertionError as e:
+        return f"{what}: " + " ".join(str(e).split())
+    return ""
+
+
+def _median_step(fn: Callable, inputs: tuple, repeat: int) -> float:
+    """Median wall time of forward + loss + backward, ``repeat`` times."""
+    params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
+    times = []
+    for _ in range(repeat):
+        for p in params:
+            p.grad = None
+        args = _fresh(inputs)
+        t0 = time.perf_counter()
+        loss = _loss(fn(*args))
+        if loss is not None:
+            loss.backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:8.1f} ms" if s < 1 else f"{s:9.3f} s"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _check_line(label: str, check: Check) -> str:
+    if check.match is None:
+        return f"  {label}: n/a ({check.detail})"
+    if check.match:
+        return f"  {label}: yes ({_plural(check.checked, 'tensor')} compared)"
+    return f"  {label}: NO ({check.detail})"
+
+
+def _source(s: SavedTensor) -> str:
+    if s.source == "activation" and s.alias_of is not None:
+        return f"activation, storage of {s.alias_of}"
+    return s.source
+
+
+def render(report: ExplainReport, graphs: bool = False) -> str:
+    """The report as text, for a terminal."""
+    title = f"aotgrad explain: {report.description}"
+    out = [title, "=" * len(title),
+           f"  target       {report.target}",
+           f"  compiled by  {report.api}(fw_compiler=nop, bw_compiler=nop, "
+           f"partition_fn={report.partitioner})",
+           f"  mode         {report.mode}, {_plural(report.num_graph_inputs, 'graph input')}",
+           f"  torch        {report.torch_version}", ""]
+
+    out += ["Correctness (compiled vs eager, same inputs)",
+            _check_line("outputs match eager", report.outputs),
+            _check_line("gradients match eager", report.gradients), ""]
+
+    rows = [["forward" if report.backward else "inference", str(report.forward.call_function),
+             str(report.forward.total)]]
+    if report.backward:
+        rows.append(["backward", str(report.backward.call_function), str(report.backward.total)])
+    out += ["Graphs"] + _table(["graph", "call_function nodes", "total nodes"], rows, {1, 2}) + [""]
+
+    if report.backward and not report.saved:
+        out += ["Saved for backward: nothing", ""]
+    elif report.backward:
+        out.append(f"Saved for backward: {_plural(len(report.saved), 'tensor')}, "
+                   f"{_fmt_bytes(report.saved_bytes)}")
+        rows = [[str(k), s.name, "x".join(map(str, s.shape)) if s.shape else
+                 ("scalar" if s.shape == [] else "-"), s.dtype, str(s.bytes), _source(s)]
+                for k, s in enumerate(report.saved, 1)]
+        rows.append(["", "total", "", "", str(report.saved_bytes), ""])
+        out += _table(["#", "name", "shape", "dtype", "bytes", "source"], rows, {0, 4})
+        out += ["  memory kept alive for the backward beyond the graph inputs (distinct "
+                f"storages): {_fmt_bytes(report.saved_activation_bytes)}", ""]
+
+    rows = [[s, _fmt_time(t)] for s, t in report.stage_seconds.items()]
+    rows.append(["total compile", _fmt_time(report.compile_seconds)])
+    out += ["Time (compile stages, CompileReport.stage_seconds)"] + \
+        _table(["stage", "wall"], rows, {1})
+    out += ["", f"  one-time torch setup, before    {_fmt_time(report.setup_seconds)}",
+            f"  first call (compile + forward)  {_fmt_time(report.first_call_seconds)}"]
+    if report.first_backward_seconds is not None:
+        out.append(f"  first backward                  {_fmt_time(report.first_backward_seconds)}")
+    if report.warm_step_seconds is not None:
+        out.append(f"  warm step, compiled (median)    {_fmt_time(report.warm_step_seconds)}")
+        out.append(f"  warm step, eager (median)       {_fmt_time(report.eager_step_seconds)}")
+
+    if graphs:
+        out += ["", "Forward graph" if report.backward else "Inference graph",
+                report.forward.code.rstrip()]
+        if report.backward:
+            out += ["", "Backward graph", report.backward.code.rstrip()]
+    return "\n".join(out) + "\n"

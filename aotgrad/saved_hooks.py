@@ -1,0 +1,153 @@
+"""Saved-tensor hooks, inlined into the compiled graphs (part of the partition stage).
+
+When a ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)`` context is
+active at compile time, aotgrad traces ``pack`` into the forward graph, once
+per saved tensor, and ``unpack`` into the backward graph, so that the
+compiler sees (and can fuse) them — e.g. an fp8 cast of every activation::
+
+    forward  before: return (out, relu)            backward before: (relu, tangents_1) -> ...
+    forward  after:  _to_copy = relu.to(fp8)       backward after:  (_to_copy, tangents_1)
+                     return (out, _to_copy)                          relu = _to_copy.to(f32) ...
+
+The pack hook may return any pytree; its tensor leaves are what the forward
+saves, its other leaves (a dtype, say) are constants the unpack trace sees.
+While a hook is traced, ``saved_tensor_hook_context()`` returns
+``{"_fw_graph", "_bw_graph", "_node"}`` — the graphs and the saved node.
+
+Note [Hooks apply once]: the runtime saves the packed tensors with the hooks
+switched off (identity hooks), so they are not packed a second time; the
+hooks in force are part of the guard key (``api.guard_key``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+from ._torch import pytree
+from .descriptors import DESC, Saved
+from .partition import Partitioned
+
+_context: dict[str, Any] | None = None
+
+
+def saved_tensor_hook_context() -> dict[str, Any] | None:
+    """The graphs and node whose saved-tensor hook is being traced, else None."""
+    return _context
+
+
+@contextlib.contextmanager
+def _tracing_hook(fw: fx.GraphModule, bw: fx.GraphModule, node: fx.Node):
+    global _context
+    prior, _context = _context, {"_fw_graph": fw, "_bw_graph": bw, "_node": node}
+    try:
+        yield
+    finally:
+        _context = prior
+
+
+def _identity(x):
+    return x
+
+
+@contextlib.contextmanager
+def hooks_off():
+    """Note [Hooks apply once]."""
+    with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        yield
+
+
+def inline_hooks(parts: Partitioned, hooks: tuple[Callable, Callable]) -> Partitioned:
+    pack, unpack = hooks
+    fw, bw = parts.fw_gm, parts.bw_gm
+    fw_out = fw.graph.output_node()
+    outs = list(fw_out.args[0])
+    out_descs = list(fw_out.meta[DESC])
+    first_saved = parts.num_fwd_outputs
+    saved = outs[first_saved:first_saved + parts.num_saved_tensors]
+    bw_inputs = bw.graph.find_nodes(op="placeholder")
+    bw_saved = bw_inputs[parts.num_saved_symints:parts.num_saved_symints + parts.num_saved_tensors]
+    packed_all = []
+    for node, bw_node in zip(saved, bw_saved):
+        with _tracing_hook(fw, bw, node):
+            packed_all.append(_inline_pack(fw.graph, node, pack))
+    # all new placeholders first, so that the unpack code's names never collide
+    new_inputs = [_add_placeholders(bw.graph, bw_node, packed)
+                  for bw_node, (packed, _) in zip(bw_saved, packed_all)]
+    anchor = next(n for n in bw.graph.nodes if n.op != "placeholder")
+    for node, bw_node, inputs, (packed, leaves_spec) in zip(saved, bw_saved, new_inputs,
+                                                            packed_all):
+        with _tracing_hook(fw, bw, node):
+            _inline_unpack(bw.graph, bw_node, inputs, leaves_spec, unpack, anchor)
+    new_saved = [p for packed, _ in packed_all for p in packed]
+    new_descs = [Saved(p.name) for p in new_saved]
+    end = first_saved + parts.num_saved_tensors
+    fw_out.args = (tuple(outs[:first_saved] + new_saved + outs[end:]),)
+    fw_out.meta[DESC] = tuple(out_descs[:first_saved] + new_descs + out_descs[end:])
+    for gm in (fw, bw):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return Partitioned(fw, bw, parts.num_fwd_outputs, len(new_saved), parts.num_saved_symints,
+                       saved_hooks_inlined=True)
+
+
+def _trace_hook(fn: Callable, example: list) -> tuple[fx.GraphModule, list]:
+    """Trace ``fn`` over fake inputs; returns the graph and its flat outputs' leaves."""
+    result: list = []
+
+    def flat(*args):
+        out_leaves, spec = pytree.tree_flatten(fn(*args))
+        result[:] = [out_leaves, spec]
+        return [x for x in out_leaves if isinstance(x, torch.Tensor)]
+
+    with _torch.hide_saved_tensor_hooks():
+        gm = _torch.make_fx(flat)(*example)
+    return gm, result
+
+
+def _inline_pack(graph: fx.Graph, node: fx.Node, pack: Callable):
+    val = node.meta["val"]
+    gm, (leaves, spec) = _trace_hook(pack, [val])
+    with graph.inserting_before(graph.output_node()):
+        mapped = graph.graph_copy(gm.graph, {gm.graph.find_nodes(op="placeholder")[0]: node})
+    mapped = list(mapped) if isinstance(mapped, (list, tuple)) else [mapped]
+    for m, leaf in zip(mapped, [x for x in leaves if isinstance(x, torch.Tensor)]):
+        m.meta.setdefault("val", leaf)
+    # structure for the unpack side: tensor leaves by position, other leaves as constants
+    return mapped, (leaves, spec)
+
+
+def _add_placeholders(graph: fx.Graph, old: fx.Node, packed: list) -> list[fx.Node]:
+    new_inputs = []
+    with graph.inserting_before(old):
+        for p in packed:
+            ph = graph.placeholder(p.name)
+            ph.meta["val"] = p.meta.get("val")
+            ph.meta[DESC] = Saved(p.name)
+            new_inputs.append(ph)
+    return new_inputs
+
+
+def _inline_unpack(graph: fx.Graph, old: fx.Node, new_inputs: list, leaves_spec,
+                   unpack: Callable, anchor: fx.Node):
+    leaves, spec = leaves_spec
+    tensor_slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+    def unpack_flat(*tensors):
+        filled = list(leaves)
+        for i, t in zip(tensor_slots, tensors):
+            filled[i] = t
+        return unpack(pytree.tree_unflatten(filled, spec))
+
+    gm, _ = _trace_hook(unpack_flat, [p.meta["val"] for p in new_inputs])
+    with graph.inserting_before(anchor):
+        env = dict(zip(gm.graph.find_nodes(op="placeholder"), new_inputs))
+        out = graph.graph_copy(gm.graph, env)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    old.replace_all_uses_with(out)
+    graph.erase_node(old)

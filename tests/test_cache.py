@@ -1,0 +1,159 @@
+"""AOTAutogradCache: hits in memory and on disk, keys, bypass."""
+
+import os
+import tempfile
+import unittest
+from unittest import mock
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import aotgrad
+from aotgrad import AOTAutogradCache, SerializableAOTDispatchCompiler, aot_module_simplified, nop
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.lin(x).relu() * 2,)
+
+
+def traced(seed=0):
+    torch.manual_seed(seed)
+    return fx.symbolic_trace(Small())
+
+
+class TestAutogradCache(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.patch = aotgrad.config.patch(enable_autograd_cache=True, cache_dir=self.tmp.name)
+        self.patch.__enter__()
+        AOTAutogradCache.clear()
+        counters.clear()
+
+    def tearDown(self):
+        AOTAutogradCache.clear()
+        self.patch.__exit__(None, None, None)
+        self.tmp.cleanup()
+
+    def check_against_eager(self, gm, f, x):
+        out = f(x)[0]
+        torch.testing.assert_close(out, gm(x)[0])
+        out.sum().backward()
+        got = [p.grad.clone() for p in gm.parameters()]
+        gm.zero_grad()
+        gm(x)[0].sum().backward()
+        for a, p in zip(got, gm.parameters()):
+            torch.testing.assert_close(a, p.grad)
+
+    def test_memory_hit_then_disk_hit(self):
+        x = torch.randn(2, 4, requires_grad=True)
+        gm1, gm2, gm3 = traced(0), traced(1), traced(2)
+        self.check_against_eager(gm1, aot_module_simplified(gm1, [x], nop), x)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_miss"], 1)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_saved"], 1)
+        # same code, other parameter values: a hit that uses gm2's parameters
+        self.check_against_eager(gm2, aot_module_simplified(gm2, [x], nop), x)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 1)
+        # a new process would start with an empty memory: load from disk,
+        # without tracing again
+        AOTAutogradCache._memory.clear()
+        with mock.patch("aotgrad.cache.trace_call", side_effect=AssertionError("traced")):
+            f3 = aot_module_simplified(gm3, [x], nop)
+        self.check_against_eager(gm3, f3, x)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 2)
+        files = [f for _, _, fs in os.walk(AOTAutogradCache.directory()) for f in fs]
+        self.assertEqual(len(files), 1)
+
+    def test_other_metadata_misses(self):
+        gm = traced()
+        aot_module_simplified(gm, [torch.randn(2, 4)], nop)
+        aot_module_simplified(gm, [torch.randn(3, 4)], nop)
+        with torch.no_grad():
+            aot_module_simplified(gm, [torch.randn(3, 4)], nop)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_miss"], 3)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 0)
+
+    def test_config_is_part_of_the_key(self):
+        gm = traced()
+        x = torch.randn(2, 4)
+        aot_module_simplified(gm, [x], nop)
+        with aotgrad.config.patch(debug_assert=True):
+            aot_module_simplified(gm, [x], nop)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_miss"], 2)
+
+    def test_clear_empties_disk(self):
+        aot_module_simplified(traced(), [torch.randn(2, 4)], nop)
+        AOTAutogradCache.clear()
+        self.assertFalse(os.path.exists(AOTAutogradCache.directory()))
+        aot_module_simplified(traced(), [torch.randn(2, 4)], nop)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_miss"], 2)
+
+    def test_unknown_compiler_bypasses(self):
+        gm = traced()
+        for _ in range(2):
+            aot_module_simplified(gm, [torch.randn(2, 4)], lambda g, i: g)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_bypass"], 2)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 0)
+
+    def test_serializable_compiler_is_cached_and_type_checked(self):
+        compiler = SerializableAOTDispatchCompiler(fx.GraphModule, lambda g, i: g)
+        gm = traced()
+        x = torch.randn(2, 4, requires_grad=True)
+        aot_module_simplified(gm, [x], compiler)
+        self.check_against_eager(gm, aot_module_simplified(gm, [x], compiler), x)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 1)
+        bad = SerializableAOTDispatchCompiler(int, lambda g, i: g)
+        with self.assertRaisesRegex(TypeError, "declared to return int"):
+            aot_module_simplified(traced(), [torch.randn(5, 4)], bad)
+
+    def test_disabled_by_default(self):
+        with aotgrad.config.patch(enable_autograd_cache=False):
+            aot_module_simplified(traced(), [torch.randn(2, 4)], nop)
+        self.assertEqual(sum(counters["aot_autograd"].values()), 0)
+
+
+class TestConfig(unittest.TestCase):
+    def test_patch_forms(self):
+        cfg = aotgrad.config
+        self.assertFalse(cfg.debug_assert)
+        with cfg.patch(debug_assert=True):
+            self.assertTrue(cfg.debug_assert)
+        with cfg.patch({"debug_assert": True, "cache_size_limit": 3}):
+            self.assertEqual((cfg.debug_assert, cfg.cache_size_limit), (True, 3))
+        with cfg.patch("debug_assert", True):
+            self.assertTrue(cfg.debug_assert)
+        self.assertFalse(cfg.debug_assert)
+
+        @cfg.patch(debug_assert=True)
+        def decorated():
+            return cfg.debug_assert
+        self.assertTrue(decorated())
+        self.assertEqual(decorated.__name__, "decorated")
+        self.assertFalse(cfg.debug_assert)
+
+    def test_mock_patch(self):
+        with mock.patch("aotgrad.config.debug_assert", True):
+            self.assertTrue(aotgrad.config.debug_assert)
+        self.assertFalse(aotgrad.config.debug_assert)
+
+    def test_unknown_option(self):
+        with self.assertRaisesRegex(AttributeError, "no option 'nonsense'"):
+            aotgrad.config.patch(nonsense=1)
+
+    def test_restored_after_exception(self):
+        try:
+            with aotgrad.config.patch(debug_assert=True):
+                raise KeyError
+        except KeyError:
+            pass
+        self.assertFalse(aotgrad.config.debug_assert)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,95 @@
+"""Saved-tensor hooks active at compile time are inlined into the graphs."""
+
+import unittest
+
+import torch
+
+import aotgrad
+from helpers import GraphRecorder
+
+calls = {"pack": 0, "unpack": 0}
+contexts = []
+
+
+def pack_fp16(x):
+    calls["pack"] += 1
+    contexts.append(aotgrad.saved_tensor_hook_context())
+    if not x.dtype.is_floating_point:
+        return x
+    return (x.dtype, x.to(torch.float16))
+
+
+def unpack_fp16(packed):
+    calls["unpack"] += 1
+    if isinstance(packed, torch.Tensor):
+        return packed
+    dtype, t = packed
+    return t.to(dtype)
+
+
+def fn(x, w, idx):
+    return ((x @ w).relu()[idx] * x.sum()).sum()
+
+
+def inputs():
+    torch.manual_seed(0)
+    return (torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True),
+            torch.tensor([0, 2]))
+
+
+class TestSavedTensorHooks(unittest.TestCase):
+    def setUp(self):
+        calls.update(pack=0, unpack=0)
+        contexts.clear()
+
+    def test_inlined_and_equal_to_eager_with_hooks(self):
+        rec = GraphRecorder()
+        f = aotgrad.aot_function(fn, rec)
+        x, w, idx = inputs()
+        with torch.autograd.graph.saved_tensors_hooks(pack_fp16, unpack_fp16):
+            out = f(x, w, idx)
+        traced_calls = dict(calls)
+        self.assertGreater(traced_calls["pack"], 0)
+        out.backward()
+        # at run time the hooks do not run again: they live in the graphs now
+        self.assertEqual(calls, traced_calls)
+        fw = rec.last("forward")
+        saved = fw.graph.output_node().args[0][1:]
+        float_saved = [n for n in saved if n.meta["val"].is_floating_point()]
+        self.assertTrue(float_saved)
+        self.assertTrue(all(n.meta["val"].dtype == torch.float16 for n in float_saved))
+        self.assertIn("torch.float32", rec.last("backward").code)
+
+        x2, w2, idx2 = inputs()
+        with torch.autograd.graph.saved_tensors_hooks(pack_fp16, unpack_fp16):
+            ref = fn(x2, w2, idx2)
+        ref.backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(x.grad, x2.grad)
+        torch.testing.assert_close(w.grad, w2.grad)
+
+    def test_context_while_tracing_only(self):
+        f = aotgrad.aot_function(fn, aotgrad.nop)
+        with torch.autograd.graph.saved_tensors_hooks(pack_fp16, unpack_fp16):
+            f(*inputs()).backward()
+        self.assertTrue(contexts)
+        for ctx in contexts:
+            self.assertEqual(set(ctx), {"_fw_graph", "_bw_graph", "_node"})
+            self.assertIsInstance(ctx["_node"], torch.fx.Node)
+        self.assertIsNone(aotgrad.saved_tensor_hook_context())
+
+    def test_hooks_are_part_of_the_guard(self):
+        rec = GraphRecorder()
+        f = aotgrad.aot_function(fn, rec)
+        f(*inputs()).backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack_fp16, unpack_fp16):
+            f(*inputs()).backward()
+        f(*inputs()).backward()
+        self.assertEqual(len(rec.graphs["forward"]), 2)
+        plain, hooked = rec.graphs["forward"]
+        self.assertNotIn("float16", plain.code)
+        self.assertIn("float16", hooked.code)
+
+
+if __name__ == "__main__":
+    unittest.main()
