@@ -1,0 +1,186 @@
+"""aotgrad.backends: torch.compile(fn, backend=aot_eager / inductor) vs eager,
+with PyTorch's own AOTAutograd poisoned (as the seed runner does)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import aotgrad
+import aotgrad.backends as backends
+from aotgrad import _torch
+
+# what /work/shared/seedtests/run_seed.py replaces with functions that raise
+POISONED = {
+    "torch._functorch.aot_autograd": [
+        "aot_function", "aot_module", "aot_module_simplified", "aot_export_module",
+        "aot_export_joint_simple", "_aot_export_function", "create_aot_state",
+        "aot_export_joint_with_descriptors"],
+    "torch._functorch.partitioners": ["default_partition", "min_cut_rematerialization_partition"],
+    "torch._functorch._aot_autograd.collect_metadata_analysis": [
+        "run_functionalized_fw_and_collect_metadata"],
+    "torch._functorch._aot_autograd.graph_capture": [
+        "aot_dispatch_base_graph", "aot_dispatch_autograd_graph"],
+    "torch._functorch._aot_autograd.graph_compile": [
+        "aot_stage1_graph_capture", "aot_stage2_compile", "aot_stage2_export"],
+}
+
+
+class TorchAOTCalled(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def poison_torch_aot(monkeypatch):
+    """Every reference to torch's AOTAutograd entry points raises while a test runs."""
+    forbidden = {}
+    for mod_name, names in POISONED.items():
+        mod = importlib.import_module(mod_name)
+        for name in names:
+            if hasattr(mod, name):
+                def boom(*args, _name=f"{mod_name}.{name}", **kwargs):
+                    raise TorchAOTCalled(f"torch's own AOTAutograd was called: {_name}")
+
+                forbidden[id(getattr(mod, name))] = boom
+    prefixes = ("torch._functorch", "functorch", "torch._dynamo", "torch._inductor")
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith(prefixes):
+            continue
+        for attr, val in list(vars(mod).items()):
+            if id(val) in forbidden:
+                monkeypatch.setattr(mod, attr, forbidden[id(val)])
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_poison_is_effective():
+    """torch's own aot_eager backend goes through its AOTAutograd: it must raise."""
+    def f(x):
+        return x.sin()
+
+    with pytest.raises(Exception, match="torch's own AOTAutograd was called"):
+        torch.compile(f, backend="aot_eager")(torch.randn(3, requires_grad=True))
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_function():
+    torch.manual_seed(0)
+    w = torch.randn(4, 5, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+
+    def f(x):
+        h = F.gelu(x @ w + b)
+        return (h * 2).sin().sum(-1), h.tanh()
+
+    return f, [w, b]
+
+
+def run_train(fn, params, x):
+    """Outputs and grads of (x, *params) for a fixed non-trivial cotangent."""
+    for p in [x, *params]:
+        p.grad = None
+    outs = fn(x)
+    loss = sum((o * torch.linspace(0.5, 1.5, o.numel()).view_as(o)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in [x, *params]]
+
+
+def check_training(backend, fullgraph=True):
+    f, params = make_function()
+    x = torch.randn(3, 4, requires_grad=True)
+    compiled = torch.compile(f, backend=backend, fullgraph=fullgraph)
+    for _ in range(2):  # second call: the cached compiled code
+        outs, grads = run_train(compiled, params, x)
+        ref_outs, ref_grads = run_train(f, params, x)
+        assert_close(outs, ref_outs)
+        assert_close(grads, ref_grads)
+
+
+def check_inference(backend):
+    f, _ = make_function()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        out = torch.compile(f, backend=backend)(x)
+        ref = f(x)
+    assert_close(out, ref)
+    assert not any(o.requires_grad for o in out)
+
+
+# ---------------------------------------------------------------- aot_eager
+
+def test_aot_eager_training_fullgraph():
+    check_training(backends.aot_eager, fullgraph=True)
+
+
+def test_aot_eager_inference():
+    check_inference(backends.aot_eager)
+
+
+def test_aot_eager_module_with_graph_break():
+    torch.manual_seed(0)
+    mod = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    def f(x):
+        y = mod(x)
+        torch._dynamo.graph_break()
+        return F.silu(y) * 3
+
+    x = torch.randn(5, 4, requires_grad=True)
+    params = list(mod.parameters())
+    outs, grads = run_train(lambda x: (torch.compile(f, backend=backends.aot_eager)(x),),
+                            params, x)
+    ref_outs, ref_grads = run_train(lambda x: (f(x),), params, x)
+    assert_close(outs, ref_outs)
+    assert_close(grads, ref_grads)
+
+
+def test_aot_eager_kwargs_override():
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    import functools
+
+    backend = functools.partial(backends.aot_eager, fw_compiler=spy)
+    check_training(backend)
+    assert graphs  # forward graphs went through the override
+
+
+# ---------------------------------------------------------------- inductor
+# Inductor compiles take seconds on CPU: three compiles in all (fw, bw, inference).
+
+@pytest.fixture
+def inductor_calls(monkeypatch):
+    calls = []
+    real = _torch.inductor_compile
+
+    def spy(gm, example_inputs, **kwargs):
+        out = real(gm, example_inputs, **kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    monkeypatch.setattr(_torch, "inductor_compile", spy)
+    return calls
+
+
+def test_inductor_training_fullgraph(inductor_calls):
+    check_training(backends.inductor, fullgraph=True)
+    kinds = [kw.get("is_backward", False) for kw, _ in inductor_calls]
+    assert kinds == [False, True]
+    for _, compiled in inductor_calls:
+        assert getattr(compiled, "_boxed_call", False)  # inductor's OutputCode
+
+
+def test_inductor_inference(inductor_calls):
+    check_inference(backends.inductor)
+    assert [kw for kw, _ in inductor_calls] == [{"is_inference": True}]
