@@ -1,0 +1,394 @@
+"""Min-cut rematerialization: save fewer bytes by recomputing cheap ops.
+
+``min_cut_rematerialization_partition`` has the partitioner signature of
+``aotgrad.partition`` and differs from ``default_partition`` in one choice:
+*which* forward values the backward keeps.  The rest (building the two graphs,
+recomputing in the backward whatever it needs and was not saved) is
+``partition.build_partition``.
+
+Note [Min-cut rematerialization]
+--------------------------------
+The backward needs some values of the joint graph.  Each is either saved by
+the forward or recomputed by the backward from saved values.  A saved set is
+*valid* when every path from a primal to a value the backward reads crosses a
+saved value, and *allowed* when all the backward would recompute is cheap
+(``is_cheap_to_recompute``: the tables ``CHEAP_TAGS``,
+``CHEAP_NON_POINTWISE_OPS``, ``NEVER_RECOMPUTE_TAGS``) or is backward work
+anyway.  We want an allowed valid set of fewest bytes: a minimum cut.
+
+The joint's nodes fall in three groups:
+
+* forward nodes ``F`` (``partition.forward_nodes``): the forward computes them;
+* backward nodes ``B``: they depend on a tangent, only the backward can run them;
+* free nodes ``U``: the rest of what the gradients need.  They depend on
+  primals only (``cos_1 = cos(primals_1)`` below), so either side may compute
+  them; ``default_partition`` runs them in the backward.
+
+The network has a vertex pair ``v_in -> v_out`` for every tensor node of ``F``
+and ``U`` that the backward needs, directly or through other such nodes.
+Cutting ``v_in -> v_out`` means "save v" and costs v's bytes
+(``tensor_bytes``; a hint for symbolic sizes); a node that is not a tensor (the
+tuple of a multi-output op) cannot be saved: infinite capacity.  Data edges
+``u_out -> v_in`` are infinite.  The source feeds ``v_in`` (infinitely) for
+every primal and every ``F`` node the policy does not allow to recompute —
+matmuls, reductions, random ops, anything not in the tables — so a cut saves
+such a node or something after it, never passes through it.  Whatever a ``B``
+node reads, and every gradient that is not a ``B`` node, feeds the sink::
+
+    source ==> primals_1_in -> primals_1_out ==> sin_in -> sin_out ==> mul_in -> mul_out
+                                 ||                                       ||
+                                 ++==> cos_1_in -> cos_1_out ==> sink <==++   (sin_1 reads mul)
+
+A finite cut is exactly an allowed valid saved set, and max-flow (Dinic's,
+``FlowNetwork``) finds one of fewest bytes.  Vertices that still reach the
+sink in the residual network are on the backward side: this is the cut nearest
+the sink, which among equally small cuts recomputes least.  Capacities are
+``bytes * K + 1`` (``K`` > number of vertices), and ``bytes * K`` for primals and
+forward outputs, which are alive anyway: an equal-bytes tie goes to them.
+
+Symbolic ints stay out of the network: those the backward reads and cannot
+compute from tangents are saved (a few bytes each).  When the cut does not save
+fewer ``tensor_bytes`` than ``default_partition``, the default set is used:
+recomputing must buy memory.
+
+Before and after, for ``f(x) = (x.sin() * 2).cos().sum()`` (the cut above is
+``primals_1``: one tensor instead of two)::
+
+    joint:     sin = sin(primals_1); mul = mul(sin, 2); cos = cos(mul); sum_1 = sum(cos)
+               expand = expand(tangents_1, [3]); sin_1 = sin(mul); neg = neg(sin_1)
+               mul_1 = mul(expand, neg); mul_2 = mul(mul_1, 2)
+               cos_1 = cos(primals_1); mul_3 = mul(mul_2, cos_1)
+               return (sum_1, mul_3)
+    default:   fw: ... return (sum_1, primals_1, mul)          # saves primals_1, mul
+               bw: (primals_1, mul, tangents_1) -> expand ... mul_3
+    min-cut:   fw: ... return (sum_1, primals_1)               # saves primals_1
+               bw: (primals_1, tangents_1) -> sin = sin(primals_1); mul = mul(sin, 2)
+                   expand ... mul_3                            # sin, mul recomputed
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+from .partition import (
+    ancestors,
+    backward_uses,
+    build_partition,
+    descendants,
+    forward_nodes,
+    joint_roles,
+)
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------- recompute policy (rules are data)
+
+#: Ops the backward may recompute besides pointwise ones: views and reshapes,
+#: copies, and constant factories.  Keyed by overload packet.
+CHEAP_NON_POINTWISE_OPS: frozenset = frozenset({
+    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.t,
+    aten.expand, aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.clone,
+    aten.alias, aten.detach, aten.narrow, aten.split, aten.split_with_sizes, aten.unbind,
+    aten.full, aten.full_like, aten.zeros, aten.zeros_like, aten.ones, aten.ones_like,
+    aten.scalar_tensor, aten.arange, aten.lift_fresh_copy,
+})
+
+#: Tags that forbid recomputation whatever else holds: a random op recomputed
+#: draws fresh numbers and silently corrupts gradients.
+NEVER_RECOMPUTE_TAGS: frozenset = frozenset({torch.Tag.nondeterministic_seeded})
+
+#: Tags that allow recomputation (when no NEVER tag is present).
+CHEAP_TAGS: frozenset = frozenset({torch.Tag.pointwise})
+
+
+def is_cheap_to_recompute(node: fx.Node) -> bool:
+    """The default recompute policy: may the backward recompute this forward node?
+
+    Constants (``get_attr``), ``getitem``, ops tagged pointwise, and
+    ``CHEAP_NON_POINTWISE_OPS``; never an op tagged in ``NEVER_RECOMPUTE_TAGS``
+    or one that mutates, and nothing unknown (matmuls, convolutions,
+    reductions, sorts, indexing ...).
+    """
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, _torch.OpOverload):
+        return False
+    tags = set(target.tags)
+    if tags & NEVER_RECOMPUTE_TAGS or target._schema.is_mutable:
+        return False
+    return bool(tags & CHEAP_TAGS) or target.overloadpacket in CHEAP_NON_POINTWISE_OPS
+
+
+RecomputePolicy = Callable[[fx.Node], bool]
+
+# ---------------------------------------------------------------- sizes
+
+#: Bytes assumed for a symbolic size that has no hint.
+UNHINTED_SIZE = 4096
+
+
+def _hint(s) -> int:
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        return int(hint) if hint is not None else UNHINTED_SIZE
+    return int(s)
+
+
+def tensor_bytes(node: fx.Node) -> int | None:
+    """Estimated bytes of a tensor node's value; None when it is not a tensor."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    numel = 1
+    for s in val.shape:
+        numel *= _hint(s)
+    return numel * val.element_size()
+
+
+def saved_tensor_bytes(saved: Iterable[fx.Node]) -> int:
+    """Bytes of the tensors among ``saved`` (symbolic ints count nothing)."""
+    return sum(tensor_bytes(n) or 0 for n in saved if not _torch.is_sym_node(n))
+
+# ---------------------------------------------------------------- max-flow
+
+
+class FlowNetwork:
+    """A flow network with integer capacities; Dinic's max-flow, no recursion.
+
+    Edges live in flat arrays (edge ``e ^ 1`` is the reverse of ``e``); the
+    adjacency is built once, in compressed form, when the flow is computed.
+    """
+
+    def __init__(self, num_vertices: int):
+        self.num_vertices = num_vertices
+        self.to: list[int] = []
+        self.cap: list[int] = []
+        self._start: list[int] = []   # edges of u: _edges[_start[u]:_start[u + 1]]
+        self._edges: list[int] = []
+
+    def add_edge(self, u: int, v: int, cap: int) -> None:
+        self.to += (v, u)
+        self.cap += (cap, 0)
+
+    def _build_adjacency(self) -> None:
+        to, n = self.to, self.num_vertices
+        count = [0] * (n + 1)
+        for v in to:                   # the tail of e is to[e ^ 1]
+            count[v + 1] += 1
+        for u in range(n):
+            count[u + 1] += count[u]
+        fill = count[:-1]
+        edges = [0] * len(to)
+        for e in range(len(to)):
+            tail = to[e ^ 1]
+            edges[fill[tail]] = e
+            fill[tail] += 1
+        self._start, self._edges = count, edges
+
+    def max_flow(self, s: int, t: int) -> int:
+        self._build_adjacency()
+        start, edges, to, cap = self._start, self._edges, self.to, self.cap
+        n = self.num_vertices
+        flow = 0
+        while True:
+            level = [-1] * n
+            level[s] = 0
+            queue = deque([s])
+            while queue:
+                u = queue.popleft()
+                for k in range(start[u], start[u + 1]):
+                    e = edges[k]
+                    if cap[e] > 0 and level[to[e]] < 0:
+                        level[to[e]] = level[u] + 1
+                        queue.append(to[e])
+            if level[t] < 0:
+                return flow
+            it = start[:]               # current-arc pointers
+            path: list[int] = []        # edges from s to u
+            u = s
+            while True:
+                if u == t:
+                    pushed = min(cap[e] for e in path)
+                    flow += pushed
+                    k = len(path)
+                    for i, e in enumerate(path):
+                        cap[e] -= pushed
+                        cap[e ^ 1] += pushed
+                        if cap[e] == 0 and i < k:
+                            k = i       # retreat to the first saturated edge
+                    del path[k:]
+                    u = to[path[-1]] if path else s
+                    continue
+                k, end, next_level = it[u], start[u + 1], level[u] + 1
+                while k < end:
+                    e = edges[k]
+                    if cap[e] > 0 and level[to[e]] == next_level:
+                        break
+                    k += 1
+                it[u] = k
+                if k < end:
+                    path.append(edges[k])
+                    u = to[edges[k]]
+                elif path:              # dead end: prune u, step back
+                    level[u] = -1
+                    e = path.pop()
+                    u = to[e ^ 1]
+                    it[u] += 1
+                else:
+                    break
+
+    def reaches(self, t: int) -> list[bool]:
+        """Vertices with a residual path to ``t`` (after ``max_flow``)."""
+        start, edges, to, cap = self._start, self._edges, self.to, self.cap
+        seen = [False] * self.num_vertices
+        seen[t] = True
+        queue = deque([t])
+        while queue:
+            v = queue.popleft()
+            for k in range(start[v], start[v + 1]):
+                e = edges[k]
+                u = to[e]                # edge e ^ 1 goes u -> v
+                if not seen[u] and cap[e ^ 1] > 0:
+                    seen[u] = True
+                    queue.append(u)
+        return seen
+
+# ---------------------------------------------------------------- choosing what to save
+
+
+def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
+                         recompute_policy: RecomputePolicy = is_cheap_to_recompute
+                         ) -> list[fx.Node]:
+    """The values the forward saves (joint graph order), by Note [Min-cut rematerialization].
+
+    Falls back to ``default_partition``'s choice when the cut is not smaller.
+    """
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    fwd = forward_nodes(roles)
+    default_saved = backward_uses(joint_gm, roles, fwd)
+    saved = _min_cut(joint_gm, roles, fwd, recompute_policy)
+    if saved is None or saved_tensor_bytes(saved) >= saved_tensor_bytes(default_saved):
+        return default_saved
+    return saved
+
+
+def _min_cut(joint_gm, roles, fwd: set, recompute_policy) -> list[fx.Node] | None:
+    tangent_side = descendants(roles.tangents)
+    needed = ancestors(roles.bwd_outputs)
+    backward = needed & tangent_side
+    primals = set(roles.primals)
+
+    syms = {n for n in needed | fwd if _torch.is_sym_node(n)}
+
+    def candidate(n: fx.Node) -> bool:   # in F or U, and not a symbolic int
+        return (n in fwd or n in needed) and n not in tangent_side and n not in syms
+
+    # Sink side: what B nodes read, and gradients that are not B nodes.
+    to_sink: dict[fx.Node, None] = {}
+    for b in backward:
+        for u in b.all_input_nodes:
+            if candidate(u):
+                to_sink[u] = None
+    for g in roles.bwd_outputs:
+        if isinstance(g, fx.Node) and candidate(g):
+            to_sink[g] = None
+    if not to_sink:
+        return []
+
+    def banned(n: fx.Node) -> bool:      # must be computed by the forward
+        return n in primals or (n in fwd and not recompute_policy(n))
+
+    # The nodes of the network: ancestors of the sink-side nodes, stopping at banned ones.
+    members: set[fx.Node] = set()
+    stack = list(to_sink)
+    while stack:
+        n = stack.pop()
+        if n in members:
+            continue
+        members.add(n)
+        if not banned(n):
+            stack.extend(u for u in n.all_input_nodes if candidate(u))
+    order = [n for n in joint_gm.graph.nodes if n in members]
+    index = {n: i for i, n in enumerate(order)}
+
+    # Capacities: bytes, scaled so that ties break toward saving primals and
+    # forward outputs (alive anyway); None: not a tensor.
+    scale = len(order) + 1
+    alive = primals | {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
+    caps = [None if (b := tensor_bytes(n)) is None else b * scale + (n not in alive)
+            for n in order]
+    inf = sum(c for c in caps if c is not None) + 1   # more than any finite cut
+    net = FlowNetwork(2 * len(order) + 2)
+    source, sink = 2 * len(order), 2 * len(order) + 1
+    for i, n in enumerate(order):
+        net.add_edge(2 * i, 2 * i + 1, inf if caps[i] is None else caps[i])
+        if banned(n):
+            net.add_edge(source, 2 * i, inf)
+        else:
+            for u in n.all_input_nodes:
+                j = index.get(u)
+                if j is not None:
+                    net.add_edge(2 * j + 1, 2 * i, inf)
+        if n in to_sink:
+            net.add_edge(2 * i + 1, sink, inf)
+    if net.max_flow(source, sink) >= inf:
+        return None
+    recomputed = net.reaches(sink)
+    saved = {n for i, n in enumerate(order) if not recomputed[2 * i] and recomputed[2 * i + 1]}
+    saved |= _symints_to_save(roles, saved, tangent_side, fwd, recompute_policy)
+    return [n for n in joint_gm.graph.nodes if n in saved]
+
+
+def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
+                     recompute_policy) -> set[fx.Node]:
+    """Symbolic ints the backward reads that it cannot compute from tangents and ``saved``.
+
+    Also checks the cut: the backward recomputes no primal and no forward node
+    that ``recompute_policy`` forbids.
+    """
+    syms: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    stack = [n for n in roles.bwd_outputs if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in saved:
+            continue
+        seen.add(n)
+        if n not in tangent_side:
+            if _torch.is_sym_node(n):
+                syms.add(n)
+                continue
+            if n.op == "placeholder" or (n in fwd and not recompute_policy(n)):
+                raise AssertionError(
+                    "aotgrad min-cut: the backward would recompute "
+                    f"{n.format_node()}, which the recompute policy forbids; this is a bug "
+                    "in aotgrad.mincut (use default_partition meanwhile)")
+        stack.extend(n.all_input_nodes)
+    return syms
+
+
+def min_cut_rematerialization_partition(
+        joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+        recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+        **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Save a minimum-byte set of forward values; recompute cheap ops in the backward.
+
+    ``recompute_policy(node) -> bool`` says which forward nodes the backward
+    may recompute (default ``is_cheap_to_recompute``).  Other keyword
+    arguments (``compiler=``, ``static_lifetime_input_indices=`` ...) are
+    accepted and ignored.  See Note [Min-cut rematerialization].
+    """
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    saved = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy)
+    return build_partition(joint_gm, roles, saved)
