@@ -92,7 +92,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], *,
         f_inputs = [_torch.to_functional(x) for x in fake_inputs]
         outs = flat_fn(*f_inputs)
         input_infos = tuple(_describe_input(x, fx) for x, fx in zip(fake_inputs, f_inputs))
-        storage_owner = {_torch.storage_of(fx): i for i, fx in enumerate(f_inputs)}
+        storage_owner = {_torch.storage_of(fx): i for i, fx in enumerate(f_inputs)
+                         if isinstance(fx, torch.Tensor)}
         shared = _storages_shared_by_outputs(outs)
         output_infos = tuple(_describe_output(o, f_inputs, storage_owner, shared) for o in outs)
     needs_autograd = grad_enabled and any(i.requires_grad for i in input_infos)
@@ -101,7 +102,9 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], *,
     return sig
 
 
-def _describe_input(x: torch.Tensor, fx: torch.Tensor) -> InputInfo:
+def _describe_input(x: Any, fx: Any) -> InputInfo:
+    if not isinstance(x, torch.Tensor):
+        return InputInfo(requires_grad=False)  # a symbolic size
     data = _torch.has_data_mutation(fx)
     meta = _torch.has_metadata_mutation(fx)
     storage = _torch.was_storage_changed(fx)
@@ -127,6 +130,8 @@ def _storages_shared_by_outputs(outs: list) -> set:
 
 
 def _describe_output(o: Any, f_inputs: list, storage_owner: dict, shared: set) -> OutputInfo:
+    if isinstance(o, _torch.sym_types):
+        return OutputInfo(OutputKind.FRESH)  # a symbolic size: the graph computes it
     if not isinstance(o, torch.Tensor):
         return OutputInfo(OutputKind.CONSTANT, constant=o)
     common = dict(requires_grad=o.requires_grad, dtype=o.dtype, shape=tuple(o.shape),

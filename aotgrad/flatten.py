@@ -3,7 +3,7 @@
 The user calls ``fn(*args, **kwargs)`` with pytrees.  This stage flattens
 ``(args, kwargs)`` into leaves and decides which leaves become graph inputs:
 
-* tensors become graph inputs, in leaf order (for ``aot_module`` the
+* tensors (and symbolic sizes, which dynamo hands over) become graph inputs, in leaf order (for ``aot_module`` the
   parameters and buffers come first: they are the first leaves);
 * a tensor passed more than once (the same object) becomes one graph input;
 * every other leaf (ints, floats, None, strings ...) is a constant, baked
@@ -53,11 +53,12 @@ def flatten_inputs(leaves: list[Any], in_spec: Any, num_params_buffers: int = 0)
                 graph_leaf.append(i)
             leaf_slot.append(slot)
             constants.append(None)
+        elif isinstance(leaf, _torch.sym_types):
+            # a symbolic size handed over by dynamo: an input, never a constant
+            leaf_slot.append(len(graph_leaf))
+            graph_leaf.append(i)
+            constants.append(None)
         else:
-            if isinstance(leaf, _torch.sym_types):
-                raise NotImplementedError(
-                    f"aotgrad: input leaf {i} is a symbolic {type(leaf).__name__}; pass symbolic "
-                    "sizes through tensors (dynamic=True) instead")
             leaf_slot.append(-1)
             constants.append(leaf)
     return FlatInputs(in_spec, tuple(leaf_slot), tuple(graph_leaf), tuple(constants),

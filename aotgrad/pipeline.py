@@ -71,20 +71,22 @@ def _timed(report: CompileReport, stage: str):
         secs[stage] = secs.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def fake_inputs_for(graph_inputs: Sequence[torch.Tensor], dynamic: bool):
+def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool):
     """Fake versions of the graph inputs, and their fake mode.
 
-    Inputs that are already fake (from dynamo) keep their mode and symbolic
-    sizes; real inputs get a fresh mode, symbolic when ``dynamic``.
+    Under torch.compile the fake mode is dynamo's (found on fake inputs or on
+    the tracing context): real inputs are converted by it, which returns the
+    very fake tensors dynamo traced with, symbolic sizes included.  Otherwise
+    a fresh mode is made, symbolic when ``dynamic``.
     """
     mode = _torch.detect_fake_mode(list(graph_inputs))
-    static = not dynamic
     if mode is None:
         mode = _torch.new_fake_mode(dynamic)
+        convert = functools.partial(_torch.fake_from_real, mode, static=not dynamic)
     else:
-        static = True  # real tensors beside dynamo's fakes are parameters: static
-    fakes = [x if isinstance(x, _torch.FakeTensor) else _torch.fake_from_real(mode, x, static)
-             for x in graph_inputs]
+        convert = mode.from_tensor
+    fakes = [convert(x) if isinstance(x, torch.Tensor) and not isinstance(x, _torch.FakeTensor)
+             else x for x in graph_inputs]
     return mode, fakes
 
 

@@ -65,6 +65,7 @@ def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
     with torch.no_grad():
         gm = _torch.make_fx(inference, decomposition_table=decompositions)(*fake_inputs)
     _flatten_codegen(gm)
+    drop_detaches(gm)
     out_descs = tuple(UserOutput(k) for k in range(len(sig.graph_outputs)))
     _annotate(gm, [Primal(i) for i in range(len(fake_inputs))], out_descs)
     return TracedGraph(gm, False, tuple(fake_inputs), len(out_descs))
@@ -109,6 +110,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
         gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
     num_fwd = len(sig.graph_outputs)
     _flatten_codegen(gm, insert_none_after=num_fwd, none_mask=grad_is_none)
+    drop_detaches(gm)
     in_descs = [Primal(i) for i in range(len(primals))] + [Tangent(k) for k in range(len(tangents))]
     out_descs = tuple(UserOutput(k) for k in range(num_fwd)) + \
         tuple(Grad(i) for i in range(len(primals)))
@@ -116,9 +118,11 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     return TracedGraph(gm, True, (*primals, *tangents), num_fwd)
 
 
-def _detached_like(x: torch.Tensor) -> torch.Tensor:
-    # Each primal is a leaf of the joint's autograd graph.
-    return x.detach().requires_grad_(x.requires_grad)
+def _detached_like(x: Any) -> Any:
+    # Each primal is a leaf of the joint's autograd graph (symbolic sizes pass).
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.requires_grad)
+    return x
 
 
 def _flatten_codegen(gm: fx.GraphModule, insert_none_after: int | None = None,
@@ -138,6 +142,29 @@ def _flatten_codegen(gm: fx.GraphModule, insert_none_after: int | None = None,
     gm._in_spec = None
     gm._out_spec = None
     gm.recompile()
+
+
+def drop_detaches(gm: fx.GraphModule) -> None:
+    """Remove ``aten.detach`` nodes that only feed other ops.
+
+    Autograd's saved-value unpacking leaves ``detach`` chains in traced graphs;
+    in a functional graph they are identities.  A detach that is itself a
+    graph output is kept (it decides an output's aliasing).
+
+        detach = detach(relu); detach_1 = detach(detach); tb = threshold_backward(g, detach_1, 0)
+        ->  tb = threshold_backward(g, relu, 0)
+    """
+    graph = gm.graph
+    out_node = graph.output_node()
+    changed = False
+    for node in list(graph.find_nodes(op="call_function", target=_torch.aten.detach.default)):
+        if out_node in node.users:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _annotate(gm: fx.GraphModule, in_descs: list, out_descs: tuple) -> None:

@@ -120,6 +120,23 @@ def test_aot_eager_training_fullgraph():
     check_training(backends.aot_eager, fullgraph=True)
 
 
+def test_aot_eager_dynamic_shapes():
+    """A new size makes dynamo hand over symbolic sizes (and SymInt inputs)."""
+    torch._dynamo.reset()
+    f, params = make_function()
+    compiled = torch.compile(f, backend=backends.aot_eager)
+    for n in (2, 3, 5, 7):
+        x = torch.randn(n, 4, requires_grad=True)
+        outs, grads = run_train(compiled, params, x)
+        ref_outs, ref_grads = run_train(f, params, x)
+        assert_close(outs, ref_outs)
+        assert_close(grads, ref_grads)
+    marked = torch.randn(6, 4, requires_grad=True)
+    torch._dynamo.mark_dynamic(marked, 0)
+    assert_close(run_train(torch.compile(f, backend=backends.aot_eager, dynamic=True), params,
+                           marked), run_train(f, params, marked))
+
+
 def test_aot_eager_inference():
     check_inference(backends.aot_eager)
 
