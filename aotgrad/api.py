@@ -103,11 +103,11 @@ def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | No
     ``(fx.GraphModule, example_inputs)`` and return a callable;
     ``bw_compiler`` and ``inference_compiler`` default to ``fw_compiler``.
     Compilation happens on the first call, again for inputs with new metadata.
+    ``disable_functionalization`` is accepted for compatibility and ignored:
+    aotgrad always functionalizes (it is how mutations stay exact), which
+    computes the same values.
     """
-    if disable_functionalization:
-        raise NotImplementedError(
-            "aotgrad always functionalizes (it is how mutations stay exact); "
-            "drop disable_functionalization=True")
+    del disable_functionalization
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions,
                              num_params_buffers, keep_inference_input_mutations,
                              inference_compiler, dynamic)
