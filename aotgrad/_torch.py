@@ -245,3 +245,18 @@ def hide_saved_tensor_hooks():
         yield
     finally:
         torch._C._autograd._saved_tensors_hooks_set_tracing(prior)
+
+
+# ---------------------------------------------------------------- autograd view metadata
+
+def creation_meta_name(t: torch.Tensor) -> str | None:
+    """How autograd created the view ``t`` ("DEFAULT", "MULTI_OUTPUT_NODE",
+    "IN_CUSTOM_FUNCTION", "NO_GRAD_MODE", "INFERENCE_MODE"), None if not a view."""
+    if not t._is_view():
+        return None
+    return torch._C._autograd._get_creation_meta(t).name
+
+
+def unsafe_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharing ``t``'s storage that autograd does not treat as a view."""
+    return aten._unsafe_view(t, t.shape)

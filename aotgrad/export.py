@@ -65,10 +65,11 @@ def _export(fn: Callable, args: Sequence[Any], kwargs: Mapping | None, *,
             "aotgrad export: trace_joint=True but no input requires grad, so there is no "
             "backward to trace. Make the parameters (or inputs) require grad.")
     for i, out in enumerate(t.signature.outputs):
-        if out.kind is not OutputKind.FRESH:
+        if not out.kind.through_autograd:
             what = {OutputKind.IS_INPUT: "an input itself", OutputKind.CONSTANT: "not a tensor",
                     OutputKind.ALIAS_OF_INPUT: "a view of an input",
-                    OutputKind.ALIAS_OF_INTERMEDIATE: "a view of another output"}[out.kind]
+                    OutputKind.SAME_AS_OUTPUT: "another output again"}.get(
+                        out.kind, "a view of another output")
             raise RuntimeError(
                 f"aotgrad export: output {i} is {what}; exported graphs return only tensors "
                 "they compute. Return a fresh tensor (e.g. .clone()) instead.")
@@ -105,8 +106,15 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], *, trace_joint: bool,
     out_nodes = list(gm.graph.output_node().args[0])
     n_p, n_b = len(params), len(buffers)
     graph_slot = t.flat.leaf_slot
-    num_user_out = len(sig.graph_outputs)
-    user_outputs = [_name(o) for o in out_nodes[:num_user_out]]
+    num_mutated = len(sig.mutated_inputs_out_of_graph)
+    num_user_out = sig.num_graph_outputs
+    user_outputs = [_name(o) for o in out_nodes[num_mutated:num_user_out]]
+    mutated_names = {_name(out_nodes[k]): placeholders[i]
+                     for k, i in enumerate(sig.mutated_inputs_out_of_graph)}
+    buffer_of = {placeholders[graph_slot[n_p + k]]: fqn for k, fqn in enumerate(buffers)}
+    if any(sig.inputs[graph_slot[k]].mutated for k in range(n_p)):
+        raise RuntimeError("aot_export_module: the module mutates a parameter in place; "
+                           "exported graphs support buffer and input mutations only")
     backward = None
     if trace_joint:
         grads = out_nodes[num_user_out:]
@@ -128,7 +136,9 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], *, trace_joint: bool,
         parameters=list(params), buffers=list(buffers),
         user_inputs=placeholders[n_p + n_b:], user_outputs=user_outputs,
         inputs_to_parameters={placeholders[graph_slot[k]]: fqn for k, fqn in enumerate(params)},
-        inputs_to_buffers={placeholders[graph_slot[n_p + k]]: fqn for k, fqn in enumerate(buffers)},
+        inputs_to_buffers=buffer_of,
+        buffers_to_mutate={o: buffer_of[p] for o, p in mutated_names.items() if p in buffer_of},
+        user_inputs_to_mutate={o: p for o, p in mutated_names.items() if p not in buffer_of},
         in_spec=t.flat.in_spec, out_spec=sig.out_spec, backward_signature=backward)
     return gm, signature
 

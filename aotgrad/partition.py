@@ -87,13 +87,24 @@ def descendants(inputs: Iterable) -> set[fx.Node]:
     return seen
 
 
+def side_effects(roles: JointRoles) -> list[fx.Node]:
+    """In-place ops on primals that the forward must run (Note [Mutations kept
+    in the graph], analyze.py): impure nodes that do not depend on tangents."""
+    if not roles.primals:
+        return []
+    graph = roles.primals[0].graph
+    backward_side = descendants(roles.tangents)
+    return [n for n in graph.nodes if n.op == "call_function" and n.is_impure()
+            and n not in backward_side]
+
+
 def forward_nodes(roles: JointRoles) -> set[fx.Node]:
     """Nodes the forward computes: what its outputs need, plus the primals.
 
     Tuple-valued nodes pull in their ``getitem`` users so that a tuple is never
     saved whole (Note [Saved values are tensors or symbolic ints]).
     """
-    nodes = ancestors(roles.fwd_outputs) | set(roles.primals)
+    nodes = ancestors(list(roles.fwd_outputs) + side_effects(roles)) | set(roles.primals)
     for n in list(nodes):
         if not isinstance(n.meta.get("val"), (torch.Tensor,) + _torch.sym_types):
             nodes.update(u for u in n.users if u.target is operator.getitem)
@@ -118,7 +129,7 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
         if not isinstance(n.meta.get("val"), torch.Tensor):
             raise AssertionError(f"aotgrad partition: saved value {n.format_node()} is not a tensor")
     fw_outputs = list(roles.fwd_outputs) + saved_tensors + saved_syms
-    fw = extract_graph(joint_gm.graph, list(roles.primals), fw_outputs)
+    fw = extract_graph(joint_gm.graph, list(roles.primals), fw_outputs, side_effects(roles))
     _set_output_descs(fw, len(roles.fwd_outputs), saved_tensors + saved_syms)
     bw_inputs = saved_syms + saved_tensors + list(roles.tangents)
     bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs))
@@ -134,8 +145,10 @@ def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node
         tuple(Saved(n.name) for n in saved)
 
 
-def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence) -> fx.Graph:
-    """A new graph computing ``outputs`` from ``inputs`` (placeholders, in order).
+def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
+                  effects: Sequence[fx.Node] = ()) -> fx.Graph:
+    """A new graph computing ``outputs`` (and running ``effects``) from
+    ``inputs`` (placeholders, in order).
 
     Nodes keep their names and meta.  Raises if an output depends on a
     placeholder of ``graph`` that is not among ``inputs``.
@@ -146,7 +159,7 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence)
         p = new.placeholder(n.name)
         p.meta = dict(n.meta)
         env[n] = p
-    needed = ancestors(outputs, stop=frozenset(inputs))
+    needed = ancestors(list(outputs) + list(effects), stop=frozenset(inputs))
     for n in graph.nodes:
         if n not in needed or n in env:
             continue
@@ -177,6 +190,33 @@ def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]
     return [n for n in joint_gm.graph.nodes if n in used]
 
 
+def _save_copies_of_mutated_primals(fw_gm: fx.GraphModule, num_fwd_outputs: int,
+                                    mutated: frozenset[int]) -> None:
+    """Note [Saving mutated inputs]: an input that is mutated (in the graph or
+    by the runtime's write-back) must not be saved as is — the backward would
+    read the mutated value.  The forward saves a clone of its original value."""
+    if not mutated:
+        return
+    graph = fw_gm.graph
+    out = graph.output_node()
+    values = list(out.args[0])
+    clones: dict[fx.Node, fx.Node] = {}
+    placeholders = graph.find_nodes(op="placeholder")
+    for k in range(num_fwd_outputs, len(values)):
+        v = values[k]
+        desc = v.meta.get(DESC) if isinstance(v, fx.Node) else None
+        if v.op == "placeholder" and isinstance(desc, Primal) and desc.index in mutated:
+            if v not in clones:
+                with graph.inserting_after(placeholders[-1]):
+                    c = graph.call_function(_torch.aten.clone.default, (v,))
+                c.meta["val"] = v.meta.get("val")
+                clones[v] = c
+            values[k] = clones[v]
+    if clones:
+        out.args = (tuple(values),)
+        fw_gm.recompile()
+
+
 @dataclass(frozen=True)
 class Partitioned:
     """The forward and backward graphs and how many values the forward saves."""
@@ -189,9 +229,10 @@ class Partitioned:
 
 
 def partition(joint_gm: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
-              partition_fn) -> Partitioned:
+              partition_fn, mutated_primals: frozenset[int] = frozenset()) -> Partitioned:
     """Run a partitioner and check that its graphs follow the calling convention."""
     fw_gm, bw_gm = partition_fn(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
+    _save_copies_of_mutated_primals(fw_gm, num_fwd_outputs, mutated_primals)
     fw_outs = fw_gm.graph.output_node().args[0]
     saved = fw_outs[num_fwd_outputs:]
     num_syms = sum(1 for n in saved if isinstance(n, fx.Node) and _torch.is_sym_node(n))

@@ -113,7 +113,8 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
             _torch.hide_saved_tensor_hooks():
         with stage("analyze"):
-            sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled)
+            sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
+                          keep_input_mutations=options.keep_inference_input_mutations)
         report.signature = sig
         with stage("trace"):
             traced = trace(flat_fn, fakes, sig, options.decompositions, loss_index=loss_index)
@@ -136,8 +137,9 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     traced = t.graph
     if traced.is_joint:
         with _torch.tracing_context(t.fake_mode), stage("partition"):
+            mutated = frozenset(i for i, x in enumerate(t.signature.inputs) if x.mutated)
             parts = partition(traced.gm, _split_joint_inputs(traced, t.flat),
-                              traced.num_fwd_outputs, options.partition_fn)
+                              traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()
             if hooks is not None:
                 parts = inline_hooks(parts, hooks)

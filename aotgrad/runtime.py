@@ -1,16 +1,17 @@
 """Stage 7 — runtime: the callable the user gets.
 
 It takes the flat leaves of one call, picks the graph inputs, runs the
-compiled graphs and rebuilds the user's output pytree:
+compiled graphs, then an epilogue specialised to the ``Signature``:
 
-* inference: the compiled inference graph is called directly;
-* training: a ``torch.autograd.Function`` made for this one compiled program
-  runs the compiled forward, keeps the saved values on its ctx, and its
-  backward runs the compiled backward (both boxed: see ``compile.py``).
-
-Outputs the graph does not compute are put back here: an output that *is* an
-input is the caller's tensor object itself; a constant output is the traced
-constant.
+1. inference: the compiled inference graph is called directly; training: a
+   ``torch.autograd.Function`` made for this one compiled program runs the
+   compiled forward, keeps the saved values on its ctx, and its backward runs
+   the compiled backward (both boxed: see ``compile.py``);
+2. input mutations the graph returned are written back into the caller's
+   tensors (Note [Writing mutations back]);
+3. the user's outputs are assembled: graph outputs, the caller's own input
+   objects, aliases rebuilt as views (Note [Rebuilding aliased outputs]) and
+   constants.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import config
-from .analyze import OutputKind, Signature
+from . import _torch, config
+from ._torch import pytree
+from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
-from ._torch import pytree
 from .saved_hooks import hooks_off
 
 
@@ -34,20 +35,32 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs) ->
                   else _inference_runner(compiled))
     if config.debug_assert:
         run_graphs = _with_output_checks(run_graphs, sig)
+    write_back = _mutation_writer(sig)
     assemble = _output_assembler(sig)
 
-    def call(leaves: list) -> Any:
-        inputs = [leaves[i] for i in graph_leaf]
-        return assemble(run_graphs(inputs), inputs)
+    if write_back is None:
+        def call(leaves: list) -> Any:
+            inputs = [leaves[i] for i in graph_leaf]
+            return assemble(run_graphs(inputs), inputs)
+    else:
+        def call(leaves: list) -> Any:
+            inputs = [leaves[i] for i in graph_leaf]
+            outs = run_graphs(inputs)
+            write_back(inputs, outs)
+            return assemble(outs, inputs)
 
     return call
 
 
 def _inference_runner(compiled: CompiledGraphs) -> Callable[[list], list]:
+    """No output of an inference graph needs grad (else the analysis would have
+    asked for a joint graph), so it runs under no_grad: in-graph mutations of
+    inputs that require grad are then allowed, as they were when traced."""
     forward = compiled.forward
 
     def run(inputs: list) -> list:
-        return forward(list(inputs))
+        with torch.no_grad():
+            return forward(list(inputs))
 
     return run
 
@@ -60,10 +73,12 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
     forward, backward = compiled.forward, compiled.backward
     num_out = compiled.num_fwd_outputs
     end_tensors = num_out + compiled.num_saved_tensors
-    diff = sig.differentiable_outputs
-    graph_infos = [sig.outputs[i] for i in sig.graph_outputs]
-    non_diff = tuple(k for k, o in enumerate(graph_infos)
-                     if not o.requires_grad and o.dtype is not None)
+    mask = sig.tangent_mask
+    diff = tuple(k for k, m in enumerate(mask) if m)
+    non_diff = tuple(k for k, m in enumerate(mask) if not m)
+    first_user = len(sig.mutated_inputs_out_of_graph)
+    unsafe_views = tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
+                         if sig.outputs[i].kind is OutputKind.UNSAFE_VIEW)
 
     class CompiledFunction(torch.autograd.Function):
         @staticmethod
@@ -71,9 +86,12 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
             outs = forward(list(inputs))
             ctx.save_for_backward(*outs[num_out:end_tensors])
             ctx.symints = outs[end_tensors:]
-            user = outs[:num_out]
-            if non_diff:
-                ctx.mark_non_differentiable(*[user[k] for k in non_diff])
+            user = list(outs[:num_out])
+            for k in unsafe_views:  # Note [Lone views] (analyze.py)
+                user[k] = _torch.unsafe_view(user[k])
+            marks = [user[k] for k in non_diff if isinstance(user[k], torch.Tensor)]
+            if marks:
+                ctx.mark_non_differentiable(*marks)
             return tuple(user)
 
         @staticmethod
@@ -126,35 +144,116 @@ def _refuse_double_backward(grad_inputs: list, backward_inputs: list) -> tuple:
     return tuple(out)
 
 
-def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:
-    kinds = [o.kind for o in sig.outputs]
-    out_spec = sig.out_spec
-    if all(k is OutputKind.FRESH for k in kinds):
-        return lambda graph_outs, inputs: pytree.tree_unflatten(graph_outs, out_spec)
-    plan = []  # (source, index): 0 graph output, 1 input, 2 constant
-    g = 0
-    for o in sig.outputs:
-        if o.kind is OutputKind.FRESH:
-            plan.append((0, g))
-            g += 1
-        elif o.kind is OutputKind.IS_INPUT:
-            plan.append((1, o.base))
-        elif o.kind is OutputKind.CONSTANT:
-            plan.append((2, o.constant))
-        else:
-            raise AssertionError(f"aotgrad runtime: output kind {o.kind} is not handled")
+# ---------------------------------------------------------------- input mutations
 
-    def assemble(graph_outs: list, inputs: list) -> Any:
-        sources = (graph_outs, inputs)
-        leaves = [v if src == 2 else sources[src][v] for src, v in plan]
+def _mutation_writer(sig: Signature) -> Callable[[list, list], None] | None:
+    """Note [Writing mutations back]: for each input the graph returned a new
+    value for, in input order: ``set_`` when its storage was swapped;
+    otherwise ``as_strided_`` when its metadata changed, then ``copy_`` when
+    its data changed.  The copy_ runs under autograd only when the mutation
+    is one autograd must see (then the input's history continues through the
+    compiled function, as after the eager in-place op)."""
+    plan = [(k, i, sig.inputs[i]) for k, i in enumerate(sig.mutated_inputs_out_of_graph)]
+    if not plan:
+        return None
+
+    def write_back(inputs: list, outs: list) -> None:
+        for k, i, info in plan:
+            _write_one(inputs[i], outs[k], info)
+
+    return write_back
+
+
+def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
+    if info.mutates_storage:
+        with torch.no_grad():
+            inp.set_(new)
+        return
+    if info.mutates_metadata:
+        offset = new.storage_offset() if _same_storage(inp, new) else inp.storage_offset()
+        with torch.no_grad():
+            inp.as_strided_(new.size(), new.stride(), offset)
+    if info.mutates_data:
+        if info.mutation_needs_grad:
+            inp.copy_(new)
+        else:
+            with torch.no_grad():
+                inp.copy_(new)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- outputs
+
+def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:
+    """How to build each user output from graph outputs, inputs, constants."""
+    out_spec = sig.out_spec
+    first_user = len(sig.mutated_inputs_out_of_graph)
+    graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
+    first_base = first_user + len(sig.user_graph_outputs)
+    replay = config.view_replay_for_aliased_outputs
+    if all(o.kind.through_autograd for o in sig.outputs):
+        return lambda outs, inputs: pytree.tree_unflatten(outs[first_user:], out_spec)
+
+    def assemble(outs: list, inputs: list) -> Any:
+        leaves: list = []
+        for i, info in enumerate(sig.outputs):
+            kind = info.kind
+            if kind.through_autograd:
+                leaves.append(outs[graph_pos[i]])
+            elif kind is OutputKind.IS_INPUT:
+                leaves.append(inputs[info.base])
+            elif kind is OutputKind.CONSTANT:
+                leaves.append(info.constant)
+            elif kind is OutputKind.SAME_AS_OUTPUT:
+                leaves.append(leaves[info.base])
+            else:
+                base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
+                        leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
+                        outs[first_base + info.base])
+                leaves.append(rebuild_alias(base, outs[graph_pos[i]], info, replay))
         return pytree.tree_unflatten(leaves, out_spec)
 
     return assemble
 
 
+def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
+                  replay: bool) -> torch.Tensor:
+    """Note [Rebuilding aliased outputs]: the graph computed ``value`` as an
+    alias of ``base``; the user must get a tensor autograd knows is a view of
+    ``base`` (so in-place ops on either, and gradients, behave as in eager).
+    With view replay the view ops that made ``value`` are replayed on
+    ``base``'s root; otherwise (or when replay is impossible) ``as_strided``
+    with ``value``'s size, stride and storage offset.  An eager output that
+    did not require grad is rebuilt under no_grad (a view) or detached (not a
+    view, e.g. ``.detach()``)."""
+    if not _same_storage(base, value):
+        raise RuntimeError(
+            "aotgrad: the compiled graph returned an output that should alias one of its "
+            "inputs or outputs but does not share its storage; the compiler broke aliasing. "
+            "Use a compiler that preserves output aliasing, or return a copy (.clone()).")
+    grad_ctx = torch.enable_grad() if info.requires_grad or not info.is_view else torch.no_grad()
+    with grad_ctx:
+        out = None
+        if replay and value._is_view():
+            root = base._base if base._is_view() else base
+            if value._base is root:
+                try:
+                    out = value._view_func(root)
+                except RuntimeError:
+                    out = None
+        if out is None:
+            out = base.as_strided(value.size(), value.stride(), value.storage_offset())
+    if not info.requires_grad and out.requires_grad:
+        out = out.detach()
+    return out
+
+
 def _with_output_checks(run: Callable[[list], list], sig: Signature) -> Callable[[list], list]:
     """Note [debug_assert]: check the compiled graph returns what analysis predicted."""
-    expected = [sig.outputs[i] for i in sig.graph_outputs]
+    expected = sig.graph_output_meta
 
     def checked(inputs: list) -> list:
         outs = run(inputs)
@@ -162,20 +261,16 @@ def _with_output_checks(run: Callable[[list], list], sig: Signature) -> Callable
             raise AssertionError(
                 f"aotgrad debug_assert: the compiled graph returned {len(outs)} outputs, "
                 f"the analysis predicted {len(expected)}")
-        for k, (o, info) in enumerate(zip(outs, expected)):
-            if info.dtype is None:
+        for k, (o, meta) in enumerate(zip(outs, expected)):
+            if meta is None:
                 continue  # a symbolic size
-            if not isinstance(o, torch.Tensor) or o.dtype != info.dtype or \
-                    o.dim() != len(info.shape):
+            shape, dtype, _ = meta
+            if not isinstance(o, torch.Tensor) or o.dtype != dtype or o.dim() != len(shape):
                 raise AssertionError(
                     f"aotgrad debug_assert: graph output {k} is "
                     f"{type(o).__name__}{getattr(o, 'dtype', '')} with "
-                    f"{getattr(o, 'dim', lambda: '?')()} dims; expected {info.dtype} with "
-                    f"{len(info.shape)} dims")
-            if o.requires_grad != (info.requires_grad and torch.is_grad_enabled()):
-                raise AssertionError(
-                    f"aotgrad debug_assert: graph output {k} has requires_grad="
-                    f"{o.requires_grad}, the analysis predicted {info.requires_grad}")
+                    f"{getattr(o, 'dim', lambda: '?')()} dims; expected {dtype} with "
+                    f"{len(shape)} dims")
         return outs
 
     return checked

@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 
 from . import _torch
-from .analyze import OutputInfo, Signature
-from .descriptors import DESC, Grad, Primal, Tangent, UserOutput
+from .analyze import InputInfo, Signature, intermediate_bases
+from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
+                          UserOutput)
 from .flatten import FlatFunction
 
 
@@ -51,35 +52,79 @@ def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signa
     return _trace_inference(flat_fn, fake_inputs, sig, decompositions)
 
 
-def _graph_outputs(outs: list, sig: Signature) -> list:
-    return [outs[i] for i in sig.graph_outputs]
+def _run_program(flat_fn, f_args: list, f_inputs: list, sig: Signature) -> list:
+    """Run the program on functional inputs; the graph outputs, in the order of
+    Note [What the graph returns] (analyze.py)."""
+    outs = flat_fn(*f_args)
+    values = [f_args[i] for i in sig.mutated_inputs_out_of_graph]
+    values += [outs[k] for k in sig.user_graph_outputs]
+    values += intermediate_bases(outs, sig)
+    return values
+
+
+def _kept_mutations(f_args: list, sig: Signature) -> dict[int, torch.Tensor]:
+    """The final values of inputs whose mutation stays in the graph."""
+    return {i: _torch.from_functional(f_args[i]) for i, info in enumerate(sig.inputs)
+            if info.mutation_in_graph}
+
+
+def _mutations_into_graph(args: Sequence, new_values: dict[int, torch.Tensor],
+                          sig: Signature) -> None:
+    """Note [Mutations kept in the graph]: emit the trailing copy_ / set_
+    (outside functionalization, on the graph's own inputs)."""
+    with torch.no_grad():
+        for i, new in new_values.items():
+            if sig.inputs[i].mutates_storage:
+                args[i].set_(new)
+            else:
+                args[i].copy_(new)
 
 
 def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
     def inference(*args):
         with _torch.functional_mode():
             f_args = [_torch.to_functional(a) for a in args]
-            outs = _graph_outputs(flat_fn(*f_args), sig)
-            return [_torch.from_functional(o) for o in outs]
+            values = _run_program(flat_fn, f_args, f_args, sig)
+            outs = [_torch.from_functional(v) for v in values]
+            kept = _kept_mutations(f_args, sig)
+        _mutations_into_graph(args, kept, sig)
+        return outs
 
     with torch.no_grad():
         gm = _torch.make_fx(inference, decomposition_table=decompositions)(*fake_inputs)
     _flatten_codegen(gm)
     drop_detaches(gm)
-    out_descs = tuple(UserOutput(k) for k in range(len(sig.graph_outputs)))
-    _annotate(gm, [Primal(i) for i in range(len(fake_inputs))], out_descs)
-    return TracedGraph(gm, False, tuple(fake_inputs), len(out_descs))
+    _annotate(gm, [Primal(i) for i in range(len(fake_inputs))], _output_descs(sig))
+    return TracedGraph(gm, False, tuple(fake_inputs), sig.num_graph_outputs)
 
 
-def example_tangents(outputs: Sequence[OutputInfo]) -> list[torch.Tensor]:
+def _output_descs(sig: Signature) -> tuple:
+    return (tuple(MutatedInput(i) for i in sig.mutated_inputs_out_of_graph) +
+            tuple(UserOutput(k) for k in sig.user_graph_outputs) +
+            tuple(IntermediateBase(j) for j in range(sig.num_intermediate_bases)))
+
+
+def example_tangents(sig: Signature) -> list[torch.Tensor]:
     """Tangents are traced contiguous; the runtime makes them contiguous too."""
-    return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+    return [torch.empty(shape, dtype=dtype, device=device)
+            for (shape, dtype, device), needs in zip(sig.graph_output_meta, sig.tangent_mask)
+            if needs]
+
+
+def _needs_clone(info: InputInfo) -> bool:
+    """Note [Clone before mutation]: a mutated input that requires grad is
+    cloned first: the joint differentiates with respect to its value before
+    the mutation, and autograd runs above functionalization."""
+    return info.requires_grad and info.mutation_visible_to_autograd and \
+        not info.mutation_in_graph
 
 
 def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> TracedGraph:
-    diff = sig.differentiable_outputs if loss_index is None else (loss_index,)
+    mask = sig.tangent_mask
+    diff = [k for k, m in enumerate(mask) if m] if loss_index is None else \
+        [len(sig.mutated_inputs_out_of_graph) + sig.user_graph_outputs.index(loss_index)]
     if loss_index is not None:
-        loss = sig.outputs[sig.graph_outputs[loss_index]]
+        loss = sig.outputs[loss_index]
         if len(loss.shape) != 0 or not loss.requires_grad:
             raise ValueError(
                 f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
@@ -90,30 +135,33 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
         with _torch.functional_mode():
             f_primals = [_torch.to_functional(p) for p in primals]
             f_tangents = [_torch.to_functional(t) for t in tangents]
-            outs = _graph_outputs(flat_fn(*f_primals), sig)
+            f_args = [fp.clone() if _needs_clone(info) else fp
+                      for fp, info in zip(f_primals, sig.inputs)]
+            values = _run_program(flat_fn, f_args, f_primals, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
             if diff and wrt:
                 grads = list(torch.autograd.grad(
-                    [outs[k] for k in diff], wrt, f_tangents or None, allow_unused=True))
+                    [values[k] for k in diff], wrt, f_tangents or None, allow_unused=True))
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
             grad_is_none[:] = [g is None for g in all_grads]
-            return ([_torch.from_functional(o) for o in outs],
-                    [_torch.from_functional(g) for g in all_grads if g is not None])
+            outs = [_torch.from_functional(v) for v in values]
+            grads_out = [_torch.from_functional(g) for g in all_grads if g is not None]
+            kept = _kept_mutations(f_args, sig)
+        _mutations_into_graph(primals, kept, sig)
+        return outs, grads_out
 
-    graph_outs = [sig.outputs[i] for i in sig.graph_outputs]
-    tangents = example_tangents([graph_outs[k] for k in diff]) if loss_index is None else []
+    tangents = example_tangents(sig) if loss_index is None else []
     primals = [_detached_like(x) for x in fake_inputs]
     with torch.enable_grad():
         gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
-    num_fwd = len(sig.graph_outputs)
+    num_fwd = sig.num_graph_outputs
     _flatten_codegen(gm, insert_none_after=num_fwd, none_mask=grad_is_none)
     drop_detaches(gm)
     in_descs = [Primal(i) for i in range(len(primals))] + [Tangent(k) for k in range(len(tangents))]
-    out_descs = tuple(UserOutput(k) for k in range(num_fwd)) + \
-        tuple(Grad(i) for i in range(len(primals)))
+    out_descs = _output_descs(sig) + tuple(Grad(i) for i in range(len(primals)))
     _annotate(gm, in_descs, out_descs)
     return TracedGraph(gm, True, (*primals, *tangents), num_fwd)
 
