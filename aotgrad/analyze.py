@@ -96,6 +96,8 @@ class OutputInfo:
     requires_grad: bool = False
     base: int | None = None              # input / output / intermediate-base index
     is_view: bool = False                # an autograd view in eager (o._is_view())
+    alias_meta: tuple | None = None      # ALIAS_OF_INPUT: (size, stride, storage offset) in
+                                         # the input's storage, when static
     constant: Any = None                 # the value for CONSTANT
     dtype: torch.dtype | None = None
     shape: tuple | None = None           # may hold SymInts (dynamic=True)
@@ -143,9 +145,10 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
     """Run ``flat_fn`` on fake inputs under functionalization; describe it."""
     with _torch.functional_mode():
         f_inputs = [_torch.to_functional(x) for x in fake_inputs]
+        history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
         outs = flat_fn(*f_inputs)
-        inputs = tuple(_describe_input(x, fx, keep_input_mutations)
-                       for x, fx in zip(fake_inputs, f_inputs))
+        inputs = tuple(_describe_input(x, fx, keep_input_mutations, h)
+                       for x, fx, h in zip(fake_inputs, f_inputs, history))
         outputs, bases = classify_outputs(outs, f_inputs)
         output_infos = tuple(outputs)
         base_rg = tuple(b.requires_grad for b in bases)
@@ -167,20 +170,24 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
     return sig
 
 
-def _describe_input(x: Any, fx: Any, keep_input_mutations: bool) -> InputInfo:
+def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -> InputInfo:
     if not isinstance(x, torch.Tensor):
         return InputInfo(requires_grad=False)  # a symbolic size
     data = _torch.has_data_mutation(fx)
     after = _torch.from_functional(fx)
     # set_() counts only if the input ends on another storage (set_ and back is no mutation)
     storage = _torch.was_storage_changed(fx) and _torch.storage_of(after) != _torch.storage_of(x)
-    meta = storage or (after.shape, after.stride(), after.storage_offset()) != \
+    meta = storage or (fx.shape, fx.stride(), fx.storage_offset()) != \
         (x.shape, x.stride(), x.storage_offset())
     if storage:
         data = False  # the new storage's contents are the new value: set_ carries it
     mutated = data or meta or storage
     no_grad = mutated and _torch.mutations_under_no_grad(fx)
-    hidden = mutated and _torch.mutations_hidden_from_autograd(fx)
+    # Note [Mutations hidden from autograd]: a mutation through an alias that
+    # autograd does not track (x.detach(), x.data) leaves the input's autograd
+    # history as it was; one autograd sees rebases it.
+    hidden = mutated and not no_grad and (
+        _torch.mutations_hidden_from_autograd(fx) or fx.grad_fn is history)
     if storage and _torch.has_data_mutation(fx) and not (no_grad or hidden):
         raise AssertionError(
             "aotgrad: an input was swapped to new storage with set_() and also mutated in a "
@@ -256,7 +263,10 @@ def _classify_input_aliases(outs, members, owner, input_index, infos) -> None:
             # run, so such an output goes through the compiled Function.
             infos[k] = _common(o, OutputKind.FRESH)
         else:
-            infos[k] = _common(o, OutputKind.ALIAS_OF_INPUT, owner)
+            info = _common(o, OutputKind.ALIAS_OF_INPUT, owner)
+            meta = (tuple(o.shape), tuple(o.stride()), o.storage_offset())
+            static = not any(isinstance(v, _torch.sym_types) for v in (*meta[0], *meta[1], meta[2]))
+            infos[k] = dataclasses.replace(info, alias_meta=meta if static else None)
 
 
 def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:

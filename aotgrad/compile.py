@@ -91,6 +91,21 @@ class CompiledGraphs:
     num_saved_tensors: int = 0
     num_saved_symints: int = 0
     saved_hooks_inlined: bool = False
+    repeated_outputs: tuple[int, ...] = ()    # Note [Distinct outputs]
+
+
+def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
+    """Note [Distinct outputs]: positions among the first ``num_outputs`` graph
+    outputs whose value is an input of the graph or a value returned at an
+    earlier position.  An autograd.Function must return distinct tensors that
+    are not its inputs, so the runtime replaces those by new tensor objects."""
+    seen: set = set()
+    positions = []
+    for k, n in enumerate(gm.graph.output_node().args[0][:num_outputs]):
+        if isinstance(n, fx.Node) and (n in seen or n.op == "placeholder"):
+            positions.append(k)
+        seen.add(n)
+    return tuple(positions)
 
 
 def placeholder_values(gm: fx.GraphModule) -> list[Any]:
@@ -115,4 +130,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     with compiling("backward"):
         bw = ensure_boxed(bw_compiler(parts.bw_gm, placeholder_values(parts.bw_gm)))
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
-                          parts.num_saved_symints, parts.saved_hooks_inlined)
+                          parts.num_saved_symints, parts.saved_hooks_inlined,
+                          repeated_outputs(parts.fw_gm, parts.num_fwd_outputs))

@@ -79,6 +79,9 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
     first_user = len(sig.mutated_inputs_out_of_graph)
     unsafe_views = tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
                          if sig.outputs[i].kind is OutputKind.UNSAFE_VIEW)
+    # Note [Distinct outputs] (compile.py): non-differentiable ones are
+    # detached (they share storage, as the runtime needs); others cloned.
+    distinct = tuple((k, not mask[k]) for k in compiled.repeated_outputs)
 
     class CompiledFunction(torch.autograd.Function):
         @staticmethod
@@ -87,6 +90,9 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
             ctx.save_for_backward(*outs[num_out:end_tensors])
             ctx.symints = outs[end_tensors:]
             user = list(outs[:num_out])
+            for k, detach in distinct:
+                if isinstance(user[k], torch.Tensor):
+                    user[k] = user[k].detach() if detach else user[k].clone()
             for k in unsafe_views:  # Note [Lone views] (analyze.py)
                 user[k] = _torch.unsafe_view(user[k])
             marks = [user[k] for k in non_diff if isinstance(user[k], torch.Tensor)]
@@ -197,23 +203,29 @@ def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:
     if all(o.kind.through_autograd for o in sig.outputs):
         return lambda outs, inputs: pytree.tree_unflatten(outs[first_user:], out_spec)
 
+    # rebuilt aliases and repeats last: they refer to other outputs
+    order = sorted(range(len(sig.outputs)),
+                   key=lambda i: sig.outputs[i].kind.rebuilt or
+                   sig.outputs[i].kind is OutputKind.SAME_AS_OUTPUT)
+
     def assemble(outs: list, inputs: list) -> Any:
-        leaves: list = []
-        for i, info in enumerate(sig.outputs):
+        leaves: list = [None] * len(sig.outputs)
+        for i in order:
+            info = sig.outputs[i]
             kind = info.kind
             if kind.through_autograd:
-                leaves.append(outs[graph_pos[i]])
+                leaves[i] = outs[graph_pos[i]]
             elif kind is OutputKind.IS_INPUT:
-                leaves.append(inputs[info.base])
+                leaves[i] = inputs[info.base]
             elif kind is OutputKind.CONSTANT:
-                leaves.append(info.constant)
+                leaves[i] = info.constant
             elif kind is OutputKind.SAME_AS_OUTPUT:
-                leaves.append(leaves[info.base])
+                leaves[i] = leaves[info.base]
             else:
                 base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
                         leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
                         outs[first_base + info.base])
-                leaves.append(rebuild_alias(base, outs[graph_pos[i]], info, replay))
+                leaves[i] = rebuild_alias(base, outs[graph_pos[i]], info, replay)
         return pytree.tree_unflatten(leaves, out_spec)
 
     return assemble
@@ -229,7 +241,11 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
     with ``value``'s size, stride and storage offset.  An eager output that
     did not require grad is rebuilt under no_grad (a view) or detached (not a
     view, e.g. ``.detach()``)."""
-    if not _same_storage(base, value):
+    if info.alias_meta is not None:
+        size, stride, offset = info.alias_meta      # static: known from the analysis
+    elif _same_storage(base, value):
+        size, stride, offset = value.size(), value.stride(), value.storage_offset()
+    else:
         raise RuntimeError(
             "aotgrad: the compiled graph returned an output that should alias one of its "
             "inputs or outputs but does not share its storage; the compiler broke aliasing. "
@@ -239,13 +255,13 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
         out = None
         if replay and value._is_view():
             root = base._base if base._is_view() else base
-            if value._base is root:
+            if value._base is root and _same_storage(root, value):
                 try:
                     out = value._view_func(root)
                 except RuntimeError:
                     out = None
         if out is None:
-            out = base.as_strided(value.size(), value.stride(), value.storage_offset())
+            out = base.as_strided(size, stride, offset)
     if not info.requires_grad and out.requires_grad:
         out = out.detach()
     return out

@@ -119,6 +119,17 @@ def _needs_clone(info: InputInfo) -> bool:
         not info.mutation_in_graph
 
 
+def _prepare_primal(fp: Any, info: InputInfo) -> Any:
+    """Note [Clone before mutation]; a primal whose metadata is mutated gets a
+    fresh view of itself, so that the primal itself keeps its shape for the
+    gradient."""
+    if _needs_clone(info):
+        return fp.clone()
+    if info.requires_grad and info.mutates_metadata:
+        return fp.view(fp.shape)
+    return fp
+
+
 def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> TracedGraph:
     mask = sig.tangent_mask
     diff = [k for k, m in enumerate(mask) if m] if loss_index is None else \
@@ -135,8 +146,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
         with _torch.functional_mode():
             f_primals = [_torch.to_functional(p) for p in primals]
             f_tangents = [_torch.to_functional(t) for t in tangents]
-            f_args = [fp.clone() if _needs_clone(info) else fp
-                      for fp, info in zip(f_primals, sig.inputs)]
+            f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
             values = _run_program(flat_fn, f_args, f_primals, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
