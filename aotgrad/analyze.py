@@ -244,8 +244,8 @@ def classify_outputs(outs: list, f_inputs: list) -> tuple[list[OutputInfo], list
 
 
 def _common(o: torch.Tensor, kind: OutputKind, base: int | None = None) -> OutputInfo:
-    return OutputInfo(kind, o.requires_grad, base, o._is_view(), None, o.dtype,
-                      tuple(o.shape), o.device)
+    return OutputInfo(kind, requires_grad=o.requires_grad, base=base, is_view=o._is_view(),
+                      dtype=o.dtype, shape=tuple(o.shape), device=o.device)
 
 
 def _is_multi_output_view(o: torch.Tensor) -> bool:
@@ -299,9 +299,11 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
             assign(k, OutputKind.FRESH if k == base_out else OutputKind.ALIAS_OF_OUTPUT,
                    None if k == base_out else base_out)
         return
-    if len(first_of) == 1 or not root.requires_grad:
+    plain = [k for k in first_of.values() if not _is_multi_output_view(outs[k])]
+    if len(first_of) == 1 or len(plain) <= 1 or not root.requires_grad:
         for k in members:                           # Note [Lone views]
-            assign(k, OutputKind.UNSAFE_VIEW if outs[k]._is_view() else OutputKind.FRESH)
+            unsafe = outs[k]._is_view() and not _is_multi_output_view(outs[k])
+            assign(k, OutputKind.UNSAFE_VIEW if unsafe else OutputKind.FRESH)
         return
     for k in members:
         assign(k, OutputKind.ALIAS_OF_INTERMEDIATE, len(bases))

@@ -39,6 +39,7 @@ from .flatten import FlatInputs
 from .partition import Partitioned
 from .pipeline import CompileOptions, CompileReport, Traced, compile_traced, trace_call
 from .runtime import build_runtime
+from .views import alias_plans
 
 AOTGRAD_CACHE_VERSION = 1
 
@@ -220,7 +221,8 @@ def _rebuild(entry: CacheEntry, options: CompileOptions) -> Callable[[list], Any
         compiled = compile_inference(entry.graphs[0], fakes[0],
                                      options.inference_compiler or options.fw_compiler,
                                      entry.num_fwd_outputs)
-    return build_runtime(entry.flat, entry.signature, compiled)
+    return build_runtime(entry.flat, entry.signature, compiled,
+                         alias_plans(entry.graphs[0], entry.signature))
 
 
 def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: list,

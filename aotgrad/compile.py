@@ -102,10 +102,18 @@ def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
     seen: set = set()
     positions = []
     for k, n in enumerate(gm.graph.output_node().args[0][:num_outputs]):
-        if isinstance(n, fx.Node) and (n in seen or n.op == "placeholder"):
+        if isinstance(n, fx.Node) and (n in seen or _is_graph_input(n)):
             positions.append(k)
         seen.add(n)
     return tuple(positions)
+
+
+def _is_graph_input(n: fx.Node) -> bool:
+    """The node's runtime value is a graph input (itself, or after copy_/set_ into it)."""
+    while n.op == "call_function" and getattr(n.target, "_schema", None) is not None and \
+            n.target._schema.name in ("aten::copy_", "aten::set_") and n.args:
+        n = n.args[0]
+    return n.op == "placeholder"
 
 
 def placeholder_values(gm: fx.GraphModule) -> list[Any]:

@@ -26,6 +26,7 @@ from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inpu
 from .partition import Partitioned, default_partition, partition
 from .runtime import build_runtime
 from .saved_hooks import inline_hooks
+from .views import alias_plans
 from .trace import TracedGraph, trace
 
 
@@ -156,7 +157,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
                                          traced.num_fwd_outputs)
     report.compiled = compiled
     with stage("runtime"):
-        run = build_runtime(t.flat, t.signature, compiled)
+        graph = parts.fw_gm if traced.is_joint else traced.gm
+        run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature))
     return run
 
 

@@ -26,17 +26,21 @@ from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
 from .saved_hooks import hooks_off
+from .views import Plan, replay
 
 
-def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs) -> Callable[[list], Any]:
-    """A function of the call's flat leaves returning the user's output."""
+def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
+                  plans: dict[int, Plan] | None = None) -> Callable[[list], Any]:
+    """A function of the call's flat leaves returning the user's output.
+
+    ``plans``: view-replay plans of rebuilt outputs (views.py)."""
     graph_leaf = flat.graph_leaf
     run_graphs = (_training_runner(sig, compiled) if compiled.backward is not None
                   else _inference_runner(compiled))
     if config.debug_assert:
         run_graphs = _with_output_checks(run_graphs, sig)
     write_back = _mutation_writer(sig)
-    assemble = _output_assembler(sig)
+    assemble = _output_assembler(sig, plans or {})
 
     if write_back is None:
         def call(leaves: list) -> Any:
@@ -177,8 +181,7 @@ def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
         return
     if info.mutates_metadata:
         offset = new.storage_offset() if _same_storage(inp, new) else inp.storage_offset()
-        with torch.no_grad():
-            inp.as_strided_(new.size(), new.stride(), offset)
+        inp.as_strided_(new.size(), new.stride(), offset)  # autograd records it, as in eager
     if info.mutates_data:
         if info.mutation_needs_grad:
             inp.copy_(new)
@@ -193,13 +196,14 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- outputs
 
-def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:
+def _output_assembler(sig: Signature, plans: dict[int, Plan]) -> Callable[[list, list], Any]:
     """How to build each user output from graph outputs, inputs, constants."""
     out_spec = sig.out_spec
     first_user = len(sig.mutated_inputs_out_of_graph)
     graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
     first_base = first_user + len(sig.user_graph_outputs)
-    replay = config.view_replay_for_aliased_outputs
+    if not config.view_replay_for_aliased_outputs:
+        plans = {}
     if all(o.kind.through_autograd for o in sig.outputs):
         return lambda outs, inputs: pytree.tree_unflatten(outs[first_user:], out_spec)
 
@@ -225,42 +229,37 @@ def _output_assembler(sig: Signature) -> Callable[[list, list], Any]:
                 base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
                         leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
                         outs[first_base + info.base])
-                leaves[i] = rebuild_alias(base, outs[graph_pos[i]], info, replay)
+                leaves[i] = rebuild_alias(base, outs[graph_pos[i]], info, plans.get(i))
         return pytree.tree_unflatten(leaves, out_spec)
 
     return assemble
 
 
 def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
-                  replay: bool) -> torch.Tensor:
+                  plan: Plan | None) -> torch.Tensor:
     """Note [Rebuilding aliased outputs]: the graph computed ``value`` as an
     alias of ``base``; the user must get a tensor autograd knows is a view of
     ``base`` (so in-place ops on either, and gradients, behave as in eager).
-    With view replay the view ops that made ``value`` are replayed on
-    ``base``'s root; otherwise (or when replay is impossible) ``as_strided``
-    with ``value``'s size, stride and storage offset.  An eager output that
-    did not require grad is rebuilt under no_grad (a view) or detached (not a
-    view, e.g. ``.detach()``)."""
-    if info.alias_meta is not None:
-        size, stride, offset = info.alias_meta      # static: known from the analysis
-    elif _same_storage(base, value):
-        size, stride, offset = value.size(), value.stride(), value.storage_offset()
-    else:
-        raise RuntimeError(
-            "aotgrad: the compiled graph returned an output that should alias one of its "
-            "inputs or outputs but does not share its storage; the compiler broke aliasing. "
-            "Use a compiler that preserves output aliasing, or return a copy (.clone()).")
+    With a view-replay plan the view ops that made ``value`` run again on
+    ``base`` (grad_fns as in eager); otherwise ``as_strided`` with the
+    metadata the analysis recorded (or ``value``'s, when it shares ``base``'s
+    storage).  An eager output that did not require grad is rebuilt under
+    no_grad (a view) or detached (not a view, e.g. ``.detach()``)."""
     grad_ctx = torch.enable_grad() if info.requires_grad or not info.is_view else torch.no_grad()
     with grad_ctx:
-        out = None
-        if replay and value._is_view():
-            root = base._base if base._is_view() else base
-            if value._base is root and _same_storage(root, value):
-                try:
-                    out = value._view_func(root)
-                except RuntimeError:
-                    out = None
-        if out is None:
+        if plan is not None:
+            out = replay(base, plan)
+        else:
+            if info.alias_meta is not None:
+                size, stride, offset = info.alias_meta
+            elif _same_storage(base, value):
+                size, stride, offset = value.size(), value.stride(), value.storage_offset()
+            else:
+                raise RuntimeError(
+                    "aotgrad: the compiled graph returned an output that should alias one of "
+                    "its inputs or outputs but does not share its storage; the compiler broke "
+                    "aliasing. Use a compiler that preserves output aliasing, or return a copy "
+                    "(.clone()).")
             out = base.as_strided(size, stride, offset)
     if not info.requires_grad and out.requires_grad:
         out = out.detach()

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import _torch
-from .analyze import InputInfo, Signature, intermediate_bases
+from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
 from .flatten import FlatFunction
@@ -80,6 +80,18 @@ def _mutations_into_graph(args: Sequence, new_values: dict[int, torch.Tensor],
                 args[i].copy_(new)
 
 
+def _outputs_after_kept_mutations(outs: list, args: Sequence, sig: Signature) -> list:
+    """An output that *is* an input mutated in the graph is returned as the
+    input after its trailing copy_ (the graph then reads as the program does)."""
+    first = len(sig.mutated_inputs_out_of_graph)
+    outs = list(outs)
+    for j, i in enumerate(sig.user_graph_outputs):
+        info = sig.outputs[i]
+        if info.kind is OutputKind.IS_INPUT and sig.inputs[info.base].mutation_in_graph:
+            outs[first + j] = args[info.base]
+    return outs
+
+
 def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
     def inference(*args):
         with _torch.functional_mode():
@@ -88,7 +100,7 @@ def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
             outs = [_torch.from_functional(v) for v in values]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(args, kept, sig)
-        return outs
+        return _outputs_after_kept_mutations(outs, args, sig)
 
     with torch.no_grad():
         gm = _torch.make_fx(inference, decomposition_table=decompositions)(*fake_inputs)
@@ -161,7 +173,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
             grads_out = [_torch.from_functional(g) for g in all_grads if g is not None]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(primals, kept, sig)
-        return outs, grads_out
+        return _outputs_after_kept_mutations(outs, primals, sig), grads_out
 
     tangents = example_tangents(sig) if loss_index is None else []
     primals = [_detached_like(x) for x in fake_inputs]
