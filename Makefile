@@ -29,3 +29,8 @@ purity:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A long fuzzing campaign: make fuzz N=10000
+N ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_programs.py --count $(N)

@@ -84,6 +84,11 @@ class InputInfo:
                                           self.mutations_hidden_from_autograd)
 
     @property
+    def detached_in_place(self) -> bool:
+        """The program called ``detach_()`` on it (or ``requires_grad_(False)``)."""
+        return self.requires_grad and not self.requires_grad_after
+
+    @property
     def mutation_needs_grad(self) -> bool:
         """The written-back value carries gradient (it gets a tangent)."""
         return (self.mutation_out_of_graph and self.requires_grad_after and
@@ -96,6 +101,8 @@ class OutputInfo:
     requires_grad: bool = False
     base: int | None = None              # input / output / intermediate-base index
     is_view: bool = False                # an autograd view in eager (o._is_view())
+    no_grad_view: bool = False           # a view made in no_grad mode (or a view of one)
+    multi_output_view: bool = False      # made by a multi-output view op (unbind, split)
     alias_meta: tuple | None = None      # ALIAS_OF_INPUT: (size, stride, storage offset) in
                                          # the input's storage, when static
     constant: Any = None                 # the value for CONSTANT
@@ -177,8 +184,8 @@ def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -
     after = _torch.from_functional(fx)
     # set_() counts only if the input ends on another storage (set_ and back is no mutation)
     storage = _torch.was_storage_changed(fx) and _torch.storage_of(after) != _torch.storage_of(x)
-    meta = storage or (fx.shape, fx.stride(), fx.storage_offset()) != \
-        (x.shape, x.stride(), x.storage_offset())
+    meta = storage or _torch.has_metadata_mutation(fx) or \
+        (fx.shape, fx.stride(), fx.storage_offset()) != (x.shape, x.stride(), x.storage_offset())
     if storage:
         data = False  # the new storage's contents are the new value: set_ carries it
     mutated = data or meta or storage
@@ -245,6 +252,9 @@ def classify_outputs(outs: list, f_inputs: list) -> tuple[list[OutputInfo], list
 
 def _common(o: torch.Tensor, kind: OutputKind, base: int | None = None) -> OutputInfo:
     return OutputInfo(kind, requires_grad=o.requires_grad, base=base, is_view=o._is_view(),
+                      no_grad_view=_torch.creation_meta_name(o) in ("NO_GRAD_MODE",
+                                                                    "INFERENCE_MODE"),
+                      multi_output_view=_is_multi_output_view(o),
                       dtype=o.dtype, shape=tuple(o.shape), device=o.device)
 
 
@@ -254,9 +264,13 @@ def _is_multi_output_view(o: torch.Tensor) -> bool:
 
 def _classify_input_aliases(outs, members, owner, input_index, infos) -> None:
     all_multi = all(_is_multi_output_view(outs[k]) for k in members)
+    first_of: dict[int, int] = {}
     for k in members:
         o = outs[k]
-        if id(o) in input_index:
+        first = first_of.setdefault(id(o), k)
+        if first != k:
+            infos[k] = _common(o, OutputKind.SAME_AS_OUTPUT, first)
+        elif id(o) in input_index:
             infos[k] = _common(o, OutputKind.IS_INPUT, input_index[id(o)])
         elif _torch.creation_meta_name(o) == "IN_CUSTOM_FUNCTION" or all_multi:
             # Note [Views made by custom Functions]: the custom backward must

@@ -92,6 +92,7 @@ class CompiledGraphs:
     num_saved_symints: int = 0
     saved_hooks_inlined: bool = False
     repeated_outputs: tuple[int, ...] = ()    # Note [Distinct outputs]
+    tangent_deps: tuple[frozenset[int], ...] = ()  # per gradient: tangents it reads
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -106,6 +107,24 @@ def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
             positions.append(k)
         seen.add(n)
     return tuple(positions)
+
+
+def tangent_dependencies(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
+    """Note [Gradients that eager leaves None]: per backward output, the
+    tangents (by index) it depends on.  When autograd gives none of them, the
+    gradient is None in eager, so the runtime returns None, not zeros."""
+    from .descriptors import DESC, Tangent
+
+    index = {n: n.meta[DESC].index for n in bw_gm.graph.find_nodes(op="placeholder")
+             if isinstance(n.meta.get(DESC), Tangent)}
+    deps: dict[fx.Node, frozenset[int]] = {}
+    for n in bw_gm.graph.nodes:
+        if n in index:
+            deps[n] = frozenset((index[n],))
+        else:
+            deps[n] = frozenset().union(*(deps.get(a, frozenset()) for a in n.all_input_nodes))
+    return tuple(deps[o] if isinstance(o, fx.Node) else frozenset()
+                 for o in bw_gm.graph.output_node().args[0])
 
 
 def _is_graph_input(n: fx.Node) -> bool:
@@ -139,4 +158,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
         bw = ensure_boxed(bw_compiler(parts.bw_gm, placeholder_values(parts.bw_gm)))
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
-                          repeated_outputs(parts.fw_gm, parts.num_fwd_outputs))
+                          repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
+                          tangent_dependencies(parts.bw_gm))

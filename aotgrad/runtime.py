@@ -16,6 +16,7 @@ compiled graphs, then an epilogue specialised to the ``Signature``:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -26,45 +27,72 @@ from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
 from .saved_hooks import hooks_off
-from .views import Plan, replay
+from .views import AliasPlan, replay
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
-                  plans: dict[int, Plan] | None = None) -> Callable[[list], Any]:
+                  plans: dict[int, AliasPlan] | None = None) -> Callable[[list], Any]:
     """A function of the call's flat leaves returning the user's output.
 
     ``plans``: view-replay plans of rebuilt outputs (views.py)."""
     graph_leaf = flat.graph_leaf
     run_graphs = (_training_runner(sig, compiled) if compiled.backward is not None
-                  else _inference_runner(compiled))
+                  else _inference_runner(sig, compiled))
     if config.debug_assert:
         run_graphs = _with_output_checks(run_graphs, sig)
     write_back = _mutation_writer(sig)
-    assemble = _output_assembler(sig, plans or {})
+    plans = plans if config.view_replay_for_aliased_outputs else {}
+    # Note [Views taken before a mutation]: an output that is a view of an
+    # input taken before the input was mutated is rebuilt before the mutation
+    # is written back (so its metadata, and autograd's view bookkeeping, are
+    # as in eager).
+    early = frozenset(i for i, p in (plans or {}).items() if p.from_original_input and
+                      sig.inputs[sig.outputs[i].base].mutated)
+    assemble = _output_assembler(sig, plans or {}, early)
 
     if write_back is None:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
-            return assemble(run_graphs(inputs), inputs)
+            outs = run_graphs(inputs)
+            return assemble(outs, inputs, assemble.rebuild(early, outs, inputs, {}))
     else:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
             outs = run_graphs(inputs)
+            built = assemble.rebuild(early, outs, inputs, {}) if early else {}
             write_back(inputs, outs)
-            return assemble(outs, inputs)
+            return assemble(outs, inputs, built)
 
     return call
 
 
-def _inference_runner(compiled: CompiledGraphs) -> Callable[[list], list]:
+def _plain_positions(sig: Signature) -> tuple[int, ...]:
+    """Note [Lone views] (analyze.py): graph outputs returned as they are are
+    never views of the graph's intermediates (multi-output views excepted)."""
+    first_user = len(sig.mutated_inputs_out_of_graph)
+    return tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
+                 if sig.outputs[i].kind.through_autograd and not sig.outputs[i].multi_output_view)
+
+
+def _unview(outs: list, positions: tuple[int, ...]) -> None:
+    for k in positions:
+        t = outs[k]
+        if isinstance(t, torch.Tensor) and t._is_view():
+            outs[k] = _torch.unsafe_view(t)
+
+
+def _inference_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list], list]:
     """No output of an inference graph needs grad (else the analysis would have
     asked for a joint graph), so it runs under no_grad: in-graph mutations of
     inputs that require grad are then allowed, as they were when traced."""
     forward = compiled.forward
+    plain = _plain_positions(sig)
 
     def run(inputs: list) -> list:
         with torch.no_grad():
-            return forward(list(inputs))
+            outs = list(forward(list(inputs)))
+        _unview(outs, plain)
+        return outs
 
     return run
 
@@ -81,11 +109,11 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
     diff = tuple(k for k, m in enumerate(mask) if m)
     non_diff = tuple(k for k, m in enumerate(mask) if not m)
     first_user = len(sig.mutated_inputs_out_of_graph)
-    unsafe_views = tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
-                         if sig.outputs[i].kind is OutputKind.UNSAFE_VIEW)
+    plain = _plain_positions(sig)
     # Note [Distinct outputs] (compile.py): non-differentiable ones are
     # detached (they share storage, as the runtime needs); others cloned.
     distinct = tuple((k, not mask[k]) for k in compiled.repeated_outputs)
+    deps = compiled.tangent_deps
 
     class CompiledFunction(torch.autograd.Function):
         @staticmethod
@@ -97,19 +125,29 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
             for k, detach in distinct:
                 if isinstance(user[k], torch.Tensor):
                     user[k] = user[k].detach() if detach else user[k].clone()
-            for k in unsafe_views:  # Note [Lone views] (analyze.py)
-                user[k] = _torch.unsafe_view(user[k])
+            _unview(user, plain)
             marks = [user[k] for k in non_diff if isinstance(user[k], torch.Tensor)]
             if marks:
                 ctx.mark_non_differentiable(*marks)
+            ctx.set_materialize_grads(False)
+            ctx.diff_meta = [(user[k].shape, user[k].dtype, user[k].device) for k in diff]
             return tuple(user)
 
         @staticmethod
         def backward(ctx, *grads):
-            tangents = [grads[k].contiguous() for k in diff]
+            tangents = [grads[k] for k in diff]
+            missing = [j for j, t in enumerate(tangents) if t is None]
+            for j in missing:  # autograd gave no gradient for this output: zeros
+                shape, dtype, device = ctx.diff_meta[j]
+                tangents[j] = torch.zeros(shape, dtype=dtype, device=device)
+            tangents = [t.contiguous() for t in tangents]
             saved = ctx.saved_tensors
             with torch.no_grad():
-                grad_inputs = backward([*ctx.symints, *saved, *tangents])
+                grad_inputs = list(backward([*ctx.symints, *saved, *tangents]))
+            if missing:  # Note [Gradients that eager leaves None] (compile.py)
+                present = frozenset(j for j in range(len(tangents)) if j not in missing)
+                grad_inputs = [None if not (deps[i] & present) else g
+                               for i, g in enumerate(grad_inputs)]
             if torch.is_grad_enabled():  # create_graph=True: Note [No double backward]
                 return _refuse_double_backward(grad_inputs, [*saved, *tangents])
             return tuple(grad_inputs)
@@ -164,12 +202,19 @@ def _mutation_writer(sig: Signature) -> Callable[[list, list], None] | None:
     is one autograd must see (then the input's history continues through the
     compiled function, as after the eager in-place op)."""
     plan = [(k, i, sig.inputs[i]) for k, i in enumerate(sig.mutated_inputs_out_of_graph)]
-    if not plan:
+    grad_flags = [(i, x.requires_grad_after) for i, x in enumerate(sig.inputs)
+                  if x.requires_grad != x.requires_grad_after]
+    if not plan and not grad_flags:
         return None
 
     def write_back(inputs: list, outs: list) -> None:
         for k, i, info in plan:
             _write_one(inputs[i], outs[k], info)
+        for i, flag in grad_flags:  # detach_() / requires_grad_() on an input
+            if flag:
+                inputs[i].requires_grad_(True)
+            else:
+                inputs[i].detach_()
 
     return write_back
 
@@ -180,6 +225,9 @@ def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
             inp.set_(new)
         return
     if info.mutates_metadata:
+        if inp.is_leaf and inp.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation.")  # eager's error for the in-place view op
         offset = new.storage_offset() if _same_storage(inp, new) else inp.storage_offset()
         inp.as_strided_(new.size(), new.stride(), offset)  # autograd records it, as in eager
     if info.mutates_data:
@@ -196,29 +244,46 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- outputs
 
-def _output_assembler(sig: Signature, plans: dict[int, Plan]) -> Callable[[list, list], Any]:
-    """How to build each user output from graph outputs, inputs, constants."""
-    out_spec = sig.out_spec
-    first_user = len(sig.mutated_inputs_out_of_graph)
-    graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
-    first_base = first_user + len(sig.user_graph_outputs)
-    if not config.view_replay_for_aliased_outputs:
-        plans = {}
-    if all(o.kind.through_autograd for o in sig.outputs):
-        return lambda outs, inputs: pytree.tree_unflatten(outs[first_user:], out_spec)
+class _Assembler:
+    """Builds the user's outputs from graph outputs, inputs and constants."""
 
-    # rebuilt aliases and repeats last: they refer to other outputs
-    order = sorted(range(len(sig.outputs)),
-                   key=lambda i: sig.outputs[i].kind.rebuilt or
-                   sig.outputs[i].kind is OutputKind.SAME_AS_OUTPUT)
+    def __init__(self, sig: Signature, plans: dict[int, AliasPlan], early: frozenset[int]):
+        self.sig = sig
+        self.plans = plans
+        first_user = len(sig.mutated_inputs_out_of_graph)
+        self.graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
+        self.first_user = first_user
+        self.first_base = first_user + len(sig.user_graph_outputs)
+        self.simple = all(o.kind.through_autograd for o in sig.outputs)
+        # rebuilt aliases and repeats last: they refer to other outputs
+        self.order = [i for i in sorted(range(len(sig.outputs)),
+                                        key=lambda i: sig.outputs[i].kind.rebuilt or
+                                        sig.outputs[i].kind is OutputKind.SAME_AS_OUTPUT)
+                      if i not in early]
 
-    def assemble(outs: list, inputs: list) -> Any:
+    def rebuild(self, which, outs: list, inputs: list, leaves: Any) -> dict[int, Any]:
+        built = {}
+        for i in which:
+            info = self.sig.outputs[i]
+            kind = info.kind
+            base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
+                    leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
+                    outs[self.first_base + info.base])
+            built[i] = rebuild_alias(base, outs[self.graph_pos[i]], info, self.plans.get(i))
+        return built
+
+    def __call__(self, outs: list, inputs: list, built: dict[int, Any]) -> Any:
+        sig = self.sig
+        if self.simple:
+            return pytree.tree_unflatten(outs[self.first_user:], sig.out_spec)
         leaves: list = [None] * len(sig.outputs)
-        for i in order:
+        for i, v in built.items():
+            leaves[i] = v
+        for i in self.order:
             info = sig.outputs[i]
             kind = info.kind
             if kind.through_autograd:
-                leaves[i] = outs[graph_pos[i]]
+                leaves[i] = outs[self.graph_pos[i]]
             elif kind is OutputKind.IS_INPUT:
                 leaves[i] = inputs[info.base]
             elif kind is OutputKind.CONSTANT:
@@ -226,17 +291,17 @@ def _output_assembler(sig: Signature, plans: dict[int, Plan]) -> Callable[[list,
             elif kind is OutputKind.SAME_AS_OUTPUT:
                 leaves[i] = leaves[info.base]
             else:
-                base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
-                        leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
-                        outs[first_base + info.base])
-                leaves[i] = rebuild_alias(base, outs[graph_pos[i]], info, plans.get(i))
-        return pytree.tree_unflatten(leaves, out_spec)
+                leaves[i] = self.rebuild((i,), outs, inputs, leaves)[i]
+        return pytree.tree_unflatten(leaves, sig.out_spec)
 
-    return assemble
+
+def _output_assembler(sig: Signature, plans: dict[int, AliasPlan],
+                      early: frozenset[int]) -> _Assembler:
+    return _Assembler(sig, plans, early)
 
 
 def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
-                  plan: Plan | None) -> torch.Tensor:
+                  plan: AliasPlan | None) -> torch.Tensor:
     """Note [Rebuilding aliased outputs]: the graph computed ``value`` as an
     alias of ``base``; the user must get a tensor autograd knows is a view of
     ``base`` (so in-place ops on either, and gradients, behave as in eager).
@@ -245,10 +310,13 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
     metadata the analysis recorded (or ``value``'s, when it shares ``base``'s
     storage).  An eager output that did not require grad is rebuilt under
     no_grad (a view) or detached (not a view, e.g. ``.detach()``)."""
-    grad_ctx = torch.enable_grad() if info.requires_grad or not info.is_view else torch.no_grad()
+    if not info.requires_grad and base.requires_grad and not info.no_grad_view:
+        base = base.detach()  # eager's view chain went through .detach()
+    grad_ctx = torch.no_grad() if info.no_grad_view or not info.requires_grad \
+        else contextlib.nullcontext()
     with grad_ctx:
         if plan is not None:
-            out = replay(base, plan)
+            out = replay(base, plan.steps)
         else:
             if info.alias_meta is not None:
                 size, stride, offset = info.alias_meta
@@ -261,8 +329,8 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
                     "aliasing. Use a compiler that preserves output aliasing, or return a copy "
                     "(.clone()).")
             out = base.as_strided(size, stride, offset)
-    if not info.requires_grad and out.requires_grad:
-        out = out.detach()
+    if not info.is_view and out._is_view():
+        out = out.detach()  # e.g. eager's .detach(): shares storage, not a view
     return out
 
 

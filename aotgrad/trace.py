@@ -29,6 +29,7 @@ from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
 from .flatten import FlatFunction
+from .views import is_view_op
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _prepare_primal(fp: Any, info: InputInfo) -> Any:
     """Note [Clone before mutation]; a primal whose metadata is mutated gets a
     fresh view of itself, so that the primal itself keeps its shape for the
     gradient."""
-    if _needs_clone(info):
+    if _needs_clone(info) or info.detached_in_place:
         return fp.clone()
     if info.requires_grad and info.mutates_metadata:
         return fp.view(fp.shape)
@@ -228,8 +229,8 @@ def drop_detaches(gm: fx.GraphModule) -> None:
     out_node = graph.output_node()
     changed = False
     for node in list(graph.find_nodes(op="call_function", target=_torch.aten.detach.default)):
-        if out_node in node.users:
-            continue
+        if out_node in node.users or any(is_view_op(u.target) for u in node.users):
+            continue  # it decides an output's aliasing (views.py replays it)
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         changed = True

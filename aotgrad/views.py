@@ -20,6 +20,7 @@ runtime falls back to ``as_strided``.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -28,7 +29,13 @@ import torch.fx as fx
 Plan = tuple[tuple[Any, tuple, dict], ...]
 
 
-def _is_view_op(target: Any) -> bool:
+@dataclass(frozen=True)
+class AliasPlan:
+    steps: Plan
+    from_original_input: bool   # rooted at the input as it was passed, before any write-back
+
+
+def is_view_op(target: Any) -> bool:
     schema = getattr(target, "_schema", None)
     if schema is None or not schema.arguments or not schema.returns:
         return False
@@ -47,18 +54,18 @@ def _has_node(value: Any) -> bool:
     return False
 
 
-def replay_plan(node: Any, roots: set[fx.Node]) -> Plan | None:
-    """The view ops from one of ``roots`` to ``node``, or None."""
+def replay_plan(node: Any, roots: set[fx.Node]) -> tuple[Plan, fx.Node] | None:
+    """The view ops from one of ``roots`` to ``node`` and that root, or None."""
     steps = []
     while isinstance(node, fx.Node) and node not in roots:
         if node.op != "call_function":
             return None
         if node.target is operator.getitem:
             src = node.args[0]
-            if not (isinstance(src, fx.Node) and _is_view_op(src.target)):
+            if not (isinstance(src, fx.Node) and is_view_op(src.target)):
                 return None
             steps.append((operator.getitem, (node.args[1],), {}))
-        elif _is_view_op(node.target):
+        elif is_view_op(node.target):
             if _has_node(node.args[1:]) or _has_node(node.kwargs):
                 return None
             steps.append((node.target, tuple(node.args[1:]), dict(node.kwargs)))
@@ -67,7 +74,7 @@ def replay_plan(node: Any, roots: set[fx.Node]) -> Plan | None:
         node = node.args[0]
     if not isinstance(node, fx.Node) or not steps:
         return None
-    return tuple(reversed(steps))
+    return tuple(reversed(steps)), node
 
 
 def replay(base: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -90,7 +97,7 @@ def input_roots(graph: fx.Graph, index: int, extra: Sequence[fx.Node] = ()) -> s
     return roots
 
 
-def alias_plans(gm: fx.GraphModule, sig: Any) -> dict[int, Plan]:
+def alias_plans(gm: fx.GraphModule, sig: Any) -> dict[int, AliasPlan]:
     """Replay plans for the rebuilt outputs of ``sig`` in forward/inference
     graph ``gm`` (Note [What the graph returns], analyze.py): user output
     index -> plan."""
@@ -113,7 +120,8 @@ def alias_plans(gm: fx.GraphModule, sig: Any) -> dict[int, Plan]:
             roots = {values[position[info.base]]}
         else:
             roots = {values[first_base + info.base]}
-        plan = replay_plan(values[position[i]], roots)
-        if plan is not None:
-            plans[i] = plan
+        found = replay_plan(values[position[i]], roots)
+        if found is not None:
+            steps, root = found
+            plans[i] = AliasPlan(steps, root.op == "placeholder")
     return plans
