@@ -266,10 +266,17 @@ def _classify_input_aliases(outs, members, owner, input_index, infos) -> None:
     all_multi = all(_is_multi_output_view(outs[k]) for k in members)
     first_of: dict[int, int] = {}
     for k in members:
+        first_of.setdefault(id(outs[k]), k)
+    for k in members:
         o = outs[k]
-        first = first_of.setdefault(id(o), k)
+        first = first_of[id(o)]
+        base_out = first_of.get(id(o._base)) \
+            if o._is_view() and id(o._base) not in input_index else None
         if first != k:
             infos[k] = _common(o, OutputKind.SAME_AS_OUTPUT, first)
+        elif base_out is not None and not all_multi:
+            # a view of another output (e.g. of x.detach()): rebuilt from it
+            infos[k] = _common(o, OutputKind.ALIAS_OF_OUTPUT, base_out)
         elif id(o) in input_index:
             infos[k] = _common(o, OutputKind.IS_INPUT, input_index[id(o)])
         elif _torch.creation_meta_name(o) == "IN_CUSTOM_FUNCTION" or all_multi:

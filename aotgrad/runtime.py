@@ -255,10 +255,11 @@ class _Assembler:
         self.first_user = first_user
         self.first_base = first_user + len(sig.user_graph_outputs)
         self.simple = all(o.kind.through_autograd for o in sig.outputs)
-        # rebuilt aliases and repeats last: they refer to other outputs
+        # outputs that refer to other outputs come after them
+        rank = {OutputKind.ALIAS_OF_INPUT: 1, OutputKind.ALIAS_OF_INTERMEDIATE: 1,
+                OutputKind.ALIAS_OF_OUTPUT: 2, OutputKind.SAME_AS_OUTPUT: 3}
         self.order = [i for i in sorted(range(len(sig.outputs)),
-                                        key=lambda i: sig.outputs[i].kind.rebuilt or
-                                        sig.outputs[i].kind is OutputKind.SAME_AS_OUTPUT)
+                                        key=lambda i: rank.get(sig.outputs[i].kind, 0))
                       if i not in early]
 
     def rebuild(self, which, outs: list, inputs: list, leaves: Any) -> dict[int, Any]:

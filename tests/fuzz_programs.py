@@ -676,6 +676,26 @@ def _compare_raised(key: str, ev: Any, cv: Any, result: Result, prefix: str) -> 
     return "differs"
 
 
+NO_GRAD_VIEW_ERROR = "A view was created in no_grad mode"
+
+
+def _documented_difference(key: str, e: dict, c: dict) -> str | None:
+    """Differences from eager that aotgrad documents (and torch's AOTAutograd shares)."""
+    if key.startswith("output ") and (key.endswith("._is_view()") or key.endswith("._base")):
+        out = key.rsplit(".", 1)[0]
+        eb, cb = e.get(out + "._base"), c.get(out + "._base")
+        if isinstance(eb, str) and eb.startswith("unnamed") and cb is None:
+            # Note [Lone views] (aotgrad/analyze.py): a view of an intermediate the
+            # user cannot see is returned as a plain tensor
+            return "a view of an unreturned intermediate is returned as a plain tensor"
+    ev = e.get(key)
+    if isinstance(ev, Raised) and NO_GRAD_VIEW_ERROR in ev.message and not isinstance(c.get(key), Raised):
+        # eager forbids using a no_grad view after an in-place change of its base;
+        # aotgrad rebuilds the view after the change, so nothing is ambiguous
+        return "eager's no_grad-view error after an in-place change is not reproduced"
+    return None
+
+
 def _compare_records(eager: Recorder, compiled: Recorder, result: Result, prefix: str) -> None:
     """Compare two records key by key (keys are unique; eager's order)."""
     e, c = dict(eager.entries), dict(compiled.entries)
@@ -702,6 +722,12 @@ def _compare_records(eager: Recorder, compiled: Recorder, result: Result, prefix
             skip_grads |= key == "backward"
             continue
         ev, cv = e[key], c[key]
+        documented = _documented_difference(key, e, c)
+        if documented is not None:
+            if not _values_equal(ev, cv)[0] if not isinstance(ev, Raised) else True:
+                result.notes.append(f"{prefix}{key}: {documented}: tolerated")
+            skip_grads |= key == "backward"
+            continue
         if ev is OK or cv is OK or isinstance(ev, Raised) or isinstance(cv, Raised):
             if key == "forward" or key == "backward" or key.endswith(".add_(1)"):
                 verdict = _compare_raised(key, ev, cv, result, prefix)
