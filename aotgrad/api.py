@@ -19,7 +19,8 @@ from . import config
 from ._torch import pytree, top_saved_tensor_hooks
 from .compile import Compiler
 from .partition import default_partition
-from .pipeline import CompileOptions, CompileReport, compile_call
+from .pipeline import CompileOptions, CompileReport, compile_call, compile_rebased
+from .rebase import AliasedMutatedInputs
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -75,9 +76,17 @@ class AOTFunction:
         run = self._compiled.get(key)
         if run is None:
             run = self._compile(leaves, in_spec, key)
-        return run(leaves)
+        try:
+            return run(leaves)
+        except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
+            alias_key = (key, aliased.groups)
+            run = self._compiled.get(alias_key)
+            if run is None:
+                run = self._compile(leaves, in_spec, alias_key, aliased.groups)
+            return run(leaves)
 
-    def _compile(self, leaves: list, in_spec: Any, key: tuple) -> Callable[[list], Any]:
+    def _compile(self, leaves: list, in_spec: Any, key: tuple,
+                 alias_groups: tuple | None = None) -> Callable[[list], Any]:
         if len(self._compiled) >= config.cache_size_limit:
             raise RuntimeError(
                 f"aotgrad: {self.__name__} was compiled for {len(self._compiled)} different "
@@ -85,7 +94,10 @@ class AOTFunction:
                 "(aotgrad.config.cache_size_limit). Use dynamic=True for varying shapes, or "
                 "raise the limit.")
         report = CompileReport()
-        run = compile_call(self.fn, self.options, leaves, in_spec, report)
+        if alias_groups is None:
+            run = compile_call(self.fn, self.options, leaves, in_spec, report)
+        else:
+            run = compile_rebased(self.fn, self.options, leaves, in_spec, alias_groups, report)
         self.last_report = report
         self._compiled[key] = run
         return run
@@ -190,8 +202,18 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
     run = compile_with_cache(flat_fn, mod, options, leaves, in_spec,
                              report if report is not None else CompileReport())
 
+    rebased: dict[tuple, Callable[[list], Any]] = {}
+
     def forward(*runtime_args: Any) -> Any:
-        return run([*lifted, *runtime_args])
+        leaves = [*lifted, *runtime_args]
+        try:
+            return run(leaves)
+        except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
+            variant = rebased.get(aliased.groups)
+            if variant is None:
+                variant = rebased[aliased.groups] = compile_rebased(
+                    flat_fn, options, leaves, in_spec, aliased.groups)
+            return variant(leaves)
 
     if isinstance(mod, nn.Module):
         forward.zero_grad = mod.zero_grad  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ dataclasses through and times them (``CompileReport``, shown by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .check import check_graph
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
+from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
 from .runtime import build_runtime
 from .saved_hooks import inline_hooks
 from .views import alias_plans
@@ -160,6 +162,23 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
         graph = parts.fw_gm if traced.is_joint else traced.gm
         run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature))
     return run
+
+
+def compile_rebased(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
+                    groups: tuple[tuple[int, ...], ...],
+                    report: CompileReport | None = None) -> Callable[[list], Any]:
+    """Compile ``fn`` for calls whose graph inputs alias as ``groups`` say
+    (rebase.py: the aliased inputs become one synthetic base)."""
+    report = report if report is not None else CompileReport()
+    flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
+    graph_inputs = select_graph_inputs(flat, leaves)
+    plan = plan_rebasing(graph_inputs, groups)
+    rebased = RebasedFunction(make_flat_fn(fn, flat), plan, len(graph_inputs))
+    inner_leaves = rebased_inputs(plan, graph_inputs)
+    inner_spec = _torch.pytree.tree_flatten((tuple(inner_leaves), {}))[1]
+    inner = compile_call(rebased, dataclasses.replace(options, num_params_buffers=0),
+                         inner_leaves, inner_spec, report)
+    return rebased_runtime(plan, rebased, inner, flat.graph_leaf)
 
 
 def _split_joint_inputs(traced: TracedGraph, flat: FlatInputs) -> list[list]:

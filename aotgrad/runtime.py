@@ -26,6 +26,7 @@ from ._torch import pytree
 from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
+from .rebase import AliasedMutatedInputs, alias_groups
 from .saved_hooks import hooks_off
 from .views import AliasPlan, replay
 
@@ -50,6 +51,8 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                       sig.inputs[sig.outputs[i].base].mutated)
     assemble = _output_assembler(sig, plans or {}, early)
 
+    check_aliasing = _alias_guard(sig, flat.num_params_buffers)
+
     if write_back is None:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
@@ -58,6 +61,8 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     else:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
+            if check_aliasing is not None:
+                check_aliasing(inputs)
             outs = run_graphs(inputs)
             built = assemble.rebuild(early, outs, inputs, {}) if early else {}
             write_back(inputs, outs)
@@ -193,6 +198,31 @@ def _refuse_double_backward(grad_inputs: list, backward_inputs: list) -> tuple:
 
 
 # ---------------------------------------------------------------- input mutations
+
+def _alias_guard(sig: Signature, num_params_buffers: int) -> Callable[[list], None] | None:
+    """Note [Aliased mutated inputs]: a program compiled for unaliased inputs
+    must not run on a call whose mutated inputs share storage with other
+    inputs (functionalization would miss the aliasing): raise
+    ``AliasedMutatedInputs`` so the caller compiles the rebased program
+    (rebase.py).  Parameters and buffers are assumed not to alias each other;
+    only mutated inputs and user inputs are compared."""
+    mutated = [i for i, x in enumerate(sig.inputs) if x.mutated]
+    if not mutated:
+        return None
+    candidates = sorted(set(mutated) | set(range(num_params_buffers, len(sig.inputs))))
+
+    def check(inputs: list) -> None:
+        seen: dict[int, int] = {}
+        for i in candidates:
+            t = inputs[i]
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in seen and (i in mutated or seen[ptr] in mutated):
+                    raise AliasedMutatedInputs(alias_groups(inputs))
+                seen.setdefault(ptr, i)
+
+    return check
+
 
 def _mutation_writer(sig: Signature) -> Callable[[list, list], None] | None:
     """Note [Writing mutations back]: for each input the graph returned a new
