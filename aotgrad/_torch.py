@@ -260,3 +260,42 @@ def creation_meta_name(t: torch.Tensor) -> str | None:
 def unsafe_view(t: torch.Tensor) -> torch.Tensor:
     """A tensor sharing ``t``'s storage that autograd does not treat as a view."""
     return aten._unsafe_view(t, t.shape)
+
+
+# ---------------------------------------------------------------- eager checks during analysis
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class EagerChecks(TorchDispatchMode):
+    """Raises the errors eager raises that functionalization does not: an
+    in-place op writing to a tensor whose elements overlap (e.g. an expand)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.arguments and args and \
+                isinstance(args[0], torch.Tensor):
+            alias = schema.arguments[0].alias_info
+            if alias is not None and alias.is_write and \
+                    torch._debug_has_internal_overlap(args[0]) == 1:
+                raise RuntimeError(
+                    "unsupported operation: some elements of the input tensor and the "
+                    "written-to tensor refer to a single memory location. Please clone() the "
+                    "tensor before performing the operation.")
+        return func(*args, **(kwargs or {}))
+
+
+def autograd_reaches(grad_fn, target) -> bool:
+    """Whether ``target`` (a grad_fn) is reachable from ``grad_fn``."""
+    if grad_fn is None or target is None:
+        return False
+    seen, stack = set(), [grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is target:
+            return True
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return False

@@ -68,10 +68,16 @@ class InputInfo:
     mutations_hidden_from_autograd: bool = False
     mutation_in_graph: bool = False      # kept in the graph as copy_/set_ (keep_input_mutations)
     requires_grad_after: bool = False    # requires_grad of the input after the program ran
+    history_cut: bool = False            # detach_() was called on it
 
     @property
     def mutated(self) -> bool:
         return self.mutates_data or self.mutates_metadata or self.mutates_storage
+
+    @property
+    def changed(self) -> bool:
+        """Mutated, or its autograd state changed (detach_ / requires_grad_)."""
+        return self.mutated or self.requires_grad != self.requires_grad_after or self.history_cut
 
     @property
     def mutation_out_of_graph(self) -> bool:
@@ -86,7 +92,7 @@ class InputInfo:
     @property
     def detached_in_place(self) -> bool:
         """The program called ``detach_()`` on it (or ``requires_grad_(False)``)."""
-        return self.requires_grad and not self.requires_grad_after
+        return self.requires_grad and (not self.requires_grad_after or self.history_cut)
 
     @property
     def mutation_needs_grad(self) -> bool:
@@ -153,7 +159,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
     with _torch.functional_mode():
         f_inputs = [_torch.to_functional(x) for x in fake_inputs]
         history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
-        outs = flat_fn(*f_inputs)
+        with _torch.EagerChecks():
+            outs = flat_fn(*f_inputs)
         inputs = tuple(_describe_input(x, fx, keep_input_mutations, h)
                        for x, fx, h in zip(fake_inputs, f_inputs, history))
         outputs, bases = classify_outputs(outs, f_inputs)
@@ -201,8 +208,12 @@ def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -
             "way autograd sees (outside no_grad); set_() is only supported when the input has "
             "no other mutations, but the input has other mutations that we cannot keep in "
             "the graph. Do the data mutation under torch.no_grad(), or before the set_().")
+    # detach_() cut the input's history (requires_grad may be back after a
+    # later in-place op with a tensor that requires grad)
+    cut = x.requires_grad and history is not None and fx.grad_fn is not history and \
+        not _torch.autograd_reaches(fx.grad_fn, history)
     info = InputInfo(x.requires_grad, data, meta and not storage, storage, no_grad, hidden,
-                     requires_grad_after=fx.requires_grad)
+                     requires_grad_after=fx.requires_grad, history_cut=cut)
     # Note [Mutations kept in the graph]: with keep_input_mutations, a data
     # mutation (or set_) that autograd does not need to see becomes a trailing
     # copy_ (set_) in the graph instead of a write-back by the runtime.

@@ -48,7 +48,7 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     # is written back (so its metadata, and autograd's view bookkeeping, are
     # as in eager).
     early = frozenset(i for i, p in (plans or {}).items() if p.from_original_input and
-                      sig.inputs[sig.outputs[i].base].mutated)
+                      sig.inputs[sig.outputs[i].base].changed)
     assemble = _output_assembler(sig, plans or {}, early)
 
     check_aliasing = _alias_guard(sig, flat.num_params_buffers)
@@ -232,19 +232,19 @@ def _mutation_writer(sig: Signature) -> Callable[[list, list], None] | None:
     is one autograd must see (then the input's history continues through the
     compiled function, as after the eager in-place op)."""
     plan = [(k, i, sig.inputs[i]) for k, i in enumerate(sig.mutated_inputs_out_of_graph)]
-    grad_flags = [(i, x.requires_grad_after) for i, x in enumerate(sig.inputs)
-                  if x.requires_grad != x.requires_grad_after]
-    if not plan and not grad_flags:
+    detached = [i for i, x in enumerate(sig.inputs) if x.detached_in_place]
+    made_grad = [i for i, x in enumerate(sig.inputs)
+                 if not x.requires_grad and x.requires_grad_after and not x.mutation_needs_grad]
+    if not plan and not detached and not made_grad:
         return None
 
     def write_back(inputs: list, outs: list) -> None:
+        for i in detached:  # detach_() on an input: before writing its new value
+            inputs[i].detach_()
         for k, i, info in plan:
             _write_one(inputs[i], outs[k], info)
-        for i, flag in grad_flags:  # detach_() / requires_grad_() on an input
-            if flag:
-                inputs[i].requires_grad_(True)
-            else:
-                inputs[i].detach_()
+        for i in made_grad:  # requires_grad_() on an input
+            inputs[i].requires_grad_(True)
 
     return write_back
 
