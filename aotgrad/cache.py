@@ -92,6 +92,7 @@ class CacheEntry:
     num_saved_tensors: int
     num_saved_symints: int
     input_meta: tuple[tuple, ...]               # per graph: placeholder (shape, stride, dtype, device)
+    poisoned_tangents: tuple[tuple[int, str], ...] = ()
 
 
 class AOTAutogradCache:
@@ -191,7 +192,8 @@ def _entry_for(t: Traced, report: CompileReport) -> CacheEntry | None:
         graphs = (t.graph.gm,)
         counts = (t.graph.num_fwd_outputs, 0, 0)
     return CacheEntry(t.flat, t.signature, graphs, *counts,
-                      tuple(_placeholder_meta(g) for g in graphs))
+                      tuple(_placeholder_meta(g) for g in graphs),
+                      tuple(t.graph.poisoned_tangents.items()))
 
 
 def _fake_inputs(meta: tuple, mode) -> list:
@@ -222,7 +224,8 @@ def _rebuild(entry: CacheEntry, options: CompileOptions) -> Callable[[list], Any
                                      options.inference_compiler or options.fw_compiler,
                                      entry.num_fwd_outputs)
     return build_runtime(entry.flat, entry.signature, compiled,
-                         alias_plans(entry.graphs[0], entry.signature))
+                         alias_plans(entry.graphs[0], entry.signature),
+                         dict(entry.poisoned_tangents))
 
 
 def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: list,

@@ -160,7 +160,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     report.compiled = compiled
     with stage("runtime"):
         graph = parts.fw_gm if traced.is_joint else traced.gm
-        run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature))
+        run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature),
+                            dict(traced.poisoned_tangents))
     return run
 
 

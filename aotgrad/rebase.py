@@ -60,7 +60,8 @@ def _root(t: torch.Tensor) -> torch.Tensor:
 class Rebasing:
     groups: tuple[tuple[int, ...], ...]     # aliased graph-input indices, per base
     others: tuple[int, ...]                 # graph inputs kept as they are
-    member_meta: tuple[tuple, ...]          # per member (size, stride, offset), group order
+    member_meta: tuple[tuple | None, ...]   # per member (size, stride, offset), group order;
+                                            # None: the member is the base itself
 
 
 def plan_rebasing(graph_inputs: Sequence[Any], groups) -> Rebasing:
@@ -75,7 +76,8 @@ def plan_rebasing(graph_inputs: Sequence[Any], groups) -> Rebasing:
                     "they are not views of one common tensor, so they cannot be merged into "
                     f"one input (graph inputs {g}). Pass views of a single tensor, or clone "
                     "the inputs before the call.")
-            meta.append((tuple(t.shape), tuple(t.stride()), t.storage_offset()))
+            meta.append(None if t is root else
+                        (tuple(t.shape), tuple(t.stride()), t.storage_offset()))
     members = {i for g in groups for i in g}
     others = tuple(i for i in range(len(graph_inputs)) if i not in members)
     return Rebasing(tuple(groups), others, tuple(meta))
@@ -107,8 +109,8 @@ class RebasedFunction:
         members = []
         for g, base in zip(r.groups, xs[len(r.others):]):
             for i in g:
-                size, stride, offset = next(meta)
-                args[i] = base.as_strided(size, stride, offset)
+                m = next(meta)
+                args[i] = base if m is None else base.as_strided(*m)
                 members.append(i)
         leaves = self.flat_fn(*args)
         self.out_spec = self.flat_fn.out_spec

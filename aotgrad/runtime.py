@@ -32,13 +32,14 @@ from .views import AliasPlan, replay
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
-                  plans: dict[int, AliasPlan] | None = None) -> Callable[[list], Any]:
+                  plans: dict[int, AliasPlan] | None = None,
+                  poisoned: dict[int, str] | None = None) -> Callable[[list], Any]:
     """A function of the call's flat leaves returning the user's output.
 
     ``plans``: view-replay plans of rebuilt outputs (views.py)."""
     graph_leaf = flat.graph_leaf
-    run_graphs = (_training_runner(sig, compiled) if compiled.backward is not None
-                  else _inference_runner(sig, compiled))
+    run_graphs = (_training_runner(sig, compiled, poisoned or {})
+                  if compiled.backward is not None else _inference_runner(sig, compiled))
     if config.debug_assert:
         run_graphs = _with_output_checks(run_graphs, sig)
     write_back = _mutation_writer(sig)
@@ -102,7 +103,8 @@ def _inference_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[lis
     return run
 
 
-def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list], list]:
+def _training_runner(sig: Signature, compiled: CompiledGraphs,
+                     poisoned: dict[int, str]) -> Callable[[list], list]:
     """Note [No double backward]: the compiled backward is a graph over saved
     values that autograd cannot see through, so differentiating its result
     again would silently drop terms.  It runs under no_grad; with
@@ -141,6 +143,9 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list
         @staticmethod
         def backward(ctx, *grads):
             tangents = [grads[k] for k in diff]
+            for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
+                if tangents[j] is not None:
+                    raise RuntimeError(message)
             missing = [j for j, t in enumerate(tangents) if t is None]
             for j in missing:  # autograd gave no gradient for this output: zeros
                 shape, dtype, device = ctx.diff_meta[j]
@@ -300,7 +305,11 @@ class _Assembler:
             base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
                     leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
                     outs[self.first_base + info.base])
-            built[i] = rebuild_alias(base, outs[self.graph_pos[i]], info, self.plans.get(i))
+            graph_base = (outs[self.graph_pos[info.base]] if kind is OutputKind.ALIAS_OF_OUTPUT
+                          else outs[self.first_base + info.base]
+                          if kind is OutputKind.ALIAS_OF_INTERMEDIATE else None)
+            built[i] = rebuild_alias(base, outs[self.graph_pos[i]], info, self.plans.get(i),
+                                     graph_base)
         return built
 
     def __call__(self, outs: list, inputs: list, built: dict[int, Any]) -> Any:
@@ -332,14 +341,15 @@ def _output_assembler(sig: Signature, plans: dict[int, AliasPlan],
 
 
 def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
-                  plan: AliasPlan | None) -> torch.Tensor:
+                  plan: AliasPlan | None, graph_base: torch.Tensor | None = None) -> torch.Tensor:
     """Note [Rebuilding aliased outputs]: the graph computed ``value`` as an
     alias of ``base``; the user must get a tensor autograd knows is a view of
     ``base`` (so in-place ops on either, and gradients, behave as in eager).
     With a view-replay plan the view ops that made ``value`` run again on
     ``base`` (grad_fns as in eager); otherwise ``as_strided`` with the
     metadata the analysis recorded (or ``value``'s, when it shares ``base``'s
-    storage).  An eager output that did not require grad is rebuilt under
+    storage, or its offset relative to ``graph_base``, the graph's value of
+    ``base``).  An eager output that did not require grad is rebuilt under
     no_grad (a view) or detached (not a view, e.g. ``.detach()``)."""
     if not info.requires_grad and base.requires_grad and not info.no_grad_view:
         base = base.detach()  # eager's view chain went through .detach()
@@ -353,6 +363,9 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
                 size, stride, offset = info.alias_meta
             elif _same_storage(base, value):
                 size, stride, offset = value.size(), value.stride(), value.storage_offset()
+            elif graph_base is not None and _same_storage(graph_base, value):
+                size, stride = value.size(), value.stride()
+                offset = base.storage_offset() + value.storage_offset() - graph_base.storage_offset()
             else:
                 raise RuntimeError(
                     "aotgrad: the compiled graph returned an output that should alias one of "

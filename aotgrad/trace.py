@@ -18,6 +18,7 @@ descriptors (``aotgrad.descriptors``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +39,8 @@ class TracedGraph:
     is_joint: bool
     example_inputs: tuple[Any, ...]          # fake: primals (+ tangents when joint)
     num_fwd_outputs: int                     # joint: outputs before the gradients
+    poisoned_tangents: Mapping[int, str] = dataclasses.field(default_factory=dict)
+                                             # Note [Poisoned gradients]
 
 
 def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signature,
@@ -154,6 +157,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
                 f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
                 f"{list(loss.shape)}, requires_grad={loss.requires_grad}); the loss must be one")
     grad_is_none: list[bool] = []
+    poisoned: dict[int, str] = {}
 
     def joint(primals, tangents):
         with _torch.functional_mode():
@@ -164,8 +168,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
             if diff and wrt:
-                grads = list(torch.autograd.grad(
-                    [values[k] for k in diff], wrt, f_tangents or None, allow_unused=True))
+                grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
@@ -186,7 +189,45 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     in_descs = [Primal(i) for i in range(len(primals))] + [Tangent(k) for k in range(len(tangents))]
     out_descs = _output_descs(sig) + tuple(Grad(i) for i in range(len(primals)))
     _annotate(gm, in_descs, out_descs)
-    return TracedGraph(gm, True, (*primals, *tangents), num_fwd)
+    if poisoned:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return TracedGraph(gm, True, (*primals, *tangents), num_fwd, poisoned)
+
+
+# autograd errors that eager raises only when the backward reaches them
+_LATE_AUTOGRAD_ERRORS = ("modified by an inplace operation",
+                         "is a view and its base or another view of its base",
+                         "A view was created in no_grad mode")
+
+
+def _differentiate(outputs: list, wrt: list, tangents: list, poisoned: dict[int, str]) -> list:
+    """``autograd.grad`` of ``outputs`` (weighted by ``tangents``) w.r.t. ``wrt``.
+
+    Note [Poisoned gradients]: when autograd refuses part of the backward
+    (a value it saved was mutated afterwards, ...), eager raises only if a
+    backward actually reaches that part.  The gradients are then taken one
+    output at a time; the outputs whose backward fails are recorded in
+    ``poisoned`` (tangent index -> message) and the runtime raises the same
+    error if such an output ever receives a gradient."""
+    try:
+        return list(torch.autograd.grad(outputs, wrt, tangents or None, allow_unused=True,
+                                        retain_graph=True))
+    except RuntimeError as e:
+        if not any(m in str(e) for m in _LATE_AUTOGRAD_ERRORS):
+            raise
+    total: list = [None] * len(wrt)
+    for j, out in enumerate(outputs):
+        try:
+            grads = torch.autograd.grad([out], wrt, [tangents[j]] if tangents else None,
+                                        allow_unused=True, retain_graph=True)
+        except RuntimeError as e:
+            if not any(m in str(e) for m in _LATE_AUTOGRAD_ERRORS):
+                raise
+            poisoned[j] = str(e)
+            continue
+        total = [g if t is None else t if g is None else t + g for t, g in zip(total, grads)]
+    return total
 
 
 def _detached_like(x: Any) -> Any:
