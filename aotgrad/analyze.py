@@ -147,8 +147,8 @@ class Signature:
     def tangent_mask(self) -> tuple[bool, ...]:
         """Per graph output (Note [What the graph returns]): does it get a tangent?"""
         mask = [self.inputs[i].mutation_needs_grad for i in self.mutated_inputs_out_of_graph]
-        mask += [self.outputs[i].kind.through_autograd and self.outputs[i].requires_grad
-                 for i in self.user_graph_outputs]
+        mask += [self.outputs[i].kind.through_autograd and self.outputs[i].requires_grad and
+                 not self.outputs[i].no_grad_view for i in self.user_graph_outputs]
         mask += list(self.intermediate_base_requires_grad)
         return tuple(mask)
 
@@ -174,7 +174,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
                      else None for v in graph_values)
     needs_autograd = grad_enabled and (
         any(x.mutation_needs_grad for x in inputs) or
-        any(o.kind.through_autograd and o.requires_grad for o in output_infos) or
+        any(o.kind.through_autograd and o.requires_grad and not o.no_grad_view
+            for o in output_infos) or
         any(base_rg))
     base_views = tuple(next(k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)
                             and o._is_view() and o._base is b) for b in bases)

@@ -289,7 +289,12 @@ class _Assembler:
         self.graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
         self.first_user = first_user
         self.first_base = first_user + len(sig.user_graph_outputs)
-        self.simple = all(o.kind.through_autograd for o in sig.outputs)
+        # a view made under no_grad of a tensor that requires grad is, in eager,
+        # a leaf that requires grad
+        self.no_grad_leaves = [i for i, o in enumerate(sig.outputs)
+                               if o.kind.through_autograd and o.no_grad_view and o.requires_grad]
+        self.simple = all(o.kind.through_autograd for o in sig.outputs) and \
+            not self.no_grad_leaves
         # outputs that refer to other outputs come after them
         rank = {OutputKind.ALIAS_OF_INPUT: 1, OutputKind.ALIAS_OF_INTERMEDIATE: 1,
                 OutputKind.ALIAS_OF_OUTPUT: 2, OutputKind.SAME_AS_OUTPUT: 3}
@@ -332,6 +337,8 @@ class _Assembler:
                 leaves[i] = leaves[info.base]
             else:
                 leaves[i] = self.rebuild((i,), outs, inputs, leaves)[i]
+        for i in self.no_grad_leaves:
+            leaves[i] = leaves[i].detach().requires_grad_()
         return pytree.tree_unflatten(leaves, sig.out_spec)
 
 
