@@ -278,6 +278,7 @@ class EagerChecks(TorchDispatchMode):
             alias = schema.arguments[0].alias_info
             if alias is not None and alias.is_write and \
                     torch.Tag.inplace_view not in func.tags and \
+                    func.overloadpacket.__name__ not in ("fill_", "zero_") and \
                     torch._debug_has_internal_overlap(args[0]) == 1:
                 raise RuntimeError(
                     "unsupported operation: some elements of the input tensor and the "

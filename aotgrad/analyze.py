@@ -163,7 +163,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
             outs = flat_fn(*f_inputs)
         inputs = tuple(_describe_input(x, fx, keep_input_mutations, h)
                        for x, fx, h in zip(fake_inputs, f_inputs, history))
-        outputs, bases = classify_outputs(outs, f_inputs)
+        mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
+        outputs, bases = classify_outputs(outs, f_inputs, mutated)
         output_infos = tuple(outputs)
         base_rg = tuple(b.requires_grad for b in bases)
         graph_values = [f_inputs[i] for i, x in enumerate(inputs) if x.mutation_out_of_graph]
@@ -223,7 +224,8 @@ def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -
     return dataclasses.replace(info, mutation_in_graph=True) if keep else info
 
 
-def classify_outputs(outs: list, f_inputs: list) -> tuple[list[OutputInfo], list]:
+def classify_outputs(outs: list, f_inputs: list,
+                     mutated: frozenset[int] = frozenset()) -> tuple[list[OutputInfo], list]:
     """The OutputKind of every output, and the intermediate bases to return.
 
     Note [Lone views]: a view of an intermediate that no other output aliases
@@ -256,7 +258,7 @@ def classify_outputs(outs: list, f_inputs: list) -> tuple[list[OutputInfo], list
         owner = input_storage.get(storage)
         tensors = [outs[k] for k in members]
         if owner is not None:
-            _classify_input_aliases(outs, members, owner, input_index, infos)
+            _classify_input_aliases(outs, members, owner, input_index, infos, owner in mutated)
             continue
         _classify_intermediate_group(outs, members, tensors, infos, bases)
     return [i for i in infos], bases
@@ -274,8 +276,10 @@ def _is_multi_output_view(o: torch.Tensor) -> bool:
     return _torch.creation_meta_name(o) == "MULTI_OUTPUT_NODE"
 
 
-def _classify_input_aliases(outs, members, owner, input_index, infos) -> None:
-    all_multi = all(_is_multi_output_view(outs[k]) for k in members)
+def _classify_input_aliases(outs, members, owner, input_index, infos, owner_mutated) -> None:
+    # multi-output views of an input stay graph outputs only if the graph's
+    # values of them are views of that very input (it is not rewritten)
+    all_multi = not owner_mutated and all(_is_multi_output_view(outs[k]) for k in members)
     first_of: dict[int, int] = {}
     for k in members:
         first_of.setdefault(id(outs[k]), k)

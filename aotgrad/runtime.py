@@ -291,8 +291,9 @@ class _Assembler:
         self.first_base = first_user + len(sig.user_graph_outputs)
         # a view made under no_grad of a tensor that requires grad is, in eager,
         # a leaf that requires grad
-        self.no_grad_leaves = [i for i, o in enumerate(sig.outputs)
-                               if o.kind.through_autograd and o.no_grad_view and o.requires_grad]
+        self.no_grad_leaves = frozenset(i for i, o in enumerate(sig.outputs) if
+                                        o.kind.through_autograd and o.no_grad_view and
+                                        o.requires_grad)
         self.simple = all(o.kind.through_autograd for o in sig.outputs) and \
             not self.no_grad_leaves
         # outputs that refer to other outputs come after them
@@ -329,6 +330,8 @@ class _Assembler:
             kind = info.kind
             if kind.through_autograd:
                 leaves[i] = outs[self.graph_pos[i]]
+                if i in self.no_grad_leaves:
+                    leaves[i] = leaves[i].detach().requires_grad_()
             elif kind is OutputKind.IS_INPUT:
                 leaves[i] = inputs[info.base]
             elif kind is OutputKind.CONSTANT:
@@ -337,8 +340,6 @@ class _Assembler:
                 leaves[i] = leaves[info.base]
             else:
                 leaves[i] = self.rebuild((i,), outs, inputs, leaves)[i]
-        for i in self.no_grad_leaves:
-            leaves[i] = leaves[i].detach().requires_grad_()
         return pytree.tree_unflatten(leaves, sig.out_spec)
 
 

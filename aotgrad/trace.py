@@ -198,7 +198,8 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
 # autograd errors that eager raises only when the backward reaches them
 _LATE_AUTOGRAD_ERRORS = ("modified by an inplace operation",
                          "is a view and its base or another view of its base",
-                         "A view was created in no_grad mode")
+                         "A view was created in no_grad mode",
+                         "saved tensor that has been detached in-place")
 
 
 def _differentiate(outputs: list, wrt: list, tangents: list, poisoned: dict[int, str]) -> list:

@@ -462,7 +462,8 @@ class TensorValue:
 VERSION_COUNTER_ERROR = "modified by an inplace operation"
 # autograd errors eager raises lazily (at backward or when a grad_fn is rebuilt)
 AUTOGRAD_LATE_ERRORS = (VERSION_COUNTER_ERROR, "is a view and its base or another view of its base",
-                        "A view was created in no_grad mode")
+                        "A view was created in no_grad mode",
+                        "saved tensor that has been detached in-place")
 
 
 def _first_line(msg: str) -> str:
