@@ -269,13 +269,23 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 class EagerChecks(TorchDispatchMode):
     """Raises the errors eager raises that functionalization does not: an
-    in-place op writing to a tensor whose elements overlap (e.g. an expand)."""
+    in-place op writing to a tensor whose elements overlap (e.g. an expand),
+    or to a view of an input that is a leaf requiring grad (``leaf_storages``)."""
+
+    def __init__(self, leaf_storages=()):
+        super().__init__()
+        self.leaf_storages = set(leaf_storages)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         schema = getattr(func, "_schema", None)
         if schema is not None and schema.arguments and args and \
                 isinstance(args[0], torch.Tensor):
             alias = schema.arguments[0].alias_info
+            if alias is not None and alias.is_write and self.leaf_storages and \
+                    torch.is_grad_enabled() and args[0].requires_grad and \
+                    storage_of(args[0]) in self.leaf_storages:
+                raise RuntimeError("a view of a leaf Variable that requires grad is being used "
+                                   "in an in-place operation.")
             if alias is not None and alias.is_write and \
                     torch.Tag.inplace_view not in func.tags and \
                     func.overloadpacket.__name__ not in ("fill_", "zero_") and \

@@ -159,7 +159,9 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
     with _torch.functional_mode():
         f_inputs = [_torch.to_functional(x) for x in fake_inputs]
         history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
-        with _torch.EagerChecks():
+        leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
+                  if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
+        with _torch.EagerChecks(leaves):
             outs = flat_fn(*f_inputs)
         inputs = tuple(_describe_input(x, fx, keep_input_mutations, h)
                        for x, fx, h in zip(fake_inputs, f_inputs, history))

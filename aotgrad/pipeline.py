@@ -113,17 +113,46 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
         fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
-    with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
-            _torch.hide_saved_tensor_hooks():
-        with stage("analyze"):
-            sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
-                          keep_input_mutations=options.keep_inference_input_mutations)
-        report.signature = sig
-        with stage("trace"):
-            traced = trace(flat_fn, fakes, sig, options.decompositions, loss_index=loss_index)
-            check_graph(traced.gm)
-        report.traced = traced
+    try:
+        with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
+                _torch.hide_saved_tensor_hooks():
+            with stage("analyze"):
+                sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
+                              keep_input_mutations=options.keep_inference_input_mutations)
+            report.signature = sig
+            with stage("trace"):
+                traced = trace(flat_fn, fakes, sig, options.decompositions, loss_index=loss_index)
+                check_graph(traced.gm)
+            report.traced = traced
+    except Exception as error:
+        with torch.set_grad_enabled(grad_enabled):
+            raise_eager_error(fn, leaves, in_spec, error)
+        raise
     return Traced(flat, sig, traced, fake_mode, fakes)
+
+
+def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception) -> None:
+    """Note [Eager's error, not the tracer's]: when the program fails while
+    being analyzed, run it eagerly on copies of the real inputs; if eager
+    fails too, raise eager's exception (same type and message as without
+    aotgrad), chained to the tracing error.  Returns when eager succeeds (or
+    the inputs are fake), and the caller re-raises the tracing error."""
+    if any(isinstance(x, _torch.FakeTensor) for x in leaves):
+        return
+    copies = [_copy_for_eager(x) for x in leaves]
+    args, kwargs = _torch.pytree.tree_unflatten(copies, in_spec)
+    try:
+        fn(*args, **kwargs)
+    except Exception as eager_error:
+        raise eager_error from error
+
+
+def _copy_for_eager(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_leaf:
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    return x.clone()
 
 
 def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,

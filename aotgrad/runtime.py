@@ -48,8 +48,11 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     # input taken before the input was mutated is rebuilt before the mutation
     # is written back (so its metadata, and autograd's view bookkeeping, are
     # as in eager).
-    early = frozenset(i for i, p in (plans or {}).items() if p.from_original_input and
-                      sig.inputs[sig.outputs[i].base].changed)
+    early = frozenset(
+        i for i, p in (plans or {}).items() if p.from_original_input and (
+            sig.inputs[sig.outputs[i].base].mutated or
+            # still requires grad: it was taken before the input's detach_()
+            (sig.inputs[sig.outputs[i].base].detached_in_place and sig.outputs[i].requires_grad)))
     assemble = _output_assembler(sig, plans or {}, early)
 
     check_aliasing = _alias_guard(sig, flat.num_params_buffers)
