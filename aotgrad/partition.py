@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from . import _torch
 from .descriptors import DESC, Primal, Saved, Tangent
+from .views import is_view_op
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,15 @@ def _save_copies_of_mutated_primals(fw_gm: fx.GraphModule, num_fwd_outputs: int,
     placeholders = graph.find_nodes(op="placeholder")
     for k in range(num_fwd_outputs, len(values)):
         v = values[k]
-        desc = v.meta.get(DESC) if isinstance(v, fx.Node) else None
-        if v.op == "placeholder" and isinstance(desc, Primal) and desc.index in mutated:
+        if not isinstance(v, fx.Node) or _torch.is_sym_node(v):
+            continue
+        root = v
+        while root.op == "call_function" and is_view_op(root.target) and root.args:
+            root = root.args[0]  # a view of a mutated input dies with it too
+        desc = root.meta.get(DESC)
+        if root.op == "placeholder" and isinstance(desc, Primal) and desc.index in mutated:
             if v not in clones:
-                with graph.inserting_after(placeholders[-1]):
+                with graph.inserting_after(v if v.op != "placeholder" else placeholders[-1]):
                     c = graph.call_function(_torch.aten.clone.default, (v,))
                 c.meta["val"] = v.meta.get("val")
                 clones[v] = c
