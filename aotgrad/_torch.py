@@ -288,12 +288,15 @@ class EagerChecks(TorchDispatchMode):
                                    "in an in-place operation.")
             if alias is not None and alias.is_write and \
                     torch.Tag.inplace_view not in func.tags and \
-                    func.overloadpacket.__name__ not in ("fill_", "zero_") and \
                     torch._debug_has_internal_overlap(args[0]) == 1:
+                # eager's error (fills excepted, which eager allows but which
+                # functionalization cannot write back: an error, not a wrong value)
                 raise RuntimeError(
                     "unsupported operation: some elements of the input tensor and the "
                     "written-to tensor refer to a single memory location. Please clone() the "
-                    "tensor before performing the operation.")
+                    "tensor before performing the operation. (aotgrad: in-place writes, "
+                    "fills included, into a tensor whose elements overlap, e.g. an expand(), "
+                    "cannot be compiled.)")
         return func(*args, **(kwargs or {}))
 
 
