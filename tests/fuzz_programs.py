@@ -358,6 +358,12 @@ def programs(max_inputs: int = 3, min_steps: int = 3, max_steps: int = 8):
             for _attempt in range(12):
                 category = pick(CATEGORIES)
                 pool = [n for n in env if n not in dead]
+                if category == "metadata":
+                    # an in-place metadata change of a *view*, then writing through
+                    # it, is beyond functionalization (torch's too): only non-views
+                    pool = [n for n in pool if not env[n]._is_view()]
+                    if not pool:
+                        continue
                 if pure_outside and category in ("inplace", "metadata"):
                     pool = [n for n in pool if not _aliases_input(n, env, input_names)]
                     if not pool:
@@ -393,7 +399,7 @@ def programs(max_inputs: int = 3, min_steps: int = 3, max_steps: int = 8):
                     continue
                 env = trial
                 steps.append(step)
-                if category == "metadata":
+                if category == "metadata" or "detach_" in code:
                     ptr = _storage_ptr(env[x])
                     dead.update(n for n in env if n != x and _storage_ptr(env[n]) == ptr)
                 if new is not None:
@@ -693,15 +699,15 @@ def _compare_raised(key: str, ev: Any, cv: Any, result: Result, prefix: str) -> 
 
 
 NO_GRAD_VIEW_ERROR = "A view was created in no_grad mode"
+MULTI_OUTPUT_VIEW_ERROR = "Such functions do not allow the output views to be modified inplace"
 
 
 def _documented_difference(key: str, e: dict, c: dict) -> str | None:
     """Differences from eager that aotgrad documents (and torch's AOTAutograd shares)."""
     if key.startswith("output ") and key.endswith(".is_leaf"):
         out = key.split(".", 1)[0]
-        ea, ca = e.get(out + ".add_(1)"), c.get(out + ".add_(1)")
-        if isinstance(ea, Raised) and isinstance(ca, Raised) and NO_GRAD_VIEW_ERROR in ca.message \
-                and "no_grad mode" in ea.message:
+        ea = e.get(out + ".add_(1)")
+        if isinstance(ea, Raised) and "no_grad mode" in ea.message:
             # a view chain mixing no_grad and grad mode is rebuilt in one mode
             return "a view chain that mixes no_grad and grad mode is rebuilt under no_grad"
     if key.startswith("output ") and (key.endswith("._is_view()") or key.endswith("._base") or
@@ -713,6 +719,11 @@ def _documented_difference(key: str, e: dict, c: dict) -> str | None:
             # user cannot see is returned as a plain tensor
             return "a view of an unreturned intermediate is returned as a plain tensor"
     ev = e.get(key)
+    if key.endswith(".add_(1)") and isinstance(ev, Raised) and MULTI_OUTPUT_VIEW_ERROR in ev.message \
+            and not isinstance(c.get(key), Raised):
+        # a multi-output view (split, unbind) of an input whose metadata changed
+        # is rebuilt with as_strided: eager's ban on modifying it in place is lost
+        return "eager's in-place ban on a rebuilt multi-output view is not reproduced"
     if isinstance(ev, Raised) and any(m in ev.message for m in AUTOGRAD_LATE_ERRORS) and \
             not isinstance(c.get(key), Raised):
         # eager refuses to use a view whose base changed in place (lazily, when
