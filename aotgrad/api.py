@@ -133,15 +133,18 @@ class AOTModule(nn.Module):
         super().__init__()
         self.orig_module = mod
         self._compiled = compiled
+        self._submodules = list(mod.modules())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         params = dict(self.orig_module.named_parameters(remove_duplicate=False))
         buffers = dict(self.orig_module.named_buffers(remove_duplicate=False))
-        return self._compiled(params, buffers, *args, **kwargs)
+        # train/eval changes what the module computes: part of the guard key
+        modes = tuple(m.training for m in self._submodules)
+        return self._compiled(params, buffers, modes, *args, **kwargs)
 
 
 def _functional_call(mod: nn.Module) -> Callable:
-    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+    def call(params: dict, buffers: dict, _modes: tuple, *args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(mod, (params, buffers), args, kwargs,
                                           tie_weights=False)
 
