@@ -314,3 +314,40 @@ def autograd_reaches(grad_fn, target) -> bool:
         seen.add(id(fn))
         stack.extend(f for f, _ in fn.next_functions if f is not None)
     return False
+
+
+# ---------------------------------------------------------------- autocast
+
+def _autocast_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+def autocast_state() -> tuple:
+    """Whether autocast is on, per device type (part of the guard key)."""
+    return tuple(torch.is_autocast_enabled(d) for d in _autocast_devices())
+
+
+@contextlib.contextmanager
+def backward_autocast(setting):
+    """The autocast state the backward is traced under (config.backward_pass_autocast):
+    "same_as_forward" (leave it), "off", or a list of torch.amp.autocast kwargs."""
+    with contextlib.ExitStack() as stack:
+        if setting == "off":
+            for device in _autocast_devices():
+                stack.enter_context(torch.amp.autocast(device, enabled=False))
+        elif isinstance(setting, (list, tuple)):
+            for kwargs in setting:
+                stack.enter_context(torch.amp.autocast(**kwargs))
+        elif setting != "same_as_forward":
+            raise ValueError(
+                f"aotgrad.config.backward_pass_autocast must be 'same_as_forward', 'off' or a "
+                f"list of torch.amp.autocast keyword dicts, not {setting!r}")
+        yield
+
+
+def autocast_disabled():
+    """Autocast off (for running graphs whose autocast decisions are traced in)."""
+    return torch._C._DisableAutocast()

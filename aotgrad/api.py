@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import config
-from ._torch import pytree, top_saved_tensor_hooks
+from ._torch import autocast_state, pytree, top_saved_tensor_hooks
 from .compile import Compiler
 from .partition import default_partition
 from .pipeline import CompileOptions, CompileReport, compile_call, compile_rebased
@@ -34,7 +34,7 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     requires_grad; constants: their value; plus which leaves are the same
     tensor object, the input tree structure and the grad mode.
     """
-    parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks()]
+    parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state()]
     tensor_ids = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):

@@ -23,7 +23,8 @@ from . import _torch
 from .analyze import Signature, analyze
 from .check import check_graph
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
-from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
+from .flatten import (FlatInputs, SubclassInput, flatten_inputs, make_flat_fn,
+                      reject_subclass_inputs, select_graph_inputs)
 from .partition import Partitioned, default_partition, partition
 from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
 from .runtime import build_runtime
@@ -110,7 +111,10 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     stage = functools.partial(_timed, report)
     grad_enabled = torch.is_grad_enabled() if require_grad is None else require_grad
     with stage("flatten"):
-        flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
+        try:
+            flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
+        except SubclassInput as error:
+            reject_subclass_inputs(fn, leaves, in_spec, error)
         flat_fn = make_flat_fn(fn, flat)
         fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
     try:

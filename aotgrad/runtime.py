@@ -12,6 +12,11 @@ compiled graphs, then an epilogue specialised to the ``Signature``:
 3. the user's outputs are assembled: graph outputs, the caller's own input
    objects, aliases rebuilt as views (Note [Rebuilding aliased outputs]) and
    constants.
+
+Note [Autocast is traced in]: a graph traced under autocast holds autocast's
+casts as ops; the runtime runs it with autocast off, or ops would be cast a
+second time (custom ops with an autocast kernel would even compute
+differently).  The autocast state is part of the guard key.
 """
 
 from __future__ import annotations
@@ -97,9 +102,15 @@ def _inference_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[lis
     forward = compiled.forward
     plain = _plain_positions(sig)
 
+    autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
+
     def run(inputs: list) -> list:
         with torch.no_grad():
-            outs = list(forward(list(inputs)))
+            if autocast_on:  # Note [Autocast is traced in]
+                with _torch.autocast_disabled():
+                    outs = list(forward(list(inputs)))
+            else:
+                outs = list(forward(list(inputs)))
         _unview(outs, plain)
         return outs
 
@@ -124,11 +135,16 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs,
     # detached (they share storage, as the runtime needs); others cloned.
     distinct = tuple((k, not mask[k]) for k in compiled.repeated_outputs)
     deps = compiled.tangent_deps
+    autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
 
     class CompiledFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            outs = forward(list(inputs))
+            if autocast_on:
+                with _torch.autocast_disabled():
+                    outs = forward(list(inputs))
+            else:
+                outs = forward(list(inputs))
             ctx.save_for_backward(*outs[num_out:end_tensors])
             ctx.symints = outs[end_tensors:]
             user = list(outs[:num_out])
@@ -155,7 +171,8 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs,
                 tangents[j] = torch.zeros(shape, dtype=dtype, device=device)
             tangents = [t.contiguous() for t in tangents]
             saved = ctx.saved_tensors
-            with torch.no_grad():
+            # Note [Autocast is traced in]: the graphs hold autocast's casts
+            with torch.no_grad(), _torch.autocast_disabled():
                 grad_inputs = list(backward([*ctx.symints, *saved, *tangents]))
             if missing:  # Note [Gradients that eager leaves None] (compile.py)
                 present = frozenset(j for j in range(len(tangents)) if j not in missing)

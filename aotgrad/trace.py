@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, config
 from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
@@ -168,7 +168,8 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
             if diff and wrt:
-                grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
+                with _torch.backward_autocast(config.backward_pass_autocast):
+                    grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
