@@ -60,32 +60,27 @@ def joint_roles(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> JointRoles:
                       outs[num_fwd_outputs:])
 
 
-def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
-    """Nodes that ``outputs`` depend on (inclusive), not walking past ``stop``."""
+def _reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    stack = [n for n in outputs if isinstance(n, fx.Node)]
+    stack = [n for n in start if isinstance(n, fx.Node)]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n in stop:
-            continue
-        stack.extend(n.all_input_nodes)
+        if n not in stop:
+            stack.extend(step(n))
     return seen
+
+
+def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
+    """Nodes that ``outputs`` depend on (inclusive), not walking past ``stop``."""
+    return _reachable(outputs, lambda n: n.all_input_nodes, stop)
 
 
 def descendants(inputs: Iterable) -> set[fx.Node]:
     """Nodes that depend on ``inputs`` (inclusive)."""
-    seen: set[fx.Node] = set()
-    stack = [n for n in inputs if isinstance(n, fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
+    return _reachable(inputs, lambda n: n.users)
 
 
 def side_effects(roles: JointRoles) -> list[fx.Node]:
