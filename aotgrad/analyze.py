@@ -182,10 +182,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
         any(base_rg))
     base_views = tuple(next(k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)
                             and o._is_view() and o._base is b) for b in bases)
-    sig = Signature(inputs, output_infos, flat_fn.out_spec, needs_autograd, len(bases), base_rg,
-                    meta, base_views)
-    check_supported(sig)
-    return sig
+    return Signature(inputs, output_infos, flat_fn.out_spec, needs_autograd, len(bases), base_rg,
+                     meta, base_views)
 
 
 def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -> InputInfo:
@@ -352,8 +350,3 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
 def intermediate_bases(outs: list, sig: Signature) -> list:
     """The intermediate base tensors of ``outs`` (in a trace of the same program)."""
     return [outs[k]._base for k in sig.intermediate_base_views]
-
-
-def check_supported(sig: Signature) -> None:
-    """Raise a clear error for programs this version cannot compile exactly."""
-    return None

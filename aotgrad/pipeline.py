@@ -152,11 +152,15 @@ def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception
 
 
 def _copy_for_eager(x: Any) -> Any:
+    """A copy with the same strides (whether a view is possible depends on them)."""
     if not isinstance(x, torch.Tensor):
         return x
+    copy = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
     if x.is_leaf:
-        return x.detach().clone().requires_grad_(x.requires_grad)
-    return x.clone()
+        with torch.no_grad():
+            copy.copy_(x)
+        return copy.requires_grad_(x.requires_grad)
+    return copy.copy_(x)
 
 
 def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,

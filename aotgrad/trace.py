@@ -139,7 +139,8 @@ def _prepare_primal(fp: Any, info: InputInfo) -> Any:
     """Note [Clone before mutation]; a primal whose metadata is mutated gets a
     fresh view of itself, so that the primal itself keeps its shape for the
     gradient."""
-    if _needs_clone(info) or info.detached_in_place:
+    if _needs_clone(info) or info.detached_in_place or \
+            (info.requires_grad and info.mutates_metadata and info.mutates_data):
         return fp.clone()
     if info.requires_grad and info.mutates_metadata:
         return fp.view(fp.shape)

@@ -373,9 +373,11 @@ def programs(max_inputs: int = 3, min_steps: int = 3, max_steps: int = 8):
                 if category == "view":
                     code = f"{new_name} = " + pick(_view_ops(x, t))
                 elif category == "pointwise":
-                    code = f"{new_name} = " + pick(_pointwise_ops(x, t, env))
+                    live = {n: v for n, v in env.items() if n not in dead}
+                    code = f"{new_name} = " + pick(_pointwise_ops(x, t, live))
                 elif category == "inplace":
-                    code = pick(_inplace_ops(x, t, env))
+                    code = pick(_inplace_ops(x, t, {n: v for n, v in env.items()
+                                                    if n not in dead}))
                 else:
                     code = pick(_metadata_ops(x, t))
                 # metadata mutations under no_grad leave eager's autograd graph
@@ -539,11 +541,10 @@ def _label(t: Any, named: list[tuple[str, torch.Tensor]], unnamed: list) -> str 
     for name, u in named:
         if t is u:
             return name
-    for k, u in enumerate(unnamed):
-        if t is u:
-            return f"unnamed tensor #{k}"
-    unnamed.append(t)
-    return f"unnamed tensor #{len(unnamed) - 1}"
+    # an intermediate the program does not return: which one is not compared
+    # (outputs returned as plain tensors shift any numbering; storage sharing
+    # between outputs is compared separately)
+    return "unnamed tensor"
 
 
 def _safe_requires_grad(t: torch.Tensor) -> bool:
