@@ -332,9 +332,14 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
     if base_out is None and not views:              # e.g. (t, t.detach())
         base_out = next((k for k in members if outs[k].requires_grad), members[0])
     if base_out is not None:
+        base_rg = outs[base_out].requires_grad
         for k in members:
-            assign(k, OutputKind.FRESH if k == base_out else OutputKind.ALIAS_OF_OUTPUT,
-                   None if k == base_out else base_out)
+            # a view that requires grad of a base that no longer does (the base
+            # was detach_()ed after the view was taken) keeps its own history:
+            # it goes through autograd instead of being rebuilt from the base
+            own = k == base_out or (outs[k].requires_grad and not base_rg)
+            assign(k, OutputKind.FRESH if own else OutputKind.ALIAS_OF_OUTPUT,
+                   None if own else base_out)
         return
     plain = [k for k in first_of.values() if not _is_multi_output_view(outs[k])]
     if len(first_of) == 1 or len(plain) <= 1 or not root.requires_grad:

@@ -413,7 +413,7 @@ def programs(max_inputs: int = 3, min_steps: int = 3, max_steps: int = 8):
         # ---- outputs
         names = [n for n in env if n not in dead]
         if pure_outside:
-            names = [n for n in env if n in input_names or not _aliases_input(n, env, input_names)]
+            names = [n for n in names if n in input_names or not _aliases_input(n, env, input_names)]
         outputs = [pick(names)]
         for _ in range(draw(st.integers(0, 2))):
             mode = draw(st.integers(0, 3))
