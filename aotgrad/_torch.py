@@ -351,3 +351,18 @@ def backward_autocast(setting):
 def autocast_disabled():
     """Autocast off (for running graphs whose autocast decisions are traced in)."""
     return torch._C._DisableAutocast()
+
+
+# ---------------------------------------------------------------- shape guards (dynamic=True)
+
+def shape_guard(fake_mode: FakeTensorMode, fake_inputs):
+    """A predicate over real inputs: do they satisfy every assumption the
+    trace made about symbolic sizes?  None when there is nothing to check."""
+    env = fake_mode.shape_env
+    if env is None:
+        return None
+    placeholders = [x for x in fake_inputs]
+    code = env.produce_guards_expression(placeholders, ignore_static=True)
+    if not code:
+        return None
+    return lambda inputs: env.evaluate_guards_expression(code, inputs)

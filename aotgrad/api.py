@@ -19,7 +19,8 @@ from . import config
 from ._torch import autocast_state, pytree, top_saved_tensor_hooks
 from .compile import Compiler
 from .partition import default_partition
-from .pipeline import CompileOptions, CompileReport, compile_call, compile_rebased
+from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
+                       compile_rebased)
 from .rebase import AliasedMutatedInputs
 
 
@@ -66,6 +67,7 @@ class AOTFunction:
         self.fn = fn
         self.options = options
         self._compiled: dict[tuple, Callable[[list], Any]] = {}
+        self._shape_variants: dict[tuple, list[Callable[[list], Any]]] = {}
         self.last_report: CompileReport | None = None
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
@@ -78,12 +80,26 @@ class AOTFunction:
             run = self._compile(leaves, in_spec, key)
         try:
             return run(leaves)
+        except ShapeGuardFailed:  # Note [Shape guards] (pipeline.py)
+            return self._call_shape_variant(key, leaves, in_spec)
         except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
             alias_key = (key, aliased.groups)
             run = self._compiled.get(alias_key)
             if run is None:
                 run = self._compile(leaves, in_spec, alias_key, aliased.groups)
             return run(leaves)
+
+    def _call_shape_variant(self, key: tuple, leaves: list, in_spec: Any) -> Any:
+        """The first compilation for ``key`` whose shape guards hold, else a new one."""
+        variants = self._shape_variants.setdefault(key, [])
+        for run in variants:
+            try:
+                return run(leaves)
+            except ShapeGuardFailed:
+                continue
+        run = self._compile(leaves, in_spec, (key, "shapes", len(variants)))
+        variants.append(run)
+        return run(leaves)
 
     def _compile(self, leaves: list, in_spec: Any, key: tuple,
                  alias_groups: tuple | None = None) -> Callable[[list], Any]:

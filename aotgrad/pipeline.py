@@ -199,7 +199,30 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
         graph = parts.fw_gm if traced.is_joint else traced.gm
         run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature),
                             dict(traced.poisoned_tangents))
+        if options.dynamic:
+            run = _with_shape_guard(run, t)
     return run
+
+
+class ShapeGuardFailed(Exception):
+    """The call's sizes break an assumption a dynamic-shape trace made."""
+
+
+def _with_shape_guard(run: Callable[[list], Any], t: Traced) -> Callable[[list], Any]:
+    """Note [Shape guards]: a graph traced with symbolic sizes may still
+    assume things about them (x.shape[0] > 1, two sizes equal); a call that
+    breaks one raises ShapeGuardFailed and gets its own compilation."""
+    check = _torch.shape_guard(t.fake_mode, t.fake_inputs)
+    if check is None:
+        return run
+    graph_leaf = t.flat.graph_leaf
+
+    def guarded(leaves: list) -> Any:
+        if not check([leaves[i] for i in graph_leaf]):
+            raise ShapeGuardFailed()
+        return run(leaves)
+
+    return guarded
 
 
 def compile_rebased(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,

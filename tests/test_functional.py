@@ -160,6 +160,17 @@ class TestGuards(unittest.TestCase):
         self.assertEqual(len(rec.graphs["forward"]), 1)
 
 
+    def test_dynamic_respects_shape_guards(self):
+        def f(x):
+            return x * 2 if x.shape[0] > 3 else x * 3  # the trace assumes a branch
+        rec = GraphRecorder()
+        c = aot_function(f, rec, dynamic=True)
+        for n in (5, 6, 2, 3, 7):
+            x = rand(n, 7)
+            torch.testing.assert_close(c(x), f(x))
+        self.assertEqual(len(rec.graphs["inference"]), 2)  # one per branch
+
+
 class TestModules(unittest.TestCase):
     def test_params_and_buffers_lifted_first(self):
         class M(nn.Module):
