@@ -111,6 +111,8 @@ class OutputInfo:
     multi_output_view: bool = False      # made by a multi-output view op (unbind, split)
     alias_meta: tuple | None = None      # ALIAS_OF_INPUT: (size, stride, storage offset) in
                                          # the input's storage, when static
+    via_detached_alias: bool = False     # ALIAS_OF_INPUT: a view of an alias of the input
+                                         # that is not the input (e.g. x.detach().view(...))
     constant: Any = None                 # the value for CONSTANT
     dtype: torch.dtype | None = None
     shape: tuple | None = None           # may hold SymInts (dynamic=True)
@@ -303,7 +305,10 @@ def _classify_input_aliases(outs, members, owner, input_index, infos, owner_muta
             info = _common(o, OutputKind.ALIAS_OF_INPUT, owner)
             meta = (tuple(o.shape), tuple(o.stride()), o.storage_offset())
             static = not any(isinstance(v, _torch.sym_types) for v in (*meta[0], *meta[1], meta[2]))
-            infos[k] = dataclasses.replace(info, alias_meta=meta if static else None)
+            detached = o._base is not None and id(o._base) not in input_index if o._is_view() \
+                else not o.requires_grad
+            infos[k] = dataclasses.replace(info, alias_meta=meta if static else None,
+                                           via_detached_alias=detached)
 
 
 def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:

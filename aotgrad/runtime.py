@@ -81,11 +81,15 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
 
 
 def _plain_positions(sig: Signature) -> tuple[int, ...]:
-    """Note [Lone views] (analyze.py): graph outputs returned as they are are
-    never views of the graph's intermediates (multi-output views excepted)."""
+    """Note [Lone views] (analyze.py): graph outputs returned as they are, and
+    intermediate bases, are never views of the graph's intermediates
+    (multi-output views excepted)."""
     first_user = len(sig.mutated_inputs_out_of_graph)
+    first_base = first_user + len(sig.user_graph_outputs)
     return tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
-                 if sig.outputs[i].kind.through_autograd and not sig.outputs[i].multi_output_view)
+                 if sig.outputs[i].kind.through_autograd and
+                 not sig.outputs[i].multi_output_view) + \
+        tuple(range(first_base, first_base + sig.num_intermediate_bases))
 
 
 def _unview(outs: list, positions: tuple[int, ...]) -> None:
@@ -379,7 +383,7 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
     storage, or its offset relative to ``graph_base``, the graph's value of
     ``base``).  An eager output that did not require grad is rebuilt under
     no_grad (a view) or detached (not a view, e.g. ``.detach()``)."""
-    if not info.requires_grad and base.requires_grad and not info.no_grad_view:
+    if info.via_detached_alias:
         base = base.detach()  # eager's view chain went through .detach()
     grad_ctx = torch.no_grad() if info.no_grad_view or not info.requires_grad \
         else contextlib.nullcontext()
