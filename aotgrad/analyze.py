@@ -169,6 +169,7 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
                        for x, fx, h in zip(fake_inputs, f_inputs, history))
         mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
         outputs, bases = classify_outputs(outs, f_inputs, mutated)
+        outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
         output_infos = tuple(outputs)
         base_rg = tuple(b.requires_grad for b in bases)
         graph_values = [f_inputs[i] for i, x in enumerate(inputs) if x.mutation_out_of_graph]
@@ -186,6 +187,21 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
                             and o._is_view() and o._base is b) for b in bases)
     return Signature(inputs, output_infos, flat_fn.out_spec, needs_autograd, len(bases), base_rg,
                      meta, base_views)
+
+
+def _cut_by_no_grad(o: Any, info: OutputInfo, history: list) -> OutputInfo:
+    """Note [Views cut from autograd]: a view of an input whose view chain
+    passed through no_grad requires grad in eager but its gradient never
+    reaches the input; rebuilding it with autograd on would send gradient to
+    the input.  Such outputs are rebuilt as no_grad views."""
+    if info.kind is not OutputKind.ALIAS_OF_INPUT or not info.requires_grad or info.no_grad_view:
+        return info
+    root = history[info.base]
+    if root is None or o.grad_fn is None:
+        return info
+    if o.grad_fn is root or _torch.autograd_reaches(o.grad_fn, root):
+        return info
+    return dataclasses.replace(info, no_grad_view=True)
 
 
 def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -> InputInfo:

@@ -177,7 +177,7 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     traced = t.graph
     if traced.is_joint:
         with _torch.tracing_context(t.fake_mode), stage("partition"):
-            mutated = frozenset(i for i, x in enumerate(t.signature.inputs) if x.mutated)
+            mutated = frozenset(i for i, x in enumerate(t.signature.inputs) if x.changed)
             parts = partition(traced.gm, _split_joint_inputs(traced, t.flat),
                               traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()
