@@ -30,7 +30,8 @@ purity:
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# A long fuzzing campaign: make fuzz N=10000
+# A long fuzzing campaign: make fuzz N=10000 [SEED=2026] (no SEED: a random one)
 N ?= 10000
+SEED ?=
 fuzz: $(STAMP)
-	$(BIN)/python tests/fuzz_programs.py --count $(N)
+	$(BIN)/python tests/fuzz_programs.py --count $(N) $(if $(SEED),--seed $(SEED))
