@@ -58,15 +58,15 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
             sig.inputs[sig.outputs[i].base].mutated or
             # still requires grad: it was taken before the input's detach_()
             (sig.inputs[sig.outputs[i].base].detached_in_place and sig.outputs[i].requires_grad)))
-    assemble = _output_assembler(sig, plans or {}, early)
+    assemble = _Assembler(sig, plans or {}, early)
 
     check_aliasing = _alias_guard(sig, flat.num_params_buffers)
 
-    if write_back is None:
+    if write_back is None and check_aliasing is None:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
             outs = run_graphs(inputs)
-            return assemble(outs, inputs, assemble.rebuild(early, outs, inputs, {}))
+            return assemble(outs, inputs, {})
     else:
         def call(leaves: list) -> Any:
             inputs = [leaves[i] for i in graph_leaf]
@@ -74,7 +74,8 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                 check_aliasing(inputs)
             outs = run_graphs(inputs)
             built = assemble.rebuild(early, outs, inputs, {}) if early else {}
-            write_back(inputs, outs)
+            if write_back is not None:
+                write_back(inputs, outs)
             return assemble(outs, inputs, built)
 
     return call
@@ -365,11 +366,6 @@ class _Assembler:
             else:
                 leaves[i] = self.rebuild((i,), outs, inputs, leaves)[i]
         return pytree.tree_unflatten(leaves, sig.out_spec)
-
-
-def _output_assembler(sig: Signature, plans: dict[int, AliasPlan],
-                      early: frozenset[int]) -> _Assembler:
-    return _Assembler(sig, plans, early)
 
 
 def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,

@@ -277,6 +277,8 @@ class TestAliasedInputs(MutationTestCase):
             base = torch.arange(4.0).reshape(2, 2)
             return [], [base, base.t()]
         self.assert_same(run_both(f, make)[0])
+        # a mutation kept in the graph must see the aliasing too
+        self.assert_same(run_both(f, make, keep_inference_input_mutations=True)[0])
 
     def test_unrelated_aliases_are_refused_clearly(self):
         base = torch.arange(4.0)
