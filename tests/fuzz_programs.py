@@ -323,7 +323,7 @@ def programs(max_inputs: int = 3, min_steps: int = 3, max_steps: int = 8):
             if k > 0 and chance(15):
                 j = draw(st.integers(0, k - 1))
                 base = specs[j]
-                views = ["", "[0]", ".unsqueeze(0)"]
+                views = ["", ".unsqueeze(0)"] + (["[0]"] if len(base.shape) >= 1 else [])
                 if len(base.shape) == 2:
                     views.append(".t()")
                 if len(base.shape) >= 2 and base.shape[1] >= 2:
