@@ -13,6 +13,7 @@ never imported, here or anywhere else in the package.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -318,11 +319,9 @@ def autograd_reaches(grad_fn, target) -> bool:
 
 # ---------------------------------------------------------------- autocast
 
-def _autocast_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
+@functools.cache
+def _autocast_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 def autocast_state() -> tuple:

@@ -29,6 +29,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
+    # ``in_spec`` is the TreeSpec, or for flat tensor calls just their number
     """Note [Guard key]: everything about a call that the compiled program assumes.
 
     Tensors: shape (ndim when ``dynamic``), stride, dtype, device,
@@ -68,13 +69,23 @@ class AOTFunction:
         self.options = options
         self._compiled: dict[tuple, Callable[[list], Any]] = {}
         self._shape_variants: dict[tuple, list[Callable[[list], Any]]] = {}
+        self._flat_specs: dict[int, Any] = {}
         self.last_report: CompileReport | None = None
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, in_spec = pytree.tree_flatten((args, kwargs))
-        key = guard_key(leaves, in_spec, self.options.dynamic)
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            # fast path: flat tensor arguments need no pytree walk; the spec
+            # is the same for every call with this many arguments
+            leaves = list(args)
+            in_spec = self._flat_specs.get(len(args))
+            if in_spec is None:
+                in_spec = self._flat_specs[len(args)] = pytree.tree_flatten((args, {}))[1]
+            key = guard_key(leaves, len(args), self.options.dynamic)
+        else:
+            leaves, in_spec = pytree.tree_flatten((args, kwargs))
+            key = guard_key(leaves, in_spec, self.options.dynamic)
         run = self._compiled.get(key)
         if run is None:
             run = self._compile(leaves, in_spec, key)

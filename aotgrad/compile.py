@@ -46,10 +46,10 @@ def ensure_boxed(f: Callable) -> Callable:
     return f if getattr(f, "_boxed_call", False) else make_boxed_func(f)
 
 
-@make_boxed_compiler
 def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """The compiler that compiles nothing: runs the graph as Python."""
-    return gm
+    """The compiler that compiles nothing: runs the graph as Python (boxed;
+    calls the generated ``forward`` directly, skipping nn.Module's call path)."""
+    return make_boxed_func(gm.forward)
 
 
 # ---------------------------------------------------------------- compilation context
