@@ -134,7 +134,6 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs,
     mask = sig.tangent_mask
     diff = tuple(k for k, m in enumerate(mask) if m)
     non_diff = tuple(k for k, m in enumerate(mask) if not m)
-    first_user = len(sig.mutated_inputs_out_of_graph)
     plain = _plain_positions(sig)
     # Note [Distinct outputs] (compile.py): non-differentiable ones are
     # detached (they share storage, as the runtime needs); others cloned.
