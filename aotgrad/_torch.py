@@ -80,6 +80,12 @@ def to_functional(t: Any) -> Any:
     return t
 
 
+def mirror_autograd_meta(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Give ``dst`` the requires_grad and leafness of ``src`` (a non-leaf
+    gets a grad_fn that raises if used: in-place ops are then allowed on it)."""
+    torch._mirror_autograd_meta_to(src, dst)
+
+
 def from_functional(t: Any) -> Any:
     """Unwrap a functional tensor, applying pending updates first."""
     if isinstance(t, FunctionalTensor):
@@ -314,6 +320,25 @@ def autograd_reaches(grad_fn, target) -> bool:
             continue
         seen.add(id(fn))
         stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return False
+
+
+def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
+    """Whether ``t``'s autograd history reaches one of ``sources`` (tensors
+    that require grad: their grad_fn, or for leaves their accumulator)."""
+    ids = {id(s) for s in sources}
+    nodes = {id(s.grad_fn) for s in sources if s.grad_fn is not None}
+    if id(t) in ids:
+        return True
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if id(fn) in nodes or id(getattr(fn, "variable", None)) in ids:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
     return False
 
 

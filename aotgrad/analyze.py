@@ -31,8 +31,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _torch
+from . import _torch, subclass
 from .flatten import FlatFunction
+from .subclass import Layout
 
 
 class OutputKind(enum.Enum):
@@ -129,6 +130,16 @@ class Signature:
     intermediate_base_requires_grad: tuple[bool, ...] = ()
     graph_output_meta: tuple[tuple, ...] = ()   # (shape, dtype, device) per graph output
     intermediate_base_views: tuple[int, ...] = ()  # per base: an output that is a view of it
+    # Note [Subclasses at the boundary] (subclass.py): per graph input and per
+    # graph output, its subclass layout; for each graph output the
+    # (shape, dtype, device) of its plain tensors.  Empty for plain programs.
+    input_layouts: tuple[Layout, ...] = ()
+    graph_output_layouts: tuple[Layout, ...] = ()
+    graph_output_plain_meta: tuple[tuple[tuple, ...], ...] = ()
+
+    @property
+    def has_subclasses(self) -> bool:
+        return bool(self.input_layouts)
 
     @property
     def mutated_inputs_out_of_graph(self) -> tuple[int, ...]:
@@ -158,15 +169,21 @@ class Signature:
 def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: bool,
             keep_input_mutations: bool) -> Signature:
     """Run ``flat_fn`` on fake inputs under functionalization; describe it."""
+    in_layouts = tuple(subclass.layout_of(x) for x in fake_inputs)
+    with_subclasses = any(x is not None for x in in_layouts)
+    keep_input_mutations = keep_input_mutations and not with_subclasses
     with _torch.functional_mode():
-        f_inputs = [_torch.to_functional(x) for x in fake_inputs]
+        f_inputs = [subclass.to_functional(x, detach_inner=False) for x in fake_inputs]
         history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
         leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
                   if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
         with _torch.EagerChecks(leaves):
             outs = flat_fn(*f_inputs)
-        inputs = tuple(_describe_input(x, fx, keep_input_mutations, h)
-                       for x, fx, h in zip(fake_inputs, f_inputs, history))
+        if with_subclasses:
+            _refuse_inner_gradients(f_inputs, outs)
+        aliased = _aliased_subclass_inputs(fake_inputs) if with_subclasses else frozenset()
+        inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased)
+                       for i, (x, fx, h) in enumerate(zip(fake_inputs, f_inputs, history)))
         mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
         outputs, bases = classify_outputs(outs, f_inputs, mutated)
         outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
@@ -178,6 +195,15 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
         graph_values += bases
         meta = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
                      else None for v in graph_values)
+        out_layouts = tuple(subclass.layout_of(v) for v in graph_values)
+        plain_meta = tuple(tuple((tuple(p.shape), p.dtype, p.device)
+                                 for p in subclass.flatten_all([v]))
+                           if isinstance(v, torch.Tensor) else () for v in graph_values)
+    if with_subclasses or any(x is not None for x in out_layouts):
+        layouts = dict(input_layouts=in_layouts, graph_output_layouts=out_layouts,
+                       graph_output_plain_meta=plain_meta)
+    else:
+        layouts = {}
     needs_autograd = grad_enabled and (
         any(x.mutation_needs_grad for x in inputs) or
         any(o.kind.through_autograd and o.requires_grad and not o.no_grad_view
@@ -186,7 +212,7 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
     base_views = tuple(next(k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)
                             and o._is_view() and o._base is b) for b in bases)
     return Signature(inputs, output_infos, flat_fn.out_spec, needs_autograd, len(bases), base_rg,
-                     meta, base_views)
+                     meta, base_views, **layouts)
 
 
 def _cut_by_no_grad(o: Any, info: OutputInfo, history: list) -> OutputInfo:
@@ -204,24 +230,71 @@ def _cut_by_no_grad(o: Any, info: OutputInfo, history: list) -> OutputInfo:
     return dataclasses.replace(info, no_grad_view=True)
 
 
-def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any) -> InputInfo:
+def _refuse_inner_gradients(f_inputs: list, outs: list) -> None:
+    """Note [Inner tensors that require grad]: a subclass may be built from
+    inner tensors that themselves require grad (``TwoTensor(a, b)`` of two
+    leaves).  Ops on the subclass are differentiated at the subclass level,
+    as in eager; but a program that reads an inner tensor (``x.a``) and
+    computes an output from it would, in eager, also send gradient to that
+    inner tensor, which the compiled graphs (over detached inner tensors)
+    cannot do.  Such programs are refused rather than given other gradients."""
+    inner = [p for x in f_inputs if subclass.is_subclass(x)
+             for p in subclass.flatten_all([x]) if p.requires_grad]
+    if not inner:
+        return
+    for k, o in enumerate(outs):
+        if isinstance(o, torch.Tensor) and o.requires_grad and \
+                _torch.autograd_reaches_any(o, inner):
+            raise NotImplementedError(
+                f"aotgrad: output {k} is computed from an inner tensor of a subclass input "
+                "(e.g. x.a) that itself requires grad; its gradient would go to that inner "
+                "tensor, which aotgrad cannot compile. Build the subclass from tensors that "
+                "do not require grad (requires_grad on the subclass itself), or detach the "
+                "inner tensor in the program.")
+
+
+def _aliased_subclass_inputs(fake_inputs: Sequence[Any]) -> frozenset[int]:
+    """Subclass inputs that share memory with another input."""
+    owners: dict[Any, set[int]] = {}
+    for i, x in enumerate(fake_inputs):
+        if isinstance(x, torch.Tensor):
+            for p in subclass.flatten_all([x]):
+                owners.setdefault(_torch.storage_of(p), set()).add(i)
+    shared = {i for group in owners.values() if len(group) > 1 for i in group}
+    return frozenset(i for i in shared if subclass.is_subclass(fake_inputs[i]))
+
+
+def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any,
+                    aliased_subclass: bool = False) -> InputInfo:
     if not isinstance(x, torch.Tensor):
         return InputInfo(requires_grad=False)  # a symbolic size
-    data = _torch.has_data_mutation(fx)
-    after = _torch.from_functional(fx)
+    data = subclass.any_plain(fx, _torch.has_data_mutation)
+    after = subclass.from_functional(fx)
     # set_() counts only if the input ends on another storage (set_ and back is no mutation)
-    storage = _torch.was_storage_changed(fx) and _torch.storage_of(after) != _torch.storage_of(x)
-    meta = storage or _torch.has_metadata_mutation(fx) or \
+    storage = subclass.any_plain(fx, _torch.was_storage_changed) and \
+        _torch.storage_of(after) != _torch.storage_of(x)
+    meta = storage or subclass.any_plain(fx, _torch.has_metadata_mutation) or \
         (fx.shape, fx.stride(), fx.storage_offset()) != (x.shape, x.stride(), x.storage_offset())
+    if (meta or storage) and aliased_subclass:
+        raise RuntimeError(
+            "Encountered aliased inputs that are mutated in the graph, but at least one of "
+            f"them is a tensor subclass (aotgrad: a {type(x).__name__} input that shares memory "
+            "with another input changes its metadata in place); this cannot be compiled. "
+            "Clone the inputs before the call.")
+    if (meta or storage) and subclass.is_subclass(x):
+        raise RuntimeError(
+            "Metadata mutations are currently not allowed on tensor subclasses (aotgrad: the "
+            f"program changes the shape, strides or storage of a {type(x).__name__} input in "
+            "place; change a copy, or pass the inner tensors instead).")
     if storage:
         data = False  # the new storage's contents are the new value: set_ carries it
     mutated = data or meta or storage
-    no_grad = mutated and _torch.mutations_under_no_grad(fx)
+    no_grad = mutated and subclass.all_plain(fx, _torch.mutations_under_no_grad)
     # Note [Mutations hidden from autograd]: a mutation through an alias that
     # autograd does not track (x.detach(), x.data) leaves the input's autograd
     # history as it was; one autograd sees rebases it.
     hidden = mutated and not no_grad and (
-        _torch.mutations_hidden_from_autograd(fx) or fx.grad_fn is history)
+        subclass.all_plain(fx, _torch.mutations_hidden_from_autograd) or fx.grad_fn is history)
     if storage and _torch.has_data_mutation(fx) and not (no_grad or hidden):
         raise AssertionError(
             "aotgrad: an input was swapped to new storage with set_() and also mutated in a "

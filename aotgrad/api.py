@@ -22,6 +22,10 @@ from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs
+from .subclass import layout_key
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -33,7 +37,8 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     """Note [Guard key]: everything about a call that the compiled program assumes.
 
     Tensors: shape (ndim when ``dynamic``), stride, dtype, device,
-    requires_grad; constants: their value; plus which leaves are the same
+    requires_grad, and for a subclass its layout (types and flatten metadata
+    of the subclass tree); constants: their value; plus which leaves are the same
     tensor object, the input tree structure and the grad mode.
     """
     parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state()]
@@ -45,6 +50,8 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
                 parts.append((leaf.dim(), leaf.dtype, leaf.device, leaf.requires_grad))
             else:
                 parts.append(_tensor_key(leaf))
+            if type(leaf) not in _PLAIN_TENSOR_TYPES:  # its subclass tree and metadata
+                parts.append(layout_key(leaf))
         else:
             parts.append((type(leaf), _hashable(leaf)))
     if len(set(tensor_ids)) != len(tensor_ids):

@@ -6,6 +6,8 @@ The user calls ``fn(*args, **kwargs)`` with pytrees.  This stage flattens
 * tensors (and symbolic sizes, which dynamo hands over) become graph inputs, in leaf order (for ``aot_module`` the
   parameters and buffers come first: they are the first leaves);
 * a tensor passed more than once (the same object) becomes one graph input;
+* a tensor subclass (``TwoTensor``, ``DTensor`` ...) is one graph input here;
+  the graphs get its plain inner tensors (Note [Subclasses at the boundary]);
 * every other leaf (ints, floats, None, strings ...) is a constant, baked
   into the graph; the guard key holds its value, so a new value recompiles.
 
@@ -23,38 +25,6 @@ import torch
 
 from . import _torch
 from ._torch import pytree
-
-
-class SubclassInput(NotImplementedError):
-    def __init__(self, position: int, type_name: str):
-        super().__init__(
-            f"aotgrad: input {position} is a tensor subclass ({type_name}); tensor subclasses "
-            "are not supported yet. Pass its inner tensors instead.")
-
-
-def reject_subclass_inputs(fn: Callable, leaves: list, in_spec: Any, error: SubclassInput) -> None:
-    """Raise the error for a call with tensor-subclass inputs.
-
-    A program that changes a subclass input's metadata in place gets the
-    error that says so (it cannot be compiled even once subclasses are); it
-    is found by running the program on copies of the inputs."""
-    subclass = [i for i, x in enumerate(leaves) if _torch.is_wrapper_subclass(x)]
-    if any(isinstance(x, _torch.FakeTensor) for x in leaves):
-        raise error
-    copies = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor)
-              and x.is_leaf else x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
-    before = [(copies[i].shape, copies[i].stride(), copies[i].storage_offset()) for i in subclass]
-    args, kwargs = pytree.tree_unflatten(copies, in_spec)
-    try:
-        fn(*args, **kwargs)
-    except Exception:
-        raise error from None
-    after = [(copies[i].shape, copies[i].stride(), copies[i].storage_offset()) for i in subclass]
-    if before != after:
-        raise RuntimeError("Metadata mutations are currently not allowed on tensor subclasses "
-                           "(aotgrad: the program changes a subclass input's shape or strides "
-                           "in place)") from error
-    raise error
 
 
 @dataclass(frozen=True)
@@ -98,8 +68,6 @@ def flatten_inputs(leaves: list[Any], in_spec: Any, num_params_buffers: int = 0)
 
 
 def _check_supported_tensor(t: torch.Tensor, position: int) -> None:
-    if _torch.is_wrapper_subclass(t):
-        raise SubclassInput(position, type(t).__name__)
     if t.layout != torch.strided:
         raise NotImplementedError(
             f"aotgrad: input {position} has layout {t.layout}; only strided (dense) tensors "

@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, subclass
 from .analyze import Signature, analyze
 from .check import check_graph
+from .descriptors import DESC, Primal
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
-from .flatten import (FlatInputs, SubclassInput, flatten_inputs, make_flat_fn,
-                      reject_subclass_inputs, select_graph_inputs)
+from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
 from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
 from .runtime import build_runtime
@@ -89,7 +89,7 @@ def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool):
         convert = functools.partial(_torch.fake_from_real, mode, static=not dynamic)
     else:
         convert = mode.from_tensor
-    fakes = [convert(x) if isinstance(x, torch.Tensor) and not isinstance(x, _torch.FakeTensor)
+    fakes = [convert(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
              else x for x in graph_inputs]
     return mode, fakes
 
@@ -111,10 +111,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     stage = functools.partial(_timed, report)
     grad_enabled = torch.is_grad_enabled() if require_grad is None else require_grad
     with stage("flatten"):
-        try:
-            flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
-        except SubclassInput as error:
-            reject_subclass_inputs(fn, leaves, in_spec, error)
+        flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
         fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
     try:
@@ -141,7 +138,7 @@ def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception
     fails too, raise eager's exception (same type and message as without
     aotgrad), chained to the tracing error.  Returns when eager succeeds (or
     the inputs are fake), and the caller re-raises the tracing error."""
-    if any(isinstance(x, _torch.FakeTensor) for x in leaves):
+    if any(subclass.is_fake(x) for x in leaves):
         return
     copies = [_copy_for_eager(x) for x in leaves]
     args, kwargs = _torch.pytree.tree_unflatten(copies, in_spec)
@@ -155,6 +152,8 @@ def _copy_for_eager(x: Any) -> Any:
     """A copy with the same strides (whether a view is possible depends on them)."""
     if not isinstance(x, torch.Tensor):
         return x
+    if subclass.is_subclass(x):
+        return x.detach().clone().requires_grad_(x.requires_grad) if x.is_leaf else x.clone()
     copy = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
     if x.is_leaf:
         with torch.no_grad():
@@ -178,7 +177,9 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     if traced.is_joint:
         with _torch.tracing_context(t.fake_mode), stage("partition"):
             mutated = frozenset(i for i, x in enumerate(t.signature.inputs) if x.changed)
-            parts = partition(traced.gm, _split_joint_inputs(traced, t.flat),
+            if traced.boundary is not None:  # plain graph inputs of those inputs
+                mutated = frozenset(k for i in mutated for k in traced.boundary.plain_indices(i))
+            parts = partition(traced.gm, _split_joint_inputs(traced),
                               traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()
             if hooks is not None:
@@ -197,8 +198,10 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     report.compiled = compiled
     with stage("runtime"):
         graph = parts.fw_gm if traced.is_joint else traced.gm
-        run = build_runtime(t.flat, t.signature, compiled, alias_plans(graph, t.signature),
-                            dict(traced.poisoned_tangents))
+        # view replay reads the graph's plain values: not for subclass programs
+        plans = alias_plans(graph, t.signature) if traced.boundary is None else {}
+        run = build_runtime(t.flat, t.signature, compiled, plans,
+                            dict(traced.poisoned_tangents), traced.boundary)
         if options.dynamic:
             run = _with_shape_guard(run, t)
     return run
@@ -242,6 +245,7 @@ def compile_rebased(fn: Callable, options: CompileOptions, leaves: list, in_spec
     return rebased_runtime(plan, rebased, inner, flat.graph_leaf)
 
 
-def _split_joint_inputs(traced: TracedGraph, flat: FlatInputs) -> list[list]:
-    n = flat.num_graph_inputs
+def _split_joint_inputs(traced: TracedGraph) -> list[list]:
+    n = sum(1 for n in traced.gm.graph.find_nodes(op="placeholder")
+            if isinstance(n.meta.get(DESC), Primal))
     return [list(traced.example_inputs[:n]), list(traced.example_inputs[n:])]

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import subclass
 from ._torch import pytree
 
 
@@ -48,7 +49,7 @@ def alias_groups(inputs: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
     by_storage: dict[int, list[int]] = {}
     for i, t in enumerate(inputs):
         if isinstance(t, torch.Tensor):
-            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
+            by_storage.setdefault(subclass.storage_ptr(t), []).append(i)
     return tuple(tuple(g) for g in by_storage.values() if len(g) > 1)
 
 
@@ -67,6 +68,13 @@ class Rebasing:
 def plan_rebasing(graph_inputs: Sequence[Any], groups) -> Rebasing:
     meta = []
     for g in groups:
+        if any(subclass.is_subclass(graph_inputs[i]) for i in g):
+            raise RuntimeError(
+                "Encountered aliased inputs that are mutated in the graph, but at least one of "
+                "them is a tensor subclass (aotgrad: graph inputs "
+                f"{g}, of types {[type(graph_inputs[i]).__name__ for i in g]}); a synthetic "
+                "base cannot be made for subclass inputs. Clone the inputs before the call, "
+                "or do the mutation outside the compiled function.")
         root = _root(graph_inputs[g[0]])
         for i in g:
             t = graph_inputs[i]

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _torch, config
+from . import _torch, config, subclass
 from ._torch import pytree
 from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .compile import CompiledGraphs
@@ -38,13 +38,16 @@ from .views import AliasPlan, replay
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                   plans: dict[int, AliasPlan] | None = None,
-                  poisoned: dict[int, str] | None = None) -> Callable[[list], Any]:
+                  poisoned: dict[int, str] | None = None,
+                  boundary: subclass.Boundary | None = None) -> Callable[[list], Any]:
     """A function of the call's flat leaves returning the user's output.
 
-    ``plans``: view-replay plans of rebuilt outputs (views.py)."""
+    ``plans``: view-replay plans of rebuilt outputs (views.py); ``boundary``:
+    the subclass layouts (Note [Subclasses at the boundary])."""
     graph_leaf = flat.graph_leaf
-    run_graphs = (_training_runner(sig, compiled, poisoned or {})
-                  if compiled.backward is not None else _inference_runner(sig, compiled))
+    run_graphs = (_training_runner(sig, compiled, poisoned or {}, boundary)
+                  if compiled.backward is not None else
+                  _inference_runner(sig, compiled, boundary))
     if config.debug_assert:
         run_graphs = _with_output_checks(run_graphs, sig)
     write_back = _mutation_writer(sig)
@@ -100,12 +103,16 @@ def _unview(outs: list, positions: tuple[int, ...]) -> None:
             outs[k] = _torch.unsafe_view(t)
 
 
-def _inference_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[list], list]:
+def _inference_runner(sig: Signature, compiled: CompiledGraphs,
+                      boundary: subclass.Boundary | None) -> Callable[[list], list]:
     """No output of an inference graph needs grad (else the analysis would have
     asked for a joint graph), so it runs under no_grad: in-graph mutations of
     inputs that require grad are then allowed, as they were when traced."""
     forward = compiled.forward
     plain = _plain_positions(sig)
+    if boundary is not None:  # Note [Subclasses at the boundary]
+        def forward(args: list, graph=compiled.forward, layouts=boundary.outputs) -> list:
+            return subclass.rebuild_list(layouts, graph(subclass.flatten_all(args)))
 
     autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
 
@@ -122,8 +129,8 @@ def _inference_runner(sig: Signature, compiled: CompiledGraphs) -> Callable[[lis
     return run
 
 
-def _training_runner(sig: Signature, compiled: CompiledGraphs,
-                     poisoned: dict[int, str]) -> Callable[[list], list]:
+def _training_runner(sig: Signature, compiled: CompiledGraphs, poisoned: dict[int, str],
+                     boundary: subclass.Boundary | None) -> Callable[[list], list]:
     """Note [No double backward]: the compiled backward is a graph over saved
     values that autograd cannot see through, so differentiating its result
     again would silently drop terms.  It runs under no_grad; with
@@ -140,27 +147,35 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs,
     distinct = tuple((k, not mask[k]) for k in compiled.repeated_outputs)
     deps = compiled.tangent_deps
     autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
+    # Note [Subclasses at the boundary]: graph inputs, user outputs, tangents
+    # and gradients cross between subclass and plain tensors here
+    flatten = subclass.flatten_all if boundary is not None else list
+    tangent_layouts = [] if boundary is None else \
+        [boundary.outputs[k] for k in diff]
 
     class CompiledFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             if autocast_on:
                 with _torch.autocast_disabled():
-                    outs = forward(list(inputs))
+                    outs = forward(flatten(inputs))
             else:
-                outs = forward(list(inputs))
+                outs = forward(flatten(inputs))
             ctx.save_for_backward(*outs[num_out:end_tensors])
             ctx.symints = outs[end_tensors:]
             user = list(outs[:num_out])
             for k, detach in distinct:
                 if isinstance(user[k], torch.Tensor):
                     user[k] = user[k].detach() if detach else user[k].clone()
+            if boundary is not None:
+                user = subclass.rebuild_list(boundary.outputs, user)
             _unview(user, plain)
             marks = [user[k] for k in non_diff if isinstance(user[k], torch.Tensor)]
             if marks:
                 ctx.mark_non_differentiable(*marks)
             ctx.set_materialize_grads(False)
-            ctx.diff_meta = [(user[k].shape, user[k].dtype, user[k].device) for k in diff]
+            ctx.diff_meta = [[(p.shape, p.dtype, p.device) for p in flatten([user[k]])]
+                             for k in diff]
             return tuple(user)
 
         @staticmethod
@@ -169,19 +184,29 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs,
             for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
                 if tangents[j] is not None:
                     raise RuntimeError(message)
-            missing = [j for j, t in enumerate(tangents) if t is None]
-            for j in missing:  # autograd gave no gradient for this output: zeros
-                shape, dtype, device = ctx.diff_meta[j]
-                tangents[j] = torch.zeros(shape, dtype=dtype, device=device)
-            tangents = [t.contiguous() for t in tangents]
+            missing: set[int] = set()  # plain tangent positions autograd gave nothing for
+            plain_tangents = []
+            for j, t in enumerate(tangents):
+                if t is None:  # autograd gave no gradient for this output: zeros
+                    for shape, dtype, device in ctx.diff_meta[j]:
+                        missing.add(len(plain_tangents))
+                        plain_tangents.append(torch.zeros(shape, dtype=dtype, device=device))
+                elif boundary is None:
+                    plain_tangents.append(t.contiguous())
+                else:
+                    subclass.check_tangent(t, tangent_layouts[j], diff[j])
+                    plain_tangents.extend(p.contiguous() for p in flatten([t]))
             saved = ctx.saved_tensors
             # Note [Autocast is traced in]: the graphs hold autocast's casts
             with torch.no_grad(), _torch.autocast_disabled():
-                grad_inputs = list(backward([*ctx.symints, *saved, *tangents]))
+                grad_inputs = list(backward([*ctx.symints, *saved, *plain_tangents]))
             if missing:  # Note [Gradients that eager leaves None] (compile.py)
-                present = frozenset(j for j in range(len(tangents)) if j not in missing)
+                present = frozenset(j for j in range(len(plain_tangents)) if j not in missing)
                 grad_inputs = [None if not (deps[i] & present) else g
                                for i, g in enumerate(grad_inputs)]
+            if boundary is not None:
+                grad_inputs = subclass.rebuild_list(boundary.grads, grad_inputs)
+            tangents = plain_tangents
             if torch.is_grad_enabled():  # create_graph=True: Note [No double backward]
                 return _refuse_double_backward(grad_inputs, [*saved, *tangents])
             return tuple(grad_inputs)
@@ -245,7 +270,7 @@ def _alias_guard(sig: Signature, num_params_buffers: int) -> Callable[[list], No
         for i in candidates:
             t = inputs[i]
             if isinstance(t, torch.Tensor):
-                ptr = t.untyped_storage().data_ptr()
+                ptr = subclass.storage_ptr(t)
                 if ptr in seen and (i in mutated or seen[ptr] in mutated):
                     raise AliasedMutatedInputs(alias_groups(inputs))
                 seen.setdefault(ptr, i)
@@ -298,7 +323,7 @@ def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    return subclass.storage_ptr(a) == subclass.storage_ptr(b)
 
 
 # ---------------------------------------------------------------- outputs

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, config
+from . import _torch, config, subclass
 from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
@@ -41,6 +41,7 @@ class TracedGraph:
     num_fwd_outputs: int                     # joint: outputs before the gradients
     poisoned_tangents: Mapping[int, str] = dataclasses.field(default_factory=dict)
                                              # Note [Poisoned gradients]
+    boundary: subclass.Boundary | None = None  # Note [Subclasses at the boundary]
 
 
 def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signature,
@@ -99,32 +100,85 @@ def _outputs_after_kept_mutations(outs: list, args: Sequence, sig: Signature) ->
 def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
     def inference(*args):
         with _torch.functional_mode():
-            f_args = [_torch.to_functional(a) for a in args]
+            f_args = _rebuild_inputs(sig, [_torch.to_functional(a) for a in args])
             values = _run_program(flat_fn, f_args, f_args, sig)
-            outs = [_torch.from_functional(v) for v in values]
+            outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(args, kept, sig)
         return _outputs_after_kept_mutations(outs, args, sig)
 
+    plain_inputs = _plain_inputs(sig, fake_inputs)
     with torch.no_grad():
-        gm = _torch.make_fx(inference, decomposition_table=decompositions)(*fake_inputs)
+        gm = _torch.make_fx(inference, decomposition_table=decompositions)(*plain_inputs)
     _flatten_codegen(gm)
     drop_detaches(gm)
-    _annotate(gm, [Primal(i) for i in range(len(fake_inputs))], _output_descs(sig))
-    return TracedGraph(gm, False, tuple(fake_inputs), sig.num_graph_outputs)
+    _annotate(gm, [Primal(i) for i in range(len(plain_inputs))], _output_descs(sig))
+    boundary = subclass.Boundary(sig.input_layouts, sig.graph_output_layouts) \
+        if sig.has_subclasses else None
+    return TracedGraph(gm, False, tuple(plain_inputs), len(gm.graph.output_node().args[0]),
+                       boundary=boundary)
+
+
+# ---------------------------------------------------------------- subclasses
+# Note [Subclasses at the boundary] (subclass.py): the traced function takes
+# and returns plain tensors; the program in it sees its subclass inputs.
+
+def _plain_inputs(sig: Signature, fake_inputs: Sequence) -> list:
+    """The graph's placeholders: a subclass input's plain tensors, detached
+    (autograd runs on the subclass, above them)."""
+    if not sig.has_subclasses:
+        return list(fake_inputs)
+    out: list = []
+    for x, layout in zip(fake_inputs, sig.input_layouts):
+        if layout is None:
+            out.append(x)
+        else:
+            out.extend(p.detach() for p in subclass.flatten_all([x]))
+    return out
+
+
+def _rebuild_inputs(sig: Signature, f_plain: list) -> list:
+    if not sig.has_subclasses:
+        return f_plain
+    f_args = subclass.rebuild_list(sig.input_layouts, f_plain)
+    for x, layout, info in zip(f_args, sig.input_layouts, sig.inputs):
+        if layout is not None and info.requires_grad:
+            x.requires_grad_(True)  # a leaf of the joint's autograd graph
+    return f_args
+
+
+def _plain_values(sig: Signature, values: list) -> list:
+    return subclass.flatten_all(values) if sig.has_subclasses else values
 
 
 def _output_descs(sig: Signature) -> tuple:
-    return (tuple(MutatedInput(i) for i in sig.mutated_inputs_out_of_graph) +
-            tuple(UserOutput(k) for k in sig.user_graph_outputs) +
-            tuple(IntermediateBase(j) for j in range(sig.num_intermediate_bases)))
+    descs = (tuple(MutatedInput(i) for i in sig.mutated_inputs_out_of_graph) +
+             tuple(UserOutput(k) for k in sig.user_graph_outputs) +
+             tuple(IntermediateBase(j) for j in range(sig.num_intermediate_bases)))
+    if not sig.has_subclasses:
+        return descs
+    # one descriptor per plain tensor of a subclass output
+    return tuple(d for d, layout in zip(descs, sig.graph_output_layouts)
+                 for _ in range(subclass.num_plain(layout)))
 
 
 def example_tangents(sig: Signature) -> list[torch.Tensor]:
-    """Tangents are traced contiguous; the runtime makes them contiguous too."""
+    """Tangents are traced contiguous; the runtime makes them contiguous too.
+    A subclass output's tangent is given as its plain tensors."""
+    if sig.has_subclasses:
+        return [torch.empty(shape, dtype=dtype, device=device)
+                for metas, needs in zip(sig.graph_output_plain_meta, sig.tangent_mask)
+                if needs for shape, dtype, device in metas]
     return [torch.empty(shape, dtype=dtype, device=device)
             for (shape, dtype, device), needs in zip(sig.graph_output_meta, sig.tangent_mask)
             if needs]
+
+
+def _rebuild_tangents(sig: Signature, f_tangents: list) -> list:
+    if not sig.has_subclasses:
+        return f_tangents
+    layouts = [x for x, needs in zip(sig.graph_output_layouts, sig.tangent_mask) if needs]
+    return subclass.rebuild_list(layouts, f_tangents)
 
 
 def _needs_clone(info: InputInfo) -> bool:
@@ -160,10 +214,12 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     grad_is_none: list[bool] = []
     poisoned: dict[int, str] = {}
 
+    grad_layouts: list = []
+
     def joint(primals, tangents):
         with _torch.functional_mode():
-            f_primals = [_torch.to_functional(p) for p in primals]
-            f_tangents = [_torch.to_functional(t) for t in tangents]
+            f_primals = _rebuild_inputs(sig, [_torch.to_functional(p) for p in primals])
+            f_tangents = _rebuild_tangents(sig, [_torch.to_functional(t) for t in tangents])
             f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
             values = _run_program(flat_fn, f_args, f_primals, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
@@ -174,27 +230,33 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
-            grad_is_none[:] = [g is None for g in all_grads]
-            outs = [_torch.from_functional(v) for v in values]
-            grads_out = [_torch.from_functional(g) for g in all_grads if g is not None]
+            grad_layouts[:] = [subclass.layout_of(g) for g in all_grads]
+            grad_is_none[:] = [g is None for g, layout in zip(all_grads, grad_layouts)
+                               for _ in range(subclass.num_plain(layout))]
+            outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
+            grads_out = [_torch.from_functional(g)
+                         for g in _plain_values(sig, [g for g in all_grads if g is not None])]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(primals, kept, sig)
         return _outputs_after_kept_mutations(outs, primals, sig), grads_out
 
     tangents = example_tangents(sig) if loss_index is None else []
-    primals = [_detached_like(x) for x in fake_inputs]
+    primals = _plain_inputs(sig, [_detached_like(x) for x in fake_inputs])
     with torch.enable_grad():
         gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
-    num_fwd = sig.num_graph_outputs
+    out_descs = _output_descs(sig)
+    num_fwd = len(out_descs)
     _flatten_codegen(gm, insert_none_after=num_fwd, none_mask=grad_is_none)
     drop_detaches(gm)
     in_descs = [Primal(i) for i in range(len(primals))] + [Tangent(k) for k in range(len(tangents))]
-    out_descs = _output_descs(sig) + tuple(Grad(i) for i in range(len(primals)))
+    out_descs += tuple(Grad(i) for i in range(len(grad_is_none)))
     _annotate(gm, in_descs, out_descs)
     if poisoned:
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    return TracedGraph(gm, True, (*primals, *tangents), num_fwd, poisoned)
+    boundary = subclass.Boundary(sig.input_layouts, sig.graph_output_layouts,
+                                 tuple(grad_layouts)) if sig.has_subclasses else None
+    return TracedGraph(gm, True, (*primals, *tangents), num_fwd, poisoned, boundary)
 
 
 # autograd errors that eager raises only when the backward reaches them

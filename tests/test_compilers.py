@@ -4,7 +4,6 @@ memory_efficient_fusion — each compared against eager."""
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import pytest

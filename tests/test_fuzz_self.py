@@ -216,7 +216,7 @@ class TestFlags(unittest.TestCase):
         def f(a):
             return (a.sin(),)
         broken = Broken(lambda call, a: (a.sin() if call == 1 else a.cos(),))
-        result = self.flagged(f, broken, inputs(X), "cached call: output N.value differs")
+        self.flagged(f, broken, inputs(X), "cached call: output N.value differs")
         self.assertEqual(broken.calls, 2)
 
     def test_tolerated_version_counter_error(self):

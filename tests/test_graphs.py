@@ -4,7 +4,6 @@ import torch
 import torch.nn as nn
 from expecttest import TestCase
 
-import aotgrad
 from aotgrad import aot_function, aot_module
 from aotgrad.descriptors import DESC, Primal, Saved, Tangent, UserOutput
 from helpers import GraphRecorder
