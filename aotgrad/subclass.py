@@ -36,17 +36,27 @@ from . import _torch
 
 
 @dataclass(frozen=True)
+class Opaque:
+    """An inner attribute that is not a tensor (DTensor's ``device_mesh``):
+    not a graph input; put back as it is when the subclass is rebuilt."""
+    value: Any
+
+    def structure(self) -> tuple:
+        return ("opaque", _hashable(self.value))
+
+
+@dataclass(frozen=True)
 class SubclassLayout:
     cls: type
     meta: Any                              # the constant of __tensor_flatten__
     attrs: tuple[str, ...]                 # inner tensor attributes, in flatten order
-    inner: tuple["Layout", ...]            # per attribute: its layout (None: plain)
+    inner: tuple["Layout | Opaque", ...]   # per attribute: its layout (None: plain)
     outer_size: tuple
     outer_stride: tuple
 
     @property
     def num_plain(self) -> int:
-        return sum(1 if x is None else x.num_plain for x in self.inner)
+        return sum(num_plain(x) for x in self.inner)
 
     def structure(self) -> tuple:
         """What must match for a tensor to be flattened by this layout (not sizes)."""
@@ -54,7 +64,7 @@ class SubclassLayout:
                 tuple(None if x is None else x.structure() for x in self.inner))
 
     def describe(self) -> str:
-        inner = ", ".join(f"{a}={'Tensor' if x is None else x.describe()}"
+        inner = ", ".join(f"{a}={'Tensor' if x is None else type(x.value).__name__ if isinstance(x, Opaque) else x.describe()}"
                           for a, x in zip(self.attrs, self.inner))
         return f"{self.cls.__name__}({inner}; meta={self.meta!r})"
 
@@ -71,9 +81,12 @@ def layout_of(t: Any) -> Layout:
     if not is_subclass(t):
         return None
     attrs, meta = t.__tensor_flatten__()
-    return SubclassLayout(type(t), meta, tuple(attrs),
-                          tuple(layout_of(getattr(t, a)) for a in attrs),
-                          tuple(t.size()), tuple(t.stride()))
+    inner = tuple(_inner_layout(getattr(t, a)) for a in attrs)
+    return SubclassLayout(type(t), meta, tuple(attrs), inner, tuple(t.size()), tuple(t.stride()))
+
+
+def _inner_layout(v: Any) -> "Layout | Opaque":
+    return layout_of(v) if isinstance(v, torch.Tensor) else Opaque(v)
 
 
 def layout_key(t: torch.Tensor) -> tuple | None:
@@ -82,8 +95,8 @@ def layout_key(t: torch.Tensor) -> tuple | None:
     return None if layout is None else layout.structure()
 
 
-def num_plain(layout: Layout) -> int:
-    return 1 if layout is None else layout.num_plain
+def num_plain(layout: "Layout | Opaque") -> int:
+    return 1 if layout is None else 0 if isinstance(layout, Opaque) else layout.num_plain
 
 
 def plain_leaves(t: Any, out: list) -> None:
@@ -91,7 +104,9 @@ def plain_leaves(t: Any, out: list) -> None:
     if is_subclass(t):
         attrs, _ = t.__tensor_flatten__()
         for a in attrs:
-            plain_leaves(getattr(t, a), out)
+            v = getattr(t, a)
+            if isinstance(v, torch.Tensor):
+                plain_leaves(v, out)
     else:
         out.append(t)
 
@@ -113,10 +128,12 @@ def rebuild(layout: Layout, plains: Iterator, *, size: Any = None, stride: Any =
     (true of wrappers whose inner tensors are the outer tensor's shape)."""
     if layout is None:
         return next(plains)
+    if isinstance(layout, Opaque):
+        return layout.value
     inner = {a: rebuild(x, plains) for a, x in zip(layout.attrs, layout.inner)}
+    first = next(iter(inner.values()))
     if size is None and _is_symbolic(layout.outer_size + layout.outer_stride) and \
-            not _is_symbolic_value(next(iter(inner.values()))):
-        first = next(iter(inner.values()))
+            not _is_symbolic_value(first):
         size, stride = first.size(), first.stride()
     return layout.cls.__tensor_unflatten__(
         inner, layout.meta, layout.outer_size if size is None else size,

@@ -201,3 +201,45 @@ def test_inductor_training_fullgraph(inductor_calls):
 def test_inductor_inference(inductor_calls):
     check_inference(backends.inductor)
     assert [kw for kw, _ in inductor_calls] == [{"is_inference": True}]
+
+
+# ---------------------------------------------------------------- subclasses and symbolic sizes
+
+def _two_tensor_step(compiled, f, n):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(n)
+    a, b = torch.randn(n, 4), torch.randn(n, 4)
+    w = torch.randn(4, requires_grad=True)
+    results = []
+    for fn in (f, compiled):
+        x = TwoTensor(a.clone(), b.clone()).requires_grad_()
+        w.grad = None
+        out = fn(x, w)
+        out.sum().backward()
+        results.append((out, x.grad, w.grad.clone()))
+    (want, want_gx, want_gw), (got, got_gx, got_gw) = results
+    assert type(got) is type(want) and type(got_gx) is type(want_gx)
+    for g, e in ((got.a, want.a), (got.b, want.b), (got_gx.a, want_gx.a),
+                 (got_gx.b, want_gx.b), (got_gw, want_gw)):
+        assert_close(g, e)
+
+
+def _subclass_program(x, w):
+    return (x * w).sin() * x.shape[0]
+
+
+def test_aot_eager_subclass_inputs_dynamic_fullgraph():
+    compiled = torch.compile(_subclass_program, backend=backends.aot_eager, fullgraph=True,
+                             dynamic=True)
+    for n in (3, 5):
+        _two_tensor_step(compiled, _subclass_program, n)
+
+
+def test_inductor_subclass_inputs_dynamic_fullgraph(inductor_calls):
+    compiled = torch.compile(_subclass_program, backend=backends.inductor, fullgraph=True,
+                             dynamic=True)
+    for n in (3, 5):
+        _two_tensor_step(compiled, _subclass_program, n)
+    # one forward and one backward, both symbolic: the second size reused them
+    assert [kw.get("is_backward", False) for kw, _ in inductor_calls] == [False, True]
