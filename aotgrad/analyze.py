@@ -196,6 +196,8 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
         meta = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
                      else None for v in graph_values)
         out_layouts = tuple(subclass.layout_of(v) for v in graph_values)
+        for v in graph_values:
+            subclass.check_rebuildable(v)
         plain_meta = tuple(tuple((tuple(p.shape), p.dtype, p.device)
                                  for p in subclass.flatten_all([v]))
                            if isinstance(v, torch.Tensor) else () for v in graph_values)

@@ -131,13 +131,35 @@ def rebuild(layout: Layout, plains: Iterator, *, size: Any = None, stride: Any =
     if isinstance(layout, Opaque):
         return layout.value
     inner = {a: rebuild(x, plains) for a, x in zip(layout.attrs, layout.inner)}
-    first = next(iter(inner.values()))
-    if size is None and _is_symbolic(layout.outer_size + layout.outer_stride) and \
-            not _is_symbolic_value(first):
-        size, stride = first.size(), first.stride()
+    if size is None and _is_symbolic(layout.outer_size + layout.outer_stride):
+        first = _first_tensor(inner.values())
+        if not _is_symbolic_value(first):  # at run time
+            size, stride = first.size(), first.stride()
     return layout.cls.__tensor_unflatten__(
         inner, layout.meta, layout.outer_size if size is None else size,
         layout.outer_stride if stride is None else stride)
+
+
+def _first_tensor(values: Any) -> Any:
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def check_rebuildable(t: Any) -> None:
+    """Note [Symbolic outer sizes]: refuse a subclass output whose symbolic
+    size is not its first inner tensor's (it could not be rebuilt right)."""
+    if not is_subclass(t) or not _is_symbolic(tuple(t.shape) + tuple(t.stride())):
+        return
+    attrs, _ = t.__tensor_flatten__()
+    first = _first_tensor(getattr(t, a) for a in attrs)
+    same = first is not None and [str(v) for v in (*t.shape, *t.stride())] == \
+        [str(v) for v in (*first.shape, *first.stride())]
+    if not same:
+        raise NotImplementedError(
+            f"aotgrad: a {type(t).__name__} output has symbolic size {tuple(t.shape)} that is "
+            "not the size of its inner tensor; such outputs can only be compiled with static "
+            "shapes (dynamic=False, or without marking the sizes dynamic).")
+    for a in attrs:
+        check_rebuildable(getattr(t, a))
 
 
 def _is_symbolic(values: tuple) -> bool:

@@ -231,6 +231,8 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
             grad_layouts[:] = [subclass.layout_of(g) for g in all_grads]
+            for g in all_grads:
+                subclass.check_rebuildable(g)
             grad_is_none[:] = [g is None for g, layout in zip(all_grads, grad_layouts)
                                for _ in range(subclass.num_plain(layout))]
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
