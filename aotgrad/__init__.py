@@ -35,7 +35,7 @@ from .cache import AOTAutogradCache, SerializableAOTDispatchCompiler
 from .compile import get_aot_compilation_context, make_boxed_compiler, make_boxed_func, nop
 from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit, ts_compile
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
-from .mincut import min_cut_rematerialization_partition
+from .budget import min_cut_rematerialization_partition
 from .partition import default_partition
 from .saved_hooks import saved_tensor_hook_context
 

@@ -221,16 +221,9 @@ default_decompositions = _torch.get_decompositions([
 # ---------------------------------------------------------------- memory_efficient_fusion
 
 def _min_cut_partition() -> Callable:
-    try:
-        from .mincut import min_cut_rematerialization_partition
-    except ImportError:
-        # TEMPORARY: aotgrad/mincut.py is being written in parallel.  Until it
-        # exists, fall back to the default partition (correct, saves more).
-        # Remove this fallback once aotgrad.mincut lands.
-        from .partition import default_partition
+    from . import budget
 
-        return default_partition
-    return min_cut_rematerialization_partition
+    return budget.min_cut_rematerialization_partition
 
 
 def memory_efficient_fusion(fn: Callable | nn.Module, **kwargs: Any) -> Callable | nn.Module:

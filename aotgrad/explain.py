@@ -228,7 +228,7 @@ def resolve_partitioner(name: str) -> Callable:
         return default_partition
     if name == "mincut":
         try:
-            from .mincut import min_cut_rematerialization_partition
+            from .budget import min_cut_rematerialization_partition
         except ImportError as e:
             raise ExplainError("--partitioner mincut needs aotgrad.mincut."
                                f"min_cut_rematerialization_partition, which is not available "

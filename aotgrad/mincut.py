@@ -68,8 +68,10 @@ Before and after, for ``f(x) = (x.sin() * 2).cos().sum()`` (the cut above is
 
 from __future__ import annotations
 
+import enum
 import operator
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -77,6 +79,7 @@ import torch.fx as fx
 
 from . import _torch
 from .partition import (
+    JointRoles,
     ancestors,
     backward_uses,
     build_partition,
@@ -181,6 +184,12 @@ class FlowNetwork:
         self.to += (v, u)
         self.cap += (cap, 0)
 
+    def copy(self) -> "FlowNetwork":
+        """The same edges and capacities, no flow (to add more edges and solve)."""
+        net = FlowNetwork(self.num_vertices)
+        net.to, net.cap = list(self.to), list(self.cap)
+        return net
+
     def _build_adjacency(self) -> None:
         to, n = self.to, self.num_vertices
         count = [0] * (n + 1)
@@ -267,95 +276,200 @@ class FlowNetwork:
 # ---------------------------------------------------------------- choosing what to save
 
 
-def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
-                         recompute_policy: RecomputePolicy = is_cheap_to_recompute
-                         ) -> list[fx.Node]:
-    """The values the forward saves (joint graph order), by Note [Min-cut rematerialization].
+class NodeRole(enum.Enum):
+    """What the partitioner may do with a forward value (Note [Min-cut rematerialization])."""
+    CHEAP = "cheap"          # the backward may recompute it for free
+    COSTLY = "costly"        # the backward may recompute it at its cost (memory budget only)
+    BANNED = "banned"        # the forward computes it (primals, random and in-place ops,
+                             # values a policy says to save or offload)
+    NO_SAVE = "no_save"      # never saved: recomputed (a policy's or a checkpoint's)
 
-    Falls back to ``default_partition``'s choice when the cut is not smaller.
+
+def _is_random_or_mutating(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, _torch.OpOverload):
+        return False
+    return bool(set(target.tags) & NEVER_RECOMPUTE_TAGS) or target._schema.is_mutable
+
+
+def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], NodeRole]:
+    """Roles from a recompute policy alone: what it allows is CHEAP; other
+    deterministic ops are COSTLY; random and in-place ops are BANNED."""
+    def role(n: fx.Node) -> NodeRole:
+        if n.op == "placeholder" or _is_random_or_mutating(n):
+            return NodeRole.BANNED
+        if recompute_policy(n):
+            return NodeRole.CHEAP
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor):
+            return NodeRole.COSTLY
+        return NodeRole.BANNED
+    return role
+
+
+@dataclass(frozen=True)
+class Cut:
+    saved: tuple[fx.Node, ...]      # joint graph order, symbolic ints included
+    saved_bytes: int                # bytes of the saved tensors that are not primals
+    recompute_cost: int             # total cost of the COSTLY nodes the backward recomputes
+    recomputed_costly: frozenset = frozenset()   # those nodes
+
+
+class RematProblem:
+    """The flow network of Note [Min-cut rematerialization], built once.
+
+    ``solve(lam)`` finds the saved set minimizing ``bytes + lam * cost``,
+    where ``cost`` is the recompute cost (``costs``) of the COSTLY nodes the
+    backward recomputes; ``lam=None`` forbids recomputing them (the plain
+    min-cut).  Primals cost no bytes (they are alive anyway).
     """
-    roles = joint_roles(joint_gm, num_fwd_outputs)
-    fwd = forward_nodes(roles)
-    default_saved = backward_uses(joint_gm, roles, fwd)
-    saved = _min_cut(joint_gm, roles, fwd, recompute_policy)
-    if saved is None or saved_tensor_bytes(saved) >= saved_tensor_bytes(default_saved):
-        return default_saved
-    return saved
 
+    def __init__(self, joint_gm: fx.GraphModule, roles: JointRoles, fwd: set,
+                 role_of: Callable[[fx.Node], NodeRole], *, with_costly: bool,
+                 costs: Callable[[fx.Node], int] | None = None):
+        self.roles = roles
+        self.graph_nodes = list(joint_gm.graph.nodes)
+        tangent_side = descendants(roles.tangents)
+        needed = ancestors(roles.bwd_outputs)
+        backward = needed & tangent_side
+        primals = set(roles.primals)
+        self.tangent_side, self.fwd = tangent_side, fwd
+        syms = {n for n in needed | fwd if _torch.is_sym_node(n)}
 
-def _min_cut(joint_gm, roles, fwd: set, recompute_policy) -> list[fx.Node] | None:
-    tangent_side = descendants(roles.tangents)
-    needed = ancestors(roles.bwd_outputs)
-    backward = needed & tangent_side
-    primals = set(roles.primals)
+        def candidate(n: fx.Node) -> bool:   # in F or U, and not a symbolic int
+            return (n in fwd or n in needed) and n not in tangent_side and n not in syms
 
-    syms = {n for n in needed | fwd if _torch.is_sym_node(n)}
+        role = {}
 
-    def candidate(n: fx.Node) -> bool:   # in F or U, and not a symbolic int
-        return (n in fwd or n in needed) and n not in tangent_side and n not in syms
+        def role_in_fwd(n: fx.Node) -> NodeRole:
+            if n not in role:
+                r = role_of(n) if n in fwd or n in primals else NodeRole.CHEAP
+                if r is NodeRole.COSTLY and not with_costly:
+                    r = NodeRole.BANNED
+                role[n] = NodeRole.BANNED if n in primals else r
+            return role[n]
+        self.role = role_in_fwd
 
-    # Sink side: what B nodes read, and gradients that are not B nodes.
-    to_sink: dict[fx.Node, None] = {}
-    for b in backward:
-        for u in b.all_input_nodes:
-            if candidate(u):
-                to_sink[u] = None
-    for g in roles.bwd_outputs:
-        if isinstance(g, fx.Node) and candidate(g):
-            to_sink[g] = None
-    if not to_sink:
-        return []
+        # Sink side: what B nodes read, and gradients that are not B nodes.
+        to_sink: dict[fx.Node, None] = {}
+        for b in backward:
+            for u in b.all_input_nodes:
+                if candidate(u):
+                    to_sink[u] = None
+        for g in roles.bwd_outputs:
+            if isinstance(g, fx.Node) and candidate(g):
+                to_sink[g] = None
+        self.empty = not to_sink
 
-    def banned(n: fx.Node) -> bool:      # must be computed by the forward
-        return n in primals or (n in fwd and not recompute_policy(n))
+        # The nodes of the network: ancestors of the sink-side nodes, stopping at banned ones.
+        members: set[fx.Node] = set()
+        stack = list(to_sink)
+        while stack:
+            n = stack.pop()
+            if n in members:
+                continue
+            members.add(n)
+            if role_in_fwd(n) is not NodeRole.BANNED:
+                stack.extend(u for u in n.all_input_nodes if candidate(u))
+        order = [n for n in self.graph_nodes if n in members]
+        index = {n: i for i, n in enumerate(order)}
+        self.order = order
 
-    # The nodes of the network: ancestors of the sink-side nodes, stopping at banned ones.
-    members: set[fx.Node] = set()
-    stack = list(to_sink)
-    while stack:
-        n = stack.pop()
-        if n in members:
-            continue
-        members.add(n)
-        if not banned(n):
-            stack.extend(u for u in n.all_input_nodes if candidate(u))
-    order = [n for n in joint_gm.graph.nodes if n in members]
-    index = {n: i for i, n in enumerate(order)}
-
-    # Capacities: bytes, scaled so that ties break toward saving primals and
-    # forward outputs (alive anyway); None: not a tensor.
-    scale = len(order) + 1
-    alive = primals | {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
-    caps = [None if (b := tensor_bytes(n)) is None else b * scale + (n not in alive)
-            for n in order]
-    inf = sum(c for c in caps if c is not None) + 1   # more than any finite cut
-    net = FlowNetwork(2 * len(order) + 2)
-    source, sink = 2 * len(order), 2 * len(order) + 1
-    for i, n in enumerate(order):
-        net.add_edge(2 * i, 2 * i + 1, inf if caps[i] is None else caps[i])
-        if banned(n):
-            net.add_edge(source, 2 * i, inf)
-        else:
+        # Capacities: bytes, scaled so that ties break toward saving forward
+        # outputs (alive anyway); None: cannot be saved.
+        scale = len(order) + 1
+        alive = {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
+        self.bytes = [0 if n in primals else tensor_bytes(n) for n in order]
+        caps = [None if b is None or role_in_fwd(n) is NodeRole.NO_SAVE
+                else b * scale + (n not in alive and n not in primals)
+                for n, b in zip(order, self.bytes)]
+        self.inf = inf = sum(c for c in caps if c is not None) + 1   # more than any finite cut
+        self.scale = scale
+        net = FlowNetwork(2 * len(order) + 2)
+        self.source, self.sink = source, sink = 2 * len(order), 2 * len(order) + 1
+        self.costly: list[tuple[int, int]] = []   # (vertex, cost) of COSTLY nodes
+        for i, n in enumerate(order):
+            net.add_edge(2 * i, 2 * i + 1, inf if caps[i] is None else caps[i])
+            r = role_in_fwd(n)
+            if r is NodeRole.BANNED:
+                net.add_edge(source, 2 * i, inf)
+                continue
+            if r is NodeRole.COSTLY:
+                self.costly.append((i, max(1, costs(n) if costs is not None else 1)))
             for u in n.all_input_nodes:
                 j = index.get(u)
                 if j is not None:
                     net.add_edge(2 * j + 1, 2 * i, inf)
-        if n in to_sink:
-            net.add_edge(2 * i + 1, sink, inf)
-    if net.max_flow(source, sink) >= inf:
-        return None
-    recomputed = net.reaches(sink)
-    saved = {n for i, n in enumerate(order) if not recomputed[2 * i] and recomputed[2 * i + 1]}
-    saved |= _symints_to_save(roles, saved, tangent_side, fwd, recompute_policy)
-    return [n for n in joint_gm.graph.nodes if n in saved]
+            if n in to_sink:
+                net.add_edge(2 * i + 1, sink, inf)
+        for n in to_sink:  # banned sink-side nodes: saved whole
+            i = index[n]
+            if role_in_fwd(n) is NodeRole.BANNED:
+                net.add_edge(2 * i + 1, sink, inf)
+        self.net = net
+
+    def solve(self, lam: float | None, allowed: frozenset[fx.Node] | None = None) -> Cut | None:
+        """The optimal cut for ``lam`` (None: COSTLY nodes are not recomputed);
+        with ``allowed``, only those COSTLY nodes may be.  None when no finite
+        cut exists."""
+        if self.empty:
+            return Cut(tuple(self._with_symints(set())), 0, 0)
+        net = self.net.copy()
+        for i, cost in self.costly:
+            banned = lam is None or (allowed is not None and self.order[i] not in allowed)
+            cap = self.inf if banned else max(1, round(lam * cost * self.scale))
+            net.add_edge(self.source, 2 * i, cap)
+        if net.max_flow(self.source, self.sink) >= self.inf:
+            return None
+        recomputed = net.reaches(self.sink)
+        order = self.order
+        saved = {n for i, n in enumerate(order) if not recomputed[2 * i] and recomputed[2 * i + 1]}
+        cost = sum(c for i, c in self.costly if recomputed[2 * i])
+        nbytes = sum(self.bytes[i] or 0 for i, n in enumerate(order) if n in saved)
+        costly = frozenset(order[i] for i, _ in self.costly if recomputed[2 * i])
+        return Cut(tuple(self._with_symints(saved)), nbytes, cost, costly)
+
+    def _with_symints(self, saved: set) -> list[fx.Node]:
+        saved = saved | _symints_to_save(self.roles, saved, self.tangent_side, self.fwd,
+                                         self.role)
+        return [n for n in self.graph_nodes if n in saved]
+
+
+def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
+                         recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+                         role_of: Callable[[fx.Node], NodeRole] | None = None
+                         ) -> list[fx.Node]:
+    """The values the forward saves (joint graph order), by Note [Min-cut rematerialization].
+
+    Falls back to ``default_partition``'s choice when the cut is not smaller
+    (and no role forbids saving a value).
+    """
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    fwd = forward_nodes(roles)
+    role_of = role_of or default_roles(recompute_policy)
+    cut = RematProblem(joint_gm, roles, fwd, role_of, with_costly=False).solve(None)
+    default_saved = backward_uses(joint_gm, roles, fwd)
+    if any(role_of(n) is NodeRole.NO_SAVE for n in default_saved):
+        if cut is None:
+            raise RuntimeError("aotgrad min-cut: the values the policy forbids saving cannot "
+                               "all be recomputed")
+        return list(cut.saved)
+    if cut is None or activation_bytes(cut.saved) >= activation_bytes(default_saved):
+        return default_saved
+    return list(cut.saved)
+
+
+def activation_bytes(saved: Iterable[fx.Node]) -> int:
+    """Bytes of the saved tensors that are not graph inputs (primals are alive anyway)."""
+    return sum(tensor_bytes(n) or 0 for n in saved
+               if n.op != "placeholder" and not _torch.is_sym_node(n))
 
 
 def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
-                     recompute_policy) -> set[fx.Node]:
+                     role: Callable[[fx.Node], NodeRole]) -> set[fx.Node]:
     """Symbolic ints the backward reads that it cannot compute from tangents and ``saved``.
 
     Also checks the cut: the backward recomputes no primal and no forward node
-    that ``recompute_policy`` forbids.
+    whose role forbids it.
     """
     syms: set[fx.Node] = set()
     seen: set[fx.Node] = set()
@@ -369,26 +483,10 @@ def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
             if _torch.is_sym_node(n):
                 syms.add(n)
                 continue
-            if n.op == "placeholder" or (n in fwd and not recompute_policy(n)):
+            if n.op == "placeholder" or (n in fwd and role(n) is NodeRole.BANNED):
                 raise AssertionError(
                     "aotgrad min-cut: the backward would recompute "
                     f"{n.format_node()}, which the recompute policy forbids; this is a bug "
                     "in aotgrad.mincut (use default_partition meanwhile)")
         stack.extend(n.all_input_nodes)
     return syms
-
-
-def min_cut_rematerialization_partition(
-        joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
-        recompute_policy: RecomputePolicy = is_cheap_to_recompute,
-        **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Save a minimum-byte set of forward values; recompute cheap ops in the backward.
-
-    ``recompute_policy(node) -> bool`` says which forward nodes the backward
-    may recompute (default ``is_cheap_to_recompute``).  Other keyword
-    arguments (``compiler=``, ``static_lifetime_input_indices=`` ...) are
-    accepted and ignored.  See Note [Min-cut rematerialization].
-    """
-    roles = joint_roles(joint_gm, num_fwd_outputs)
-    saved = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy)
-    return build_partition(joint_gm, roles, saved)

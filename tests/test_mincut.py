@@ -20,12 +20,8 @@ from torch import nn
 
 import aotgrad
 from aotgrad.descriptors import Saved
-from aotgrad.mincut import (
-    FlowNetwork,
-    is_cheap_to_recompute,
-    min_cut_rematerialization_partition,
-    saved_tensor_bytes,
-)
+from aotgrad import min_cut_rematerialization_partition
+from aotgrad.mincut import FlowNetwork, is_cheap_to_recompute, saved_tensor_bytes
 from aotgrad.partition import default_partition
 
 aten = torch.ops.aten

@@ -1,0 +1,175 @@
+"""A memory budget for the min-cut partitioner: save at most a fraction of
+the runtime-optimal saved bytes, recomputing as little work as possible.
+
+Note [Memory budget]
+--------------------
+``config.activation_memory_budget = b`` (in [0, 1]) asks for a partition
+whose saved activation bytes are at most ``b * B1``, where ``B1`` is what
+the plain min-cut saves (no matmul, reduction or other costly op
+recomputed: the runtime-optimal partition).  Meeting it may require
+recomputing costly ops (``NodeRole.COSTLY``, cost in FLOPs: ``flops``).
+
+For a price ``lam`` (bytes per FLOP), the network of
+Note [Min-cut rematerialization] with an edge ``source -> v_in`` of capacity
+``lam * cost(v)`` for every costly ``v`` has as minimum cut the saved set
+minimizing ``bytes + lam * cost`` — exactly (``RematProblem.solve``).  As
+``lam`` falls, the optimal bytes never rise (for optimal cuts X1 at lam1 >
+lam2 and X2 at lam2, adding the two optimality inequalities gives cost(X1) <=
+cost(X2), then bytes(X2) <= bytes(X1)).  The budget takes, among these
+optimal cuts, the cheapest one within ``b * B1``: the vertices of the
+lower convex hull of (bytes, cost) are found by Eisner-Severance search —
+intersect the lines of the two current endpoints, solve there, keep the new
+vertex on the side it falls — a handful of max-flows.  Hence the three
+guarantees the tests check:
+
+* saved bytes never increase as the budget decreases (the hull vertex
+  chosen moves monotonically, and its bytes with it);
+* random ops are never recomputed (they are BANNED, never COSTLY);
+* saved bytes never exceed the plain min-cut's, which never exceed
+  ``default_partition``'s (the budget starts from it), which is what eager
+  autograd keeps for the same graph.
+
+When even ``lam = 0`` (everything deterministic may be recomputed) cannot
+meet the budget, that minimum is used.  The chosen point is optimal for its
+price; between hull vertices a knapsack choice could be cheaper — an
+NP-hard refinement we leave for monotonicity and speed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import flop_registry
+
+from . import config
+from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
+    default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
+from .partition import build_partition, forward_nodes, joint_roles
+
+MAX_SEARCH_STEPS = 32
+
+
+def flops(node: fx.Node) -> int:
+    """Estimated FLOPs to recompute ``node``: torch's FLOP formulas for matmuls
+    and convolutions, else one per output element."""
+    target = getattr(node.target, "overloadpacket", None)
+    formula = flop_registry.get(target) if target is not None else None
+    if formula is not None:
+        def val(a):
+            return a.meta.get("val") if isinstance(a, fx.Node) else a
+        args = torch.utils._pytree.tree_map(val, node.args)
+        kwargs = torch.utils._pytree.tree_map(val, node.kwargs)
+        try:
+            return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
+        except Exception:  # a formula that does not take these arguments: fall back
+            pass
+    return max(1, (tensor_bytes(node) or 0) // max(1, _itemsize(node)))
+
+
+def _itemsize(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.element_size() if isinstance(val, torch.Tensor) else 1
+
+
+def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: float,
+                        recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+                        role_of: Callable[[fx.Node], NodeRole] | None = None,
+                        cost: Callable[[fx.Node], int] = flops) -> list[fx.Node]:
+    """The values the forward saves under ``budget`` (Note [Memory budget])."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"aotgrad: activation_memory_budget must be in [0, 1], not {budget}")
+    plain = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy, role_of)
+    if budget >= 1.0:
+        return plain
+    limit = budget * activation_bytes(plain)
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    problem = RematProblem(joint_gm, roles, forward_nodes(roles),
+                           role_of or default_roles(recompute_policy), with_costly=True,
+                           costs=cost)
+    hi = problem.solve(None)                           # no costly recompute: the plain cut
+    lo = problem.solve(0.0)                            # fewest bytes, then fewest recomputes
+    if hi is None or lo is None:
+        return plain
+    if hi.saved_bytes <= limit:
+        return _at_most(list(hi.saved), plain)
+    if lo.saved_bytes > limit:
+        return _at_most(list(lo.saved), plain)         # the budget cannot be met: the minimum
+    hi, lo = _search(problem, hi, lo, limit)
+    return _at_most(list(_refine(problem, hi, lo, limit, cost).saved), plain)
+
+
+def _at_most(saved: list[fx.Node], bound: list[fx.Node]) -> list[fx.Node]:
+    """Never save more bytes than ``bound`` (the plain min-cut's choice)."""
+    return saved if activation_bytes(saved) <= activation_bytes(bound) else bound
+
+
+def _search(problem: RematProblem, hi: Cut, lo: Cut, limit: float) -> tuple[Cut, Cut]:
+    """Eisner-Severance: ``hi`` over the limit (cheaper), ``lo`` within it;
+    returns the adjacent hull vertices around the limit."""
+    for _ in range(MAX_SEARCH_STEPS):
+        d_cost = lo.recompute_cost - hi.recompute_cost
+        if d_cost <= 0:
+            return hi, lo
+        lam = (hi.saved_bytes - lo.saved_bytes) / d_cost
+        mid = problem.solve(lam)
+        if mid is None:
+            return lo
+        line = lo.saved_bytes + lam * lo.recompute_cost
+        if mid.saved_bytes + lam * mid.recompute_cost >= line - 1e-9 * max(1.0, line) or \
+                (mid.saved_bytes, mid.recompute_cost) in ((hi.saved_bytes, hi.recompute_cost),
+                                                          (lo.saved_bytes, lo.recompute_cost)):
+            return hi, lo                              # no hull vertex between the two
+        if mid.saved_bytes <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return hi, lo
+
+
+def _refine(problem: RematProblem, hi: Cut, lo: Cut, limit: float,
+            cost: Callable[[fx.Node], int]) -> Cut:
+    """Note [Between hull vertices]: ``lo`` may recompute much more than the
+    limit needs.  The costly nodes ``lo`` recomputes beyond ``hi`` are ranked
+    (most bytes per FLOP first); allowing a longer prefix of them can only
+    lower the bytes, so a binary search finds the shortest prefix within the
+    limit.  Its result is kept only if it saves at least ``lo``'s bytes, which
+    keeps the choice monotone in the budget (the next budget down starts
+    from ``lo`` or below)."""
+    extra = sorted(lo.recomputed_costly - hi.recomputed_costly,
+                   key=lambda n: (-(tensor_bytes(n) or 0) / max(1, cost(n)), n.name))
+    if len(extra) < 2:
+        return lo
+    best, low, high = lo, 0, len(extra)        # invariant: prefix `high` is within the limit
+    while high - low > 1:
+        mid = (low + high) // 2
+        cut = problem.solve(0.0, hi.recomputed_costly | frozenset(extra[:mid]))
+        if cut is not None and cut.saved_bytes <= limit:
+            high, best = mid, cut
+        else:
+            low = mid
+    if best is lo or best.saved_bytes < lo.saved_bytes or \
+            best.recompute_cost >= lo.recompute_cost:
+        return lo
+    return best
+
+
+def min_cut_rematerialization_partition(
+        joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+        recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+        memory_budget: float | None = None,
+        **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Save a minimum-byte set of forward values; recompute cheap ops in the backward.
+
+    ``recompute_policy(node) -> bool`` says which forward nodes the backward
+    may recompute for free (default ``is_cheap_to_recompute``).  With a
+    ``memory_budget`` below 1 (default: ``config.activation_memory_budget``)
+    costly ops may be recomputed too (Note [Memory budget]).  Other keyword
+    arguments (``compiler=``, ``static_lifetime_input_indices=`` ...) are
+    accepted and ignored.  See Note [Min-cut rematerialization].
+    """
+    budget = config.activation_memory_budget if memory_budget is None else memory_budget
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy)
+    return build_partition(joint_gm, roles, saved)
