@@ -37,11 +37,12 @@ from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit,
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
 from .budget import min_cut_rematerialization_partition
 from .partition import default_partition
+from .policy import MemoryPolicy, tag
 from .saved_hooks import saved_tensor_hook_context
 
 __all__ = [
     "aot_function", "aot_module", "aot_module_simplified", "compiled_function",
-    "compiled_module", "config", "backends", "default_partition",
+    "compiled_module", "config", "backends", "MemoryPolicy", "tag", "default_partition",
     "get_aot_compilation_context", "make_boxed_compiler", "make_boxed_func", "nop",
     "AOTAutogradCache", "SerializableAOTDispatchCompiler", "aot_export_function",
     "aot_export_joint_simple", "aot_export_module", "default_decompositions",

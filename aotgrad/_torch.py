@@ -254,6 +254,35 @@ def hide_saved_tensor_hooks():
         torch._C._autograd._saved_tensors_hooks_set_tracing(prior)
 
 
+def in_checkpoint_region() -> bool:
+    """Whether ``torch.utils.checkpoint`` (non-reentrant) is running its
+    forward: its saved-tensor hook is the innermost one."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return hooks is not None and \
+        getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+
+
+def current_trace_graph() -> torch.fx.Graph | None:
+    """The graph make_fx is recording into, if any."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    return mode.tracer.graph if mode is not None else None
+
+
+def fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor like ``val`` (same mode) on ``device``."""
+    with val.fake_mode:
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
+
+
+def checkpoint_policies():
+    """torch.utils.checkpoint.CheckpointPolicy (MUST_SAVE, PREFER_SAVE, ...)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy
+
+
 # ---------------------------------------------------------------- autograd view metadata
 
 def creation_meta_name(t: torch.Tensor) -> str | None:

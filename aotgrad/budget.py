@@ -47,6 +47,7 @@ from . import config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
 from .partition import build_partition, forward_nodes, joint_roles
+from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
 
@@ -165,11 +166,26 @@ def min_cut_rematerialization_partition(
     ``recompute_policy(node) -> bool`` says which forward nodes the backward
     may recompute for free (default ``is_cheap_to_recompute``).  With a
     ``memory_budget`` below 1 (default: ``config.activation_memory_budget``)
-    costly ops may be recomputed too (Note [Memory budget]).  Other keyword
+    costly ops may be recomputed too (Note [Memory budget]).  Checkpoint
+    regions are honoured (Note [Checkpoint regions], policy.py).  Other keyword
     arguments (``compiler=``, ``static_lifetime_input_indices=`` ...) are
     accepted and ignored.  See Note [Min-cut rematerialization].
     """
+    return policy_partition(joint_gm, num_fwd_outputs, None, recompute_policy, memory_budget)
+
+
+def policy_partition(joint_gm: fx.GraphModule, num_fwd_outputs: int,
+                     policy: MemoryPolicy | None,
+                     recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+                     memory_budget: float | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The partition for a ``MemoryPolicy`` (or none): roles, budget, offload."""
+    if policy is not None:
+        recompute_policy = policy.recompute_policy
+        memory_budget = policy.budget if memory_budget is None else memory_budget
     budget = config.activation_memory_budget if memory_budget is None else memory_budget
     roles = joint_roles(joint_gm, num_fwd_outputs)
-    saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy)
-    return build_partition(joint_gm, roles, saved)
+    saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy,
+                                node_roles(policy, recompute_policy))
+    fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
+    insert_offload(fw_gm, bw_gm, [n.name for n in offloaded(policy, saved)])
+    return fw_gm, bw_gm

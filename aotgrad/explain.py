@@ -227,12 +227,8 @@ def resolve_partitioner(name: str) -> Callable:
     if name == "default":
         return default_partition
     if name == "mincut":
-        try:
-            from .budget import min_cut_rematerialization_partition
-        except ImportError as e:
-            raise ExplainError("--partitioner mincut needs aotgrad.mincut."
-                               f"min_cut_rematerialization_partition, which is not available "
-                               f"({e})") from e
+        from .budget import min_cut_rematerialization_partition
+
         return min_cut_rematerialization_partition
     raise ExplainError(f"unknown partitioner {name!r}; choose one of {', '.join(PARTITIONERS)}")
 

@@ -82,7 +82,6 @@ from .partition import (
     JointRoles,
     ancestors,
     backward_uses,
-    build_partition,
     descendants,
     forward_nodes,
     joint_roles,
@@ -285,7 +284,7 @@ class NodeRole(enum.Enum):
     NO_SAVE = "no_save"      # never saved: recomputed (a policy's or a checkpoint's)
 
 
-def _is_random_or_mutating(node: fx.Node) -> bool:
+def is_random_or_mutating(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, _torch.OpOverload):
         return False
@@ -296,7 +295,7 @@ def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], Node
     """Roles from a recompute policy alone: what it allows is CHEAP; other
     deterministic ops are COSTLY; random and in-place ops are BANNED."""
     def role(n: fx.Node) -> NodeRole:
-        if n.op == "placeholder" or _is_random_or_mutating(n):
+        if n.op == "placeholder" or is_random_or_mutating(n):
             return NodeRole.BANNED
         if recompute_policy(n):
             return NodeRole.CHEAP

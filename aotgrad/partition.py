@@ -172,7 +172,18 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
 
 def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
                       **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Save every forward value the backward uses; recompute nothing."""
+    """Save every forward value the backward uses; recompute nothing — unless
+    the program marks values to recompute (checkpoint regions) or names them
+    (tags): then the min-cut partitioner honours the marks (Note [Checkpoint
+    regions], policy.py)."""
+    from .policy import has_recompute_marks
+
+    if has_recompute_marks(joint_gm):
+        from .budget import min_cut_rematerialization_partition
+
+        return min_cut_rematerialization_partition(joint_gm, joint_inputs,
+                                                   num_fwd_outputs=num_fwd_outputs,
+                                                   memory_budget=1.0)
     roles = joint_roles(joint_gm, num_fwd_outputs)
     fwd = forward_nodes(roles)
     return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))

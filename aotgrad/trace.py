@@ -30,6 +30,7 @@ from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
 from .flatten import FlatFunction
+from .policy import CheckpointRegionMarker, strip_tags
 from .views import is_view_op
 
 
@@ -110,6 +111,7 @@ def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
     plain_inputs = _plain_inputs(sig, fake_inputs)
     with torch.no_grad():
         gm = _torch.make_fx(inference, decomposition_table=decompositions)(*plain_inputs)
+    strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)
     _annotate(gm, [Primal(i) for i in range(len(plain_inputs))], _output_descs(sig))
@@ -217,7 +219,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     grad_layouts: list = []
 
     def joint(primals, tangents):
-        with _torch.functional_mode():
+        with CheckpointRegionMarker(), _torch.functional_mode():
             f_primals = _rebuild_inputs(sig, [_torch.to_functional(p) for p in primals])
             f_tangents = _rebuild_tangents(sig, [_torch.to_functional(t) for t in tangents])
             f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
@@ -246,6 +248,7 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     primals = _plain_inputs(sig, [_detached_like(x) for x in fake_inputs])
     with torch.enable_grad():
         gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
+    strip_tags(gm)
     out_descs = _output_descs(sig)
     num_fwd = len(out_descs)
     _flatten_codegen(gm, insert_none_after=num_fwd, none_mask=grad_is_none)

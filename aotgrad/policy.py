@@ -1,0 +1,244 @@
+"""Saying what the backward keeps, by name: tags, policies, checkpoint regions.
+
+    def attention(q, k, v):
+        scores = aotgrad.tag(q @ k.transpose(-2, -1), "attn_scores")
+        return scores.softmax(-1) @ v
+
+    policy = aotgrad.MemoryPolicy(recompute=["attn_scores"], offload=[torch.ops.aten.mm])
+    compiled = aotgrad.aot_function(f, nop, partition_fn=policy)
+
+Note [Tags]: ``tag(x, name)`` returns ``x`` when run eagerly.  While aotgrad
+(or dynamo) traces, it calls the op ``aotgrad::tag``, whose gradient is the
+identity; right after tracing, ``strip_tags`` removes those nodes from the
+graph and records the name on the node that computed ``x``
+(``node.meta["aotgrad_tag"]``).  Graphs never contain the op.
+
+Note [Checkpoint regions]: ``torch.utils.checkpoint`` marks what to recompute
+in ``node.meta["recompute"]`` (a ``CheckpointPolicy``): selective
+checkpointing's policy marks every op it sees while aotgrad traces, and
+dynamo marks the ops of a plain checkpoint region.  For a plain region traced
+by ``aot_function`` (whose hooks autograd ignores while aotgrad traces),
+``CheckpointRegionMarker`` marks the ops run while the region's saved-tensor
+hook is innermost as ``PREFER_RECOMPUTE``.  The partitioners honour the marks
+(``node_roles``): recompute what is marked so — never a random op (its output
+is saved instead: same numbers, as checkpoint's RNG replay gives) and not a
+region output used outside the region (eager saves those for the ops after
+the region) — and keep what is marked to save.
+
+Priority, per value: a ``MemoryPolicy`` entry (by tag name or op), then the
+checkpoint mark, then the partitioner's own choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _torch
+from .descriptors import DESC, Grad
+from .partition import ancestors
+from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
+    is_random_or_mutating
+
+TAG_META = "aotgrad_tag"
+RECOMPUTE_META = "recompute"
+
+# ---------------------------------------------------------------- tags
+
+
+@torch.library.custom_op("aotgrad::tag", mutates_args=())
+def _tag_op(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_tag_op.register_fake
+def _(x: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _tag_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    return grad, None
+
+
+_tag_op.register_autograd(_tag_backward)
+
+
+def tag(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Name the value ``x`` for a ``MemoryPolicy`` (Note [Tags]); returns ``x``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"aotgrad.tag: the name must be a non-empty string, not {name!r}")
+    if torch.compiler.is_compiling() or _torch.is_functional(x):
+        return torch.ops.aotgrad.tag(x, name)
+    return x
+
+
+def strip_tags(gm: fx.GraphModule) -> None:
+    """Remove ``aotgrad::tag`` nodes, recording their names (Note [Tags])."""
+    nodes = gm.graph.find_nodes(op="call_function", target=torch.ops.aotgrad.tag.default)
+    for node in nodes:
+        src, name = node.args
+        src.meta[TAG_META] = (*src.meta.get(TAG_META, ()), name)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    if nodes:
+        gm.recompile()
+
+
+# ---------------------------------------------------------------- checkpoint regions
+
+class CheckpointRegionMarker(TorchDispatchMode):
+    """Marks the nodes traced inside a plain checkpoint region (Note [Checkpoint regions])."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        graph = _torch.current_trace_graph() if _torch.in_checkpoint_region() else None
+        if graph is None:
+            return func(*args, **(kwargs or {}))
+        before = len(graph.nodes)
+        out = func(*args, **(kwargs or {}))
+        prefer = _torch.checkpoint_policies().PREFER_RECOMPUTE
+        for node in itertools.islice(reversed(graph.nodes), len(graph.nodes) - before):
+            node.meta.setdefault(RECOMPUTE_META, prefer)
+        return out
+
+
+def has_recompute_marks(gm: fx.GraphModule) -> bool:
+    return any(RECOMPUTE_META in n.meta or TAG_META in n.meta for n in gm.graph.nodes)
+
+# ---------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """What to save, recompute or offload, by tag name or by op; also a partitioner.
+
+    ``save``: never recompute these (save them if the backward needs them);
+    ``recompute``: never save these (the backward recomputes them);
+    ``offload``: save these in CPU memory (pinned, copied without blocking on
+    CUDA) and copy them back at the start of the backward.  Entries are tag
+    names (``aotgrad.tag``) or ops (``torch.ops.aten.mm`` or an overload).
+    ``budget`` is a memory budget for the rest (Note [Memory budget]; default
+    ``config.activation_memory_budget``).  Pass the policy as ``partition_fn``.
+    """
+    save: Sequence[Any] = ()
+    recompute: Sequence[Any] = ()
+    offload: Sequence[Any] = ()
+    budget: float | None = None
+    recompute_policy: RecomputePolicy = is_cheap_to_recompute
+
+    def __post_init__(self) -> None:
+        for field in ("save", "recompute", "offload"):
+            items = tuple(getattr(self, field))
+            for item in items:
+                if not isinstance(item, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                    raise TypeError(
+                        f"aotgrad.MemoryPolicy: {field} entries are tag names or aten ops "
+                        f"(torch.ops.aten.mm), not {item!r}")
+            object.__setattr__(self, field, items)
+        both = (set(self.save) | set(self.offload)) & set(self.recompute)
+        if both:
+            raise ValueError(f"aotgrad.MemoryPolicy: {sorted(map(str, both))} is both kept "
+                             "(save/offload) and recomputed")
+
+    def choice(self, node: fx.Node) -> str | None:
+        """"offload", "recompute", "save" or None for this node."""
+        keys = set(node.meta.get(TAG_META, ()))
+        if isinstance(node.target, torch._ops.OpOverload):
+            keys |= {node.target, node.target.overloadpacket}
+        for name in ("offload", "recompute", "save"):
+            if keys.intersection(getattr(self, name)):
+                return name
+        return None
+
+    def __call__(self, joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+                 **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from .budget import policy_partition
+
+        return policy_partition(joint_gm, num_fwd_outputs, self)
+
+
+def node_roles(policy: MemoryPolicy | None,
+               recompute_policy: RecomputePolicy = is_cheap_to_recompute,
+               ) -> Callable[[fx.Node], NodeRole]:
+    """Node roles for the min-cut network from a policy, the checkpoint
+    marks and the recompute policy (Note [Checkpoint regions])."""
+    base = default_roles(recompute_policy)
+    cp = _torch.checkpoint_policies()
+    keep = {cp.MUST_SAVE, cp.PREFER_SAVE}
+    forward: dict[int, set] = {}   # per joint graph: what its forward outputs need
+
+    def used_outside_region(n: fx.Node) -> bool:
+        """Read by a forward op after the region (eager saves it for that op)."""
+        if id(n.graph) not in forward:
+            out = n.graph.output_node()
+            descs = out.meta.get(DESC) or ()
+            forward[id(n.graph)] = ancestors(
+                [v for v, d in zip(out.args[0], descs) if not isinstance(d, Grad)])
+        fwd = forward[id(n.graph)]
+        return any(u.op == "output" or (RECOMPUTE_META not in u.meta and u in fwd)
+                   for u in n.users)
+
+    def role(n: fx.Node) -> NodeRole:
+        if n.op == "placeholder":
+            return NodeRole.BANNED
+        want = policy.choice(n) if policy is not None else None
+        if want is None and RECOMPUTE_META in n.meta:
+            mark = n.meta[RECOMPUTE_META]
+            if mark in keep:
+                want = "save"
+            elif mark == cp.MUST_RECOMPUTE or not used_outside_region(n):
+                want = "recompute"
+        if want in ("save", "offload"):
+            return NodeRole.BANNED
+        if want == "recompute":
+            if is_random_or_mutating(n) or not isinstance(n.meta.get("val"), torch.Tensor):
+                return base(n)   # a random op is saved, never recomputed
+            return NodeRole.NO_SAVE
+        return base(n)
+
+    return role
+
+
+def offloaded(policy: MemoryPolicy | None, saved: Sequence[fx.Node]) -> list[fx.Node]:
+    return [n for n in saved if policy is not None and policy.choice(n) == "offload"
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
+    """Note [Offload]: the forward returns CPU copies of the saved values
+    ``names`` (pinned, non-blocking when on CUDA); the backward copies them
+    back to their device before anything else runs, so the copies overlap
+    with its first kernels."""
+    if not names:
+        return
+    wanted = set(names)
+    out = fw_gm.graph.output_node()
+    values = list(out.args[0])
+    for k, v in enumerate(values):
+        if isinstance(v, fx.Node) and v.name in wanted:
+            val = v.meta["val"]
+            with fw_gm.graph.inserting_before(out):
+                cpu = fw_gm.graph.call_function(
+                    _torch.aten._to_copy.default, (v,),
+                    {"device": torch.device("cpu"), "non_blocking": val.is_cuda,
+                     "pin_memory": val.is_cuda or None})
+            cpu.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
+            values[k] = cpu
+    out.args = (tuple(values),)
+    fw_gm.recompile()
+    placeholders = bw_gm.graph.find_nodes(op="placeholder")
+    for p in placeholders:
+        if p.name in wanted:
+            val = p.meta["val"]
+            with bw_gm.graph.inserting_after(placeholders[-1]):
+                back = bw_gm.graph.call_function(
+                    _torch.aten._to_copy.default, (p,),
+                    {"device": val.device, "non_blocking": val.is_cuda})
+            back.meta["val"] = val
+            p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+            p.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
+    bw_gm.recompile()
