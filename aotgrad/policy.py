@@ -32,6 +32,7 @@ checkpoint mark, then the partitioner's own choice.
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -195,8 +196,9 @@ def node_roles(policy: MemoryPolicy | None,
         if want in ("save", "offload"):
             return NodeRole.BANNED
         if want == "recompute":
-            if is_random_or_mutating(n) or not isinstance(n.meta.get("val"), torch.Tensor):
-                return base(n)   # a random op is saved, never recomputed
+            if is_random_or_mutating(n) or not isinstance(n.meta.get("val"), torch.Tensor) or \
+                    (n.target is operator.getitem and is_random_or_mutating(n.args[0])):
+                return base(n)   # a random op's outputs are saved, never recomputed
             return NodeRole.NO_SAVE
         return base(n)
 

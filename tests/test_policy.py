@@ -1,0 +1,170 @@
+"""Memory policies by name (aotgrad.tag, MemoryPolicy) and checkpoint regions:
+what is saved, recomputed and offloaded, with gradients equal to eager's."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, \
+    create_selective_checkpoint_contexts
+
+import aotgrad
+from aotgrad import MemoryPolicy, aot_function, tag
+from helpers import GraphRecorder
+
+aten = torch.ops.aten
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(8, 16, generator=g).requires_grad_(),
+            torch.randn(16, 16, generator=g).requires_grad_())
+
+
+def compare(fn, partition_fn, seed=0):
+    """Compile ``fn`` with ``partition_fn``; check loss and gradients against
+    eager; return (forward graph, backward graph)."""
+    rec = GraphRecorder()
+    compiled = aot_function(fn, rec, rec, partition_fn=partition_fn)
+    results = []
+    for f in (fn, compiled):
+        args = inputs(seed)
+        torch.manual_seed(seed)
+        out = f(*args)
+        out.backward()
+        results.append((out, [a.grad for a in args]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    return rec.last("forward"), rec.last("backward")
+
+
+def saved_names(bw) -> set[str]:
+    return {n.name for n in bw.graph.find_nodes(op="placeholder")
+            if not n.name.startswith(("primals", "tangents"))}
+
+
+def recomputed(bw, target) -> int:
+    """Nodes of ``target`` in the backward that read no tangent (recomputations)."""
+    def from_forward(n, seen=None):
+        return not any(a.name.startswith("tangents") or
+                       (a.op != "placeholder" and not from_forward(a))
+                       for a in n.all_input_nodes)
+    return sum(1 for n in bw.graph.nodes if n.target == target and from_forward(n))
+
+
+def mlp(x, w):
+    h = tag(x @ w, "h")
+    a = tag(h.sin(), "act")
+    return (a @ w).cos().sum()
+
+
+class TestTags:
+    def test_tag_is_identity_eagerly(self):
+        x = torch.randn(3)
+        assert tag(x, "x") is x
+        with pytest.raises(TypeError, match="non-empty string"):
+            tag(x, "")
+
+    def test_tags_leave_no_trace_in_graphs(self):
+        fw, bw = compare(mlp, aotgrad.min_cut_rematerialization_partition)
+        for g in (fw, bw):
+            assert "aotgrad" not in g.code
+
+    def test_recompute_by_tag(self):
+        _, plain = compare(mlp, aotgrad.min_cut_rematerialization_partition)
+        assert "mm" in saved_names(plain) and recomputed(plain, aten.mm.default) == 0
+        _, bw = compare(mlp, MemoryPolicy(recompute=["h"]))
+        assert "mm" not in saved_names(bw)
+        assert recomputed(bw, aten.mm.default) == 1      # h = x @ w, again in the backward
+
+    def test_save_by_tag(self):
+        # min-cut would recompute the cheap sin from mm; "save" keeps it
+        _, plain = compare(mlp, aotgrad.min_cut_rematerialization_partition)
+        assert "sin" not in saved_names(plain)
+        _, bw = compare(mlp, MemoryPolicy(save=["act"]))
+        assert "sin" in saved_names(bw)
+
+    def test_recompute_by_op(self):
+        _, bw = compare(mlp, MemoryPolicy(recompute=[aten.mm]))
+        assert recomputed(bw, aten.mm.default) >= 1
+        assert not {"mm", "mm_1"} & saved_names(bw)
+
+    def test_tags_under_torch_compile(self):
+        torch._dynamo.reset()
+        rec = GraphRecorder()
+        policy = MemoryPolicy(recompute=["h"])
+
+        def backend(gm, example_inputs):
+            return aotgrad.aot_module_simplified(gm, example_inputs, rec, rec,
+                                                 partition_fn=policy)
+
+        compiled = torch.compile(mlp, backend=backend, fullgraph=True)
+        x, w = inputs()
+        compiled(x, w).backward()
+        assert recomputed(rec.last("backward"), aten.mm.default) == 1
+
+    def test_bad_policies(self):
+        with pytest.raises(TypeError, match="tag names or aten ops"):
+            MemoryPolicy(save=[torch.sin])
+        with pytest.raises(ValueError, match="both kept"):
+            MemoryPolicy(save=["h"], recompute=["h"])
+
+
+class TestOffload:
+    def test_offload_round_trip(self):
+        fw, bw = compare(mlp, MemoryPolicy(offload=["h"]))
+        # the forward returns a CPU copy of h; the backward copies it back first
+        copies = [n for n in fw.graph.nodes if n.target == aten._to_copy.default]
+        assert len(copies) == 1 and copies[0].args[0].name == "mm"
+        assert copies[0] in fw.graph.output_node().args[0]
+        first = [n for n in bw.graph.nodes if n.op != "placeholder"][0]
+        assert first.target == aten._to_copy.default and first.args[0].name == "mm"
+        assert first.kwargs["device"] == torch.device("cpu")   # these tensors live on the CPU
+
+
+class TestCheckpoint:
+    def block(self, x, w):
+        return (x @ w).sin().cos() @ w
+
+    def test_checkpoint_region_is_recomputed(self):
+        def f(x, w):
+            return checkpoint(self.block, x, w, use_reentrant=False).sum()
+
+        _, plain = compare(lambda x, w: self.block(x, w).sum(), aotgrad.default_partition)
+        assert saved_names(plain)
+        for partition in (aotgrad.default_partition, aotgrad.min_cut_rematerialization_partition):
+            _, bw = compare(f, partition)
+            assert saved_names(bw) == set()             # only the inputs are kept
+            assert recomputed(bw, aten.mm.default) == 1
+
+    def test_selective_checkpoint_policy(self):
+        def policy(ctx, op, *args, **kwargs):
+            if op == aten.mm.default:
+                return CheckpointPolicy.MUST_SAVE
+            return CheckpointPolicy.PREFER_RECOMPUTE
+
+        def f(x, w):
+            ctx = functools.partial(create_selective_checkpoint_contexts, policy)
+            return checkpoint(self.block, x, w, use_reentrant=False, context_fn=ctx).sum()
+
+        _, bw = compare(f, aotgrad.min_cut_rematerialization_partition)
+        assert recomputed(bw, aten.mm.default) == 0     # matmuls saved, as the policy says
+        assert "mm" in saved_names(bw)
+        assert "sin" not in saved_names(bw)             # the rest recomputed
+        assert recomputed(bw, aten.sin.default) >= 1
+
+    def test_random_op_in_region_is_saved_not_recomputed(self):
+        def f(x, w):
+            def body(x, w):
+                return F.dropout((x @ w).sin(), p=0.5, training=True) @ w
+            return checkpoint(body, x, w, use_reentrant=False).sum()
+
+        _, bw = compare(f, aotgrad.min_cut_rematerialization_partition, seed=7)
+        for n in bw.graph.nodes:
+            if isinstance(n.target, torch._ops.OpOverload):
+                assert torch.Tag.nondeterministic_seeded not in n.target.tags
