@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the built-in small transformer")
     ex.add_argument("--partitioner", choices=("default", "mincut"), default="default",
                     help="how to split the joint graph (default: %(default)s)")
+    ex.add_argument("--budget", type=float, metavar="B",
+                    help="activation memory budget in [0, 1] (fraction of what min-cut "
+                         "saves); implies --partitioner mincut")
     ex.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH "
                     "('-' for stdout, replacing the text report)")
     ex.add_argument("--graphs", action="store_true",
@@ -67,6 +70,11 @@ def _explain(args: argparse.Namespace) -> int:
     def error(msg: str) -> None:
         print(f"aotgrad explain: error: {msg}", file=sys.stderr)
 
+    if args.budget is not None:
+        if not 0.0 <= args.budget <= 1.0:
+            error(f"--budget must be in [0, 1], not {args.budget}")
+            return 2
+        args.partitioner = "mincut"
     try:
         resolve_partitioner(args.partitioner)  # fail fast, before any work
         target = load_target(args.target)
@@ -74,7 +82,8 @@ def _explain(args: argparse.Namespace) -> int:
         error(str(e))
         return 2
     try:
-        report = explain(target, partitioner=args.partitioner, repeat=max(args.repeat, 0))
+        report = explain(target, partitioner=args.partitioner, repeat=max(args.repeat, 0),
+                         budget=args.budget)
     except ExplainError as e:
         error(str(e))
         return 2

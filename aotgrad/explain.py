@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import config
 from ._torch import StorageWeakRef, new_fake_mode, pytree
 from .api import AOTFunction, aot_function, aot_module
 from .compile import nop
@@ -104,6 +105,9 @@ class ExplainReport:
     outputs: Check
     gradients: Check
     num_graph_inputs: int = 0
+    budget: float | None = None   # activation_memory_budget, when one was set
+    recomputed: dict[str, int] = field(default_factory=dict)  # forward op -> times the
+                                                              # backward recomputes it
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -236,8 +240,19 @@ def resolve_partitioner(name: str) -> Callable:
 # ---------------------------------------------------------------- running it
 
 
-def explain(target: Target, partitioner: str = "default", repeat: int = 3) -> ExplainReport:
-    """Compile ``target``'s training step, run it beside eager, and measure."""
+def explain(target: Target, partitioner: str = "default", repeat: int = 3,
+            budget: float | None = None) -> ExplainReport:
+    """Compile ``target``'s training step, run it beside eager, and measure
+    (under ``config.activation_memory_budget = budget`` when given)."""
+    if budget is None:
+        return _explain(target, partitioner, repeat)
+    with config.patch(activation_memory_budget=budget):
+        report = _explain(target, partitioner, repeat)
+    report.budget = budget
+    return report
+
+
+def _explain(target: Target, partitioner: str, repeat: int) -> ExplainReport:
     partition_fn = resolve_partitioner(partitioner)
     obj, is_module = target.obj, isinstance(target.obj, nn.Module)
     eager_obj = _copy_module(obj) if is_module else obj
@@ -291,6 +306,8 @@ def explain(target: Target, partitioner: str = "default", repeat: int = 3) -> Ex
         forward=graph_stats(report.forward_graph),
         backward=graph_stats(report.backward_graph) if part is not None else None,
         saved=saved_tensors(report, labels),
+        recomputed=recomputed_ops(report.forward_graph, report.backward_graph)
+        if part is not None else {},
         stage_seconds={s: report.stage_seconds[s] for s in STAGES if s in report.stage_seconds},
         setup_seconds=setup, first_call_seconds=first_call, first_backward_seconds=first_bw,
         warm_step_seconds=warm, eager_step_seconds=eager,
@@ -302,6 +319,19 @@ def graph_stats(gm: fx.GraphModule) -> GraphStats:
     code = "\n".join(line for line in gm.print_readable(print_output=False).splitlines()
                      if line.strip() != "# No stacktrace found for following nodes")
     return GraphStats(sum(1 for n in nodes if n.op == "call_function"), len(nodes), code)
+
+
+def recomputed_ops(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule) -> dict[str, int]:
+    """Forward ops the backward runs again, by op name.  Both graphs come from
+    one joint graph and keep its node names, so a backward node named like a
+    forward node is that forward value, recomputed."""
+    in_forward = {n.name for n in fw_gm.graph.nodes if n.op == "call_function"}
+    counts: dict[str, int] = {}
+    for n in bw_gm.graph.nodes:
+        if n.op == "call_function" and n.name in in_forward:
+            op = getattr(n.target, "__name__", str(n.target))
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def saved_tensors(report: CompileReport, labels: list[str]) -> list[SavedTensor]:
@@ -512,7 +542,8 @@ def render(report: ExplainReport, graphs: bool = False) -> str:
     out = [title, "=" * len(title),
            f"  target       {report.target}",
            f"  compiled by  {report.api}(fw_compiler=nop, bw_compiler=nop, "
-           f"partition_fn={report.partitioner})",
+           f"partition_fn={report.partitioner}"
+           f"{'' if report.budget is None else f', activation_memory_budget={report.budget}'})",
            f"  mode         {report.mode}, {_plural(report.num_graph_inputs, 'graph input')}",
            f"  torch        {report.torch_version}", ""]
 
@@ -538,6 +569,13 @@ def render(report: ExplainReport, graphs: bool = False) -> str:
         out += _table(["#", "name", "shape", "dtype", "bytes", "source"], rows, {0, 4})
         out += ["  memory kept alive for the backward beyond the graph inputs (distinct "
                 f"storages): {_fmt_bytes(report.saved_activation_bytes)}", ""]
+    if report.backward:
+        total = sum(report.recomputed.values())
+        if not total:
+            out += ["Recomputed in backward: nothing", ""]
+        else:
+            ops = ", ".join(f"{op} x{k}" for op, k in report.recomputed.items())
+            out += [f"Recomputed in backward: {_plural(total, 'forward op')}: {ops}", ""]
 
     rows = [[s, _fmt_time(t)] for s, t in report.stage_seconds.items()]
     rows.append(["total compile", _fmt_time(report.compile_seconds)])

@@ -192,3 +192,14 @@ def test_python_m_missing_factory():
     assert proc.returncode == 2
     assert "has no attribute 'does_not_exist'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_budget_option_reports_recomputation():
+    rc, out, err = run_main(["explain", "tests._factories:make", "--budget", "0", "--repeat", "0"])
+    assert rc == 0, err
+    assert "activation_memory_budget=0.0" in out and "partition_fn=mincut" in out
+    assert "Recomputed in backward:" in out and "gradients match eager: yes" in out
+    rc, out, _ = run_main(["explain", "tests._factories:make", "--repeat", "0"])
+    assert "Recomputed in backward: nothing" in out   # default partition recomputes nothing
+    rc, out, err = run_main(["explain", "tests._factories:make", "--budget", "1.5"])
+    assert rc == 2 and "--budget must be in [0, 1]" in err
