@@ -180,36 +180,51 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs, poisoned: dict[in
 
         @staticmethod
         def backward(ctx, *grads):
-            tangents = [grads[k] for k in diff]
-            for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
-                if tangents[j] is not None:
-                    raise RuntimeError(message)
-            missing: set[int] = set()  # plain tangent positions autograd gave nothing for
-            plain_tangents = []
-            for j, t in enumerate(tangents):
-                if t is None:  # autograd gave no gradient for this output: zeros
-                    for shape, dtype, device in ctx.diff_meta[j]:
-                        missing.add(len(plain_tangents))
-                        plain_tangents.append(torch.zeros(shape, dtype=dtype, device=device))
-                elif boundary is None:
-                    plain_tangents.append(t.contiguous())
-                else:
-                    subclass.check_tangent(t, tangent_layouts[j], diff[j])
-                    plain_tangents.extend(p.contiguous() for p in flatten([t]))
-            saved = ctx.saved_tensors
+            plain_tangents, missing = _tangents(ctx, grads)
+            del grads
+            # Note [Freeing saved values]: the compiled backward is called boxed
+            # with the only references to the saved values and tangents (ctx's
+            # are cleared unless retain_graph), so each dies at its last use
+            create_graph = torch.is_grad_enabled()
+            num_tangents = len(plain_tangents)
+            args = [*ctx.symints, *ctx.saved_tensors, *plain_tangents]
+            kept = args[len(ctx.symints):] if create_graph else None
+            del plain_tangents
+            ctx.maybe_clear_saved_tensors()
             # Note [Autocast is traced in]: the graphs hold autocast's casts
             with torch.no_grad(), _torch.autocast_disabled():
-                grad_inputs = list(backward([*ctx.symints, *saved, *plain_tangents]))
+                grad_inputs = list(backward(args))
+            del args
             if missing:  # Note [Gradients that eager leaves None] (compile.py)
-                present = frozenset(j for j in range(len(plain_tangents)) if j not in missing)
+                present = frozenset(j for j in range(num_tangents) if j not in missing)
                 grad_inputs = [None if not (deps[i] & present) else g
                                for i, g in enumerate(grad_inputs)]
             if boundary is not None:
                 grad_inputs = subclass.rebuild_list(boundary.grads, grad_inputs)
-            tangents = plain_tangents
-            if torch.is_grad_enabled():  # create_graph=True: Note [No double backward]
-                return _refuse_double_backward(grad_inputs, [*saved, *tangents])
+            if create_graph:  # create_graph=True: Note [No double backward]
+                return _refuse_double_backward(grad_inputs, kept)
             return tuple(grad_inputs)
+
+    def _tangents(ctx, grads: tuple) -> tuple[list, set[int]]:
+        """The backward graph's tangents (plain, contiguous; zeros where
+        autograd gave none) and the positions of those zeros."""
+        tangents = [grads[k] for k in diff]
+        for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
+            if tangents[j] is not None:
+                raise RuntimeError(message)
+        missing: set[int] = set()
+        plain_tangents = []
+        for j, t in enumerate(tangents):
+            if t is None:
+                for shape, dtype, device in ctx.diff_meta[j]:
+                    missing.add(len(plain_tangents))
+                    plain_tangents.append(torch.zeros(shape, dtype=dtype, device=device))
+            elif boundary is None:
+                plain_tangents.append(t.contiguous())
+            else:
+                subclass.check_tangent(t, tangent_layouts[j], diff[j])
+                plain_tangents.extend(p.contiguous() for p in flatten([t]))
+        return plain_tangents, missing
 
     CompiledFunction.__name__ = "CompiledFunction"
     apply = CompiledFunction.apply
