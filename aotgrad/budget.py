@@ -4,10 +4,13 @@ the runtime-optimal saved bytes, recomputing as little work as possible.
 Note [Memory budget]
 --------------------
 ``config.activation_memory_budget = b`` (in [0, 1]) asks for a partition
-whose saved activation bytes are at most ``b * B1``, where ``B1`` is what
-the plain min-cut saves (no matmul, reduction or other costly op
-recomputed: the runtime-optimal partition).  Meeting it may require
-recomputing costly ops (``NodeRole.COSTLY``, cost in FLOPs: ``flops``).
+whose saved activation bytes are at most ``b * B``, where ``B`` is what the
+runtime-optimal partition saves: ``default_partition``, which recomputes
+nothing (as PyTorch's budget is relative to its own runtime-optimal
+partition).  The plain min-cut (cheap ops recomputed, nothing costly) is
+used whenever it fits — always for ``b = 1`` — and otherwise meeting the
+budget takes recomputing costly ops (``NodeRole.COSTLY``, cost in FLOPs:
+``flops``).
 
 For a price ``lam`` (bytes per FLOP), the network of
 Note [Min-cut rematerialization] with an edge ``source -> v_in`` of capacity
@@ -16,7 +19,7 @@ minimizing ``bytes + lam * cost`` — exactly (``RematProblem.solve``).  As
 ``lam`` falls, the optimal bytes never rise (for optimal cuts X1 at lam1 >
 lam2 and X2 at lam2, adding the two optimality inequalities gives cost(X1) <=
 cost(X2), then bytes(X2) <= bytes(X1)).  The budget takes, among these
-optimal cuts, the cheapest one within ``b * B1``: the vertices of the
+optimal cuts, the cheapest one within ``b * B``: the vertices of the
 lower convex hull of (bytes, cost) are found by Eisner-Severance search —
 intersect the lines of the two current endpoints, solve there, keep the new
 vertex on the side it falls — a handful of max-flows.  Hence the three
@@ -46,7 +49,7 @@ from torch.utils.flop_counter import flop_registry
 from . import config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
-from .partition import build_partition, forward_nodes, joint_roles
+from .partition import backward_uses, build_partition, forward_nodes, joint_roles
 from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
@@ -84,8 +87,8 @@ def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: 
     plain = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy, role_of)
     if budget >= 1.0:
         return plain
-    limit = budget * activation_bytes(plain)
     roles = joint_roles(joint_gm, num_fwd_outputs)
+    limit = budget * activation_bytes(backward_uses(joint_gm, roles, forward_nodes(roles)))
     problem = RematProblem(joint_gm, roles, forward_nodes(roles),
                            role_of or default_roles(recompute_policy), with_costly=True,
                            costs=cost)

@@ -37,8 +37,9 @@ enable_autograd_cache: bool = False
 # Folder of the on-disk cache; None means ~/.cache/aotgrad (or $AOTGRAD_CACHE_DIR).
 cache_dir: str | None = None
 
-# Fraction of the saved-activation bytes of the runtime-optimal partition that
-# min_cut_rematerialization_partition may keep (1.0: no budget).
+# Fraction of the saved-activation bytes of the runtime-optimal partition (the
+# default partition: nothing recomputed) that min_cut_rematerialization_partition
+# may keep (1.0: no budget; Note [Memory budget] in budget.py).
 activation_memory_budget: float = 1.0
 
 # Most compiled variants aot_function keeps per function (the guard cache);
