@@ -4,13 +4,14 @@ the runtime-optimal saved bytes, recomputing as little work as possible.
 Note [Memory budget]
 --------------------
 ``config.activation_memory_budget = b`` (in [0, 1]) asks for a partition
-whose saved activation bytes are at most ``b * B``, where ``B`` is what the
-runtime-optimal partition saves: ``default_partition``, which recomputes
-nothing (as PyTorch's budget is relative to its own runtime-optimal
-partition).  The plain min-cut (cheap ops recomputed, nothing costly) is
-used whenever it fits — always for ``b = 1`` — and otherwise meeting the
-budget takes recomputing costly ops (``NodeRole.COSTLY``, cost in FLOPs:
-``flops``).
+whose saved activation bytes (``activation_bytes``: storages beyond the
+inputs) are at most ``b * B``, where ``B`` is what the plain min-cut saves
+(cheap ops recomputed, no matmul, reduction or other costly op: the
+runtime-optimal partition; ``b = 1`` is the plain min-cut).  Meeting a
+smaller budget takes recomputing costly ops (``NodeRole.COSTLY``), priced
+by ``recompute_cost``: the time to recompute a node, in FLOP-equivalents,
+on a roofline — its FLOPs (matmuls, convolutions) or the bytes it reads and
+writes times ``FLOPS_PER_BYTE``, whichever is more.
 
 For a price ``lam`` (bytes per FLOP), the network of
 Note [Min-cut rematerialization] with an edge ``source -> v_in`` of capacity
@@ -49,38 +50,44 @@ from torch.utils.flop_counter import flop_registry
 from . import config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
-from .partition import backward_uses, build_partition, forward_nodes, joint_roles
+from .partition import build_partition, forward_nodes, joint_roles
 from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
 
 
+#: Roofline balance: moving one byte to or from memory takes about as long as
+#: this many FLOPs of matmul work (an H100 does ~60-1000 TFLOP/s by dtype at
+#: ~3.3 TB/s).
+FLOPS_PER_BYTE = 100
+
+
 def flops(node: fx.Node) -> int:
-    """Estimated FLOPs to recompute ``node``: torch's FLOP formulas for matmuls
-    and convolutions, else one per output element."""
+    """FLOPs of ``node`` by torch's formulas (matmuls, convolutions), else 0."""
     target = getattr(node.target, "overloadpacket", None)
     formula = flop_registry.get(target) if target is not None else None
-    if formula is not None:
-        def val(a):
-            return a.meta.get("val") if isinstance(a, fx.Node) else a
-        args = torch.utils._pytree.tree_map(val, node.args)
-        kwargs = torch.utils._pytree.tree_map(val, node.kwargs)
-        try:
-            return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
-        except Exception:  # a formula that does not take these arguments: fall back
-            pass
-    return max(1, (tensor_bytes(node) or 0) // max(1, _itemsize(node)))
+    if formula is None:
+        return 0
+    def val(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+    args = torch.utils._pytree.tree_map(val, node.args)
+    kwargs = torch.utils._pytree.tree_map(val, node.kwargs)
+    try:
+        return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
+    except Exception:  # a formula that does not take these arguments
+        return 0
 
 
-def _itemsize(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.element_size() if isinstance(val, torch.Tensor) else 1
+def recompute_cost(node: fx.Node) -> int:
+    """Time to recompute ``node`` in FLOP-equivalents (Note [Memory budget])."""
+    moved = (tensor_bytes(node) or 0) + sum(tensor_bytes(a) or 0 for a in node.all_input_nodes)
+    return max(1, flops(node), FLOPS_PER_BYTE * moved)
 
 
 def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: float,
                         recompute_policy: RecomputePolicy = is_cheap_to_recompute,
                         role_of: Callable[[fx.Node], NodeRole] | None = None,
-                        cost: Callable[[fx.Node], int] = flops) -> list[fx.Node]:
+                        cost: Callable[[fx.Node], int] = recompute_cost) -> list[fx.Node]:
     """The values the forward saves under ``budget`` (Note [Memory budget])."""
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"aotgrad: activation_memory_budget must be in [0, 1], not {budget}")
@@ -88,7 +95,7 @@ def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: 
     if budget >= 1.0:
         return plain
     roles = joint_roles(joint_gm, num_fwd_outputs)
-    limit = budget * activation_bytes(backward_uses(joint_gm, roles, forward_nodes(roles)))
+    limit = budget * activation_bytes(plain)
     problem = RematProblem(joint_gm, roles, forward_nodes(roles),
                            role_of or default_roles(recompute_policy), with_costly=True,
                            costs=cost)

@@ -377,7 +377,9 @@ class RematProblem:
         # outputs (alive anyway); None: cannot be saved.
         scale = len(order) + 1
         alive = {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
-        self.bytes = [0 if n in primals else tensor_bytes(n) for n in order]
+        on_inputs = input_storages(joint_gm)
+        self.bytes = [0 if n in primals or _storage(n) in on_inputs else tensor_bytes(n)
+                      for n in order]
         caps = [None if b is None or role_in_fwd(n) is NodeRole.NO_SAVE
                 else b * scale + (n not in alive and n not in primals)
                 for n, b in zip(order, self.bytes)]
@@ -423,9 +425,9 @@ class RematProblem:
         order = self.order
         saved = {n for i, n in enumerate(order) if not recomputed[2 * i] and recomputed[2 * i + 1]}
         cost = sum(c for i, c in self.costly if recomputed[2 * i])
-        nbytes = sum(self.bytes[i] or 0 for i, n in enumerate(order) if n in saved)
         costly = frozenset(order[i] for i, _ in self.costly if recomputed[2 * i])
-        return Cut(tuple(self._with_symints(saved)), nbytes, cost, costly)
+        saved_nodes = tuple(self._with_symints(saved))
+        return Cut(saved_nodes, activation_bytes(saved_nodes), cost, costly)
 
     def _with_symints(self, saved: set) -> list[fx.Node]:
         saved = saved | _symints_to_save(self.roles, saved, self.tangent_side, self.fwd,
@@ -457,10 +459,33 @@ def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
     return list(cut.saved)
 
 
+def _storage(n: fx.Node):
+    val = n.meta.get("val")
+    return _torch.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+
+
+def input_storages(joint_gm: fx.GraphModule) -> set:
+    """Storages of the graph's placeholders: a value on one of them (an input
+    or a view of it, e.g. ``t(weight)``) keeps no memory of its own alive."""
+    return {_storage(p) for p in joint_gm.graph.find_nodes(op="placeholder")} - {None}
+
+
 def activation_bytes(saved: Iterable[fx.Node]) -> int:
-    """Bytes of the saved tensors that are not graph inputs (primals are alive anyway)."""
-    return sum(tensor_bytes(n) or 0 for n in saved
-               if n.op != "placeholder" and not _torch.is_sym_node(n))
+    """Memory the saved values keep alive beyond the graph inputs: each
+    storage once (a view saved beside its base costs nothing more), inputs and
+    views of inputs not at all."""
+    saved = [n for n in saved if not _torch.is_sym_node(n)]
+    if not saved:
+        return 0
+    inputs = input_storages(saved[0].graph.owning_module) if saved[0].graph.owning_module \
+        else {_storage(p) for p in saved[0].graph.find_nodes(op="placeholder")}
+    storages: dict = {}
+    for n in saved:
+        key = _storage(n)
+        if key is None or key in inputs or n.op == "placeholder":
+            continue
+        storages[key] = max(storages.get(key, 0), tensor_bytes(n) or 0)
+    return sum(storages.values())
 
 
 def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
