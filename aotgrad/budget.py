@@ -9,9 +9,10 @@ inputs) are at most ``b * B``, where ``B`` is what the plain min-cut saves
 (cheap ops recomputed, no matmul, reduction or other costly op: the
 runtime-optimal partition; ``b = 1`` is the plain min-cut).  Meeting a
 smaller budget takes recomputing costly ops (``NodeRole.COSTLY``), priced
-by ``recompute_cost``: the time to recompute a node, in FLOP-equivalents,
-on a roofline — its FLOPs (matmuls, convolutions) or the bytes it reads and
-writes times ``FLOPS_PER_BYTE``, whichever is more.
+by ``recompute_cost``: the time to recompute a node on a roofline — its
+FLOPs (matmuls, convolutions; an fp32 FLOP costs more than a bf16 one) or
+the bytes it reads and writes, whichever takes longer (``COST_PER_BYTE``,
+``COST_PER_FLOP``).
 
 For a price ``lam`` (bytes per FLOP), the network of
 Note [Min-cut rematerialization] with an edge ``source -> v_in`` of capacity
@@ -47,19 +48,26 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from . import config
+from . import _torch, config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
-from .partition import build_partition, forward_nodes, joint_roles
+from .partition import build_partition, forward_nodes, gc_paused, joint_roles
 from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
+MAX_REFINE_STEPS = 4
 
 
-#: Roofline balance: moving one byte to or from memory takes about as long as
-#: this many FLOPs of matmul work (an H100 does ~60-1000 TFLOP/s by dtype at
-#: ~3.3 TB/s).
-FLOPS_PER_BYTE = 100
+#: Roofline costs, in time units of one low-precision matmul FLOP (an H100 or
+#: H200: ~1000 TFLOP/s in bf16/fp16, ~60 in fp32 without TF32, ~4 TB/s of
+#: memory): per byte moved, and per FLOP by dtype.
+COST_PER_BYTE = 200
+COST_PER_FLOP = {torch.float32: 16, torch.float64: 32}
+
+
+def _flop_cost(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return COST_PER_FLOP.get(getattr(val, "dtype", None), 1)
 
 
 def flops(node: fx.Node) -> int:
@@ -79,9 +87,9 @@ def flops(node: fx.Node) -> int:
 
 
 def recompute_cost(node: fx.Node) -> int:
-    """Time to recompute ``node`` in FLOP-equivalents (Note [Memory budget])."""
+    """Time to recompute ``node`` on a roofline (Note [Memory budget])."""
     moved = (tensor_bytes(node) or 0) + sum(tensor_bytes(a) or 0 for a in node.all_input_nodes)
-    return max(1, flops(node), FLOPS_PER_BYTE * moved)
+    return max(1, flops(node) * _flop_cost(node), COST_PER_BYTE * moved)
 
 
 def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: float,
@@ -91,29 +99,28 @@ def budget_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: 
     """The values the forward saves under ``budget`` (Note [Memory budget])."""
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"aotgrad: activation_memory_budget must be in [0, 1], not {budget}")
-    plain = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy, role_of)
+    roles = joint_roles(joint_gm, num_fwd_outputs)
+    fwd = forward_nodes(roles)
+    plain = min_cut_saved_values(joint_gm, num_fwd_outputs, recompute_policy, role_of, fwd)
     if budget >= 1.0:
         return plain
-    roles = joint_roles(joint_gm, num_fwd_outputs)
-    limit = budget * activation_bytes(plain)
-    problem = RematProblem(joint_gm, roles, forward_nodes(roles),
-                           role_of or default_roles(recompute_policy), with_costly=True,
-                           costs=cost)
-    hi = problem.solve(None)                           # no costly recompute: the plain cut
+    problem = RematProblem(joint_gm, roles, fwd, role_of or default_roles(recompute_policy),
+                           with_costly=True, costs=cost)
+    plain_bytes = activation_bytes(plain, problem.storages)
+    limit = budget * plain_bytes
+    # no costly recompute: the plain cut (it needs no second max-flow)
+    hi = Cut(tuple(n for n in plain if not _torch.is_sym_node(n)), plain_bytes, 0)
     lo = problem.solve(0.0)                            # fewest bytes, then fewest recomputes
-    if hi is None or lo is None:
+    if lo is None:
         return plain
     if hi.saved_bytes <= limit:
-        return _at_most(list(hi.saved), plain)
-    if lo.saved_bytes > limit:
-        return _at_most(list(lo.saved), plain)         # the budget cannot be met: the minimum
-    hi, lo = _search(problem, hi, lo, limit)
-    return _at_most(list(_refine(problem, hi, lo, limit, cost).saved), plain)
-
-
-def _at_most(saved: list[fx.Node], bound: list[fx.Node]) -> list[fx.Node]:
-    """Never save more bytes than ``bound`` (the plain min-cut's choice)."""
-    return saved if activation_bytes(saved) <= activation_bytes(bound) else bound
+        best = hi
+    elif lo.saved_bytes > limit:
+        best = lo                                      # the budget cannot be met: the minimum
+    else:
+        best = _refine(problem, *_search(problem, hi, lo, limit), limit, cost)
+    # never more than the plain min-cut keeps
+    return problem.finish(best) if best.saved_bytes <= plain_bytes else plain
 
 
 def _search(problem: RematProblem, hi: Cut, lo: Cut, limit: float) -> tuple[Cut, Cut]:
@@ -153,7 +160,9 @@ def _refine(problem: RematProblem, hi: Cut, lo: Cut, limit: float,
     if len(extra) < 2:
         return lo
     best, low, high = lo, 0, len(extra)        # invariant: prefix `high` is within the limit
-    while high - low > 1:
+    for _ in range(MAX_REFINE_STEPS):          # a cut-short search is still monotone
+        if high - low <= 1:
+            break
         mid = (low + high) // 2
         cut = problem.solve(0.0, hi.recomputed_costly | frozenset(extra[:mid]))
         if cut is not None and cut.saved_bytes <= limit:
@@ -193,9 +202,10 @@ def policy_partition(joint_gm: fx.GraphModule, num_fwd_outputs: int,
         recompute_policy = policy.recompute_policy
         memory_budget = policy.budget if memory_budget is None else memory_budget
     budget = config.activation_memory_budget if memory_budget is None else memory_budget
-    roles = joint_roles(joint_gm, num_fwd_outputs)
-    saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy,
-                                node_roles(policy, recompute_policy))
-    fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
-    insert_offload(fw_gm, bw_gm, [n.name for n in offloaded(policy, saved)])
+    with gc_paused():
+        roles = joint_roles(joint_gm, num_fwd_outputs)
+        saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy,
+                                    node_roles(policy, recompute_policy))
+        fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
+        insert_offload(fw_gm, bw_gm, [n.name for n in offloaded(policy, saved)])
     return fw_gm, bw_gm

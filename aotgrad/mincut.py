@@ -72,7 +72,7 @@ import enum
 import operator
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -307,7 +307,7 @@ def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], Node
 
 @dataclass(frozen=True)
 class Cut:
-    saved: tuple[fx.Node, ...]      # joint graph order, symbolic ints included
+    saved: tuple[fx.Node, ...]      # tensors; RematProblem.finish adds symbolic ints
     saved_bytes: int                # bytes of the saved tensors that are not primals
     recompute_cost: int             # total cost of the COSTLY nodes the backward recomputes
     recomputed_costly: frozenset = frozenset()   # those nodes
@@ -377,8 +377,8 @@ class RematProblem:
         # outputs (alive anyway); None: cannot be saved.
         scale = len(order) + 1
         alive = {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
-        on_inputs = input_storages(joint_gm)
-        self.bytes = [0 if n in primals or _storage(n) in on_inputs else tensor_bytes(n)
+        self.storages = storages = StorageCache(joint_gm)
+        self.bytes = [0 if n in primals or storages.on_input(n) else tensor_bytes(n)
                       for n in order]
         caps = [None if b is None or role_in_fwd(n) is NodeRole.NO_SAVE
                 else b * scale + (n not in alive and n not in primals)
@@ -413,7 +413,7 @@ class RematProblem:
         with ``allowed``, only those COSTLY nodes may be.  None when no finite
         cut exists."""
         if self.empty:
-            return Cut(tuple(self._with_symints(set())), 0, 0)
+            return Cut((), 0, 0)
         net = self.net.copy()
         for i, cost in self.costly:
             banned = lam is None or (allowed is not None and self.order[i] not in allowed)
@@ -426,66 +426,77 @@ class RematProblem:
         saved = {n for i, n in enumerate(order) if not recomputed[2 * i] and recomputed[2 * i + 1]}
         cost = sum(c for i, c in self.costly if recomputed[2 * i])
         costly = frozenset(order[i] for i, _ in self.costly if recomputed[2 * i])
-        saved_nodes = tuple(self._with_symints(saved))
-        return Cut(saved_nodes, activation_bytes(saved_nodes), cost, costly)
+        saved_nodes = tuple(n for n in order if n in saved)
+        return Cut(saved_nodes, activation_bytes(saved_nodes, self.storages), cost, costly)
 
-    def _with_symints(self, saved: set) -> list[fx.Node]:
-        saved = saved | _symints_to_save(self.roles, saved, self.tangent_side, self.fwd,
-                                         self.role)
+    def finish(self, cut: Cut) -> list[fx.Node]:
+        """The cut's saved values with the symbolic ints the backward needs,
+        in joint graph order (and a check of the cut: ``_symints_to_save``)."""
+        saved = set(cut.saved)
+        saved |= _symints_to_save(self.roles, saved, self.tangent_side, self.fwd, self.role)
         return [n for n in self.graph_nodes if n in saved]
 
 
 def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
                          recompute_policy: RecomputePolicy = is_cheap_to_recompute,
-                         role_of: Callable[[fx.Node], NodeRole] | None = None
-                         ) -> list[fx.Node]:
+                         role_of: Callable[[fx.Node], NodeRole] | None = None,
+                         fwd: set[fx.Node] | None = None) -> list[fx.Node]:
     """The values the forward saves (joint graph order), by Note [Min-cut rematerialization].
 
     Falls back to ``default_partition``'s choice when the cut is not smaller
-    (and no role forbids saving a value).
+    (and no role forbids saving a value).  ``fwd``: ``forward_nodes``, when known.
     """
     roles = joint_roles(joint_gm, num_fwd_outputs)
-    fwd = forward_nodes(roles)
+    fwd = forward_nodes(roles) if fwd is None else fwd
     role_of = role_of or default_roles(recompute_policy)
-    cut = RematProblem(joint_gm, roles, fwd, role_of, with_costly=False).solve(None)
+    problem = RematProblem(joint_gm, roles, fwd, role_of, with_costly=False)
+    cut = problem.solve(None)
     default_saved = backward_uses(joint_gm, roles, fwd)
     if any(role_of(n) is NodeRole.NO_SAVE for n in default_saved):
         if cut is None:
             raise RuntimeError("aotgrad min-cut: the values the policy forbids saving cannot "
                                "all be recomputed")
-        return list(cut.saved)
-    if cut is None or activation_bytes(cut.saved) >= activation_bytes(default_saved):
+        return problem.finish(cut)
+    if cut is None or cut.saved_bytes >= activation_bytes(default_saved, problem.storages):
         return default_saved
-    return list(cut.saved)
+    return problem.finish(cut)
 
 
-def _storage(n: fx.Node):
-    val = n.meta.get("val")
-    return _torch.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+class StorageCache:
+    """Storage of each value (fake tensors in ``node.meta["val"]``), computed once."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self._keys: dict[fx.Node, Any] = {}
+        self.inputs = {self.key(p) for p in gm.graph.find_nodes(op="placeholder")} - {None}
+
+    def key(self, n: fx.Node) -> Any:
+        if n not in self._keys:
+            val = n.meta.get("val")
+            self._keys[n] = _torch.StorageWeakRef(val.untyped_storage()) \
+                if isinstance(val, torch.Tensor) else None
+        return self._keys[n]
+
+    def on_input(self, n: fx.Node) -> bool:
+        """A graph input, or a view of one (``t(weight)``): no memory of its own."""
+        return self.key(n) in self.inputs
 
 
-def input_storages(joint_gm: fx.GraphModule) -> set:
-    """Storages of the graph's placeholders: a value on one of them (an input
-    or a view of it, e.g. ``t(weight)``) keeps no memory of its own alive."""
-    return {_storage(p) for p in joint_gm.graph.find_nodes(op="placeholder")} - {None}
-
-
-def activation_bytes(saved: Iterable[fx.Node]) -> int:
+def activation_bytes(saved: Iterable[fx.Node], storages: StorageCache | None = None) -> int:
     """Memory the saved values keep alive beyond the graph inputs: each
     storage once (a view saved beside its base costs nothing more), inputs and
     views of inputs not at all."""
     saved = [n for n in saved if not _torch.is_sym_node(n)]
     if not saved:
         return 0
-    inputs = input_storages(saved[0].graph.owning_module) if saved[0].graph.owning_module \
-        else {_storage(p) for p in saved[0].graph.find_nodes(op="placeholder")}
-    storages: dict = {}
+    if storages is None:
+        storages = StorageCache(saved[0].graph.owning_module)
+    sizes: dict = {}
     for n in saved:
-        key = _storage(n)
-        if key is None or key in inputs or n.op == "placeholder":
+        key = storages.key(n)
+        if key is None or key in storages.inputs or n.op == "placeholder":
             continue
-        storages[key] = max(storages.get(key, 0), tensor_bytes(n) or 0)
-    return sum(storages.values())
+        sizes[key] = max(sizes.get(key, 0), tensor_bytes(n) or 0)
+    return sum(sizes.values())
 
 
 def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,

@@ -22,6 +22,8 @@ placeholders (``node.meta["desc"]``), never from node names.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import operator
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -170,6 +172,20 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
     return new
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Note [No GC while partitioning]: building two graphs allocates many
+    small objects, and in a process holding large graphs each collection
+    walks them all; a partition makes no garbage cycles worth collecting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
                       **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Save every forward value the backward uses; recompute nothing — unless
@@ -184,9 +200,10 @@ def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs
         return min_cut_rematerialization_partition(joint_gm, joint_inputs,
                                                    num_fwd_outputs=num_fwd_outputs,
                                                    memory_budget=1.0)
-    roles = joint_roles(joint_gm, num_fwd_outputs)
-    fwd = forward_nodes(roles)
-    return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))
+    with gc_paused():
+        roles = joint_roles(joint_gm, num_fwd_outputs)
+        fwd = forward_nodes(roles)
+        return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))
 
 
 def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]) -> list[fx.Node]:
