@@ -838,6 +838,13 @@ def make_compiled(fn: Callable, impl: str = "aotgrad") -> Callable:
     if impl == "aotgrad":
         import aotgrad
         return aotgrad.aot_function(fn, aotgrad.nop)
+    if impl == "aotgrad-budget0":  # recompute everything deterministic in the backward
+        import functools
+
+        import aotgrad
+        partition = functools.partial(aotgrad.min_cut_rematerialization_partition,
+                                      memory_budget=0.0)
+        return aotgrad.aot_function(fn, aotgrad.nop, partition_fn=partition)
     if impl == "torch":  # calibration only: PyTorch's own AOTAutograd as the compiled side
         from functorch.compile import aot_function, nop
         return aot_function(fn, nop)
@@ -949,9 +956,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "as a mismatch (fuzz the supported subset)")
     parser.add_argument("--no-shrink", action="store_true", help="print the smallest example "
                         "seen per kind without shrinking it further")
-    parser.add_argument("--impl", choices=("aotgrad", "torch"), default="aotgrad",
-                        help="the compiled side: aotgrad (default) or PyTorch's AOTAutograd "
-                             "(to calibrate the fuzzer)")
+    parser.add_argument("--impl", choices=("aotgrad", "aotgrad-budget0", "torch"),
+                        default="aotgrad",
+                        help="the compiled side: aotgrad (default), aotgrad with the min-cut "
+                             "partitioner at memory budget 0 (maximal recomputation), or "
+                             "PyTorch's AOTAutograd (to calibrate the fuzzer)")
     parser.add_argument("--progress", type=int, default=25, help="print progress every N examples")
     args = parser.parse_args(argv)
 

@@ -59,3 +59,25 @@ def _is_final_run() -> bool:
 
 if SEED is not None:
     test_aot_function_matches_eager = hypothesis_seed(int(SEED))(test_aot_function_matches_eager)
+
+
+@settings(max_examples=max(EXAMPLES // 3, 1), deadline=None, database=None,
+          derandomize=SEED is not None, phases=_phases, print_blob=False,
+          suppress_health_check=list(HealthCheck))
+@given(programs())
+def test_maximal_recomputation_matches_eager(program):
+    """The same programs through min-cut at memory budget 0: the backward
+    recomputes everything deterministic, which must not change any result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check_program(program, allow_unsupported=ALLOW_UNSUPPORTED,
+                               impl="aotgrad-budget0")
+    if not result.ok:
+        raise AssertionError(
+            f"min-cut at budget 0 differs from eager: {result.kind}\n\n"
+            + program.reproducer(result.report()))
+
+
+if SEED is not None:
+    test_maximal_recomputation_matches_eager = hypothesis_seed(int(SEED) + 1)(
+        test_maximal_recomputation_matches_eager)
