@@ -276,6 +276,16 @@ def fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
         return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
 
 
+def selective_checkpoint_mark():
+    """The CheckpointPolicy that a selective-checkpoint context left for the
+    op being traced in ``fx.traceback.current_meta`` (torch 2.11 passes it only
+    there; later versions also write it on the nodes), or None.  Taken out once
+    read, so that it cannot leak to a later op."""
+    import torch.fx.traceback as fx_traceback
+
+    return fx_traceback.current_meta.pop("recompute", None)
+
+
 def checkpoint_policies():
     """torch.utils.checkpoint.CheckpointPolicy (MUST_SAVE, PREFER_SAVE, ...)."""
     from torch.utils.checkpoint import CheckpointPolicy

@@ -101,9 +101,12 @@ class CheckpointRegionMarker(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         before = len(graph.nodes)
         out = func(*args, **(kwargs or {}))
-        prefer = _torch.checkpoint_policies().PREFER_RECOMPUTE
+        # a selective-checkpoint policy's mark when one is active (torch 2.11 leaves
+        # it in fx_traceback's current meta), else the plain region's
+        mark = _torch.selective_checkpoint_mark() or \
+            _torch.checkpoint_policies().PREFER_RECOMPUTE
         for node in itertools.islice(reversed(graph.nodes), len(graph.nodes) - before):
-            node.meta.setdefault(RECOMPUTE_META, prefer)
+            node.meta.setdefault(RECOMPUTE_META, mark)
         return out
 
 
@@ -210,11 +213,39 @@ def offloaded(policy: MemoryPolicy | None, saved: Sequence[fx.Node]) -> list[fx.
             and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
+@torch.library.custom_op("aotgrad::offload", mutates_args=())
+def _offload_op(x: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``x``: pinned, and not waited for, when ``x`` is on CUDA."""
+    out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu",
+                              pin_memory=x.is_cuda)
+    return out.copy_(x, non_blocking=x.is_cuda)
+
+
+@_offload_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
+
+
+@torch.library.custom_op("aotgrad::reload", mutates_args=())
+def _reload_op(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` copied back to ``device`` (not waited for from pinned memory)."""
+    if x.device == device:
+        return x.clone()
+    return x.to(device, non_blocking=x.is_pinned())
+
+
+@_reload_op.register_fake
+def _(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
+
+
 def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
     """Note [Offload]: the forward returns CPU copies of the saved values
-    ``names`` (pinned, non-blocking when on CUDA); the backward copies them
-    back to their device before anything else runs, so the copies overlap
-    with its first kernels."""
+    ``names`` (``aotgrad::offload``: pinned and non-blocking on CUDA); the
+    backward copies them back to their device (``aotgrad::reload``) before
+    anything else runs, so the copies overlap with its first kernels.  Both
+    are ops of their own, which any graph compiler calls as they are; on one
+    CUDA stream the copy back is ordered after the copy out."""
     if not names:
         return
     wanted = set(names)
@@ -224,10 +255,7 @@ def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence
         if isinstance(v, fx.Node) and v.name in wanted:
             val = v.meta["val"]
             with fw_gm.graph.inserting_before(out):
-                cpu = fw_gm.graph.call_function(
-                    _torch.aten._to_copy.default, (v,),
-                    {"device": torch.device("cpu"), "non_blocking": val.is_cuda,
-                     "pin_memory": val.is_cuda or None})
+                cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
             cpu.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
             values[k] = cpu
     out.args = (tuple(values),)
@@ -237,9 +265,8 @@ def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence
         if p.name in wanted:
             val = p.meta["val"]
             with bw_gm.graph.inserting_after(placeholders[-1]):
-                back = bw_gm.graph.call_function(
-                    _torch.aten._to_copy.default, (p,),
-                    {"device": val.device, "non_blocking": val.is_cuda})
+                back = bw_gm.graph.call_function(torch.ops.aotgrad.reload.default,
+                                                 (p, val.device))
             back.meta["val"] = val
             p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
             p.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))

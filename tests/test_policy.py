@@ -119,12 +119,12 @@ class TestOffload:
     def test_offload_round_trip(self):
         fw, bw = compare(mlp, MemoryPolicy(offload=["h"]))
         # the forward returns a CPU copy of h; the backward copies it back first
-        copies = [n for n in fw.graph.nodes if n.target == aten._to_copy.default]
+        copies = [n for n in fw.graph.nodes if n.target == torch.ops.aotgrad.offload.default]
         assert len(copies) == 1 and copies[0].args[0].name == "mm"
         assert copies[0] in fw.graph.output_node().args[0]
         first = [n for n in bw.graph.nodes if n.op != "placeholder"][0]
-        assert first.target == aten._to_copy.default and first.args[0].name == "mm"
-        assert first.kwargs["device"] == torch.device("cpu")   # these tensors live on the CPU
+        assert first.target == torch.ops.aotgrad.reload.default and first.args[0].name == "mm"
+        assert first.args[1] == torch.device("cpu")   # these tensors live on the CPU
 
 
 class TestCheckpoint:
@@ -168,3 +168,34 @@ class TestCheckpoint:
         for n in bw.graph.nodes:
             if isinstance(n.target, torch._ops.OpOverload):
                 assert torch.Tag.nondeterministic_seeded not in n.target.tags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["nop", "inductor"])
+def test_offload_on_cuda(backend):
+    """Offloaded values live in pinned CPU memory between forward and backward."""
+    torch._dynamo.reset()
+    rec = GraphRecorder()
+    policy = MemoryPolicy(offload=["h"])
+    x = torch.randn(64, 128, device="cuda", requires_grad=True)
+    w = torch.randn(128, 128, device="cuda", requires_grad=True)
+    if backend == "nop":
+        compiled = aot_function(mlp, rec, rec, partition_fn=policy)
+    else:
+        compiled = torch.compile(mlp, backend=functools.partial(
+            aotgrad.backends.inductor, partition_fn=policy))
+    got = compiled(x, w)
+    got.backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    want = mlp(x, w)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+    if backend == "nop":
+        fw = rec.last("forward")
+        copies = [n for n in fw.graph.nodes if n.target == torch.ops.aotgrad.offload.default]
+        assert copies and copies[0].meta["val"].device.type == "cpu"
+    # the copy is pinned memory
+    assert torch.ops.aotgrad.offload(w.detach()).is_pinned()
