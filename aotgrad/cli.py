@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--budget", type=float, metavar="B",
                     help="activation memory budget in [0, 1] (fraction of what min-cut "
                          "saves); implies --partitioner mincut")
+    ex.add_argument("--policy", metavar="MODULE:NAME",
+                    help="partition with this aotgrad.MemoryPolicy (or a function returning "
+                         "one): save / recompute / offload by tag or op")
     ex.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH "
                     "('-' for stdout, replacing the text report)")
     ex.add_argument("--graphs", action="store_true",
@@ -65,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .explain import ExplainError, explain, load_target, render, resolve_partitioner
+    from .explain import (ExplainError, explain, load_policy, load_target, render,
+                          resolve_partitioner)
 
     def error(msg: str) -> None:
         print(f"aotgrad explain: error: {msg}", file=sys.stderr)
@@ -75,15 +79,19 @@ def _explain(args: argparse.Namespace) -> int:
             error(f"--budget must be in [0, 1], not {args.budget}")
             return 2
         args.partitioner = "mincut"
+    policy = None
     try:
         resolve_partitioner(args.partitioner)  # fail fast, before any work
+        if args.policy is not None:
+            policy = load_policy(args.policy)
         target = load_target(args.target)
     except ExplainError as e:
         error(str(e))
         return 2
     try:
         report = explain(target, partitioner=args.partitioner, repeat=max(args.repeat, 0),
-                         budget=args.budget)
+                         budget=args.budget, policy=policy,
+                         policy_name=f"policy {args.policy}")
     except ExplainError as e:
         error(str(e))
         return 2

@@ -46,6 +46,7 @@ from .compile import nop
 from .descriptors import DESC, Primal
 from .flatten import flatten_inputs
 from .partition import default_partition
+from .policy import MemoryPolicy
 from .pipeline import CompileReport
 
 STAGES = ("flatten", "analyze", "trace", "partition", "compile", "runtime")
@@ -163,19 +164,7 @@ def load_target(spec: str | None) -> Target:
         obj, inputs = make_training_step()
         return Target(obj, inputs, BUILTIN,
                       f"built-in transformer training step ({TransformerConfig().describe()})")
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ExplainError(f"target {spec!r} is not of the form MODULE:FACTORY "
-                           "(e.g. mypkg.models:make)")
-    module = _import_module(module_name)
-    factory: Any = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            names = sorted(n for n, v in vars(module).items()
-                           if callable(v) and not n.startswith("_"))
-            hint = f"; callables there: {', '.join(names[:12])}" if names else ""
-            raise ExplainError(f"module {module_name!r} has no attribute {attr!r}{hint}")
-        factory = getattr(factory, part)
+    factory = _resolve(spec, "target", "FACTORY")
     if not callable(factory):
         raise ExplainError(f"{spec} is a {type(factory).__name__}, not a callable factory")
     try:
@@ -183,6 +172,37 @@ def load_target(spec: str | None) -> Target:
     except Exception as e:
         raise ExplainError(f"calling {spec}() raised {type(e).__name__}: {e}") from e
     return Target(*_check_made(made, spec), spec, f"{spec}()")
+
+
+def _resolve(spec: str, what: str, attr_name: str) -> Any:
+    """The object ``MODULE:ATTR`` names (ATTR dotted for nested attributes)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ExplainError(f"{what} {spec!r} is not of the form MODULE:{attr_name} "
+                           "(e.g. mypkg.models:make)")
+    module = _import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n in vars(module) if not n.startswith("_"))
+            hint = f"; names there: {', '.join(names[:12])}" if names else ""
+            raise ExplainError(f"module {module_name!r} has no attribute {attr!r}{hint}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_policy(spec: str) -> MemoryPolicy:
+    """The ``MemoryPolicy`` that ``MODULE:NAME`` names (or a function returning one)."""
+    obj = _resolve(spec, "policy", "NAME")
+    if not isinstance(obj, MemoryPolicy) and callable(obj):
+        try:
+            obj = obj()
+        except Exception as e:
+            raise ExplainError(f"calling {spec}() raised {type(e).__name__}: {e}") from e
+    if not isinstance(obj, MemoryPolicy):
+        raise ExplainError(f"{spec} is a {type(obj).__name__}, not an aotgrad.MemoryPolicy "
+                           "(or a function returning one)")
+    return obj
 
 
 def _import_module(name: str):
@@ -241,19 +261,23 @@ def resolve_partitioner(name: str) -> Callable:
 
 
 def explain(target: Target, partitioner: str = "default", repeat: int = 3,
-            budget: float | None = None) -> ExplainReport:
+            budget: float | None = None, policy: MemoryPolicy | None = None,
+            policy_name: str = "policy") -> ExplainReport:
     """Compile ``target``'s training step, run it beside eager, and measure
-    (under ``config.activation_memory_budget = budget`` when given)."""
+    (under ``config.activation_memory_budget = budget`` when given; with
+    ``policy`` as the partitioner when given)."""
+    partition_fn = policy if policy is not None else resolve_partitioner(partitioner)
+    label = policy_name if policy is not None else partitioner
     if budget is None:
-        return _explain(target, partitioner, repeat)
+        return _explain(target, partition_fn, label, repeat)
     with config.patch(activation_memory_budget=budget):
-        report = _explain(target, partitioner, repeat)
+        report = _explain(target, partition_fn, label, repeat)
     report.budget = budget
     return report
 
 
-def _explain(target: Target, partitioner: str, repeat: int) -> ExplainReport:
-    partition_fn = resolve_partitioner(partitioner)
+def _explain(target: Target, partition_fn: Callable, partitioner: str,
+             repeat: int) -> ExplainReport:
     obj, is_module = target.obj, isinstance(target.obj, nn.Module)
     eager_obj = _copy_module(obj) if is_module else obj
     if is_module:

@@ -53,3 +53,10 @@ def make_bad_return():
 
 
 not_callable = 3
+
+
+def recompute_mm_policy():
+    """A MemoryPolicy for ``aotgrad explain --policy``: recompute every matmul."""
+    import aotgrad
+
+    return aotgrad.MemoryPolicy(recompute=[torch.ops.aten.mm, torch.ops.aten.addmm])

@@ -203,3 +203,13 @@ def test_budget_option_reports_recomputation():
     assert "Recomputed in backward: nothing" in out   # default partition recomputes nothing
     rc, out, err = run_main(["explain", "tests._factories:make", "--budget", "1.5"])
     assert rc == 2 and "--budget must be in [0, 1]" in err
+
+
+def test_policy_option():
+    rc, out, err = run_main(["explain", "tests._factories:make", "--repeat", "0",
+                             "--policy", "tests._factories:recompute_mm_policy"])
+    assert rc == 0, err
+    assert "partition_fn=policy tests._factories:recompute_mm_policy" in out
+    assert "addmm.default x" in out and "gradients match eager: yes" in out
+    rc, _, err = run_main(["explain", "tests._factories:make", "--policy", "tests._factories:make"])
+    assert rc == 2 and "not an aotgrad.MemoryPolicy" in err
