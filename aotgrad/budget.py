@@ -42,7 +42,8 @@ NP-hard refinement we leave for monotonicity and speed.
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -179,33 +180,113 @@ def min_cut_rematerialization_partition(
         joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
         recompute_policy: RecomputePolicy = is_cheap_to_recompute,
         memory_budget: float | None = None,
+        recompute_cost: Callable[[fx.Node], int] | None = None,
         **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Save a minimum-byte set of forward values; recompute cheap ops in the backward.
 
     ``recompute_policy(node) -> bool`` says which forward nodes the backward
     may recompute for free (default ``is_cheap_to_recompute``).  With a
     ``memory_budget`` below 1 (default: ``config.activation_memory_budget``)
-    costly ops may be recomputed too (Note [Memory budget]).  Checkpoint
-    regions are honoured (Note [Checkpoint regions], policy.py).  Other keyword
-    arguments (``compiler=``, ``static_lifetime_input_indices=`` ...) are
-    accepted and ignored.  See Note [Min-cut rematerialization].
+    costly ops may be recomputed too, priced by ``recompute_cost`` (default
+    ``recompute_cost``, a roofline estimate; ``profiled_cost()`` times the ops
+    instead; Note [Memory budget]).  Checkpoint regions are honoured (Note
+    [Checkpoint regions], policy.py).  Other keyword arguments (``compiler=``,
+    ``static_lifetime_input_indices=`` ...) are accepted and ignored.  See
+    Note [Min-cut rematerialization].
     """
-    return policy_partition(joint_gm, num_fwd_outputs, None, recompute_policy, memory_budget)
+    return policy_partition(joint_gm, num_fwd_outputs, None, recompute_policy, memory_budget,
+                            recompute_cost)
 
 
 def policy_partition(joint_gm: fx.GraphModule, num_fwd_outputs: int,
                      policy: MemoryPolicy | None,
                      recompute_policy: RecomputePolicy = is_cheap_to_recompute,
-                     memory_budget: float | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
+                     memory_budget: float | None = None,
+                     cost: Callable[[fx.Node], int] | None = None,
+                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """The partition for a ``MemoryPolicy`` (or none): roles, budget, offload."""
     if policy is not None:
         recompute_policy = policy.recompute_policy
         memory_budget = policy.budget if memory_budget is None else memory_budget
+        cost = policy.recompute_cost if cost is None else cost
     budget = config.activation_memory_budget if memory_budget is None else memory_budget
     with gc_paused():
         roles = joint_roles(joint_gm, num_fwd_outputs)
         saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy,
-                                    node_roles(policy, recompute_policy))
+                                    node_roles(policy, recompute_policy),
+                                    cost or recompute_cost)
         fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
         insert_offload(fw_gm, bw_gm, [n.name for n in offloaded(policy, saved)])
     return fw_gm, bw_gm
+
+
+def profiled_cost(device: str | torch.device | None = None,
+                  repeats: int = 3) -> Callable[[fx.Node], int]:
+    """A ``recompute_cost`` that times each op (nanoseconds) on random inputs
+    of the node's shapes and dtypes, on ``device`` (default: where the
+    node's values live).  Timings are cached by op, shapes and dtypes; an op
+    that cannot be run this way is priced by the roofline estimate."""
+    cache: dict[Any, int] = {}
+
+    def cost(node: fx.Node) -> int:
+        key = (node.target, _signature(node.args), _signature(tuple(node.kwargs.items())))
+        if key not in cache:
+            try:
+                cache[key] = _time_node(node, device, repeats)
+            except Exception:  # an op that random inputs cannot drive
+                cache[key] = recompute_cost(node)
+        return cache[key]
+
+    return cost
+
+
+def _signature(args: Any) -> Any:
+    def sig(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return ("t", tuple(_hint(s) for s in val.shape), val.dtype, val.device)
+            return ("v", repr(val))
+        if isinstance(a, (list, tuple)):
+            return tuple(sig(x) for x in a)
+        return repr(a)
+    return sig(args)
+
+
+def _hint(s: Any) -> int:
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        return int(hint) if hint is not None else 1
+    return int(s)
+
+
+def _time_node(node: fx.Node, device: Any, repeats: int) -> int:
+    def real(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                dev = torch.device(device) if device is not None else val.device
+                shape = [_hint(s) for s in val.shape]
+                if val.dtype.is_floating_point or val.dtype.is_complex:
+                    return torch.randn(shape, dtype=val.dtype, device=dev)
+                return torch.zeros(shape, dtype=val.dtype, device=dev)
+            if isinstance(val, _torch.sym_types):
+                return _hint(val)
+            raise TypeError(f"cannot make an input for {a.format_node()}")
+        if isinstance(a, (list, tuple)):
+            return type(a)(real(x) for x in a)
+        return a
+
+    args, kwargs = real(node.args), {k: real(v) for k, v in node.kwargs.items()}
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda
+               for t in torch.utils._pytree.tree_leaves((args, kwargs)))
+    with torch.no_grad():
+        node.target(*args, **kwargs)                       # warm up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter_ns()
+        for _ in range(repeats):
+            node.target(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+    return max(1, (time.perf_counter_ns() - start) // repeats)

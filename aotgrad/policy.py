@@ -126,13 +126,16 @@ class MemoryPolicy:
     CUDA) and copy them back at the start of the backward.  Entries are tag
     names (``aotgrad.tag``) or ops (``torch.ops.aten.mm`` or an overload).
     ``budget`` is a memory budget for the rest (Note [Memory budget]; default
-    ``config.activation_memory_budget``).  Pass the policy as ``partition_fn``.
+    ``config.activation_memory_budget``), with ``recompute_cost`` pricing
+    recomputation (default: a roofline estimate; ``budget.profiled_cost()``
+    times the ops).  Pass the policy as ``partition_fn``.
     """
     save: Sequence[Any] = ()
     recompute: Sequence[Any] = ()
     offload: Sequence[Any] = ()
     budget: float | None = None
     recompute_policy: RecomputePolicy = is_cheap_to_recompute
+    recompute_cost: Callable[[fx.Node], int] | None = None
 
     def __post_init__(self) -> None:
         for field in ("save", "recompute", "offload"):
