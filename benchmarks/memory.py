@@ -185,9 +185,20 @@ def _torch_impl() -> dict[str, Any]:
             "budget": lambda b: functorch_config.patch(activation_memory_budget=b)}
 
 
+#: aotgrad's recompute cost for budgets: "roofline" (the default estimate) or
+#: "profiled" (aotgrad.budget.profiled_cost: the ops timed on the device)
+RECOMPUTE_COST = "roofline"
+
+
 def _aotgrad_impl() -> dict[str, Any]:
+    mincut = aotgrad.min_cut_rematerialization_partition
+    if RECOMPUTE_COST == "profiled":
+        import functools
+
+        from aotgrad.budget import profiled_cost
+        mincut = functools.partial(mincut, recompute_cost=profiled_cost())
     return {"aot": aotgrad.aot_module_simplified, "default": aotgrad.default_partition,
-            "mincut": aotgrad.min_cut_rematerialization_partition, "boxed": aotgrad.make_boxed_func,
+            "mincut": mincut, "boxed": aotgrad.make_boxed_func,
             "budget": lambda b: aotgrad.config.patch(activation_memory_budget=b)}
 
 
@@ -461,7 +472,11 @@ def main() -> None:
                     help="parameters and inputs (default float32)")
     ap.add_argument("--compiler", choices=("auto", "nop", "inductor"), default="auto",
                     help="auto: nop on CPU, inductor (compile_fx_inner) on CUDA")
+    ap.add_argument("--recompute-cost", choices=("roofline", "profiled"), default="roofline",
+                    help="how aotgrad prices recomputation under a budget (default: roofline)")
     args = ap.parse_args()
+    global RECOMPUTE_COST
+    RECOMPUTE_COST = args.recompute_cost
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
