@@ -284,11 +284,20 @@ class NodeRole(enum.Enum):
     NO_SAVE = "no_save"      # never saved: recomputed (a policy's or a checkpoint's)
 
 
+#: Op namespaces never recomputed: collectives must run once per rank, in the
+#: same order on every rank.
+NEVER_RECOMPUTE_NAMESPACES: frozenset = frozenset({"_c10d_functional", "c10d_functional",
+                                                   "_dtensor", "c10d"})
+
+
 def is_random_or_mutating(node: fx.Node) -> bool:
+    """Ops the backward never recomputes: random ones (fresh numbers), in-place
+    ones, collectives, and anything else fx calls impure."""
     target = node.target
     if not isinstance(target, _torch.OpOverload):
         return False
-    return bool(set(target.tags) & NEVER_RECOMPUTE_TAGS) or target._schema.is_mutable
+    return bool(set(target.tags) & NEVER_RECOMPUTE_TAGS) or target._schema.is_mutable or \
+        target.namespace in NEVER_RECOMPUTE_NAMESPACES or node.is_impure()
 
 
 def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], NodeRole]:

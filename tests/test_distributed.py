@@ -8,6 +8,7 @@ through ``aot_module`` and through ``torch.compile(backend=aot_eager)``.
 Losses and the full (gathered) parameters must agree after every step.
 """
 
+import functools
 import os
 import socket
 import traceback
@@ -63,12 +64,18 @@ def _worker(rank: int, port: int, queue) -> None:
         torch.manual_seed(1)
         x, y = torch.randn(6, 8), torch.randn(6, 4)
         eager = make()
-        rec = GraphRecorder()
+        rec, budget_rec = GraphRecorder(), GraphRecorder()
         via_aot_module = make()
         via_compile = make()
+        via_budget = make()
+        budget0 = functools.partial(aotgrad.min_cut_rematerialization_partition,
+                                    memory_budget=0.0)
         runs = {
             "eager": (eager, eager),
             "aot_module": (via_aot_module, aotgrad.aot_module(via_aot_module, rec)),
+            # maximal recomputation: collectives are never recomputed
+            "budget 0": (via_budget, aotgrad.aot_module(via_budget, budget_rec,
+                                                         partition_fn=budget0)),
             "torch.compile": (via_compile, torch.compile(
                 via_compile, backend=aotgrad.backends.aot_eager, fullgraph=True)),
         }
@@ -80,7 +87,7 @@ def _worker(rank: int, port: int, queue) -> None:
             results[name] = (losses, params, kinds)
         ref_losses, ref_params, _ = results["eager"]
         report = {"rank": rank}
-        for name in ("aot_module", "torch.compile"):
+        for name in ("aot_module", "torch.compile", "budget 0"):
             losses, params, kinds = results[name]
             report[name] = {
                 "losses_equal": all(torch.allclose(a, b, atol=1e-6)
@@ -91,6 +98,8 @@ def _worker(rank: int, port: int, queue) -> None:
             }
         fw = rec.last("forward").code
         report["graph_has_collective"] = "all_reduce" in fw
+        report["backward_recomputes_no_collective"] = \
+            "all_reduce" not in budget_rec.last("backward").code
         report["graph_is_plain"] = all(
             not isinstance(n.meta.get("val"), DTensor)
             for n in rec.last("forward").graph.find_nodes(op="placeholder"))
@@ -120,11 +129,12 @@ def test_dtensor_mlp_trains_like_eager_on_two_ranks():
                 p.kill()
     for report in reports:
         assert "error" not in report, report.get("error")
-        for name in ("aot_module", "torch.compile"):
+        for name in ("aot_module", "torch.compile", "budget 0"):
             assert report[name]["losses_equal"], (name, report)
             assert report[name]["params_equal"], (name, report)
             assert report[name]["param_types"] == ["DTensor"], report
         assert report["graph_has_collective"], report
+        assert report["backward_recomputes_no_collective"], report
         assert report["graph_is_plain"], report
         # training made progress (the test would pass trivially on a constant loss)
         assert report["losses"][-1] < report["losses"][0], report

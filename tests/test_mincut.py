@@ -349,3 +349,17 @@ def test_recompute_policy_is_a_plug_in():
     mincut = run_fn(f, [x], nothing)
     assert _names(mincut.saved) == _names(default.saved) == ["primals_1", "mul"]
     torch.testing.assert_close(mincut.grads, default.grads)
+
+
+def test_collectives_and_impure_ops_are_never_recomputed():
+    from aotgrad.mincut import is_random_or_mutating
+
+    import torch.distributed  # noqa: F401  (registers the functional collectives)
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    reduce = g.call_function(torch.ops._c10d_functional.all_reduce.default, (x, "sum", "0"))
+    wait = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduce,))
+    sin = g.call_function(aten.sin.default, (x,))
+    assert is_random_or_mutating(reduce) and is_random_or_mutating(wait)
+    assert not is_random_or_mutating(sin)
