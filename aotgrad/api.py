@@ -22,7 +22,7 @@ from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs
-from .subclass import layout_key
+from .subclass import hashable, layout_key
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -53,19 +53,11 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
             if type(leaf) not in _PLAIN_TENSOR_TYPES:  # its subclass tree and metadata
                 parts.append(layout_key(leaf))
         else:
-            parts.append((type(leaf), _hashable(leaf)))
+            parts.append((type(leaf), hashable(leaf)))
     if len(set(tensor_ids)) != len(tensor_ids):
         first: dict[int, int] = {}
         parts.append(tuple(first.setdefault(i, k) for k, i in enumerate(tensor_ids)))
     return tuple(parts)
-
-
-def _hashable(value: Any) -> Any:
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return ("id", id(value))
 
 
 class AOTFunction:

@@ -51,7 +51,7 @@ from torch.utils.flop_counter import flop_registry
 
 from . import _torch, config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
-    default_roles, is_cheap_to_recompute, min_cut_saved_values, tensor_bytes
+    default_roles, is_cheap_to_recompute, min_cut_saved_values, size_hint, tensor_bytes
 from .partition import build_partition, forward_nodes, gc_paused, joint_roles
 from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
@@ -245,19 +245,12 @@ def _signature(args: Any) -> Any:
         if isinstance(a, fx.Node):
             val = a.meta.get("val")
             if isinstance(val, torch.Tensor):
-                return ("t", tuple(_hint(s) for s in val.shape), val.dtype, val.device)
+                return ("t", tuple(size_hint(s) for s in val.shape), val.dtype, val.device)
             return ("v", repr(val))
         if isinstance(a, (list, tuple)):
             return tuple(sig(x) for x in a)
         return repr(a)
     return sig(args)
-
-
-def _hint(s: Any) -> int:
-    if isinstance(s, torch.SymInt):
-        hint = s.node.hint
-        return int(hint) if hint is not None else 1
-    return int(s)
 
 
 def _time_node(node: fx.Node, device: Any, repeats: int) -> int:
@@ -266,12 +259,12 @@ def _time_node(node: fx.Node, device: Any, repeats: int) -> int:
             val = a.meta.get("val")
             if isinstance(val, torch.Tensor):
                 dev = torch.device(device) if device is not None else val.device
-                shape = [_hint(s) for s in val.shape]
+                shape = [size_hint(s) for s in val.shape]
                 if val.dtype.is_floating_point or val.dtype.is_complex:
                     return torch.randn(shape, dtype=val.dtype, device=dev)
                 return torch.zeros(shape, dtype=val.dtype, device=dev)
             if isinstance(val, _torch.sym_types):
-                return _hint(val)
+                return size_hint(val)
             raise TypeError(f"cannot make an input for {a.format_node()}")
         if isinstance(a, (list, tuple)):
             return type(a)(real(x) for x in a)

@@ -43,8 +43,10 @@ A finite cut is exactly an allowed valid saved set, and max-flow (Dinic's,
 ``FlowNetwork``) finds one of fewest bytes.  Vertices that still reach the
 sink in the residual network are on the backward side: this is the cut nearest
 the sink, which among equally small cuts recomputes least.  Capacities are
-``bytes * K + 1`` (``K`` > number of vertices), and ``bytes * K`` for primals and
-forward outputs, which are alive anyway: an equal-bytes tie goes to them.
+``bytes * K + 1`` (``K`` > number of vertices), and ``bytes * K`` for forward
+outputs, which are alive anyway: an equal-bytes tie goes to them.  Primals and
+views of them (``t(weight)``) cost no bytes: they keep no memory of their own
+alive (``StorageCache``).
 
 Symbolic ints stay out of the network: those the backward reads and cannot
 compute from tangents are saved (a few bytes each).  When the cut does not save
@@ -140,7 +142,8 @@ RecomputePolicy = Callable[[fx.Node], bool]
 UNHINTED_SIZE = 4096
 
 
-def _hint(s) -> int:
+def size_hint(s) -> int:
+    """A concrete size: ``s``, or the hint of a symbolic one (UNHINTED_SIZE without)."""
     if isinstance(s, torch.SymInt):
         hint = s.node.hint
         return int(hint) if hint is not None else UNHINTED_SIZE
@@ -154,7 +157,7 @@ def tensor_bytes(node: fx.Node) -> int | None:
         return None
     numel = 1
     for s in val.shape:
-        numel *= _hint(s)
+        numel *= size_hint(s)
     return numel * val.element_size()
 
 

@@ -174,8 +174,10 @@ def _training_runner(sig: Signature, compiled: CompiledGraphs, poisoned: dict[in
             if marks:
                 ctx.mark_non_differentiable(*marks)
             ctx.set_materialize_grads(False)
-            ctx.diff_meta = [[(p.shape, p.dtype, p.device) for p in flatten([user[k]])]
-                             for k in diff]
+            # per differentiable output, (shape, dtype, device) of its plain tensors
+            ctx.diff_meta = [[(t.shape, t.dtype, t.device)] for t in (user[k] for k in diff)] \
+                if boundary is None else \
+                [[(p.shape, p.dtype, p.device) for p in flatten([user[k]])] for k in diff]
             return tuple(user)
 
         @staticmethod

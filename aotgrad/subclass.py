@@ -42,7 +42,7 @@ class Opaque:
     value: Any
 
     def structure(self) -> tuple:
-        return ("opaque", _hashable(self.value))
+        return ("opaque", hashable(self.value))
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class SubclassLayout:
 
     def structure(self) -> tuple:
         """What must match for a tensor to be flattened by this layout (not sizes)."""
-        return (self.cls, _hashable(self.meta), self.attrs,
+        return (self.cls, hashable(self.meta), self.attrs,
                 tuple(None if x is None else x.structure() for x in self.inner))
 
     def describe(self) -> str:
@@ -286,7 +286,8 @@ def check_tangent(t: torch.Tensor, expected: Layout, position: int) -> None:
         "have the output's subclass structure, or compile the code that produces it too.")
 
 
-def _hashable(value: Any) -> Any:
+def hashable(value: Any) -> Any:
+    """``value`` itself when hashable, else a key by identity (guard keys, layouts)."""
     try:
         hash(value)
         return value
