@@ -390,7 +390,32 @@ def _autocast_devices() -> tuple[str, ...]:
 
 def autocast_state() -> tuple:
     """Whether autocast is on, per device type (part of the guard key)."""
+    if not any_autocast_enabled():
+        return _AUTOCAST_OFF
     return tuple(torch.is_autocast_enabled(d) for d in _autocast_devices())
+
+
+any_autocast_enabled = torch._C._is_any_autocast_enabled
+_AUTOCAST_OFF = tuple(False for _ in _autocast_devices())
+
+def spec_children(spec: Any) -> list:
+    """The child TreeSpecs of a pytree spec (the accessor was renamed in 2.13)."""
+    return spec.children() if hasattr(spec, "children") else spec.children_specs
+
+
+def function_apply_unchecked(function: type) -> Any:
+    """Note [Guarded apply] (runtime.py): ``function.apply`` without the Python
+    layer of ``autograd.Function.apply``, which binds default arguments for
+    ``setup_context`` (ours has none) and unwraps dead functorch wrappers
+    (plain tensors, checked by a guard, are none) before calling this."""
+    return super(torch.autograd.Function, function).apply
+
+
+functorch_transforms_active = torch._C._are_functorch_transforms_active
+
+
+# grad mode without a context manager object (for generated code)
+set_grad_enabled = torch._C._set_grad_enabled
 
 
 @contextlib.contextmanager
@@ -429,3 +454,51 @@ def shape_guard(fake_mode: FakeTensorMode, fake_inputs):
     if not code:
         return None
     return lambda inputs: env.evaluate_guards_expression(code, inputs)
+
+
+# ---------------------------------------------------------------- fast guards
+
+def tensor_guard(examples: list) -> Any:
+    """A C++ check ``check(*tensors) -> bool`` that tensors have the type,
+    dispatch keys, dtype, device, requires_grad, sizes and strides of
+    ``examples`` (dynamo's ``TensorGuards``), or None where this torch lacks it."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+        return TensorGuards(*examples, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+    except (ImportError, TypeError, RuntimeError):
+        return None
+
+
+# ---------------------------------------------------------------- Python bindings of ATen ops
+
+VariableFunctions = torch._C._VariableFunctions
+TensorBase = torch._C.TensorBase
+torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def is_builtin(fn: Any) -> bool:
+    """A binding written in C++ (not a Python wrapper around one)."""
+    return type(fn).__name__ in ("builtin_function_or_method", "method_descriptor")
+
+
+def meta_like(val: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``val``'s static metadata (raises if symbolic)."""
+    return torch.empty_strided([int(d) for d in val.shape], [int(d) for d in val.stride()],
+                               dtype=val.dtype, device="meta")
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Any, args: list) -> list:
+    """The ATen overloads ``fn(*args)`` dispatches, in order."""
+    with torch.no_grad(), _RecordOps() as record:
+        fn(*args)
+    return record.ops

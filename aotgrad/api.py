@@ -16,12 +16,15 @@ import torch
 import torch.nn as nn
 
 from . import config
-from ._torch import autocast_state, pytree, top_saved_tensor_hooks
+from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active, pytree,
+                     tensor_guard, top_saved_tensor_hooks)
+from .codegen import Namespace
 from .compile import Compiler
 from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs
+from .runtime import MISS
 from .subclass import hashable, layout_key
 
 
@@ -60,8 +63,47 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     return tuple(parts)
 
 
+def fast_guard(ns: Namespace, tensors: list, exprs: list[str]) -> str | None:
+    """Note [Fast path]: the guard key of a call of plain tensors ``tensors``
+    (read by the expressions ``exprs``) as one boolean expression — a C++
+    check of each tensor's metadata, storage offsets, distinctness and the
+    global state — or None where the state is one the fast path leaves to
+    ``guard_key`` (autocast on, saved-tensor hooks, no C++ check)."""
+    if any(autocast_state()) or top_saved_tensor_hooks() is not None or \
+            any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
+        return None
+    check = tensor_guard(tensors)
+    if check is None:
+        return None
+    parts = [f"{ns.bind(torch.is_grad_enabled, 'grad_enabled')}()"
+             if torch.is_grad_enabled() else f"not {ns.bind(torch.is_grad_enabled, 'grad_enabled')}()"]
+    if tensors:
+        parts.append(f"{ns.bind(check, 'tensor_check')}({', '.join(exprs)})")
+    parts += [f"{e}.storage_offset() == {t.storage_offset()}" for e, t in zip(exprs, tensors)]
+    if len(tensors) <= 6:
+        parts += [f"{a} is not {b}" for k, a in enumerate(exprs) for b in exprs[k + 1:]]
+    else:
+        parts.append(f"len({{{', '.join(f'id({e})' for e in exprs)}}}) == {len(exprs)}")
+    parts.append(f"not {ns.bind(any_autocast_enabled, 'any_autocast')}()")
+    parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
+    parts.append(f"{ns.bind(top_saved_tensor_hooks, 'top_hooks')}() is None")
+    return " and ".join(parts)
+
+
+def _always_miss(args: tuple) -> Any:
+    return MISS
+
+
 class AOTFunction:
-    """The callable ``aot_function`` returns (same signature as the user's fn)."""
+    """The callable ``aot_function`` returns (same signature as the user's fn).
+
+    Note [Fast path]: a call of tensors only, with the metadata of the last
+    call that compiled or hit, runs one generated function: the guard of
+    ``fast_guard`` followed by the program's generated runtime (Note
+    [Generated runtime], runtime.py) — no guard key is built, no pytree
+    walked.  Any other call takes the general path below, which builds the
+    guard key and, when the call was one of plain tensors, makes the fast
+    function for its program."""
 
     def __init__(self, fn: Callable, options: CompileOptions):
         self.fn = fn
@@ -69,14 +111,37 @@ class AOTFunction:
         self._compiled: dict[tuple, Callable[[list], Any]] = {}
         self._shape_variants: dict[tuple, list[Callable[[list], Any]]] = {}
         self._flat_specs: dict[int, Any] = {}
+        self._fast: Callable[[tuple], Any] = _always_miss
+        self._fast_by_key: dict[tuple, Callable[[tuple], Any] | None] = {}
         self.last_report: CompileReport | None = None
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            # fast path: flat tensor arguments need no pytree walk; the spec
-            # is the same for every call with this many arguments
+        if not kwargs:
+            try:
+                out = self._fast(args)
+            except (ShapeGuardFailed, AliasedMutatedInputs):
+                out = MISS
+            if out is not MISS:
+                return out
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        run, leaves, in_spec, key = self.lookup(args, kwargs, flat)
+        if flat:
+            self._fast = self.fast_function(key, run, list(args),
+                                            [f"args[{k}]" for k in range(len(args))],
+                                            f"len(args) == {len(args)}")
+        return self.run(run, leaves, in_spec, key)
+
+    def lookup(self, args: tuple, kwargs: dict, flat: bool) -> tuple:
+        """``(run, leaves, in_spec, key)`` of a call: its compiled program
+        (compiled now if new), flat leaves, input spec and guard key."""
+        if flat:
+            # flat tensor arguments need no pytree walk; the spec is the same
+            # for every call with this many arguments
             leaves = list(args)
             in_spec = self._flat_specs.get(len(args))
             if in_spec is None:
@@ -88,6 +153,9 @@ class AOTFunction:
         run = self._compiled.get(key)
         if run is None:
             run = self._compile(leaves, in_spec, key)
+        return run, leaves, in_spec, key
+
+    def run(self, run: Callable[[list], Any], leaves: list, in_spec: Any, key: tuple) -> Any:
         try:
             return run(leaves)
         except ShapeGuardFailed:  # Note [Shape guards] (pipeline.py)
@@ -98,6 +166,37 @@ class AOTFunction:
             if run is None:
                 run = self._compile(leaves, in_spec, alias_key, aliased.groups)
             return run(leaves)
+
+    def fast_function(self, key: tuple, run: Callable[[list], Any], leaves: list,
+                      exprs: list[str], extra_guard: str,
+                      namespace: dict | None = None) -> Callable[[tuple], Any]:
+        """Note [Fast path]: the generated function for calls like this one,
+        whose leaf k is the expression ``exprs[k]`` of the call's ``args``
+        (made once per key; ``_always_miss`` where there can be none)."""
+        fast = self._fast_by_key.get(key)
+        if fast is not None:
+            return fast
+        program = getattr(run, "program", None)
+        guard = None
+        if program is not None and not self.options.dynamic:
+            ns = Namespace("guard")
+            ns.values.update(namespace or {})
+            slots, graph_leaf = run.leaf_slot, run.graph_leaf
+            guard = fast_guard(ns, [leaves[j] for j in graph_leaf],
+                               [exprs[j] for j in graph_leaf])
+            if guard is not None:
+                # a tensor passed twice is the same object again; constants
+                # (exprs None) are fixed by the caller's own guard
+                same = [f"{exprs[j]} is {exprs[graph_leaf[s]]}" for j, s in enumerate(slots)
+                        if s >= 0 and graph_leaf[s] != j]
+                guard = " and ".join([extra_guard, guard, *same])
+        if guard is None:
+            fast = _always_miss
+        else:
+            fast = program.function("args", [exprs[j] for j in graph_leaf], guard,
+                                    ns.values, name="fast_call")
+        self._fast_by_key[key] = fast
+        return fast
 
     def _call_shape_variant(self, key: tuple, leaves: list, in_spec: Any) -> Any:
         """The first compilation for ``key`` whose shape guards hold, else a new one."""
@@ -153,20 +252,69 @@ def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | No
 
 
 class AOTModule(nn.Module):
-    """The module ``aot_module`` returns: parameters and buffers become inputs."""
+    """The module ``aot_module`` returns: parameters and buffers become inputs.
+
+    Its fast path (Note [Fast path]) reads each parameter and buffer from its
+    owner's ``_parameters`` / ``_buffers`` and guards the module tree: every
+    submodule still where it was, in the same train/eval mode, with as many
+    parameters, buffers and children."""
 
     def __init__(self, mod: nn.Module, compiled: AOTFunction):
         super().__init__()
         self.orig_module = mod
         self._compiled = compiled
         self._submodules = list(mod.modules())
+        self._fast: Callable[[tuple], Any] = _always_miss
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs:
+            try:
+                out = self._fast(args)
+            except (ShapeGuardFailed, AliasedMutatedInputs):
+                out = MISS
+            if out is not MISS:
+                return out
         params = dict(self.orig_module.named_parameters(remove_duplicate=False))
         buffers = dict(self.orig_module.named_buffers(remove_duplicate=False))
         # train/eval changes what the module computes: part of the guard key
         modes = tuple(m.training for m in self._submodules)
-        return self._compiled(params, buffers, modes, *args, **kwargs)
+        compiled = self._compiled
+        run, leaves, in_spec, key = compiled.lookup((params, buffers, modes, *args), kwargs,
+                                                    False)
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            ns = Namespace("mod")
+            exprs, guard = _module_reads(self.orig_module, ns)
+            exprs += [None] * len(modes)
+            exprs += [f"args[{k}]" for k in range(len(args))]
+            self._fast = compiled.fast_function(
+                key, run, leaves, exprs, f"len(args) == {len(args)} and {guard}", ns.values)
+        return compiled.run(run, leaves, in_spec, key)
+
+
+def _module_reads(root: nn.Module, ns: Namespace) -> tuple[list[str], str]:
+    """Expressions reading ``root``'s parameters then buffers, in the order of
+    ``named_parameters`` / ``named_buffers`` (remove_duplicate=False), and a
+    guard that the module tree is as now."""
+    root_name = ns.bind(root, "root")
+    names = {"": root_name}
+    checks = []
+    params, buffers = [], []
+    for path, m in root.named_modules(remove_duplicate=False):
+        if path:
+            parent, _, attr = path.rpartition(".")
+            names[path] = ns.bind(m, "m")
+            checks.append(f"{names[parent]}._modules[{attr!r}] is {names[path]}")
+        me = names[path]
+        checks.append(f"{me}.training is {m.training}")
+        checks += [f"len({me}.{d}) == {len(getattr(m, d))}"
+                   for d in ("_parameters", "_buffers", "_modules")]
+        for store, out in (("_parameters", params), ("_buffers", buffers)):
+            for name, value in getattr(m, store).items():
+                if value is None:
+                    checks.append(f"{me}.{store}[{name!r}] is None")
+                else:
+                    out.append(f"{me}.{store}[{name!r}]")
+    return params + buffers, " and ".join(checks)
 
 
 def _functional_call(mod: nn.Module) -> Callable:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
+from .codegen import graph_function
 from .partition import Partitioned
 
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable]
@@ -47,9 +48,11 @@ def ensure_boxed(f: Callable) -> Callable:
 
 
 def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """The compiler that compiles nothing: runs the graph as Python (boxed;
-    calls the generated ``forward`` directly, skipping nn.Module's call path)."""
-    return make_boxed_func(gm.forward)
+    """The compiler that compiles nothing: runs the graph as Python, boxed
+    (Note [Graphs as plain functions] in codegen.py)."""
+    run = graph_function(gm)
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
 
 
 # ---------------------------------------------------------------- compilation context

@@ -1,17 +1,58 @@
 """Stage 7 — runtime: the callable the user gets.
 
-It takes the flat leaves of one call, picks the graph inputs, runs the
-compiled graphs, then an epilogue specialised to the ``Signature``:
+Note [Generated runtime]: the per-call work is Python source written once per
+compiled program, from its ``Signature``: only the lines this program needs,
+with every decision that the signature settles taken at compile time.  For
+``(a * b).sin().sum()`` with both inputs requiring grad it reads::
 
-1. inference: the compiled inference graph is called directly; training: a
-   ``torch.autograd.Function`` made for this one compiled program runs the
-   compiled forward, keeps the saved values on its ctx, and its backward runs
-   the compiled backward (both boxed: see ``compile.py``);
-2. input mutations the graph returned are written back into the caller's
+    def call(leaves):
+        i0 = leaves[0]
+        i1 = leaves[1]
+        o0 = apply(i0, i1)
+        return o0
+
+and the ``torch.autograd.Function`` made for it::
+
+    def forward(ctx, i0, i1):
+        outs = fw([i0, i1])
+        ctx.save_for_backward(*outs[1:4])
+        o0 = outs[0]
+        if o0._is_view():
+            o0 = unsafe_view(o0)
+        ctx.set_materialize_grads(False)
+        return o0
+
+    def backward(ctx, t0):
+        missing = ()
+        if t0 is None: ... zeros, missing = (0,)
+        else: t0 = t0.contiguous()
+        args = [*ctx.saved_tensors, t0]
+        ...
+
+What the call does, in order (each part present only when needed):
+
+1. aliasing check: a mutated input sharing storage with another input raises
+   ``AliasedMutatedInputs`` (Note [Aliased mutated inputs]);
+2. the graphs: inference: the compiled inference graph, under no_grad;
+   training: the autograd.Function, which runs the compiled forward, keeps
+   the saved values on its ctx, and whose backward runs the compiled
+   backward (both boxed: see ``compile.py``);
+3. input mutations the graph returned are written back into the caller's
    tensors (Note [Writing mutations back]);
-3. the user's outputs are assembled: graph outputs, the caller's own input
-   objects, aliases rebuilt as views (Note [Rebuilding aliased outputs]) and
-   constants.
+4. the user's outputs: graph outputs, the caller's own input objects,
+   aliases rebuilt as views (Note [Rebuilding aliased outputs]), constants.
+
+The body reads graph inputs ``i0 ...``; ``RuntimeProgram.function`` wraps it
+with any way of getting them (from the flat leaves, from a call's positional
+arguments, from a module's parameters) and any guard, so that the fast path
+of ``aot_function`` is one generated function (Note [Fast path], api.py).
+
+Note [Guarded apply]: ``autograd.Function.apply`` is a Python layer over the
+C++ apply that binds default arguments for ``setup_context`` and unwraps dead
+functorch wrappers, one ``isinstance`` per argument (a few microseconds for
+two tensors).  Where a guard has checked that the inputs are plain tensors
+and that no functorch transform is active (Note [Fast path], api.py), the
+body calls the C++ apply directly; elsewhere it calls ``apply``.
 
 Note [Autocast is traced in]: a graph traced under autocast holds autocast's
 casts as ops; the runtime runs it with autocast off, or ops would be cast a
@@ -22,13 +63,16 @@ differently).  The autocast state is part of the guard key.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import _torch, config, subclass
 from ._torch import pytree
 from .analyze import InputInfo, OutputInfo, OutputKind, Signature
+from .codegen import Namespace, make_function
 from .compile import CompiledGraphs
 from .flatten import FlatInputs
 from .rebase import AliasedMutatedInputs, alias_groups
@@ -36,52 +80,102 @@ from .saved_hooks import hooks_off
 from .views import AliasPlan, replay
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS = _Missing()   # what a guarded entry returns when its guard fails
+
+
+@dataclass(frozen=True, eq=False)
+class RuntimeProgram:
+    """The generated body of one compiled program (Note [Generated runtime])."""
+    body: tuple[str, ...]          # lines at function level, reading i0 ... i{n-1}
+    namespace: dict[str, Any]
+    num_inputs: int
+    # Note [Guarded apply]: names rebound where a guard has checked the inputs
+    guarded: dict[str, Any]
+
+    def function(self, params: str, inputs: Sequence[str], guard: str | None = None,
+                 namespace: dict[str, Any] | None = None, name: str = "call") -> Callable:
+        """``def name(params)``: ``guard`` false → return ``MISS``; graph input
+        k is the expression ``inputs[k]``."""
+        lines = [f"def {name}({params}):"]
+        if guard is not None:
+            lines += [f"    if not ({guard}):", "        return MISS"]
+        lines += [f"    i{k} = {expr}" for k, expr in enumerate(inputs)]
+        lines += self.body
+        guarded = self.guarded if guard is not None else {}
+        return make_function("\n".join(lines) + "\n", name,
+                             {**self.namespace, **guarded, **(namespace or {}), "MISS": MISS})
+
+
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                   plans: dict[int, AliasPlan] | None = None,
                   poisoned: dict[int, str] | None = None,
                   boundary: subclass.Boundary | None = None) -> Callable[[list], Any]:
-    """A function of the call's flat leaves returning the user's output.
+    """A function of the call's flat leaves returning the user's output; its
+    ``program`` attribute is the ``RuntimeProgram``.
 
     ``plans``: view-replay plans of rebuilt outputs (views.py); ``boundary``:
     the subclass layouts (Note [Subclasses at the boundary])."""
-    graph_leaf = flat.graph_leaf
-    run_graphs = (_training_runner(sig, compiled, poisoned or {}, boundary)
-                  if compiled.backward is not None else
-                  _inference_runner(sig, compiled, boundary))
-    if config.debug_assert:
-        run_graphs = _with_output_checks(run_graphs, sig)
-    write_back = _mutation_writer(sig)
-    plans = plans if config.view_replay_for_aliased_outputs else {}
-    # Note [Views taken before a mutation]: an output that is a view of an
-    # input taken before the input was mutated is rebuilt before the mutation
-    # is written back (so its metadata, and autograd's view bookkeeping, are
-    # as in eager).
-    early = frozenset(
-        i for i, p in (plans or {}).items() if p.from_original_input and (
-            sig.inputs[sig.outputs[i].base].mutated or
-            # still requires grad: it was taken before the input's detach_()
-            (sig.inputs[sig.outputs[i].base].detached_in_place and sig.outputs[i].requires_grad)))
-    assemble = _Assembler(sig, plans or {}, early)
-
-    check_aliasing = _alias_guard(sig, flat.num_params_buffers)
-
-    if write_back is None and check_aliasing is None:
-        def call(leaves: list) -> Any:
-            inputs = [leaves[i] for i in graph_leaf]
-            outs = run_graphs(inputs)
-            return assemble(outs, inputs, {})
-    else:
-        def call(leaves: list) -> Any:
-            inputs = [leaves[i] for i in graph_leaf]
-            if check_aliasing is not None:
-                check_aliasing(inputs)
-            outs = run_graphs(inputs)
-            built = assemble.rebuild(early, outs, inputs, {}) if early else {}
-            if write_back is not None:
-                write_back(inputs, outs)
-            return assemble(outs, inputs, built)
-
+    program = _generate(flat, sig, compiled, plans if config.view_replay_for_aliased_outputs
+                        else {}, poisoned or {}, boundary)
+    call = program.function("leaves", [f"leaves[{j}]" for j in flat.graph_leaf])
+    call.program = program  # type: ignore[attr-defined]
+    call.graph_leaf = flat.graph_leaf  # type: ignore[attr-defined]
+    call.leaf_slot = flat.leaf_slot  # type: ignore[attr-defined]
     return call
+
+
+class _Source:
+    def __init__(self, ns: Namespace):
+        self.lines: list[str] = []
+        self.ns = ns
+
+    def __call__(self, line: str, depth: int = 1) -> None:
+        self.lines.append("    " * depth + line)
+
+    def bind(self, value: Any, hint: str = "") -> str:
+        return self.ns.bind(value, hint)
+
+
+def _names(prefix: str, indices: Sequence[int]) -> str:
+    return ", ".join(f"{prefix}{k}" for k in indices)
+
+
+def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
+              plans: dict[int, AliasPlan], poisoned: dict[int, str],
+              boundary: subclass.Boundary | None) -> RuntimeProgram:
+    ns = Namespace("rt")
+    src = _Source(ns)
+    n_in = flat.num_graph_inputs
+    inputs = _names("i", range(n_in))
+    _alias_check(src, sig, flat.num_params_buffers)
+    num_out = sig.num_graph_outputs
+    outs = _names("o", range(num_out))
+    unpack = f"{outs}," if num_out else "_"
+    guarded = {}
+    if compiled.backward is not None:
+        function = _autograd_function(sig, compiled, poisoned, boundary)
+        apply = src.bind(function.apply, "apply")
+        guarded[apply] = _torch.function_apply_unchecked(function)
+        call = f"{'o0' if num_out == 1 else unpack} = {apply}({inputs})"
+        if compiled.saved_hooks_inlined:  # autograd packs saved tensors when apply returns
+            src(f"with {src.bind(hooks_off, 'hooks_off')}():")
+            src(call, 2)
+        else:
+            src(call)
+    else:
+        _inference_call(src, sig, compiled, boundary, inputs, unpack)
+    if config.debug_assert:
+        src(f"{src.bind(_check_outputs, 'check_outputs')}([{outs}], {src.bind(sig, 'sig')})")
+    assemble = _Assembler(sig, plans, src)
+    assemble.early()
+    _write_back(src, sig)
+    assemble.outputs()
+    return RuntimeProgram(tuple(src.lines), dict(ns.values), n_in, guarded)
 
 
 def _plain_positions(sig: Signature) -> tuple[int, ...]:
@@ -96,150 +190,216 @@ def _plain_positions(sig: Signature) -> tuple[int, ...]:
         tuple(range(first_base, first_base + sig.num_intermediate_bases))
 
 
-def _unview(outs: list, positions: tuple[int, ...]) -> None:
+def _unview(src: _Source, positions: Sequence[int], depth: int = 1) -> None:
+    unsafe_view = src.bind(_torch.unsafe_view, "unsafe_view")
     for k in positions:
-        t = outs[k]
-        if isinstance(t, torch.Tensor) and t._is_view():
-            outs[k] = _torch.unsafe_view(t)
+        src(f"if o{k}._is_view():", depth)
+        src(f"o{k} = {unsafe_view}(o{k})", depth + 1)
 
 
-def _inference_runner(sig: Signature, compiled: CompiledGraphs,
-                      boundary: subclass.Boundary | None) -> Callable[[list], list]:
+def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
+                    boundary: subclass.Boundary | None, inputs: str, unpack: str) -> None:
     """No output of an inference graph needs grad (else the analysis would have
     asked for a joint graph), so it runs under no_grad: in-graph mutations of
     inputs that require grad are then allowed, as they were when traced."""
-    forward = compiled.forward
-    plain = _plain_positions(sig)
+    fw = src.bind(compiled.forward, "forward")
+    call = f"{fw}([{inputs}])"
     if boundary is not None:  # Note [Subclasses at the boundary]
-        def forward(args: list, graph=compiled.forward, layouts=boundary.outputs) -> list:
-            return subclass.rebuild_list(layouts, graph(subclass.flatten_all(args)))
+        call = (f"{src.bind(subclass.rebuild_list, 'rebuild_list')}("
+                f"{src.bind(boundary.outputs, 'layouts')}, "
+                f"{fw}({src.bind(subclass.flatten_all, 'flatten_all')}([{inputs}])))")
+    grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
+    set_grad = src.bind(_torch.set_grad_enabled, "set_grad_enabled")
+    depth = 1
+    if any(_torch.autocast_state()):  # Note [Autocast is traced in]
+        src(f"with {src.bind(_torch.autocast_disabled, 'autocast_disabled')}():")
+        depth = 2
+    src(f"if {grad_enabled}():", depth)
+    src(f"{set_grad}(False)", depth + 1)
+    src("try:", depth + 1)
+    src(f"{unpack} = {call}", depth + 2)
+    src("finally:", depth + 1)
+    src(f"{set_grad}(True)", depth + 2)
+    src("else:", depth)
+    src(f"{unpack} = {call}", depth + 1)
+    _unview(src, _plain_positions(sig))
 
-    autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
 
-    def run(inputs: list) -> list:
-        with torch.no_grad():
-            if autocast_on:  # Note [Autocast is traced in]
-                with _torch.autocast_disabled():
-                    outs = list(forward(list(inputs)))
-            else:
-                outs = list(forward(list(inputs)))
-        _unview(outs, plain)
-        return outs
+def _check_outputs(outs: list, sig: Signature) -> None:
+    """Note [debug_assert]: check the compiled graph returns what analysis predicted."""
+    for k, (o, meta) in enumerate(zip(outs, sig.graph_output_meta)):
+        if meta is None:
+            continue  # a symbolic size
+        shape, dtype, _ = meta
+        if not isinstance(o, torch.Tensor) or o.dtype != dtype or o.dim() != len(shape):
+            raise AssertionError(
+                f"aotgrad debug_assert: graph output {k} is "
+                f"{type(o).__name__}{getattr(o, 'dtype', '')} with "
+                f"{getattr(o, 'dim', lambda: '?')()} dims; expected {dtype} with "
+                f"{len(shape)} dims")
 
-    return run
 
+# ---------------------------------------------------------------- training
 
-def _training_runner(sig: Signature, compiled: CompiledGraphs, poisoned: dict[int, str],
-                     boundary: subclass.Boundary | None) -> Callable[[list], list]:
-    """Note [No double backward]: the compiled backward is a graph over saved
+def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[int, str],
+                       boundary: subclass.Boundary | None) -> type:
+    """The autograd.Function of one compiled program, its forward and backward
+    generated (Note [Generated runtime]).
+
+    Note [No double backward]: the compiled backward is a graph over saved
     values that autograd cannot see through, so differentiating its result
     again would silently drop terms.  It runs under no_grad; with
     create_graph=True its gradients are tied to an error node instead."""
-    forward, backward = compiled.forward, compiled.backward
+    ns = Namespace("af")
+    fwd, bwd = _Source(ns), _Source(ns)
     num_out = compiled.num_fwd_outputs
-    end_tensors = num_out + compiled.num_saved_tensors
+    n_in = len(sig.inputs)
+    end = num_out + compiled.num_saved_tensors
     mask = sig.tangent_mask
-    diff = tuple(k for k, m in enumerate(mask) if m)
-    non_diff = tuple(k for k, m in enumerate(mask) if not m)
-    plain = _plain_positions(sig)
-    # Note [Distinct outputs] (compile.py): non-differentiable ones are
-    # detached (they share storage, as the runtime needs); others cloned.
-    distinct = tuple((k, not mask[k]) for k in compiled.repeated_outputs)
-    deps = compiled.tangent_deps
+    diff = [k for k, m in enumerate(mask) if m]
+    non_diff = [k for k, m in enumerate(mask) if not m]
+    meta = sig.graph_output_meta
     autocast_on = any(_torch.autocast_state())  # at compile time (part of the guard key)
-    # Note [Subclasses at the boundary]: graph inputs, user outputs, tangents
-    # and gradients cross between subclass and plain tensors here
-    flatten = subclass.flatten_all if boundary is not None else list
-    tangent_layouts = [] if boundary is None else \
-        [boundary.outputs[k] for k in diff]
+    inputs = _names("i", range(n_in))
 
-    class CompiledFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            if autocast_on:
-                with _torch.autocast_disabled():
-                    outs = forward(flatten(inputs))
-            else:
-                outs = forward(flatten(inputs))
-            ctx.save_for_backward(*outs[num_out:end_tensors])
-            ctx.symints = outs[end_tensors:]
-            user = list(outs[:num_out])
-            for k, detach in distinct:
-                if isinstance(user[k], torch.Tensor):
-                    user[k] = user[k].detach() if detach else user[k].clone()
-            if boundary is not None:
-                user = subclass.rebuild_list(boundary.outputs, user)
-            _unview(user, plain)
-            marks = [user[k] for k in non_diff if isinstance(user[k], torch.Tensor)]
-            if marks:
-                ctx.mark_non_differentiable(*marks)
-            ctx.set_materialize_grads(False)
-            # per differentiable output, (shape, dtype, device) of its plain tensors
-            ctx.diff_meta = [[(t.shape, t.dtype, t.device)] for t in (user[k] for k in diff)] \
-                if boundary is None else \
-                [[(p.shape, p.dtype, p.device) for p in flatten([user[k]])] for k in diff]
-            return tuple(user)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            plain_tangents, missing = _tangents(ctx, grads)
-            del grads
-            # Note [Freeing saved values]: the compiled backward is called boxed
-            # with the only references to the saved values and tangents (ctx's
-            # are cleared unless retain_graph), so each dies at its last use
-            create_graph = torch.is_grad_enabled()
-            num_tangents = len(plain_tangents)
-            args = [*ctx.symints, *ctx.saved_tensors, *plain_tangents]
-            kept = args[len(ctx.symints):] if create_graph else None
-            del plain_tangents
-            ctx.maybe_clear_saved_tensors()
-            # Note [Autocast is traced in]: the graphs hold autocast's casts
-            with torch.no_grad(), _torch.autocast_disabled():
-                grad_inputs = list(backward(args))
-            del args
-            if missing:  # Note [Gradients that eager leaves None] (compile.py)
-                present = frozenset(j for j in range(num_tangents) if j not in missing)
-                grad_inputs = [None if not (deps[i] & present) else g
-                               for i, g in enumerate(grad_inputs)]
-            if boundary is not None:
-                grad_inputs = subclass.rebuild_list(boundary.grads, grad_inputs)
-            if create_graph:  # create_graph=True: Note [No double backward]
-                return _refuse_double_backward(grad_inputs, kept)
-            return tuple(grad_inputs)
-
-    def _tangents(ctx, grads: tuple) -> tuple[list, set[int]]:
-        """The backward graph's tangents (plain, contiguous; zeros where
-        autograd gave none) and the positions of those zeros."""
-        tangents = [grads[k] for k in diff]
-        for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
-            if tangents[j] is not None:
-                raise RuntimeError(message)
-        missing: set[int] = set()
-        plain_tangents = []
-        for j, t in enumerate(tangents):
-            if t is None:
-                for shape, dtype, device in ctx.diff_meta[j]:
-                    missing.add(len(plain_tangents))
-                    plain_tangents.append(torch.zeros(shape, dtype=dtype, device=device))
-            elif boundary is None:
-                plain_tangents.append(t.contiguous())
-            else:
-                subclass.check_tangent(t, tangent_layouts[j], diff[j])
-                plain_tangents.extend(p.contiguous() for p in flatten([t]))
-        return plain_tangents, missing
-
-    CompiledFunction.__name__ = "CompiledFunction"
-    apply = CompiledFunction.apply
-
-    if compiled.saved_hooks_inlined:
-        def run(inputs: list) -> list:
-            with hooks_off():  # autograd packs saved tensors when apply returns
-                return list(apply(*inputs))
+    # forward
+    fw = fwd.bind(compiled.forward, "forward")
+    args = f"[{inputs}]" if boundary is None else \
+        f"{fwd.bind(subclass.flatten_all, 'flatten_all')}([{inputs}])"
+    if autocast_on:  # Note [Autocast is traced in]
+        fwd(f"with {fwd.bind(_torch.autocast_disabled, 'autocast_disabled')}():")
+        fwd(f"outs = {fw}({args})", 2)
     else:
-        def run(inputs: list) -> list:
-            return list(apply(*inputs))
+        fwd(f"outs = {fw}({args})")
+    if compiled.num_saved_tensors:
+        fwd(f"ctx.save_for_backward(*outs[{num_out}:{end}])")
+    if compiled.num_saved_symints:
+        fwd(f"ctx.symints = outs[{end}:]")
+    if boundary is None:
+        for k in range(num_out):
+            fwd(f"o{k} = outs[{k}]")
+        fwd("del outs")
+        for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
+            fwd(f"o{k} = o{k}.detach()" if not mask[k] else f"o{k} = o{k}.clone()")
+    else:  # outs holds plain tensors; o0 ... are the (maybe subclass) outputs
+        fwd(f"plain = outs[:{num_out}]")
+        fwd("del outs")
+        for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
+            fwd(f"plain[{k}] = plain[{k}].detach()" if not mask[k] else
+                f"plain[{k}] = plain[{k}].clone()")
+        num_out = sig.num_graph_outputs
+        fwd(f"{_names('o', range(num_out))}, = {fwd.bind(subclass.rebuild_list, 'rebuild_list')}("
+            f"{fwd.bind(boundary.outputs, 'layouts')}, plain)")
+    _unview(fwd, _plain_positions(sig))
+    marks = [f"o{k}" for k in non_diff if meta and meta[k] is not None]
+    if marks:
+        fwd(f"ctx.mark_non_differentiable({', '.join(marks)})")
+    fwd("ctx.set_materialize_grads(False)")
+    static_meta = boundary is None and all(
+        meta[k] is not None and all(type(d) is int for d in meta[k][0]) for k in diff)
+    if not static_meta and diff:  # per differentiable output, the meta of its plain tensors
+        fwd(f"ctx.diff_meta = {fwd.bind(_diff_meta, 'diff_meta')}([{_names('o', diff)}])")
+    fwd("return o0" if num_out == 1 else f"return ({_names('o', range(num_out))},)"
+        if num_out else "return ()")
 
-    return run
+    # backward
+    for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
+        bwd(f"if t{diff[j]} is not None:")
+        bwd(f"raise RuntimeError({message!r})", 2)
+    tangents = _names("t", diff)
+    if boundary is not None:
+        layouts = [boundary.outputs[k] for k in diff]
+        bwd(f"tangents, missing = {bwd.bind(_subclass_tangents, 'subclass_tangents')}("
+            f"ctx, [{tangents}], {bwd.bind(layouts, 'tangent_layouts')}, {tuple(diff)!r})")
+        tangents = "*tangents"
+        bwd("num_tangents = len(tangents)")
+    else:
+        bwd("missing = ()")
+        zeros = bwd.bind(torch.zeros, "zeros")
+        for j, k in enumerate(diff):
+            bwd(f"if t{k} is None:")
+            if static_meta:
+                shape, dtype, device = meta[k]
+                bwd(f"t{k} = {zeros}({shape!r}, dtype={bwd.bind(dtype, 'dtype')}, "
+                    f"device={bwd.bind(device, 'device')})", 2)
+            else:
+                bwd(f"shape, dtype, device = ctx.diff_meta[{j}][0]", 2)
+                bwd(f"t{k} = {zeros}(shape, dtype=dtype, device=device)", 2)
+            bwd(f"missing += ({j},)", 2)
+            bwd("else:")
+            bwd(f"t{k} = t{k}.contiguous()", 2)
+    saved = "*ctx.saved_tensors, " if compiled.num_saved_tensors else ""
+    symints = "*ctx.symints, " if compiled.num_saved_symints else ""
+    bwd(f"args = [{symints}{saved}{tangents}]")
+    bwd(f"del {_names('t', diff) if boundary is None else 'tangents'}" if diff or boundary
+        else "pass")
+    # Note [Freeing saved values]: the compiled backward is called boxed with
+    # the only references to the saved values and tangents (ctx's are cleared
+    # unless retain_graph), so each dies at its last use
+    bw = bwd.bind(compiled.backward, "backward")
+    bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")
+    bwd(f"return {bwd.bind(_backward_create_graph, 'create_graph')}(ctx, {bw}, args, "
+        f"{compiled.num_saved_symints})", 2)
+    bwd("ctx.maybe_clear_saved_tensors()")
+    bwd(f"if {bwd.bind(_torch.any_autocast_enabled, 'any_autocast')}():")
+    bwd(f"with {bwd.bind(_torch.autocast_disabled, 'autocast_disabled')}():", 2)
+    bwd(f"grads = {bw}(args)", 3)
+    bwd("else:")
+    bwd(f"grads = {bw}(args)", 2)
+    bwd("if missing:  # Note [Gradients that eager leaves None] (compile.py)")
+    bwd(f"grads = {bwd.bind(_drop_missing, 'drop_missing')}(grads, missing, "
+        f"{bwd.bind(compiled.tangent_deps, 'deps')}, "
+        f"{len(diff) if boundary is None else 'num_tangents'})", 2)
+    if boundary is not None:
+        bwd(f"grads = {bwd.bind(subclass.rebuild_list, 'rebuild_list')}("
+            f"{bwd.bind(boundary.grads, 'grad_layouts')}, grads)")
+    bwd("return tuple(grads)")
+
+    source = "\n".join([f"def forward(ctx, {inputs}):", *fwd.lines, "",
+                        f"def backward(ctx, {_names('t', range(num_out)) or '*_'}):",
+                        *bwd.lines]) + "\n"
+    make_function(source, "forward", ns.values)
+    return type("CompiledFunction", (torch.autograd.Function,), {
+        "forward": staticmethod(ns.values["forward"]),
+        "backward": staticmethod(ns.values["backward"]),
+        "__aotgrad_source__": source})
+
+
+def _diff_meta(outputs: list) -> list:
+    """Per differentiable output, (shape, dtype, device) of its plain tensors."""
+    return [[(p.shape, p.dtype, p.device) for p in subclass.flatten_all([t])] for t in outputs]
+
+
+def _subclass_tangents(ctx: Any, tangents: list, layouts: list, diff: tuple) -> tuple[list, tuple]:
+    """The backward graph's plain tangents from (maybe subclass) gradients, and
+    the positions of the zeros made for missing ones."""
+    missing: list[int] = []
+    plain: list = []
+    for j, t in enumerate(tangents):
+        if t is None:
+            for shape, dtype, device in ctx.diff_meta[j]:
+                missing.append(len(plain))
+                plain.append(torch.zeros(shape, dtype=dtype, device=device))
+        else:
+            subclass.check_tangent(t, layouts[j], diff[j])
+            plain.extend(p.contiguous() for p in subclass.flatten_all([t]))
+    return plain, tuple(missing)
+
+
+def _drop_missing(grads: Sequence, missing: tuple, deps: tuple, num_tangents: int) -> list:
+    """Note [Gradients that eager leaves None]: a gradient that reads only
+    tangents autograd did not give stays None."""
+    present = frozenset(j for j in range(num_tangents) if j not in missing)
+    return [None if not (deps[i] & present) else g for i, g in enumerate(grads)]
+
+
+def _backward_create_graph(ctx: Any, backward: Callable, args: list, num_symints: int) -> tuple:
+    """Backward with create_graph=True: Note [No double backward]."""
+    kept = args[num_symints:]
+    ctx.maybe_clear_saved_tensors()
+    with torch.no_grad(), _torch.autocast_disabled():
+        grads = list(backward(args))
+    return _refuse_double_backward(grads, kept)
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):
@@ -270,7 +430,7 @@ def _refuse_double_backward(grad_inputs: list, backward_inputs: list) -> tuple:
 
 # ---------------------------------------------------------------- input mutations
 
-def _alias_guard(sig: Signature, num_params_buffers: int) -> Callable[[list], None] | None:
+def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
     """Note [Aliased mutated inputs]: a program compiled for unaliased inputs
     must not run on a call whose mutated inputs share storage with other
     inputs (functionalization would miss the aliasing): raise
@@ -279,45 +439,51 @@ def _alias_guard(sig: Signature, num_params_buffers: int) -> Callable[[list], No
     only mutated inputs and user inputs are compared."""
     mutated = [i for i, x in enumerate(sig.inputs) if x.mutated]
     if not mutated:
-        return None
+        return
     candidates = sorted(set(mutated) | set(range(num_params_buffers, len(sig.inputs))))
+    if len(candidates) < 2:
+        return
+    ptr = src.bind(subclass.storage_ptr, "storage_ptr")
+    for i in candidates:
+        src(f"p{i} = {ptr}(i{i}) if isinstance(i{i}, {src.bind(torch.Tensor, 'Tensor')}) else {i}")
+    everything = _names("i", range(len(sig.inputs)))
+    for i in mutated:
+        others = [f"p{j}" for j in candidates if j != i]
+        src(f"if p{i} in ({', '.join(others)},):")
+        src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}("
+            f"{src.bind(alias_groups, 'alias_groups')}([{everything}]))", 2)
 
-    def check(inputs: list) -> None:
-        seen: dict[int, int] = {}
-        for i in candidates:
-            t = inputs[i]
-            if isinstance(t, torch.Tensor):
-                ptr = subclass.storage_ptr(t)
-                if ptr in seen and (i in mutated or seen[ptr] in mutated):
-                    raise AliasedMutatedInputs(alias_groups(inputs))
-                seen.setdefault(ptr, i)
 
-    return check
-
-
-def _mutation_writer(sig: Signature) -> Callable[[list, list], None] | None:
+def _write_back(src: _Source, sig: Signature) -> None:
     """Note [Writing mutations back]: for each input the graph returned a new
     value for, in input order: ``set_`` when its storage was swapped;
     otherwise ``as_strided_`` when its metadata changed, then ``copy_`` when
     its data changed.  The copy_ runs under autograd only when the mutation
     is one autograd must see (then the input's history continues through the
     compiled function, as after the eager in-place op)."""
-    plan = [(k, i, sig.inputs[i]) for k, i in enumerate(sig.mutated_inputs_out_of_graph)]
-    detached = [i for i, x in enumerate(sig.inputs) if x.detached_in_place]
-    made_grad = [i for i, x in enumerate(sig.inputs)
-                 if not x.requires_grad and x.requires_grad_after and not x.mutation_needs_grad]
-    if not plan and not detached and not made_grad:
-        return None
-
-    def write_back(inputs: list, outs: list) -> None:
-        for i in detached:  # detach_() on an input: before writing its new value
-            inputs[i].detach_()
-        for k, i, info in plan:
-            _write_one(inputs[i], outs[k], info)
-        for i in made_grad:  # requires_grad_() on an input
-            inputs[i].requires_grad_(True)
-
-    return write_back
+    for i, x in enumerate(sig.inputs):
+        if x.detached_in_place:  # detach_() on an input: before writing its new value
+            src(f"i{i}.detach_()")
+    for k, i in enumerate(sig.mutated_inputs_out_of_graph):
+        info = sig.inputs[i]
+        if info.mutates_storage or info.mutates_metadata:
+            src(f"{src.bind(_write_one, 'write_one')}(i{i}, o{k}, {src.bind(info, 'info')})")
+        elif info.mutates_data and info.mutation_needs_grad:
+            src(f"i{i}.copy_(o{k})")
+        elif info.mutates_data:
+            grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
+            set_grad = src.bind(_torch.set_grad_enabled, "set_grad_enabled")
+            src(f"if {grad_enabled}():")
+            src(f"{set_grad}(False)", 2)
+            src("try:", 2)
+            src(f"i{i}.copy_(o{k})", 3)
+            src("finally:", 2)
+            src(f"{set_grad}(True)", 3)
+            src("else:")
+            src(f"i{i}.copy_(o{k})", 2)
+    for i, x in enumerate(sig.inputs):
+        if not x.requires_grad and x.requires_grad_after and not x.mutation_needs_grad:
+            src(f"i{i}.requires_grad_(True)")  # requires_grad_() on an input
 
 
 def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
@@ -346,67 +512,100 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- outputs
 
 class _Assembler:
-    """Builds the user's outputs from graph outputs, inputs and constants."""
+    """Writes the lines that build the user's outputs ``u0 ...`` from graph
+    outputs ``o0 ...``, inputs ``i0 ...`` and constants, and the return."""
 
-    def __init__(self, sig: Signature, plans: dict[int, AliasPlan], early: frozenset[int]):
-        self.sig = sig
-        self.plans = plans
+    def __init__(self, sig: Signature, plans: dict[int, AliasPlan], src: _Source):
+        self.sig, self.plans, self.src = sig, plans, src
         first_user = len(sig.mutated_inputs_out_of_graph)
         self.graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
-        self.first_user = first_user
         self.first_base = first_user + len(sig.user_graph_outputs)
-        # a view made under no_grad of a tensor that requires grad is, in eager,
-        # a leaf that requires grad
-        self.no_grad_leaves = frozenset(i for i, o in enumerate(sig.outputs) if
-                                        o.kind.through_autograd and o.no_grad_view and
-                                        o.requires_grad)
-        self.simple = all(o.kind.through_autograd for o in sig.outputs) and \
-            not self.no_grad_leaves
+        # Note [Views taken before a mutation]: an output that is a view of an
+        # input taken before the input was mutated is rebuilt before the
+        # mutation is written back (so its metadata, and autograd's view
+        # bookkeeping, are as in eager).
+        self.early_outputs = [
+            i for i, p in sorted(plans.items()) if p.from_original_input and (
+                sig.inputs[sig.outputs[i].base].mutated or
+                # still requires grad: it was taken before the input's detach_()
+                (sig.inputs[sig.outputs[i].base].detached_in_place and
+                 sig.outputs[i].requires_grad))]
+
+    def early(self) -> None:
+        for i in self.early_outputs:
+            self._rebuild(i)
+
+    def outputs(self) -> None:
+        sig, src = self.sig, self.src
         # outputs that refer to other outputs come after them
         rank = {OutputKind.ALIAS_OF_INPUT: 1, OutputKind.ALIAS_OF_INTERMEDIATE: 1,
                 OutputKind.ALIAS_OF_OUTPUT: 2, OutputKind.SAME_AS_OUTPUT: 3}
-        self.order = [i for i in sorted(range(len(sig.outputs)),
-                                        key=lambda i: rank.get(sig.outputs[i].kind, 0))
-                      if i not in early]
-
-    def rebuild(self, which, outs: list, inputs: list, leaves: Any) -> dict[int, Any]:
-        built = {}
-        for i in which:
-            info = self.sig.outputs[i]
-            kind = info.kind
-            base = (inputs[info.base] if kind is OutputKind.ALIAS_OF_INPUT else
-                    leaves[info.base] if kind is OutputKind.ALIAS_OF_OUTPUT else
-                    outs[self.first_base + info.base])
-            graph_base = (outs[self.graph_pos[info.base]] if kind is OutputKind.ALIAS_OF_OUTPUT
-                          else outs[self.first_base + info.base]
-                          if kind is OutputKind.ALIAS_OF_INTERMEDIATE else None)
-            built[i] = rebuild_alias(base, outs[self.graph_pos[i]], info, self.plans.get(i),
-                                     graph_base)
-        return built
-
-    def __call__(self, outs: list, inputs: list, built: dict[int, Any]) -> Any:
-        sig = self.sig
-        if self.simple:
-            return pytree.tree_unflatten(outs[self.first_user:], sig.out_spec)
-        leaves: list = [None] * len(sig.outputs)
-        for i, v in built.items():
-            leaves[i] = v
-        for i in self.order:
+        for i in sorted(range(len(sig.outputs)), key=lambda i: rank.get(sig.outputs[i].kind, 0)):
+            if i in self.early_outputs:
+                continue
             info = sig.outputs[i]
             kind = info.kind
             if kind.through_autograd:
-                leaves[i] = outs[self.graph_pos[i]]
-                if i in self.no_grad_leaves:
-                    leaves[i] = leaves[i].detach().requires_grad_()
+                # a view made under no_grad of a tensor that requires grad is,
+                # in eager, a leaf that requires grad
+                leaf = ".detach().requires_grad_()" if info.no_grad_view and info.requires_grad \
+                    else ""
+                src(f"u{i} = o{self.graph_pos[i]}{leaf}")
             elif kind is OutputKind.IS_INPUT:
-                leaves[i] = inputs[info.base]
+                src(f"u{i} = i{info.base}")
             elif kind is OutputKind.CONSTANT:
-                leaves[i] = info.constant
+                src(f"u{i} = {src.bind(info.constant, 'constant')}")
             elif kind is OutputKind.SAME_AS_OUTPUT:
-                leaves[i] = leaves[info.base]
+                src(f"u{i} = u{info.base}")
             else:
-                leaves[i] = self.rebuild((i,), outs, inputs, leaves)[i]
-        return pytree.tree_unflatten(leaves, sig.out_spec)
+                self._rebuild(i)
+        src(f"return {_spec_source(sig.out_spec, iter(range(len(sig.outputs))), src)}")
+
+    def _rebuild(self, i: int) -> None:
+        info, src = self.sig.outputs[i], self.src
+        kind = info.kind
+        base = (f"i{info.base}" if kind is OutputKind.ALIAS_OF_INPUT else
+                f"u{info.base}" if kind is OutputKind.ALIAS_OF_OUTPUT else
+                f"o{self.first_base + info.base}")
+        graph_base = (f"o{self.graph_pos[info.base]}" if kind is OutputKind.ALIAS_OF_OUTPUT else
+                      f"o{self.first_base + info.base}"
+                      if kind is OutputKind.ALIAS_OF_INTERMEDIATE else "None")
+        plan = self.plans.get(i)
+        if plan is not None and info.is_view and info.requires_grad and \
+                not info.no_grad_view and not info.via_detached_alias:
+            src(f"u{i} = {_replay_source(base, plan, src)}")  # rebuild_alias, specialised
+            return
+        src(f"u{i} = {src.bind(rebuild_alias, 'rebuild_alias')}({base}, o{self.graph_pos[i]}, "
+            f"{src.bind(info, 'info')}, {src.bind(plan, 'plan')}, {graph_base})")
+
+
+def _replay_source(base: str, plan: AliasPlan, src: _Source) -> str:
+    """``views.replay(base, plan.steps)`` as one expression."""
+    expr = base
+    for target, args, kwargs in plan.steps:
+        if target is operator.getitem:
+            expr = f"{expr}[{args[0]!r}]"
+            continue
+        fn = target._op if isinstance(target, _torch.OpOverload) else target
+        parts = [expr] + [src.bind(a, "arg") for a in args] + \
+            [f"{k}={src.bind(v, 'arg')}" for k, v in kwargs.items()]
+        expr = f"{src.bind(fn, getattr(target, '_opname', 'view'))}({', '.join(parts)})"
+    return expr
+
+
+def _spec_source(spec: Any, leaves: Any, src: _Source) -> str:
+    """An expression building the pytree ``spec`` from ``u0 ...``."""
+    if spec.is_leaf():
+        return f"u{next(leaves)}"
+    children = _torch.spec_children(spec)
+    if spec.type in (tuple, list):
+        items = [_spec_source(c, leaves, src) for c in children]
+        if spec.type is list:
+            return "[" + ", ".join(items) + "]"
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    names = [f"u{next(leaves)}" for _ in range(spec.num_leaves)]
+    return f"{src.bind(pytree.tree_unflatten, 'tree_unflatten')}([{', '.join(names)}], " \
+        f"{src.bind(spec, 'spec')})"
 
 
 def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
@@ -445,28 +644,3 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
     if not info.is_view and out._is_view():
         out = out.detach()  # e.g. eager's .detach(): shares storage, not a view
     return out
-
-
-def _with_output_checks(run: Callable[[list], list], sig: Signature) -> Callable[[list], list]:
-    """Note [debug_assert]: check the compiled graph returns what analysis predicted."""
-    expected = sig.graph_output_meta
-
-    def checked(inputs: list) -> list:
-        outs = run(inputs)
-        if len(outs) != len(expected):
-            raise AssertionError(
-                f"aotgrad debug_assert: the compiled graph returned {len(outs)} outputs, "
-                f"the analysis predicted {len(expected)}")
-        for k, (o, meta) in enumerate(zip(outs, expected)):
-            if meta is None:
-                continue  # a symbolic size
-            shape, dtype, _ = meta
-            if not isinstance(o, torch.Tensor) or o.dtype != dtype or o.dim() != len(shape):
-                raise AssertionError(
-                    f"aotgrad debug_assert: graph output {k} is "
-                    f"{type(o).__name__}{getattr(o, 'dtype', '')} with "
-                    f"{getattr(o, 'dim', lambda: '?')()} dims; expected {dtype} with "
-                    f"{len(shape)} dims")
-        return outs
-
-    return checked

@@ -1,0 +1,234 @@
+"""The generated runtime and its fast path (Note [Generated runtime],
+Note [Fast path], Note [Graphs as plain functions]).
+
+Every call that changes something the compiled program assumes must leave
+the fast path and give eager's answer; every call that changes nothing must
+stay on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import aotgrad
+from aotgrad.codegen import graph_function
+
+
+def _counting(fn):
+    """``fn`` compiled with nop, and a list that grows by one per compilation."""
+    compiles = []
+
+    def compiler(gm, example_inputs):
+        compiles.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    return aotgrad.aot_function(fn, compiler), compiles
+
+
+def _grads(fn, *args):
+    out = fn(*args)
+    out.sum().backward()
+    grads = [a.grad.clone() if a.grad is not None else None for a in args]
+    for a in args:
+        a.grad = None
+    return out.detach(), grads
+
+
+def _same(test_out, ref_out):
+    (a_out, a_grads), (e_out, e_grads) = test_out, ref_out
+    torch.testing.assert_close(a_out, e_out)
+    assert len(a_grads) == len(e_grads)
+    for a, e in zip(a_grads, e_grads):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e)
+
+
+def prog(a, b):
+    return (a * b).sin() + a
+
+
+def test_repeated_calls_use_the_fast_path_and_match_eager():
+    f, compiles = _counting(prog)
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    for _ in range(3):
+        _same(_grads(f, a, b), _grads(prog, a, b))
+    assert f._fast.__name__ == "fast_call"
+    assert len(compiles) == 2  # one forward, one backward graph
+
+
+def test_fast_path_misses_on_every_guarded_change():
+    f, compiles = _counting(prog)
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    _grads(f, a, b)
+    base = len(compiles)
+    variants = {
+        "shape": (torch.randn(2, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)),
+        "dtype": (a.detach().double().requires_grad_(), b.detach().double().requires_grad_()),
+        "requires_grad": (a.detach().clone(), b),
+        "stride": (torch.randn(4, 3).t().requires_grad_(), b),
+    }
+    for name, args in variants.items():
+        out = f(*args)
+        torch.testing.assert_close(out, prog(*args), msg=name)
+    assert len(compiles) > base
+    # storage offset: a view into a bigger buffer (same shape and strides)
+    big = torch.randn(4, 4)
+    x = big[1:].detach()
+    torch.testing.assert_close(f(x, b.detach()), prog(x, b.detach()))
+    # grad mode: an inference graph
+    with torch.no_grad():
+        torch.testing.assert_close(f(a, b), prog(a, b))
+        assert not f(a, b).requires_grad
+    # back to the first signature: correct again
+    _same(_grads(f, a, b), _grads(prog, a, b))
+
+
+def test_same_tensor_twice_is_not_the_fast_path_of_two_tensors():
+    def g(a, b):
+        a.mul_(2)
+        return a + b
+
+    f = aotgrad.aot_function(g, aotgrad.nop)
+    x, y = torch.ones(3), torch.ones(3)
+    f(x, y)
+    torch.testing.assert_close(x, torch.full((3,), 2.0))
+    z = torch.ones(3)
+    out = f(z, z)  # aliased: eager gives 2 + 2
+    torch.testing.assert_close(out, torch.full((3,), 4.0))
+    torch.testing.assert_close(z, torch.full((3,), 2.0))
+
+
+def test_autocast_and_saved_tensor_hooks_leave_the_fast_path():
+    f = aotgrad.aot_function(prog, aotgrad.nop)
+    a = torch.randn(4, 4, requires_grad=True)
+    b = torch.randn(4, 4, requires_grad=True)
+    f(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(a, b)
+        ref = prog(a, b)
+    assert out.dtype == ref.dtype
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(a, b).sum().backward()
+    assert packed, "the saved-tensor hooks must see the saved values"
+
+
+def test_fast_path_of_a_module_follows_parameter_and_mode_changes():
+    mod = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    compiled = aotgrad.aot_module(mod, aotgrad.nop)
+    x = torch.randn(8, 4)
+    mod.eval()
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), mod(x))
+    assert compiled._fast.__name__ == "fast_call"
+    # a parameter replaced by another of the same metadata
+    with torch.no_grad():
+        mod[0].weight = nn.Parameter(torch.randn(4, 4))
+    torch.testing.assert_close(compiled(x), mod(x))
+    # a submodule replaced
+    mod[2] = nn.Linear(4, 2)
+    torch.testing.assert_close(compiled(x), mod(x))
+    # train mode: dropout is on (compare the mask-free property: zeros appear)
+    mod.train()
+    torch.manual_seed(0)
+    out = compiled(torch.ones(64, 4))
+    torch.manual_seed(0)
+    ref = mod(torch.ones(64, 4))
+    torch.testing.assert_close(out, ref)
+    mod.eval()
+    # a parameter that stops requiring grad
+    mod[0].bias.requires_grad_(False)
+    out = compiled(x)
+    out.sum().backward()
+    assert mod[0].bias.grad is None and mod[0].weight.grad is not None
+
+
+def test_module_with_tied_weights_on_the_fast_path():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    mod = Tied()
+    compiled = aotgrad.aot_module(mod, aotgrad.nop)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    got = mod.a.weight.grad.clone()
+    mod.zero_grad()
+    for _ in range(3):
+        mod(x).sum().backward()
+    torch.testing.assert_close(got, mod.a.weight.grad)
+    # untie: the fast path must not reuse the tied program
+    mod.b.weight = nn.Parameter(torch.randn(4, 4))
+    torch.testing.assert_close(compiled(x), mod(x))
+
+
+def test_graph_function_matches_graph_module():
+    def g(x, y):
+        z = torch.cat([x, y.expand(2, 3)], dim=0)
+        return z.float().pow(2).sum(dim=(0,), keepdim=True), torch.where(z > 0, z, float("-inf"))
+
+    recorded = []
+
+    def compiler(gm, example_inputs):
+        recorded.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    f = aotgrad.aot_function(g, compiler)
+    x, y = torch.randn(2, 3), torch.randn(1, 3)
+    for a, b in zip(f(x, y), g(x, y)):
+        torch.testing.assert_close(a, b)
+    gm = recorded[0]
+    fn = graph_function(gm)
+    args = [x, y]
+    for a, b in zip(fn(list(args)), gm(*args)):
+        torch.testing.assert_close(a, b)
+    source = fn.__aotgrad_source__
+    assert "torch.ops" not in source and "args.clear()" in source
+    assert "inf" not in source.split("\n", 2)[-1] or "__op" in source
+
+
+def test_bindings_are_used_only_where_they_dispatch_the_same_overload():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from aotgrad import codegen
+
+    aten = torch.ops.aten
+
+    def g(x):
+        # mul.Scalar: torch.mul(x, 2.0) would dispatch mul.Tensor instead
+        return aten.mul.Scalar(aten.sin.default(x), 2.0)
+
+    x = torch.randn(5)
+    gm = make_fx(g, tracing_mode="fake")(x)
+    fn = graph_function(gm)
+    torch.testing.assert_close(fn([x]), g(x))
+    assert codegen._verdicts[(aten.mul.Scalar, ("tensor", float))] is None
+    assert codegen._verdicts[(aten.sin.default, ("tensor",))] is torch.sin
+
+    class Record(torch.overrides.TorchFunctionMode):
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Record.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():  # a torch function mode sees the ATen overloads, as with gm.forward
+        torch.testing.assert_close(fn([x]), g(x))
+    assert torch.sin not in Record.seen and aten.sin.default in Record.seen
