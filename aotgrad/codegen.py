@@ -109,7 +109,7 @@ def _format(value: Any, ns: Namespace) -> str:
 def _callee(node: fx.Node, ns: Namespace, bindings: bool) -> str:
     target = node.target
     if isinstance(target, _torch.OpOverload):  # Note [Graphs as plain functions]
-        fast = _verified_binding(node) if bindings else None
+        fast = verified_binding(node) if bindings else None
         return ns.bind(fast if fast is not None else target._op, target._opname)
     return ns.bind(target, getattr(target, "__name__", "fn"))
 
@@ -126,7 +126,7 @@ def _kind(value: Any) -> Any:
     return type(value) if type(value) in (bool, int, float, type(None)) else None
 
 
-def _verified_binding(node: fx.Node) -> Callable | None:
+def verified_binding(node: fx.Node) -> Callable | None:
     """Note [Verified bindings]: the Python binding of ``node``'s overload, if
     it provably dispatches that overload for arguments like ``node``'s."""
     target = node.target

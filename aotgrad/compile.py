@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -96,6 +97,7 @@ class CompiledGraphs:
     saved_hooks_inlined: bool = False
     repeated_outputs: tuple[int, ...] = ()    # Note [Distinct outputs]
     tangent_deps: tuple[frozenset[int], ...] = ()  # per gradient: tangents it reads
+    views_only: bool = False           # an inference graph that only takes views
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -144,9 +146,13 @@ def placeholder_values(gm: fx.GraphModule) -> list[Any]:
 
 def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       compiler: Compiler, num_outputs: int) -> CompiledGraphs:
+    from .views import is_view_op
+
     with compiling("inference"):
         fn = ensure_boxed(compiler(gm, list(example_inputs)))
-    return CompiledGraphs(fn, None, num_outputs)
+    views_only = all(n.op != "call_function" or n.target is operator.getitem or
+                     is_view_op(n.target) for n in gm.graph.nodes)
+    return CompiledGraphs(fn, None, num_outputs, views_only=views_only)
 
 
 def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:

@@ -47,6 +47,11 @@ with any way of getting them (from the flat leaves, from a call's positional
 arguments, from a module's parameters) and any guard, so that the fast path
 of ``aot_function`` is one generated function (Note [Fast path], api.py).
 
+Note [Unread view graphs]: an inference graph made only of view ops computes
+nothing but aliases of its inputs; when the runtime rebuilds each of them by
+replaying the views on the inputs themselves, no graph output is read and
+the graph is not run at all (``x.view(-1)`` costs one view, as in eager).
+
 Note [Guarded apply]: ``autograd.Function.apply`` is a Python layer over the
 C++ apply that binds default arguments for ``setup_context`` and unwraps dead
 functorch wrappers, one ``isinstance`` per argument (a few microseconds for
@@ -64,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -137,6 +143,10 @@ class _Source:
     def __call__(self, line: str, depth: int = 1) -> None:
         self.lines.append("    " * depth + line)
 
+    @property
+    def names_used(self) -> set[str]:
+        return set(re.findall(r"\b[a-z]\d+\b", "\n".join(self.lines)))
+
     def bind(self, value: Any, hint: str = "") -> str:
         return self.ns.bind(value, hint)
 
@@ -156,6 +166,12 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     num_out = sig.num_graph_outputs
     outs = _names("o", range(num_out))
     unpack = f"{outs}," if num_out else "_"
+    # the epilogue first: which graph outputs it reads
+    epilogue = _Source(ns)
+    assemble = _Assembler(sig, plans, epilogue)
+    assemble.early()
+    _write_back(epilogue, sig)
+    assemble.outputs()
     guarded = {}
     if compiled.backward is not None:
         function = _autograd_function(sig, compiled, poisoned, boundary)
@@ -167,14 +183,14 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
             src(call, 2)
         else:
             src(call)
+    elif compiled.views_only and not config.debug_assert and \
+            not any(f"o{k}" in epilogue.names_used for k in range(num_out)):
+        pass  # Note [Unread view graphs]
     else:
         _inference_call(src, sig, compiled, boundary, inputs, unpack)
     if config.debug_assert:
         src(f"{src.bind(_check_outputs, 'check_outputs')}([{outs}], {src.bind(sig, 'sig')})")
-    assemble = _Assembler(sig, plans, src)
-    assemble.early()
-    _write_back(src, sig)
-    assemble.outputs()
+    src.lines += epilogue.lines
     return RuntimeProgram(tuple(src.lines), dict(ns.values), n_in, guarded)
 
 

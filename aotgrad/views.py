@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from .codegen import verified_binding
+
 Plan = tuple[tuple[Any, tuple, dict], ...]
 
 
@@ -68,7 +70,9 @@ def replay_plan(node: Any, roots: set[fx.Node]) -> tuple[Plan, fx.Node] | None:
         elif is_view_op(node.target):
             if _has_node(node.args[1:]) or _has_node(node.kwargs):
                 return None
-            steps.append((node.target, tuple(node.args[1:]), dict(node.kwargs)))
+            # Note [Verified bindings] (codegen.py): the op's faster binding
+            steps.append((verified_binding(node) or node.target, tuple(node.args[1:]),
+                          dict(node.kwargs)))
         else:
             return None
         node = node.args[0]
