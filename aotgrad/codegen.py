@@ -168,7 +168,7 @@ def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:
     (Note [Graphs as plain functions], Note [Verified bindings])."""
     plain = _graph_function(gm, bindings=False)
     fast = _graph_function(gm, bindings=True)
-    if fast.__aotgrad_source__ == plain.__aotgrad_source__:
+    if fast.__aotgrad_bindings__ == plain.__aotgrad_bindings__:
         return plain
     mode_on = _torch.torch_function_mode_enabled
 
@@ -234,4 +234,6 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
             dead.append(node.name)
         if dead:
             lines.append(f"    {' = '.join(dead)} = None")
-    return make_function("\n".join(lines) + "\n", "forward", dict(ns.values))
+    fn = make_function("\n".join(lines) + "\n", "forward", dict(ns.values))
+    fn.__aotgrad_bindings__ = [id(v) for v in ns.values.values()]  # type: ignore[attr-defined]
+    return fn
