@@ -63,12 +63,14 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     return tuple(parts)
 
 
-def fast_guard(ns: Namespace, tensors: list, exprs: list[str]) -> str | None:
+def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool) -> str | None:
     """Note [Fast path]: the guard key of a call of plain tensors ``tensors``
     (read by the expressions ``exprs``) as one boolean expression — a C++
     check of each tensor's metadata, storage offsets, distinctness and the
     global state — or None where the state is one the fast path leaves to
-    ``guard_key`` (autocast on, saved-tensor hooks, no C++ check)."""
+    ``guard_key`` (autocast on, saved-tensor hooks, no C++ check).  Saved
+    tensor hooks and functorch transforms matter only to a ``training``
+    program (Note [Guarded apply], runtime.py)."""
     if any(autocast_state()) or top_saved_tensor_hooks() is not None or \
             any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
         return None
@@ -85,8 +87,9 @@ def fast_guard(ns: Namespace, tensors: list, exprs: list[str]) -> str | None:
     else:
         parts.append(f"len({{{', '.join(f'id({e})' for e in exprs)}}}) == {len(exprs)}")
     parts.append(f"not {ns.bind(any_autocast_enabled, 'any_autocast')}()")
-    parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
-    parts.append(f"{ns.bind(top_saved_tensor_hooks, 'top_hooks')}() is None")
+    if training:
+        parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
+        parts.append(f"{ns.bind(top_saved_tensor_hooks, 'top_hooks')}() is None")
     return " and ".join(parts)
 
 
@@ -183,18 +186,18 @@ class AOTFunction:
             ns.values.update(namespace or {})
             slots, graph_leaf = run.leaf_slot, run.graph_leaf
             guard = fast_guard(ns, [leaves[j] for j in graph_leaf],
-                               [exprs[j] for j in graph_leaf])
+                               [f"i{k}" for k in range(len(graph_leaf))], program.training)
             if guard is not None:
                 # a tensor passed twice is the same object again; constants
                 # (exprs None) are fixed by the caller's own guard
                 same = [f"{exprs[j]} is {exprs[graph_leaf[s]]}" for j, s in enumerate(slots)
                         if s >= 0 and graph_leaf[s] != j]
-                guard = " and ".join([extra_guard, guard, *same])
+                guard = " and ".join([guard, *same])
         if guard is None:
             fast = _always_miss
         else:
             fast = program.function("args", [exprs[j] for j in graph_leaf], guard,
-                                    ns.values, name="fast_call")
+                                    ns.values, name="fast_call", pre_guard=extra_guard)
         self._fast_by_key[key] = fast
         return fast
 
@@ -313,7 +316,7 @@ def _module_reads(root: nn.Module, ns: Namespace) -> tuple[list[str], str]:
                 if value is None:
                     checks.append(f"{me}.{store}[{name!r}] is None")
                 else:
-                    out.append(f"{me}.{store}[{name!r}]")
+                    out.append(f"{me}.{store}.get({name!r})")  # None: the tensor check fails
     return params + buffers, " and ".join(checks)
 
 

@@ -163,6 +163,21 @@ def _check_binding(target: Any, args: tuple) -> Callable | None:
     return binding if ops == [target] else None
 
 
+def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
+    """Positions of ``gm``'s outputs whose value is made by an op that never
+    returns an alias of its arguments (so never a view), when run as Python."""
+    outs = gm.graph.output_node().args[0]
+    if not isinstance(outs, (list, tuple)):
+        return frozenset()
+
+    def fresh(n: Any) -> bool:
+        schema = getattr(n.target, "_schema", None) if isinstance(n, fx.Node) and \
+            n.op == "call_function" else None
+        return schema is not None and all(r.alias_info is None for r in schema.returns)
+
+    return frozenset(k for k, n in enumerate(outs) if fresh(n))
+
+
 def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:
     """A boxed function computing what ``gm.forward`` computes
     (Note [Graphs as plain functions], Note [Verified bindings])."""

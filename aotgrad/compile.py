@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from .codegen import graph_function
+from .codegen import fresh_outputs, graph_function
 from .partition import Partitioned
 
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable]
@@ -53,6 +53,7 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     (Note [Graphs as plain functions] in codegen.py)."""
     run = graph_function(gm)
     run._boxed_call = True  # type: ignore[attr-defined]
+    run.fresh_outputs = fresh_outputs(gm)  # type: ignore[attr-defined]
     return run
 
 
@@ -98,6 +99,9 @@ class CompiledGraphs:
     repeated_outputs: tuple[int, ...] = ()    # Note [Distinct outputs]
     tangent_deps: tuple[frozenset[int], ...] = ()  # per gradient: tangents it reads
     views_only: bool = False           # an inference graph that only takes views
+    # graph outputs (forward or inference) the compiled graph never returns a
+    # view at (known for nop's plain functions: codegen.fresh_outputs)
+    fresh_outputs: frozenset[int] = frozenset()
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -152,7 +156,8 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
         fn = ensure_boxed(compiler(gm, list(example_inputs)))
     views_only = all(n.op != "call_function" or n.target is operator.getitem or
                      is_view_op(n.target) for n in gm.graph.nodes)
-    return CompiledGraphs(fn, None, num_outputs, views_only=views_only)
+    return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
+                          fresh_outputs=getattr(fn, "fresh_outputs", frozenset()))
 
 
 def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:
@@ -168,4 +173,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
-                          tangent_dependencies(parts.bw_gm))
+                          tangent_dependencies(parts.bw_gm),
+                          fresh_outputs=getattr(fw, "fresh_outputs", frozenset()))

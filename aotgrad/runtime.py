@@ -103,14 +103,22 @@ class RuntimeProgram:
     # Note [Guarded apply]: names rebound where a guard has checked the inputs
     guarded: dict[str, Any]
 
+    @property
+    def training(self) -> bool:
+        return bool(self.guarded)
+
     def function(self, params: str, inputs: Sequence[str], guard: str | None = None,
-                 namespace: dict[str, Any] | None = None, name: str = "call") -> Callable:
-        """``def name(params)``: ``guard`` false → return ``MISS``; graph input
-        k is the expression ``inputs[k]``."""
+                 namespace: dict[str, Any] | None = None, name: str = "call",
+                 pre_guard: str | None = None) -> Callable:
+        """``def name(params)``: graph input k is the expression ``inputs[k]``;
+        ``pre_guard`` (before the inputs are read) or ``guard`` (after, may
+        use ``i0 ...``) false → return ``MISS``."""
         lines = [f"def {name}({params}):"]
+        if pre_guard is not None:
+            lines += [f"    if not ({pre_guard}):", "        return MISS"]
+        lines += [f"    i{k} = {expr}" for k, expr in enumerate(inputs)]
         if guard is not None:
             lines += [f"    if not ({guard}):", "        return MISS"]
-        lines += [f"    i{k} = {expr}" for k, expr in enumerate(inputs)]
         lines += self.body
         guarded = self.guarded if guard is not None else {}
         return make_function("\n".join(lines) + "\n", name,
@@ -206,11 +214,15 @@ def _plain_positions(sig: Signature) -> tuple[int, ...]:
         tuple(range(first_base, first_base + sig.num_intermediate_bases))
 
 
-def _unview(src: _Source, positions: Sequence[int], depth: int = 1) -> None:
+def _unview(src: _Source, positions: Sequence[int], fresh: frozenset[int]) -> None:
+    """Graph outputs at ``positions`` that are views become plain tensors;
+    ``fresh`` positions the compiled graph never returns a view at."""
     unsafe_view = src.bind(_torch.unsafe_view, "unsafe_view")
     for k in positions:
-        src(f"if o{k}._is_view():", depth)
-        src(f"o{k} = {unsafe_view}(o{k})", depth + 1)
+        if k in fresh:
+            continue
+        src(f"if o{k}._is_view():")
+        src(f"o{k} = {unsafe_view}(o{k})", 2)
 
 
 def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
@@ -238,7 +250,7 @@ def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
     src(f"{set_grad}(True)", depth + 2)
     src("else:", depth)
     src(f"{unpack} = {call}", depth + 1)
-    _unview(src, _plain_positions(sig))
+    _unview(src, _plain_positions(sig), compiled.fresh_outputs)
 
 
 def _check_outputs(outs: list, sig: Signature) -> None:
@@ -306,7 +318,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         num_out = sig.num_graph_outputs
         fwd(f"{_names('o', range(num_out))}, = {fwd.bind(subclass.rebuild_list, 'rebuild_list')}("
             f"{fwd.bind(boundary.outputs, 'layouts')}, plain)")
-    _unview(fwd, _plain_positions(sig))
+    _unview(fwd, _plain_positions(sig),
+            compiled.fresh_outputs if boundary is None else frozenset())
     marks = [f"o{k}" for k in non_diff if meta and meta[k] is not None]
     if marks:
         fwd(f"ctx.mark_non_differentiable({', '.join(marks)})")
@@ -460,8 +473,10 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
     if len(candidates) < 2:
         return
     ptr = src.bind(subclass.storage_ptr, "storage_ptr")
+    tensor = src.bind(torch.Tensor, "Tensor")
     for i in candidates:
-        src(f"p{i} = {ptr}(i{i}) if isinstance(i{i}, {src.bind(torch.Tensor, 'Tensor')}) else {i}")
+        read = f"{ptr}(i{i})" if sig.has_subclasses else f"i{i}.untyped_storage().data_ptr()"
+        src(f"p{i} = {read} if isinstance(i{i}, {tensor}) else {i}")
     everything = _names("i", range(len(sig.inputs)))
     for i in mutated:
         others = [f"p{j}" for j in candidates if j != i]
@@ -484,7 +499,9 @@ def _write_back(src: _Source, sig: Signature) -> None:
         info = sig.inputs[i]
         if info.mutates_storage or info.mutates_metadata:
             src(f"{src.bind(_write_one, 'write_one')}(i{i}, o{k}, {src.bind(info, 'info')})")
-        elif info.mutates_data and info.mutation_needs_grad:
+        elif info.mutates_data and (info.mutation_needs_grad or not info.requires_grad):
+            # an input that does not require grad: copy_ records nothing
+            # either way (the new value is non-differentiable, or grad is off)
             src(f"i{i}.copy_(o{k})")
         elif info.mutates_data:
             grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
