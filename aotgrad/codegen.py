@@ -48,6 +48,7 @@ import itertools
 import linecache
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -106,15 +107,36 @@ def _format(value: Any, ns: Namespace) -> str:
     return ns.bind(value)  # dtypes, devices, slices, memory formats, ...
 
 
-def _callee(node: fx.Node, ns: Namespace, bindings: bool) -> str:
+@dataclass(frozen=True)
+class Binding:
+    """A verified Python binding of an ATen overload (Note [Verified bindings]);
+    ``spread``: the trailing int list goes as separate arguments
+    (``x.view(2, 4)``: the parser is faster with ints than with a list)."""
+    fn: Callable
+    spread: bool
+
+    def args(self, args: tuple) -> tuple:
+        return (*args[:-1], *args[-1]) if self.spread else args
+
+
+def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> str:
     target = node.target
+    args = node.args
     if isinstance(target, _torch.OpOverload):  # Note [Graphs as plain functions]
-        fast = verified_binding(node) if bindings else None
-        return ns.bind(fast if fast is not None else target._op, target._opname)
-    return ns.bind(target, getattr(target, "__name__", "fn"))
+        binding = verified_binding(node) if bindings else None
+        if binding is not None:
+            callee = ns.bind(binding.fn, target._opname)
+            args = binding.args(args)
+        else:
+            callee = ns.bind(target._op, target._opname)
+    else:
+        callee = ns.bind(target, getattr(target, "__name__", "fn"))
+    parts = [_format(a, ns) for a in args]
+    parts += [f"{k}={_format(v, ns)}" for k, v in node.kwargs.items()]
+    return f"{callee}({', '.join(parts)})"
 
 
-_verdicts: dict[tuple, Callable | None] = {}
+_verdicts: dict[tuple, Binding | None] = {}
 
 
 def _kind(value: Any) -> Any:
@@ -126,7 +148,7 @@ def _kind(value: Any) -> Any:
     return type(value) if type(value) in (bool, int, float, type(None)) else None
 
 
-def verified_binding(node: fx.Node) -> Callable | None:
+def verified_binding(node: fx.Node) -> Binding | None:
     """Note [Verified bindings]: the Python binding of ``node``'s overload, if
     it provably dispatches that overload for arguments like ``node``'s."""
     target = node.target
@@ -141,11 +163,10 @@ def verified_binding(node: fx.Node) -> Callable | None:
     return _verdicts[key]
 
 
-def _check_binding(target: Any, args: tuple) -> Callable | None:
+def _check_binding(target: Any, args: tuple) -> Binding | None:
     name = target._schema.name.split("::")[1]
-    binding = getattr(_torch.VariableFunctions, name, None) or \
-        getattr(_torch.TensorBase, name, None)
-    if binding is None or not _torch.is_builtin(binding):
+    fn = getattr(_torch.VariableFunctions, name, None) or getattr(_torch.TensorBase, name, None)
+    if fn is None or not _torch.is_builtin(fn):
         return None
 
     def meta(value: Any) -> Any:
@@ -156,11 +177,16 @@ def _check_binding(target: Any, args: tuple) -> Callable | None:
             return type(value)(meta(v) for v in value)
         return value
 
-    try:
-        ops = _torch.dispatched_ops(binding, [meta(a) for a in args])
-    except Exception:  # no meta kernel, symbolic sizes, an argument the binding refuses
-        return None
-    return binding if ops == [target] else None
+    ints = len(args) == 2 and isinstance(args[1], (list, tuple)) and args[1] and \
+        all(type(v) is int for v in args[1])
+    for binding in ([Binding(fn, True)] if ints else []) + [Binding(fn, False)]:
+        try:
+            ops = _torch.dispatched_ops(binding.fn, binding.args(tuple(meta(a) for a in args)))
+        except Exception:  # no meta kernel, symbolic sizes, an argument the binding refuses
+            continue
+        if ops == [target]:
+            return binding
+    return None
 
 
 def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
@@ -233,9 +259,7 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
                 obj = getattr(obj, part)
             lines.append(f"    {node.name} = {ns.bind(obj, 'attr')}")
         elif node.op == "call_function":
-            args = [_format(a, ns) for a in node.args]
-            args += [f"{k}={_format(v, ns)}" for k, v in node.kwargs.items()]
-            lines.append(f"    {node.name} = {_callee(node, ns, bindings)}({', '.join(args)})")
+            lines.append(f"    {node.name} = {_call_source(node, ns, bindings)}")
         elif node.op == "call_method":
             self_arg, *rest = node.args
             args = [_format(a, ns) for a in rest]

@@ -620,10 +620,16 @@ def _replay_source(base: str, plan: AliasPlan, src: _Source) -> str:
             expr = f"{expr}[{args[0]!r}]"
             continue
         fn = target._op if isinstance(target, _torch.OpOverload) else target
-        parts = [expr] + [src.bind(a, "arg") for a in args] + \
-            [f"{k}={src.bind(v, 'arg')}" for k, v in kwargs.items()]
+        parts = [expr] + [_literal(a, src) for a in args] + \
+            [f"{k}={_literal(v, src)}" for k, v in kwargs.items()]
         expr = f"{src.bind(fn, getattr(target, '_opname', 'view'))}({', '.join(parts)})"
     return expr
+
+
+def _literal(value: Any, src: _Source) -> str:
+    if type(value) in (int, bool, type(None)):
+        return repr(value)
+    return src.bind(value, "arg")
 
 
 def _spec_source(spec: Any, leaves: Any, src: _Source) -> str:

@@ -71,8 +71,11 @@ def replay_plan(node: Any, roots: set[fx.Node]) -> tuple[Plan, fx.Node] | None:
             if _has_node(node.args[1:]) or _has_node(node.kwargs):
                 return None
             # Note [Verified bindings] (codegen.py): the op's faster binding
-            steps.append((verified_binding(node) or node.target, tuple(node.args[1:]),
-                          dict(node.kwargs)))
+            binding = verified_binding(node)
+            if binding is not None:
+                steps.append((binding.fn, binding.args(tuple(node.args))[1:], {}))
+            else:
+                steps.append((node.target, tuple(node.args[1:]), dict(node.kwargs)))
         else:
             return None
         node = node.args[0]

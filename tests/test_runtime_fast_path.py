@@ -220,7 +220,7 @@ def test_bindings_are_used_only_where_they_dispatch_the_same_overload():
     fn = graph_function(gm)
     torch.testing.assert_close(fn([x]), g(x))
     assert codegen._verdicts[(aten.mul.Scalar, ("tensor", float))] is None
-    assert codegen._verdicts[(aten.sin.default, ("tensor",))] is torch.sin
+    assert codegen._verdicts[(aten.sin.default, ("tensor",))].fn is torch.sin
 
     class Record(torch.overrides.TorchFunctionMode):
         seen: list = []
