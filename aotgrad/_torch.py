@@ -55,7 +55,7 @@ def new_fake_mode(dynamic: bool) -> FakeTensorMode:
     if dynamic:
         return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False,
                               allow_non_fake_inputs=False)
-    return FakeTensorMode(shape_env=None, static_shapes=True)
+    return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
 
 
 def fake_from_real(mode: FakeTensorMode, t: torch.Tensor, static: bool) -> torch.Tensor:
