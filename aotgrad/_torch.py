@@ -214,6 +214,25 @@ def bump_counter(group: str, name: str) -> None:
     counters[group][name] += 1
 
 
+def get_attr_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def set_attr_path(root: torch.nn.Module, path: str, value: Any) -> None:
+    """``root.a.b = value`` for ``path`` "a.b", making plain modules on the way."""
+    *parents, last = path.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, torch.nn.Module())
+        root = getattr(root, part)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        root.register_buffer(last, value)
+    else:
+        setattr(root, last, value)
+
+
 def propagate_fake_values(gm: torch.fx.GraphModule, fake_inputs) -> None:
     """Fill ``node.meta["val"]`` of every node by running ``gm`` on fake inputs."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp

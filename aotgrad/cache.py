@@ -35,13 +35,14 @@ import torch.fx as fx
 from . import _torch, config
 from .analyze import Signature
 from .compile import compile_inference, compile_joint, nop
+from .descriptors import DESC
 from .flatten import FlatInputs
 from .partition import Partitioned
 from .pipeline import CompileOptions, CompileReport, Traced, compile_traced, trace_call
 from .runtime import build_runtime
 from .views import alias_plans
 
-AOTGRAD_CACHE_VERSION = 1
+AOTGRAD_CACHE_VERSION = 2
 
 
 class SerializableAOTDispatchCompiler:
@@ -82,12 +83,113 @@ def compiler_identity(compiler: Callable | None) -> str | None:
     return ident if isinstance(ident, str) else None
 
 
+# ---------------------------------------------------------------- graphs on disk
+
+@dataclass(frozen=True)
+class _Ref:
+    name: str       # a node, in a pickled graph
+
+
+@dataclass(frozen=True)
+class _Op:
+    qualified: str  # an OpOverload, by name: "aten::mul.Tensor"
+
+    def resolve(self) -> Any:
+        name, _, overload = self.qualified.partition(".")
+        namespace, op = name.split("::")
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+
+
+@dataclass(frozen=True)
+class _Val:
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: str
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class PickledGraph:
+    """Note [Graphs on disk]: a GraphModule as its nodes, so that loading
+    rebuilds the graph directly.  (Pickling the GraphModule itself stores its
+    Python code, which loading traces again, and drops ``node.meta``: the
+    descriptors of the calling convention and the fake values compilers read.)
+    ``meta["val"]`` keeps each tensor's metadata; loading makes meta-device
+    tensors of it, enough for ``nop`` (Note [Verified bindings]); for other
+    compilers ``_rebuild`` propagates fake values through the graph."""
+    nodes: tuple[tuple, ...]        # (op, name, target, args, kwargs, val, desc)
+    attrs: dict[str, Any]           # get_attr targets
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> "PickledGraph":
+        def enc(v: Any) -> Any:
+            if isinstance(v, fx.Node):
+                return _Ref(v.name)
+            if isinstance(v, (list, tuple)):  # also fx's immutable_list, torch.Size
+                return (list if isinstance(v, list) else tuple)(enc(x) for x in v)
+            if isinstance(v, dict):
+                return {k: enc(x) for k, x in v.items()}
+            if isinstance(v, _torch.OpOverload):
+                return _Op(f"{v._schema.name}.{v._overloadname}")
+            return v
+
+        def val(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return _Val(tuple(v.shape), tuple(v.stride()), v.dtype, str(v.device),
+                            v.requires_grad)
+            if isinstance(v, (list, tuple)):
+                return type(v)(val(x) for x in v)
+            return v
+
+        nodes = tuple((n.op, n.name, enc(n.target), enc(n.args), enc(n.kwargs),
+                       val(n.meta.get("val")), n.meta.get(DESC)) for n in gm.graph.nodes)
+        attrs = {n.target: _torch.get_attr_path(gm, n.target)
+                 for n in gm.graph.nodes if n.op == "get_attr"}
+        return PickledGraph(nodes, attrs)
+
+    def load(self) -> fx.GraphModule:
+        graph = fx.Graph()
+        env: dict[str, fx.Node] = {}
+
+        def dec(v: Any) -> Any:
+            if isinstance(v, _Ref):
+                return env[v.name]
+            if isinstance(v, _Op):
+                return v.resolve()
+            if isinstance(v, (list, tuple)):
+                return type(v)(dec(x) for x in v)
+            if isinstance(v, dict):
+                return {k: dec(x) for k, x in v.items()}
+            return v
+
+        def meta(v: Any) -> Any:
+            if isinstance(v, _Val):
+                return torch.empty_strided(v.shape, v.stride, dtype=v.dtype, device="meta")
+            if isinstance(v, (list, tuple)):
+                return type(v)(meta(x) for x in v)
+            return v
+
+        for op, name, target, args, kwargs, v, desc in self.nodes:
+            node = graph.create_node(op, dec(target), dec(args), dec(kwargs), name)
+            node.name = name
+            env[name] = node
+            if v is not None:
+                node.meta["val"] = meta(v)
+            if desc is not None:
+                node.meta[DESC] = desc
+        root = torch.nn.Module()
+        for path, value in self.attrs.items():
+            _torch.set_attr_path(root, path, value)
+        return fx.GraphModule(root, graph)
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     """What the disk cache keeps for one key."""
     flat: FlatInputs
     signature: Signature
-    graphs: tuple[fx.GraphModule, ...]         # (fw, bw) or (inference,)
+    graphs: tuple[PickledGraph, ...]           # (fw, bw) or (inference,)
     num_fwd_outputs: int
     num_saved_tensors: int
     num_saved_symints: int
@@ -191,7 +293,7 @@ def _entry_for(t: Traced, report: CompileReport) -> CacheEntry | None:
     else:
         graphs = (t.graph.gm,)
         counts = (t.graph.num_fwd_outputs, 0, 0)
-    return CacheEntry(t.flat, t.signature, graphs, *counts,
+    return CacheEntry(t.flat, t.signature, tuple(PickledGraph.of(g) for g in graphs), *counts,
                       tuple(_placeholder_meta(g) for g in graphs),
                       tuple(t.graph.poisoned_tangents.items()))
 
@@ -211,20 +313,23 @@ def _fake_inputs(meta: tuple, mode) -> list:
 
 def _rebuild(entry: CacheEntry, options: CompileOptions) -> Callable[[list], Any]:
     mode = _torch.new_fake_mode(False)
+    graphs = [g.load() for g in entry.graphs]
     fakes = [_fake_inputs(m, mode) for m in entry.input_meta]
-    for gm, f in zip(entry.graphs, fakes):
-        _torch.propagate_fake_values(gm, f)
-    if len(entry.graphs) == 2:
-        parts = Partitioned(entry.graphs[0], entry.graphs[1], entry.num_fwd_outputs,
+    compilers = (options.fw_compiler, options.bw_compiler, options.inference_compiler)
+    if any(c not in (None, nop) for c in compilers):  # Note [Graphs on disk]
+        for gm, f in zip(graphs, fakes):
+            _torch.propagate_fake_values(gm, f)
+    if len(graphs) == 2:
+        parts = Partitioned(graphs[0], graphs[1], entry.num_fwd_outputs,
                             entry.num_saved_tensors, entry.num_saved_symints)
         compiled = compile_joint(parts, options.fw_compiler,
                                  options.bw_compiler or options.fw_compiler)
     else:
-        compiled = compile_inference(entry.graphs[0], fakes[0],
+        compiled = compile_inference(graphs[0], fakes[0],
                                      options.inference_compiler or options.fw_compiler,
                                      entry.num_fwd_outputs)
     return build_runtime(entry.flat, entry.signature, compiled,
-                         alias_plans(entry.graphs[0], entry.signature),
+                         alias_plans(graphs[0], entry.signature),
                          dict(entry.poisoned_tangents))
 
 

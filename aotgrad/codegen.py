@@ -51,6 +51,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from . import _torch
@@ -142,7 +143,7 @@ _verdicts: dict[tuple, Binding | None] = {}
 def _kind(value: Any) -> Any:
     if isinstance(value, fx.Node):
         val = value.meta.get("val")
-        return "tensor" if isinstance(val, _torch.FakeTensor) else None
+        return "tensor" if isinstance(val, torch.Tensor) else None
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_kind(v) for v in value))
     return type(value) if type(value) in (bool, int, float, type(None)) else None

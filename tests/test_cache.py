@@ -70,6 +70,28 @@ class TestAutogradCache(unittest.TestCase):
         files = [f for _, _, fs in os.walk(AOTAutogradCache.directory()) for f in fs]
         self.assertEqual(len(files), 1)
 
+    def test_disk_hit_keeps_descriptors_and_bindings(self):
+        # Note [Graphs on disk]: two outputs, a gradient for one only: the
+        # loaded backward must know which tangent each gradient reads (eager
+        # leaves the other input's grad None), and nop still uses bindings
+        class Two(nn.Module):
+            def forward(self, a, b):
+                return (a.sin() * 2, b.cos())
+
+        gm = fx.symbolic_trace(Two())
+        a = torch.randn(3, requires_grad=True)
+        b = torch.randn(3, requires_grad=True)
+        aot_module_simplified(gm, [a, b], nop)
+        AOTAutogradCache._memory.clear()
+        with mock.patch("aotgrad.cache.trace_call", side_effect=AssertionError("traced")):
+            f = aot_module_simplified(gm, [a, b], nop)
+        out = f(a, b)
+        out[0].sum().backward()
+        torch.testing.assert_close(a.grad, 2 * a.detach().cos())
+        self.assertIsNone(b.grad)
+        run = AOTAutogradCache._memory[next(iter(AOTAutogradCache._memory))]
+        self.assertTrue(run.program.training)
+
     def test_other_metadata_misses(self):
         gm = traced()
         aot_module_simplified(gm, [torch.randn(2, 4)], nop)
