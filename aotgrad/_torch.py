@@ -191,6 +191,22 @@ def inductor_decompositions() -> dict:
     return select_decomp_table()
 
 
+def lazy_graph_module(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A GraphModule whose Python code is generated on first use (``.code``,
+    ``.forward``), not now: ``nop`` runs its own code (codegen.py), so most
+    graphs never need it."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    return _LazyGraphModule(root, graph)
+
+
+def lazy_graph_modules():
+    """Graph modules made in this context (by ``make_fx``) generate code lazily."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    return _use_lazy_graph_module(True)
+
+
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of ``gm``'s graph (node meta copied shallowly)."""
     graph = torch.fx.Graph()

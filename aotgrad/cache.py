@@ -181,7 +181,7 @@ class PickledGraph:
         root = torch.nn.Module()
         for path, value in self.attrs.items():
             _torch.set_attr_path(root, path, value)
-        return fx.GraphModule(root, graph)
+        return _torch.lazy_graph_module(root, graph)
 
 
 @dataclass(frozen=True)

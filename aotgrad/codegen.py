@@ -120,9 +120,11 @@ class Binding:
         return (*args[:-1], *args[-1]) if self.spread else args
 
 
-def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> str:
+def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> tuple[str, bool]:
+    """The call expression of ``node``, and whether it uses a binding."""
     target = node.target
     args = node.args
+    binding = None
     if isinstance(target, _torch.OpOverload):  # Note [Graphs as plain functions]
         binding = verified_binding(node) if bindings else None
         if binding is not None:
@@ -134,7 +136,7 @@ def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> str:
         callee = ns.bind(target, getattr(target, "__name__", "fn"))
     parts = [_format(a, ns) for a in args]
     parts += [f"{k}={_format(v, ns)}" for k, v in node.kwargs.items()]
-    return f"{callee}({', '.join(parts)})"
+    return f"{callee}({', '.join(parts)})", binding is not None
 
 
 _verdicts: dict[tuple, Binding | None] = {}
@@ -208,15 +210,17 @@ def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
 def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:
     """A boxed function computing what ``gm.forward`` computes
     (Note [Graphs as plain functions], Note [Verified bindings])."""
-    plain = _graph_function(gm, bindings=False)
     fast = _graph_function(gm, bindings=True)
-    if fast.__aotgrad_bindings__ == plain.__aotgrad_bindings__:
-        return plain
+    if not fast.__aotgrad_bindings__:
+        return fast
     mode_on = _torch.torch_function_mode_enabled
+    plain: list[Callable] = []  # made on first use: rare
 
     def forward(args: list) -> Any:
         if mode_on():
-            return plain(args)
+            if not plain:
+                plain.append(_graph_function(gm, bindings=False))
+            return plain[0](args)
         return fast(args)
 
     forward.__aotgrad_source__ = fast.__aotgrad_source__  # type: ignore[attr-defined]
@@ -233,8 +237,10 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         def run_module(args: list) -> Any:
             return fw(*args)
 
+        run_module.__aotgrad_bindings__ = False  # type: ignore[attr-defined]
         return run_module
     ns = Namespace("op")
+    used_bindings = False
     last_use: dict[fx.Node, fx.Node] = {}
     for node in reversed(graph.nodes):
         for used in node.all_input_nodes:
@@ -260,7 +266,9 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
                 obj = getattr(obj, part)
             lines.append(f"    {node.name} = {ns.bind(obj, 'attr')}")
         elif node.op == "call_function":
-            lines.append(f"    {node.name} = {_call_source(node, ns, bindings)}")
+            source, bound = _call_source(node, ns, bindings)
+            used_bindings |= bound
+            lines.append(f"    {node.name} = {source}")
         elif node.op == "call_method":
             self_arg, *rest = node.args
             args = [_format(a, ns) for a in rest]
@@ -275,5 +283,5 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         if dead:
             lines.append(f"    {' = '.join(dead)} = None")
     fn = make_function("\n".join(lines) + "\n", "forward", dict(ns.values))
-    fn.__aotgrad_bindings__ = [id(v) for v in ns.values.values()]  # type: ignore[attr-defined]
+    fn.__aotgrad_bindings__ = used_bindings  # type: ignore[attr-defined]
     return fn

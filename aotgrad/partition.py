@@ -133,7 +133,7 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs))
     for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
         node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
-    return (fx.GraphModule(joint_gm, fw), fx.GraphModule(joint_gm, bw))
+    return _torch.lazy_graph_module(joint_gm, fw), _torch.lazy_graph_module(joint_gm, bw)
 
 
 def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node]) -> None:

@@ -178,14 +178,18 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     epilogue = _Source(ns)
     assemble = _Assembler(sig, plans, epilogue)
     assemble.early()
-    _write_back(epilogue, sig)
+    written = _writes_in_forward(sig, compiled, boundary)
+    _write_back(epilogue, sig, written)
     assemble.outputs()
     guarded = {}
     if compiled.backward is not None:
         function = _autograd_function(sig, compiled, poisoned, boundary)
         apply = src.bind(function.apply, "apply")
         guarded[apply] = _torch.function_apply_unchecked(function)
-        call = f"{'o0' if num_out == 1 else unpack} = {apply}({inputs})"
+        returned = [k for k in range(num_out) if k not in written]
+        target = f"o{returned[0]}" if len(returned) == 1 else \
+            f"{_names('o', returned)}," if returned else "_"
+        call = f"{target} = {apply}({inputs})"
         if compiled.saved_hooks_inlined:  # autograd packs saved tensors when apply returns
             src(f"with {src.bind(hooks_off, 'hooks_off')}():")
             src(call, 2)
@@ -197,7 +201,9 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     else:
         _inference_call(src, sig, compiled, boundary, inputs, unpack)
     if config.debug_assert:
-        src(f"{src.bind(_check_outputs, 'check_outputs')}([{outs}], {src.bind(sig, 'sig')})")
+        present = [k for k in range(num_out) if k not in written]
+        src(f"{src.bind(_check_outputs, 'check_outputs')}([{_names('o', present)}], "
+            f"{tuple(present)!r}, {src.bind(sig, 'sig')})")
     src.lines += epilogue.lines
     return RuntimeProgram(tuple(src.lines), dict(ns.values), n_in, guarded)
 
@@ -253,9 +259,11 @@ def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
     _unview(src, _plain_positions(sig), compiled.fresh_outputs)
 
 
-def _check_outputs(outs: list, sig: Signature) -> None:
-    """Note [debug_assert]: check the compiled graph returns what analysis predicted."""
-    for k, (o, meta) in enumerate(zip(outs, sig.graph_output_meta)):
+def _check_outputs(outs: list, positions: tuple, sig: Signature) -> None:
+    """Note [debug_assert]: check the compiled graph returns what analysis
+    predicted (at ``positions``: the outputs the runtime received)."""
+    for k, o in zip(positions, outs):
+        meta = sig.graph_output_meta[k]
         if meta is None:
             continue  # a symbolic size
         shape, dtype, _ = meta
@@ -303,10 +311,13 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         fwd(f"ctx.save_for_backward(*outs[{num_out}:{end}])")
     if compiled.num_saved_symints:
         fwd(f"ctx.symints = outs[{end}:]")
+    written = _writes_in_forward(sig, compiled, boundary)
     if boundary is None:
         for k in range(num_out):
             fwd(f"o{k} = outs[{k}]")
         fwd("del outs")
+        for k in written:  # Note [Writes in the forward]
+            fwd(f"i{sig.mutated_inputs_out_of_graph[k]}.copy_(o{k})")
         for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
             fwd(f"o{k} = o{k}.detach()" if not mask[k] else f"o{k} = o{k}.clone()")
     else:  # outs holds plain tensors; o0 ... are the (maybe subclass) outputs
@@ -320,7 +331,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
             f"{fwd.bind(boundary.outputs, 'layouts')}, plain)")
     _unview(fwd, _plain_positions(sig),
             compiled.fresh_outputs if boundary is None else frozenset())
-    marks = [f"o{k}" for k in non_diff if meta and meta[k] is not None]
+    returned = [k for k in range(num_out) if k not in written]
+    marks = [f"o{k}" for k in non_diff if meta and meta[k] is not None and k not in written]
     if marks:
         fwd(f"ctx.mark_non_differentiable({', '.join(marks)})")
     fwd("ctx.set_materialize_grads(False)")
@@ -328,8 +340,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         meta[k] is not None and all(type(d) is int for d in meta[k][0]) for k in diff)
     if not static_meta and diff:  # per differentiable output, the meta of its plain tensors
         fwd(f"ctx.diff_meta = {fwd.bind(_diff_meta, 'diff_meta')}([{_names('o', diff)}])")
-    fwd("return o0" if num_out == 1 else f"return ({_names('o', range(num_out))},)"
-        if num_out else "return ()")
+    fwd(f"return o{returned[0]}" if len(returned) == 1 else
+        f"return ({_names('o', returned)},)" if returned else "return ()")
 
     # backward
     for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
@@ -385,13 +397,31 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     bwd("return tuple(grads)")
 
     source = "\n".join([f"def forward(ctx, {inputs}):", *fwd.lines, "",
-                        f"def backward(ctx, {_names('t', range(num_out)) or '*_'}):",
+                        f"def backward(ctx, {_names('t', returned) or '*_'}):",
                         *bwd.lines]) + "\n"
     make_function(source, "forward", ns.values)
     return type("CompiledFunction", (torch.autograd.Function,), {
         "forward": staticmethod(ns.values["forward"]),
         "backward": staticmethod(ns.values["backward"]),
         "__aotgrad_source__": source})
+
+
+def _writes_in_forward(sig: Signature, compiled: CompiledGraphs,
+                       boundary: subclass.Boundary | None) -> tuple[int, ...]:
+    """Note [Writes in the forward]: graph outputs (new values of mutated
+    inputs) that the autograd.Function's forward writes back itself, instead
+    of returning them: data-only mutations of plain inputs that do not
+    require grad, whose new value autograd never sees, and that no output is a
+    view of.  Each output an autograd.Function returns costs microseconds in
+    the forward and in the engine; these need none."""
+    if boundary is not None or compiled.backward is None:
+        return ()
+    viewed = {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
+    return tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
+                 if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
+                 not x.mutates_storage and not x.mutation_needs_grad and not x.requires_grad and
+                 not x.detached_in_place and i not in viewed and
+                 k not in compiled.repeated_outputs)
 
 
 def _diff_meta(outputs: list) -> list:
@@ -485,7 +515,7 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
             f"{src.bind(alias_groups, 'alias_groups')}([{everything}]))", 2)
 
 
-def _write_back(src: _Source, sig: Signature) -> None:
+def _write_back(src: _Source, sig: Signature, written: tuple[int, ...]) -> None:
     """Note [Writing mutations back]: for each input the graph returned a new
     value for, in input order: ``set_`` when its storage was swapped;
     otherwise ``as_strided_`` when its metadata changed, then ``copy_`` when
@@ -497,6 +527,8 @@ def _write_back(src: _Source, sig: Signature) -> None:
             src(f"i{i}.detach_()")
     for k, i in enumerate(sig.mutated_inputs_out_of_graph):
         info = sig.inputs[i]
+        if k in written:
+            continue  # Note [Writes in the forward]
         if info.mutates_storage or info.mutates_metadata:
             src(f"{src.bind(_write_one, 'write_one')}(i{i}, o{k}, {src.bind(info, 'info')})")
         elif info.mutates_data and (info.mutation_needs_grad or not info.requires_grad):

@@ -110,7 +110,8 @@ def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
 
     plain_inputs = _plain_inputs(sig, fake_inputs)
     with torch.no_grad():
-        gm = _torch.make_fx(inference, decomposition_table=decompositions)(*plain_inputs)
+        with _torch.lazy_graph_modules():
+            gm = _torch.make_fx(inference, decomposition_table=decompositions)(*plain_inputs)
     strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)
@@ -247,7 +248,8 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
     tangents = example_tangents(sig) if loss_index is None else []
     primals = _plain_inputs(sig, [_detached_like(x) for x in fake_inputs])
     with torch.enable_grad():
-        gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
+        with _torch.lazy_graph_modules():
+            gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
     strip_tags(gm)
     out_descs = _output_descs(sig)
     num_fwd = len(out_descs)
