@@ -104,9 +104,13 @@ class AOTFunction:
     call that compiled or hit, runs one generated function: the guard of
     ``fast_guard`` followed by the program's generated runtime (Note
     [Generated runtime], runtime.py) — no guard key is built, no pytree
-    walked.  Any other call takes the general path below, which builds the
-    guard key and, when the call was one of plain tensors, makes the fast
-    function for its program."""
+    walked.  The function returns ``MISS`` when its guard fails or the call's
+    mutated inputs alias (Note [Aliased mutated inputs]); the call then takes
+    the general path below, which builds the guard key and, when the call was
+    one of plain tensors, makes the fast function for its program (one per
+    key, kept).  Guards the key holds and the fast function leaves to the
+    general path: autocast on, saved-tensor hooks, tensor subclasses,
+    dynamic shapes."""
 
     def __init__(self, fn: Callable, options: CompileOptions):
         self.fn = fn
@@ -121,13 +125,8 @@ class AOTFunction:
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs:
-            try:
-                out = self._fast(args)
-            except (ShapeGuardFailed, AliasedMutatedInputs):
-                out = MISS
-            if out is not MISS:
-                return out
+        if not kwargs and (out := self._fast(args)) is not MISS:
+            return out
         return self._call(args, kwargs)
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
@@ -270,13 +269,8 @@ class AOTModule(nn.Module):
         self._fast: Callable[[tuple], Any] = _always_miss
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs:
-            try:
-                out = self._fast(args)
-            except (ShapeGuardFailed, AliasedMutatedInputs):
-                out = MISS
-            if out is not MISS:
-                return out
+        if not kwargs and (out := self._fast(args)) is not MISS:
+            return out
         params = dict(self.orig_module.named_parameters(remove_duplicate=False))
         buffers = dict(self.orig_module.named_buffers(remove_duplicate=False))
         # train/eval changes what the module computes: part of the guard key

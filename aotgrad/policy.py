@@ -141,7 +141,7 @@ class MemoryPolicy:
         for field in ("save", "recompute", "offload"):
             items = tuple(getattr(self, field))
             for item in items:
-                if not isinstance(item, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                if not isinstance(item, (str, _torch.OpOverload, _torch.OpOverloadPacket)):
                     raise TypeError(
                         f"aotgrad.MemoryPolicy: {field} entries are tag names or aten ops "
                         f"(torch.ops.aten.mm), not {item!r}")
@@ -154,7 +154,7 @@ class MemoryPolicy:
     def choice(self, node: fx.Node) -> str | None:
         """"offload", "recompute", "save" or None for this node."""
         keys = set(node.meta.get(TAG_META, ()))
-        if isinstance(node.target, torch._ops.OpOverload):
+        if isinstance(node.target, _torch.OpOverload):
             keys |= {node.target, node.target.overloadpacket}
         for name in ("offload", "recompute", "save"):
             if keys.intersection(getattr(self, name)):

@@ -117,12 +117,16 @@ class RuntimeProgram:
         if pre_guard is not None:
             lines += [f"    if not ({pre_guard}):", "        return MISS"]
         lines += [f"    i{k} = {expr}" for k, expr in enumerate(inputs)]
-        if guard is not None:
-            lines += [f"    if not ({guard}):", "        return MISS"]
-        lines += self.body
+        if guard is None:
+            lines += self.body
+        else:  # a guarded entry: aliased inputs, like a failed guard, return MISS
+            lines += [f"    if not ({guard}):", "        return MISS", "    try:"]
+            lines += ["    " + line for line in self.body]
+            lines += ["    except AliasedMutatedInputs:", "        return MISS"]
         guarded = self.guarded if guard is not None else {}
         return make_function("\n".join(lines) + "\n", name,
-                             {**self.namespace, **guarded, **(namespace or {}), "MISS": MISS})
+                             {**self.namespace, **guarded, **(namespace or {}), "MISS": MISS,
+                              "AliasedMutatedInputs": AliasedMutatedInputs})
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,

@@ -15,7 +15,9 @@ the difference is the runtime around the graphs.  Cases:
 
 For the forward+backward cases the *floor* is a hand-written
 ``torch.autograd.Function`` doing the same forward and backward: what any
-wrapper around a compiled forward and backward must at least pay.
+wrapper around a compiled forward and backward must at least pay.  For the
+module case it is called from a module's ``forward`` (``LinearFloorModule``),
+as eager's and the compiled module's calls go through ``nn.Module.__call__``.
 
 Each implementation runs ``--inner`` calls per sample; samples of all
 implementations are interleaved (round robin, ``--rounds`` rounds) and the
@@ -107,6 +109,11 @@ class LinearFloor(torch.autograd.Function):
         return g @ w, g.t() @ x, g.sum(0)
 
 
+class LinearFloorModule(nn.Linear):
+    def forward(self, x):
+        return LinearFloor.apply(x, self.weight, self.bias)
+
+
 # ---------------------------------------------------------------- cases
 
 def cases(torch_aot_function, torch_aot_module, torch_nop) -> dict[str, dict[str, Callable]]:
@@ -155,7 +162,8 @@ def cases(torch_aot_function, torch_aot_module, torch_nop) -> dict[str, dict[str
     compiled = {"eager": lin, "torch": torch_aot_module(lin, torch_nop),
                 "aotgrad": aotgrad.aot_module(lin, aotgrad.nop)}
     out["linear"] = {name: (lambda m=m: m(xl).sum().backward()) for name, m in compiled.items()}
-    out["linear"]["floor"] = lambda: LinearFloor.apply(xl, lin.weight, lin.bias).sum().backward()
+    floor = LinearFloorModule(8, 8)
+    out["linear"]["floor"] = lambda: floor(xl).sum().backward()
     return out
 
 

@@ -232,3 +232,46 @@ def test_bindings_are_used_only_where_they_dispatch_the_same_overload():
     with Record():  # a torch function mode sees the ATen overloads, as with gm.forward
         torch.testing.assert_close(fn([x]), g(x))
     assert torch.sin not in Record.seen and aten.sin.default in Record.seen
+
+
+def test_mutation_written_in_the_forward_matches_eager():
+    # Note [Writes in the forward]: buf does not require grad, its new value
+    # is not differentiable: the autograd.Function writes it itself
+    def g(buf, w):
+        buf.mul_(2).add_(1)
+        return (buf * w).sum(), buf.sum()
+
+    f = aotgrad.aot_function(g, aotgrad.nop)
+    w = torch.randn(4, requires_grad=True)
+    buf_a, buf_e = torch.ones(4), torch.ones(4)
+    for _ in range(3):
+        out_a, s_a = f(buf_a, w)
+        out_a.backward()
+        grad_a = w.grad.clone()
+        w.grad = None
+        out_e, s_e = g(buf_e, w)
+        out_e.backward()
+        torch.testing.assert_close(buf_a, buf_e)
+        torch.testing.assert_close(s_a, s_e)
+        torch.testing.assert_close(grad_a, w.grad)
+        w.grad = None
+    run = f._compiled[next(iter(f._compiled))]
+    function = next(v for k, v in run.program.namespace.items() if "apply" in k).__self__
+    assert "i0.copy_(o0)" in function.__aotgrad_source__
+    assert "copy_" not in "".join(run.program.body)
+
+
+def test_mutation_of_an_input_returned_as_a_view_is_written_after():
+    def g(buf, w):
+        buf.add_(1)
+        return buf.view(2, 2), (buf * w).sum()
+
+    f = aotgrad.aot_function(g, aotgrad.nop)
+    w = torch.randn(4, requires_grad=True)
+    buf_a, buf_e = torch.zeros(4), torch.zeros(4)
+    v_a, s_a = f(buf_a, w)
+    v_e, s_e = g(buf_e, w)
+    torch.testing.assert_close(v_a, v_e)
+    assert v_a._base is buf_a
+    s_a.backward()
+    torch.testing.assert_close(w.grad, buf_e)
