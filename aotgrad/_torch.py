@@ -537,3 +537,17 @@ def dispatched_ops(fn: Any, args: list) -> list:
     with torch.no_grad(), _RecordOps() as record:
         fn(*args)
     return record.ops
+
+
+# ---------------------------------------------------------------- nn.Module hooks
+
+def module_call_is_plain(module: torch.nn.Module) -> bool:
+    """Would ``module(...)`` just call ``module.forward``: no forward or
+    backward hooks (its own or global), no ``module.compile()``, no JIT trace?"""
+    from torch.nn.modules import module as m
+
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
+                module._backward_pre_hooks or m._global_forward_hooks or
+                m._global_forward_pre_hooks or m._global_backward_hooks or
+                m._global_backward_pre_hooks or module._compiled_call_impl is not None or
+                torch._C._get_tracing_state())

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import config
-from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active, pytree,
-                     tensor_guard, top_saved_tensor_hooks)
+from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
+                     module_call_is_plain, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace
 from .compile import Compiler
 from .partition import default_partition
@@ -267,6 +267,13 @@ class AOTModule(nn.Module):
         self._compiled = compiled
         self._submodules = list(mod.modules())
         self._fast: Callable[[tuple], Any] = _always_miss
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Note [Fast path]: with no hooks to run, nn.Module's call machinery
+        # would only call forward
+        if not kwargs and module_call_is_plain(self) and (out := self._fast(args)) is not MISS:
+            return out
+        return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and (out := self._fast(args)) is not MISS:

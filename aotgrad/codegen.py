@@ -90,21 +90,23 @@ class Namespace:
 _LITERALS = (bool, int, str, type(None))
 
 
-def _format(value: Any, ns: Namespace) -> str:
-    """Source for one argument of a graph node."""
+def _format(value: Any, ns: Namespace, names: dict | None = None) -> str:
+    """Source for one argument of a graph node (``names``: nodes read under
+    another node's name, Note [Broadcast expands])."""
     if isinstance(value, fx.Node):
-        return value.name
+        return names.get(value, value.name) if names else value.name
     if type(value) in _LITERALS:
         return repr(value)
     if type(value) is float:
         return repr(value) if math.isfinite(value) else ns.bind(value)
     if isinstance(value, (list, tuple)):  # also fx's immutable_list, torch.Size
-        items = [_format(v, ns) for v in value]
+        items = [_format(v, ns, names) for v in value]
         if isinstance(value, list):
             return "[" + ", ".join(items) + "]"
         return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_format(k, ns)}: {_format(v, ns)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_format(k, ns, names)}: {_format(v, ns, names)}"
+                               for k, v in value.items()) + "}"
     return ns.bind(value)  # dtypes, devices, slices, memory formats, ...
 
 
@@ -120,7 +122,8 @@ class Binding:
         return (*args[:-1], *args[-1]) if self.spread else args
 
 
-def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> tuple[str, bool]:
+def _call_source(node: fx.Node, ns: Namespace, bindings: bool,
+                 names: dict | None = None) -> tuple[str, bool]:
     """The call expression of ``node``, and whether it uses a binding."""
     target = node.target
     args = node.args
@@ -134,8 +137,8 @@ def _call_source(node: fx.Node, ns: Namespace, bindings: bool) -> tuple[str, boo
             callee = ns.bind(target._op, target._opname)
     else:
         callee = ns.bind(target, getattr(target, "__name__", "fn"))
-    parts = [_format(a, ns) for a in args]
-    parts += [f"{k}={_format(v, ns)}" for k, v in node.kwargs.items()]
+    parts = [_format(a, ns, names) for a in args]
+    parts += [f"{k}={_format(v, ns, names)}" for k, v in node.kwargs.items()]
     return f"{callee}({', '.join(parts)})", binding is not None
 
 
@@ -192,6 +195,46 @@ def _check_binding(target: Any, args: tuple) -> Binding | None:
     return None
 
 
+_BROADCASTING = frozenset(("aten::mul.Tensor", "aten::add.Tensor", "aten::sub.Tensor",
+                           "aten::div.Tensor"))
+
+
+def _broadcast_expands(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Note [Broadcast expands]: ``expand(x, S)`` whose every user is a
+    mul/add/sub/div of it with a contiguous tensor of shape S and x's dtype
+    and device (and no other argument) computes, through broadcasting,
+    exactly what the op computes with ``x`` itself: same values, shape S,
+    dtype, contiguous result.  Backward graphs are full of these (the
+    gradient of a sum); ``nop`` passes ``x`` and skips the expand.  Returns
+    expand -> x."""
+    found = {}
+    for node in graph.find_nodes(op="call_function", target=_torch.aten.expand.default):
+        src, val = node.args[0], node.meta.get("val")
+        src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor) and
+                all(type(d) is int for d in val.shape) and node.users):
+            continue
+        shape = tuple(val.shape)
+
+        def fits(user: fx.Node) -> bool:
+            if user.op != "call_function" or user.kwargs or len(user.args) != 2 or \
+                    getattr(user.target, "_schema", None) is None or \
+                    f"{user.target._schema.name}.{user.target._overloadname}" not in _BROADCASTING:
+                return False
+            a, b = user.args
+            other = b if a is node else a
+            ov, uv = getattr(other, "meta", {}).get("val"), user.meta.get("val")
+            return other is not node and isinstance(other, fx.Node) and \
+                isinstance(ov, torch.Tensor) and isinstance(uv, torch.Tensor) and \
+                tuple(ov.shape) == shape and tuple(uv.shape) == shape and \
+                ov.dtype == src_val.dtype == val.dtype and ov.device == src_val.device and \
+                ov.is_contiguous()
+
+        if all(fits(u) for u in node.users):
+            found[node] = src
+    return found
+
+
 def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
     """Positions of ``gm``'s outputs whose value is made by an op that never
     returns an alias of its arguments (so never a view), when run as Python."""
@@ -240,11 +283,15 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         run_module.__aotgrad_bindings__ = False  # type: ignore[attr-defined]
         return run_module
     ns = Namespace("op")
-    used_bindings = False
+    skipped = _broadcast_expands(graph) if bindings else {}
+    names = {e: src.name for e, src in skipped.items()}
+    used_bindings = bool(skipped)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in reversed(graph.nodes):
+        if node in skipped:
+            continue
         for used in node.all_input_nodes:
-            last_use.setdefault(used, node)
+            last_use.setdefault(skipped.get(used, used), node)
     dies_after: dict[fx.Node, list[str]] = {}
     for value, user in last_use.items():
         if user.op != "output":
@@ -265,8 +312,10 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
             for part in node.target.split("."):
                 obj = getattr(obj, part)
             lines.append(f"    {node.name} = {ns.bind(obj, 'attr')}")
+        elif node in skipped:
+            continue
         elif node.op == "call_function":
-            source, bound = _call_source(node, ns, bindings)
+            source, bound = _call_source(node, ns, bindings, names)
             used_bindings |= bound
             lines.append(f"    {node.name} = {source}")
         elif node.op == "call_method":
@@ -275,7 +324,7 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
             args += [f"{k}={_format(v, ns)}" for k, v in node.kwargs.items()]
             lines.append(f"    {node.name} = {_format(self_arg, ns)}.{node.target}({', '.join(args)})")
         elif node.op == "output":
-            lines.append(f"    return {_format(node.args[0], ns)}")
+            lines.append(f"    return {_format(node.args[0], ns, names)}")
             continue
         dead = [name for name in dies_after.get(node, ()) if name != node.name]
         if node.op != "output" and not node.users:

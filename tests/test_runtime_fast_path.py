@@ -275,3 +275,46 @@ def test_mutation_of_an_input_returned_as_a_view_is_written_after():
     assert v_a._base is buf_a
     s_a.backward()
     torch.testing.assert_close(w.grad, buf_e)
+
+
+def test_module_hooks_still_run_on_the_fast_path():
+    mod = nn.Linear(4, 4)
+    compiled = aotgrad.aot_module(mod, aotgrad.nop)
+    x = torch.randn(2, 4)
+    compiled(x)
+    compiled(x)  # fast path from here
+    seen = []
+    handle = compiled.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(compiled(x), mod(x))
+    assert seen == [torch.Size([2, 4])]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(type(m).__name__))
+    try:
+        compiled(x)
+    finally:
+        handle.remove()
+    assert "AOTModule" in seen
+
+
+def test_broadcast_expands_are_skipped_only_where_exact():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    aten = torch.ops.aten
+
+    def g(s, x, y, h):
+        e = aten.expand.default(s, [4, 3])
+        return (aten.mul.Tensor(e, x),                    # skipped: x contiguous, same dtype
+                aten.mul.Tensor(aten.expand.default(s, [4, 3]), y),  # kept: y not contiguous
+                aten.add.Tensor(aten.expand.default(s, [4, 3]), h))  # kept: h is float64
+
+    s = torch.randn(())
+    x = torch.randn(4, 3)
+    y = torch.randn(3, 4).t()
+    h = torch.randn(4, 3, dtype=torch.float64)
+    gm = make_fx(g, tracing_mode="fake")(s, x, y, h)
+    fn = graph_function(gm)
+    for got, want in zip(fn([s, x, y, h]), g(s, x, y, h)):
+        torch.testing.assert_close(got, want)
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+    assert fn.__aotgrad_source__.count("_expand(") == 2  # two of the three expands run
