@@ -223,9 +223,10 @@ class AOTAutogradCache:
         try:
             with open(cls._path(key), "rb") as f:
                 entry = pickle.load(f)
+            graphs = [g.load() for g in entry.graphs]
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return None
-        run = _rebuild(entry, options)
+            return None  # unreadable, or an op this process does not have: a miss
+        run = _rebuild(entry, graphs, options)
         cls._memory[key] = run
         return run
 
@@ -243,8 +244,8 @@ class AOTAutogradCache:
                 f.write(data)
             os.replace(tmp, path)  # atomic: readers never see half a file
             return True
-        except (OSError, pickle.PicklingError, TypeError, AttributeError):
-            return False
+        except (OSError, pickle.PicklingError, TypeError, AttributeError, RuntimeError):
+            return False  # e.g. a graph calling an object pickle cannot store
 
 
 def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str | None:
@@ -311,9 +312,9 @@ def _fake_inputs(meta: tuple, mode) -> list:
     return out
 
 
-def _rebuild(entry: CacheEntry, options: CompileOptions) -> Callable[[list], Any]:
+def _rebuild(entry: CacheEntry, graphs: list[fx.GraphModule],
+             options: CompileOptions) -> Callable[[list], Any]:
     mode = _torch.new_fake_mode(False)
-    graphs = [g.load() for g in entry.graphs]
     fakes = [_fake_inputs(m, mode) for m in entry.input_meta]
     compilers = (options.fw_compiler, options.bw_compiler, options.inference_compiler)
     if any(c not in (None, nop) for c in compilers):  # Note [Graphs on disk]

@@ -179,3 +179,19 @@ class TestConfig(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestCacheRobustness(unittest.TestCase):
+    def test_unpicklable_graph_is_not_saved_and_still_runs(self):
+        from aotgrad.cache import AOTAutogradCache as Cache
+
+        with tempfile.TemporaryDirectory() as tmp, \
+                aotgrad.config.patch(enable_autograd_cache=True, cache_dir=tmp):
+            Cache.clear()
+            gm = traced(0)
+            x = torch.randn(2, 4, requires_grad=True)
+            with mock.patch("aotgrad.cache.pickle.dumps", side_effect=RuntimeError("not pickleable")):
+                f = aot_module_simplified(gm, [x], nop)
+            torch.testing.assert_close(f(x)[0], gm(x)[0])
+            self.assertEqual([fs for _, _, fs in os.walk(Cache.directory()) if fs], [])
+            Cache.clear()
