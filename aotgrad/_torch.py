@@ -541,11 +541,12 @@ def dispatched_ops(fn: Any, args: list) -> list:
 
 # ---------------------------------------------------------------- nn.Module hooks
 
+from torch.nn.modules import module as _nn_module  # noqa: E402  (its global hook tables)
+
 def module_call_is_plain(module: torch.nn.Module) -> bool:
     """Would ``module(...)`` just call ``module.forward``: no forward or
     backward hooks (its own or global), no ``module.compile()``, no JIT trace?"""
-    from torch.nn.modules import module as m
-
+    m = _nn_module
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
                 module._backward_pre_hooks or m._global_forward_hooks or
                 m._global_forward_pre_hooks or m._global_backward_hooks or

@@ -119,7 +119,7 @@ class AOTFunction:
         self._shape_variants: dict[tuple, list[Callable[[list], Any]]] = {}
         self._flat_specs: dict[int, Any] = {}
         self._fast: Callable[[tuple], Any] = _always_miss
-        self._fast_by_key: dict[tuple, Callable[[tuple], Any] | None] = {}
+        self._fast_by_key: dict[tuple, Callable[[tuple], Any]] = {}
         self.last_report: CompileReport | None = None
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
@@ -286,12 +286,15 @@ class AOTModule(nn.Module):
         run, leaves, in_spec, key = compiled.lookup((params, buffers, modes, *args), kwargs,
                                                     False)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            ns = Namespace("mod")
-            exprs, guard = _module_reads(self.orig_module, ns)
-            exprs += [None] * len(modes)
-            exprs += [f"args[{k}]" for k in range(len(args))]
-            self._fast = compiled.fast_function(
-                key, run, leaves, exprs, f"len(args) == {len(args)} and {guard}", ns.values)
+            fast = compiled._fast_by_key.get(key)  # made once per key
+            if fast is None:
+                ns = Namespace("mod")
+                exprs, guard = _module_reads(self.orig_module, ns)
+                exprs += [None] * len(modes)
+                exprs += [f"args[{k}]" for k in range(len(args))]
+                fast = compiled.fast_function(
+                    key, run, leaves, exprs, f"len(args) == {len(args)} and {guard}", ns.values)
+            self._fast = fast
         return compiled.run(run, leaves, in_spec, key)
 
 

@@ -105,8 +105,6 @@ class _Val:
     shape: tuple
     stride: tuple
     dtype: torch.dtype
-    device: str
-    requires_grad: bool
 
 
 @dataclass(frozen=True)
@@ -136,8 +134,7 @@ class PickledGraph:
 
         def val(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
-                return _Val(tuple(v.shape), tuple(v.stride()), v.dtype, str(v.device),
-                            v.requires_grad)
+                return _Val(tuple(v.shape), tuple(v.stride()), v.dtype)
             if isinstance(v, (list, tuple)):
                 return type(v)(val(x) for x in v)
             return v

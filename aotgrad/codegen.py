@@ -308,9 +308,7 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         if node.op == "placeholder":
             continue
         if node.op == "get_attr":
-            obj: Any = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
+            obj = _torch.get_attr_path(gm, node.target)
             lines.append(f"    {node.name} = {ns.bind(obj, 'attr')}")
         elif node in skipped:
             continue

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from .codegen import fresh_outputs, graph_function
 from .partition import Partitioned
+from .views import is_view_op
 
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable]
 
@@ -150,8 +151,6 @@ def placeholder_values(gm: fx.GraphModule) -> list[Any]:
 
 def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       compiler: Compiler, num_outputs: int) -> CompiledGraphs:
-    from .views import is_view_op
-
     with compiling("inference"):
         fn = ensure_boxed(compiler(gm, list(example_inputs)))
     views_only = all(n.op != "call_function" or n.target is operator.getitem or

@@ -99,7 +99,6 @@ class RuntimeProgram:
     """The generated body of one compiled program (Note [Generated runtime])."""
     body: tuple[str, ...]          # lines at function level, reading i0 ... i{n-1}
     namespace: dict[str, Any]
-    num_inputs: int
     # Note [Guarded apply]: names rebound where a guard has checked the inputs
     guarded: dict[str, Any]
 
@@ -209,7 +208,7 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
         src(f"{src.bind(_check_outputs, 'check_outputs')}([{_names('o', present)}], "
             f"{tuple(present)!r}, {src.bind(sig, 'sig')})")
     src.lines += epilogue.lines
-    return RuntimeProgram(tuple(src.lines), dict(ns.values), n_in, guarded)
+    return RuntimeProgram(tuple(src.lines), dict(ns.values), guarded)
 
 
 def _plain_positions(sig: Signature) -> tuple[int, ...]:
@@ -235,6 +234,20 @@ def _unview(src: _Source, positions: Sequence[int], fresh: frozenset[int]) -> No
         src(f"o{k} = {unsafe_view}(o{k})", 2)
 
 
+def _without_grad(src: _Source, line: str, depth: int = 1) -> None:
+    """``line`` with grad mode off (a toggle, not a context-manager object)."""
+    grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
+    set_grad = src.bind(_torch.set_grad_enabled, "set_grad_enabled")
+    src(f"if {grad_enabled}():", depth)
+    src(f"{set_grad}(False)", depth + 1)
+    src("try:", depth + 1)
+    src(line, depth + 2)
+    src("finally:", depth + 1)
+    src(f"{set_grad}(True)", depth + 2)
+    src("else:", depth)
+    src(line, depth + 1)
+
+
 def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
                     boundary: subclass.Boundary | None, inputs: str, unpack: str) -> None:
     """No output of an inference graph needs grad (else the analysis would have
@@ -246,20 +259,11 @@ def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
         call = (f"{src.bind(subclass.rebuild_list, 'rebuild_list')}("
                 f"{src.bind(boundary.outputs, 'layouts')}, "
                 f"{fw}({src.bind(subclass.flatten_all, 'flatten_all')}([{inputs}])))")
-    grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
-    set_grad = src.bind(_torch.set_grad_enabled, "set_grad_enabled")
     depth = 1
     if any(_torch.autocast_state()):  # Note [Autocast is traced in]
         src(f"with {src.bind(_torch.autocast_disabled, 'autocast_disabled')}():")
         depth = 2
-    src(f"if {grad_enabled}():", depth)
-    src(f"{set_grad}(False)", depth + 1)
-    src("try:", depth + 1)
-    src(f"{unpack} = {call}", depth + 2)
-    src("finally:", depth + 1)
-    src(f"{set_grad}(True)", depth + 2)
-    src("else:", depth)
-    src(f"{unpack} = {call}", depth + 1)
+    _without_grad(src, f"{unpack} = {call}", depth)
     _unview(src, _plain_positions(sig), compiled.fresh_outputs)
 
 
@@ -540,16 +544,7 @@ def _write_back(src: _Source, sig: Signature, written: tuple[int, ...]) -> None:
             # either way (the new value is non-differentiable, or grad is off)
             src(f"i{i}.copy_(o{k})")
         elif info.mutates_data:
-            grad_enabled = src.bind(torch.is_grad_enabled, "grad_enabled")
-            set_grad = src.bind(_torch.set_grad_enabled, "set_grad_enabled")
-            src(f"if {grad_enabled}():")
-            src(f"{set_grad}(False)", 2)
-            src("try:", 2)
-            src(f"i{i}.copy_(o{k})", 3)
-            src("finally:", 2)
-            src(f"{set_grad}(True)", 3)
-            src("else:")
-            src(f"i{i}.copy_(o{k})", 2)
+            _without_grad(src, f"i{i}.copy_(o{k})")
     for i, x in enumerate(sig.inputs):
         if not x.requires_grad and x.requires_grad_after and not x.mutation_needs_grad:
             src(f"i{i}.requires_grad_(True)")  # requires_grad_() on an input
