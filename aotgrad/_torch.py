@@ -22,10 +22,14 @@ from torch._decomp import core_aten_decompositions, get_decompositions  # noqa: 
 from torch._dispatch.python import enable_python_dispatcher  # noqa: F401
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, make_fx  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: F401
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import (  # noqa: F401  (re-exported)
+    TorchDispatchMode,
+    autograd_would_have_decomposed,
+    is_traceable_wrapper_subclass,
+)
 
 TORCH_VERSION = torch.__version__
 
@@ -200,6 +204,18 @@ def lazy_graph_module(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
     return _LazyGraphModule(root, graph)
 
 
+@contextlib.contextmanager
+def autocast_cache_disabled():
+    """Autocast's cache of cast weights kept off while tracing: a cast made of a
+    fake tensor must not be handed to a later real call."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
+
+
 def lazy_graph_modules():
     """Graph modules made in this context (by ``make_fx``) generate code lazily."""
     from torch.fx._lazy_graph_module import _use_lazy_graph_module
@@ -297,11 +313,16 @@ def in_checkpoint_region() -> bool:
         getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
 
 
-def current_trace_graph() -> torch.fx.Graph | None:
-    """The graph make_fx is recording into, if any."""
+def current_proxy_mode() -> ProxyTorchDispatchMode | None:
+    """make_fx's mode (or aotgrad's tracer in its place), if one is tracing."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    mode = get_proxy_mode()
+    return get_proxy_mode()
+
+
+def current_trace_graph() -> torch.fx.Graph | None:
+    """The graph being recorded into, if any (make_fx's or aotgrad's tracer's)."""
+    mode = current_proxy_mode()
     return mode.tracer.graph if mode is not None else None
 
 

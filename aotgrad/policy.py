@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _torch
+from . import _torch, record
 from .descriptors import DESC, Grad
 from .partition import ancestors
 from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
@@ -96,7 +96,10 @@ class CheckpointRegionMarker(TorchDispatchMode):
     """Marks the nodes traced inside a plain checkpoint region (Note [Checkpoint regions])."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        graph = _torch.current_trace_graph() if _torch.in_checkpoint_region() else None
+        graph = None
+        if _torch.in_checkpoint_region():
+            record.refuse_if_recording("checkpoint regions")  # Note [A light tracer]
+            graph = _torch.current_trace_graph()
         if graph is None:
             return func(*args, **(kwargs or {}))
         before = len(graph.nodes)

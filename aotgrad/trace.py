@@ -10,8 +10,8 @@ followed by one gradient per primal (``None`` where no gradient exists)::
         return (mul, mul_1, None)
 
 Otherwise the *inference* graph takes the graph inputs (``arg0_1`` ...) and
-returns the outputs.  Both are traced with ``make_fx`` over fake tensors under
-functionalization, so the graphs hold functional ATen ops (views stay views);
+returns the outputs.  Both are traced (``record.trace_graph``: Note [A light
+tracer]) over fake tensors under functionalization, so the graphs hold functional ATen ops (views stay views);
 decompositions apply here.  Placeholders and the output node carry role
 descriptors (``aotgrad.descriptors``).
 """
@@ -31,6 +31,7 @@ from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Ta
                           UserOutput)
 from .flatten import FlatFunction
 from .policy import CheckpointRegionMarker, strip_tags
+from .record import trace_graph
 from .views import is_view_op
 
 
@@ -109,9 +110,9 @@ def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
         return _outputs_after_kept_mutations(outs, args, sig)
 
     plain_inputs = _plain_inputs(sig, fake_inputs)
+    names = [f"arg{i}_1" for i in range(len(plain_inputs))]
     with torch.no_grad():
-        with _torch.lazy_graph_modules():
-            gm = _torch.make_fx(inference, decomposition_table=decompositions)(*plain_inputs)
+        gm = trace_graph(inference, plain_inputs, names, decompositions)
     strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)
@@ -247,9 +248,10 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
 
     tangents = example_tangents(sig) if loss_index is None else []
     primals = _plain_inputs(sig, [_detached_like(x) for x in fake_inputs])
+    names = [f"primals_{i + 1}" for i in range(len(primals))] + \
+        [f"tangents_{i + 1}" for i in range(len(tangents))]
     with torch.enable_grad():
-        with _torch.lazy_graph_modules():
-            gm = _torch.make_fx(joint, decomposition_table=decompositions)(primals, tangents)
+        gm = trace_graph(joint, [primals, tangents], names, decompositions)
     strip_tags(gm)
     out_descs = _output_descs(sig)
     num_fwd = len(out_descs)

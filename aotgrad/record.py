@@ -1,0 +1,253 @@
+"""The tracer: records the ATen ops a function runs into an ``fx.Graph``.
+
+Note [A light tracer]
+~~~~~~~~~~~~~~~~~~~~~
+``record`` does what ``make_fx(fn, decomposition_table)(*args)`` does for a
+program over fake tensors with static shapes, at a fraction of its cost: one
+dispatch mode appends one node per op.  It takes make_fx's own slot (an infra
+mode under the PROXY key): below autograd, user modes and functionalization,
+above the fake mode, so it sees the functional ATen ops.  Torch code that
+looks for make_fx's mode finds this one and reads what it reads of make_fx's
+tracer (``_Tracked``).  A tensor subclass among the arguments unwraps itself
+first (the mode declines), as under make_fx.  Tensors are tracked by
+identity: every tensor the trace sees is kept alive until it ends, so an
+``id`` never stands for two tensors.  An in-place op's output is the tensor it
+mutated, so later uses of that tensor read the new node, as under make_fx.
+
+make_fx's generality costs more than the ops: pytree flattening of every
+call, proxies, symbolic-size tracking, torch-function modes, tensor metadata
+for every node.  8-layer transformer joint: the fake-tensor run alone takes
+about 0.3 s, make_fx over it 0.7-0.9 s, this tracer 0.36 s.
+
+What it does not handle it refuses by raising ``NeedsMakeFx``; the caller
+then traces the program again with make_fx, which handles everything
+(tracing has no effect but the graph; the counter
+``aotgrad.traced_by_make_fx`` counts these):
+
+* symbolic sizes (inputs with them, or an op producing them: ``nonzero``),
+* tensors the trace did not create and was not given: constants such as
+  ``torch.tensor(2.0)`` (make_fx interns and constant-folds them),
+* data-dependent ops (``item``, ``is_nonzero``), opaque objects,
+* checkpoint regions (``policy.CheckpointRegionMarker``): selective
+  checkpointing changes what it does when it finds make_fx's mode.
+
+A refusal is remembered: a user ``except`` that swallows it cannot leave a
+half-recorded graph.
+
+Decompositions apply as under make_fx: an op in the table runs its
+decomposition, traced; a CompositeImplicitAutograd op that reaches the tracer
+(autograd did not decompose it, as under ``no_grad`` for some ops) is
+decomposed when the device has no kernel of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+
+
+_log = logging.getLogger(__name__)
+
+
+class NeedsMakeFx(Exception):
+    """The program uses something the light tracer leaves to make_fx."""
+
+
+_HANDLED = (_torch.FakeTensor, torch.Tensor, torch.nn.Parameter)
+
+_SIZE_QUERIES = frozenset({_torch.aten.size.default, _torch.aten.stride.default,
+                           _torch.aten.storage_offset.default})
+
+
+class _Tracked:
+    """What torch's code reads of a make_fx tracer: ``tracer.graph`` and
+    ``tracer.tensor_tracker[t].proxy.node`` (Note [A light tracer])."""
+
+    def __init__(self, node_of: dict[int, fx.Node], graph: fx.Graph):
+        self.graph = graph
+        self.tensor_tracker = self
+        self.node_of = node_of
+        self.enable_thunkify = False
+
+    def __getitem__(self, t: torch.Tensor) -> "_Entry":
+        return _Entry(self.node_of[id(t)])
+
+    def __contains__(self, t: object) -> bool:
+        return id(t) in self.node_of
+
+    def get(self, t: object, default: Any = None) -> Any:
+        node = self.node_of.get(id(t))
+        return default if node is None else _Entry(node)
+
+
+class _Entry:
+    def __init__(self, node: fx.Node):
+        self.node = node
+        self.proxy = self
+
+
+class _Recorder(_torch.ProxyTorchDispatchMode):
+    """Sits where make_fx's proxy mode sits: an infra mode under the PROXY key,
+    below functionalization (which runs after user modes) and above the fake
+    mode, so it sees the functional ops.  Torch code that looks for make_fx's
+    mode (selective checkpointing, functionalization's view replay) finds this
+    one and reads ``tracer`` (``_Tracked``)."""
+
+    def __init__(self, decompositions: Mapping | None):
+        self.graph = fx.Graph()
+        self.node_of: dict[int, fx.Node] = {}
+        super().__init__(_Tracked(self.node_of, self.graph), "real",
+                         decomposition_table=decompositions)
+        self.decompositions = self.decomposition_table
+        self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
+        self._decomposes: dict[tuple, bool] = {}
+        self.refused: str | None = None
+
+    def refuse(self, reason: str):
+        """Give the program to make_fx (remembered: Note [A light tracer])."""
+        self.refused = self.refused or reason
+        raise NeedsMakeFx(reason)
+
+    def placeholder(self, name: str, value: Any) -> None:
+        node = self.graph.placeholder(name)
+        node.meta["val"] = value
+        if isinstance(value, torch.Tensor):
+            self._track(self.checked(value), node)
+
+    def _track(self, t: torch.Tensor, node: fx.Node) -> None:
+        self.node_of[id(t)] = node
+        self.alive.append(t)
+
+    def arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            node = self.node_of.get(id(a))
+            if node is None:
+                self.refuse(f"a tensor the trace did not create ({type(a).__name__})")
+            return node
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
+        if isinstance(a, (torch.ScriptObject, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            self.refuse(f"an argument of type {type(a).__name__}")
+        return a
+
+    def _should_decompose(self, func, args) -> bool:
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+        key = (func, device)
+        known = self._decomposes.get(key)
+        if known is None:
+            flat = [a for a in args if isinstance(a, torch.Tensor)]
+            try:
+                known = func not in _SIZE_QUERIES and func._can_decompose() and \
+                    _torch.autograd_would_have_decomposed(func, flat)
+            except RuntimeError:  # ops the dispatcher does not list (prim::device)
+                known = False
+            self._decomposes[key] = known
+        return known
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.refused:
+            self.refuse(self.refused)
+        if any(t not in _HANDLED for t in types):
+            return NotImplemented  # a subclass (FunctionalTensor ...) unwraps itself first
+        if func in self.decompositions:
+            with self:
+                r = self.decompositions[func](*args, **kwargs)
+            if r is not NotImplemented:  # some decline (inductor's mm on small sizes)
+                return r
+        if self._should_decompose(func, args):
+            with self:
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+        if torch.Tag.data_dependent_output in func.tags or \
+                func is _torch.aten.is_nonzero.default:
+            self.refuse(f"a data-dependent op ({func})")
+        node_args, node_kwargs = self.arg(args), self.arg(kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            node = self._node(func, node_args, node_kwargs, out)
+            self._track(out, node)
+        elif isinstance(out, (list, tuple)) and any(isinstance(o, torch.Tensor) for o in out):
+            node = self._node(func, node_args, node_kwargs, out)
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.create_node("call_function", operator.getitem, (node, i),
+                                                  name="getitem")
+                    item.meta["val"] = self.checked(o)
+                    self._track(o, item)
+        elif out is None:
+            self._node(func, node_args, node_kwargs, None)
+        elif isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            self.refuse(f"{func} returned a symbolic value")
+        return out
+
+    def _node(self, func, args, kwargs, out) -> fx.Node:
+        node = self.graph.create_node("call_function", func, args, kwargs,
+                                      name=self.graph._target_to_str(func.overloadpacket))
+        node.meta["val"] = self.checked(out) if isinstance(out, torch.Tensor) else out
+        return node
+
+    def checked(self, t: torch.Tensor) -> torch.Tensor:
+        if any(type(s) is not int for s in t.shape) or \
+                any(type(s) is not int for s in t.stride()) or \
+                type(t.storage_offset()) is not int:
+            self.refuse("symbolic sizes")
+        return t
+
+
+def refuse_if_recording(reason: str) -> None:
+    """Called where torch behaves differently under make_fx (selective
+    checkpointing looks for make_fx's mode): the light tracer steps aside."""
+    mode = _torch.current_proxy_mode()
+    if isinstance(mode, _Recorder):
+        mode.refuse(reason)
+
+
+def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
+           decompositions: Mapping | None) -> fx.GraphModule:
+    """``fn(*args)`` traced (Note [A light tracer]).
+
+    ``args`` are fake tensors or lists of them; ``names`` the placeholder
+    names, one per tensor in order.  The graph returns the pytree leaves of
+    ``fn``'s result, as make_fx's does.  Raises ``NeedsMakeFx`` when the
+    program needs make_fx."""
+    flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])]
+    fake_mode = _torch.detect_fake_mode(flat)
+    if fake_mode is None:
+        raise NeedsMakeFx("no fake inputs")
+    recorder = _Recorder(decompositions)
+    for name, value in zip(names, flat, strict=True):
+        recorder.placeholder(name, value)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fake_mode)
+        stack.enter_context(_torch.enable_python_dispatcher())
+        stack.enter_context(_torch.autocast_cache_disabled())
+        stack.enter_context(recorder)
+        result = fn(*args)
+    if recorder.refused:
+        raise NeedsMakeFx(recorder.refused)
+    leaves = _torch.pytree.tree_leaves(result)
+    recorder.graph.output(tuple(recorder.arg(v) for v in leaves))
+    return _torch.lazy_graph_module(torch.nn.Module(), recorder.graph)
+
+
+def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
+                decompositions: Mapping | None) -> fx.GraphModule:
+    """``fn(*args)`` traced by ``record``, or by make_fx when it must be."""
+    try:
+        return record(fn, args, names, decompositions)
+    except NeedsMakeFx as e:
+        _log.debug("traced by make_fx: %s", e)
+        _torch.bump_counter("aotgrad", "traced_by_make_fx")
+    with _torch.lazy_graph_modules():
+        return _torch.make_fx(fn, decomposition_table=decompositions)(*args)

@@ -1,0 +1,151 @@
+"""The light tracer (Note [A light tracer], aotgrad/record.py).
+
+It must write the graph make_fx writes, and hand every program it does not
+handle to make_fx, even when the program swallows the refusal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch._subclasses import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import aotgrad
+from aotgrad import _torch
+from aotgrad.record import NeedsMakeFx, record
+
+
+def _nodes(gm):
+    """The graph as comparable rows (output flattened: make_fx's is a pytree)."""
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            rows.append(("output", str(_torch.pytree.tree_leaves(n.args[0]))))
+        else:
+            rows.append((n.op, n.name, str(n.target), str(n.args), str(n.kwargs)))
+    return rows
+
+
+def _functional(fn):
+    def run(*args):
+        with _torch.functional_mode():
+            outs = fn(*[_torch.to_functional(a) for a in args])
+            return [_torch.from_functional(o) for o in outs]
+    return run
+
+
+def _both(fn, shapes, decompositions=None, grad=False):
+    mode = FakeTensorMode()
+    args = [mode.from_tensor(torch.randn(s)) for s in shapes]
+    names = [f"arg{i}_1" for i in range(len(args))]
+    with torch.set_grad_enabled(grad):
+        mine = record(fn, args, names, decompositions)
+        with mode:
+            theirs = make_fx(fn, decomposition_table=decompositions)(*args)
+    return mine, theirs
+
+
+PROGRAMS = {
+    "pointwise": (lambda a, b: [(a * b).sin() + 1], [(3, 4), (3, 4)]),
+    "matmul_views": (lambda a, b: [(a @ b.t()).view(-1)[2:], a.transpose(0, 1)], [(3, 4), (5, 4)]),
+    "multi_output": (lambda a, b: [*a.split(2), torch.var_mean(b, 0)[1]], [(5, 4), (3, 4)]),
+    "mutation": (lambda a, b: [a.clone().add_(b).mul_(2), b.unsqueeze(0).expand(2, 3, 4) * 1],
+                 [(3, 4), (3, 4)]),
+    "factories": (lambda a, b: [a + torch.ones(3, 4), torch.zeros_like(b).index_fill(0, torch.arange(2), 1.0)],
+                  [(3, 4), (3, 4)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_same_graph_as_make_fx(name):
+    fn, shapes = PROGRAMS[name]
+    mine, theirs = _both(_functional(fn), shapes)
+    assert _nodes(mine) == _nodes(theirs)
+    for n in mine.graph.nodes:
+        if n.op != "output":
+            val = n.meta["val"]
+            assert all(isinstance(v, torch.Tensor) for v in _torch.pytree.tree_leaves(val))
+            assert val is not None
+
+
+def test_decompositions_apply_as_under_make_fx():
+    table = _torch.get_decompositions([torch.ops.aten.addmm.default, torch.ops.aten.gelu.default])
+    fn = _functional(lambda a, b, c: [torch.nn.functional.gelu(torch.addmm(c, a, b))])
+    mine, theirs = _both(fn, [(3, 4), (4, 5), (5,)], decompositions=table)
+    assert _nodes(mine) == _nodes(theirs)
+    targets = {str(n.target) for n in mine.graph.nodes}
+    assert "aten.addmm.default" not in targets and "aten.gelu.default" not in targets
+
+
+def test_joint_graph_same_as_make_fx():
+    # forward and backward through autograd, above functionalization
+    def joint(a, b):
+        a = a.detach().requires_grad_()
+        out = (a * b).sin().sum()
+        return [out, *torch.autograd.grad(out, [a])]
+
+    mine, theirs = _both(_functional(joint), [(3,), (3,)], grad=True)
+    assert _nodes(mine) == _nodes(theirs)
+
+
+def test_symbolic_sizes_are_refused():
+    mode = _torch.new_fake_mode(dynamic=True)
+    x = mode.from_tensor(torch.randn(3, 4))
+    with pytest.raises(NeedsMakeFx, match="symbolic"):
+        record(lambda t: [t * 2], [x], ["arg0_1"], None)
+
+
+def _compiled_matches_eager(fn, *args):
+    before = counters["aotgrad"]["traced_by_make_fx"]
+    compiled = aotgrad.aot_function(fn, aotgrad.nop)
+    a1 = [a.detach().clone().requires_grad_() for a in args]
+    a2 = [a.detach().clone().requires_grad_() for a in args]
+    out, ref = compiled(*a1), fn(*a2)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    for x, y in zip(a1, a2):
+        torch.testing.assert_close(x.grad, y.grad)
+    return counters["aotgrad"]["traced_by_make_fx"] - before
+
+
+def test_common_programs_take_the_light_tracer():
+    assert _compiled_matches_eager(lambda x, w: (x @ w).relu().sum(1), torch.randn(3, 4),
+                                   torch.randn(4, 5)) == 0
+
+
+def test_constants_go_to_make_fx():
+    assert _compiled_matches_eager(lambda x: x * torch.tensor(2.0) + torch.tensor([1.0, 2.0]),
+                                   torch.randn(3, 2)) == 1
+
+
+def test_a_swallowed_refusal_still_goes_to_make_fx():
+    # The refusal is raised inside user code; a bare except there must not leave
+    # the light tracer's graph with the other branch in it.
+    def fn(x):
+        try:
+            y = x * torch.tensor(2.0)
+        except Exception:
+            y = x * 3.0
+        return y.sin()
+
+    assert _compiled_matches_eager(fn, torch.randn(4)) == 1
+
+
+def test_selective_checkpoint_goes_to_make_fx():
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default \
+            else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    def fn(x, w):
+        return checkpoint(lambda a, b: (a @ b).sin().cos(), x, w, use_reentrant=False,
+                          context_fn=context)
+
+    assert _compiled_matches_eager(fn, torch.randn(3, 4), torch.randn(4, 4)) == 1
