@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: F401
 from torch.utils._python_dispatch import (  # noqa: F401  (re-exported)
     TorchDispatchMode,
+    _disable_current_modes as no_dispatch_modes,
     autograd_would_have_decomposed,
     is_traceable_wrapper_subclass,
 )

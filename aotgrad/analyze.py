@@ -169,38 +169,53 @@ class Signature:
 def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: bool,
             keep_input_mutations: bool) -> Signature:
     """Run ``flat_fn`` on fake inputs under functionalization; describe it."""
-    in_layouts = tuple(subclass.layout_of(x) for x in fake_inputs)
-    with_subclasses = any(x is not None for x in in_layouts)
-    keep_input_mutations = keep_input_mutations and not with_subclasses
     with _torch.functional_mode():
         f_inputs = [subclass.to_functional(x, detach_inner=False) for x in fake_inputs]
         history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
-        leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
-                  if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
-        with _torch.EagerChecks(leaves):
-            outs = flat_fn(*f_inputs)
-        if with_subclasses:
-            _refuse_inner_gradients(f_inputs, outs)
-        aliased = _aliased_subclass_inputs(fake_inputs) if with_subclasses else frozenset()
-        inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased)
-                       for i, (x, fx, h) in enumerate(zip(fake_inputs, f_inputs, history)))
-        mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
-        outputs, bases = classify_outputs(outs, f_inputs, mutated)
-        outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
-        output_infos = tuple(outputs)
-        base_rg = tuple(b.requires_grad for b in bases)
-        graph_values = [f_inputs[i] for i, x in enumerate(inputs) if x.mutation_out_of_graph]
-        graph_values += [outs[k] for k, o in enumerate(output_infos)
-                         if o.kind not in (OutputKind.CONSTANT, OutputKind.SAME_AS_OUTPUT)]
-        graph_values += bases
-        meta = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
-                     else None for v in graph_values)
-        out_layouts = tuple(subclass.layout_of(v) for v in graph_values)
-        for v in graph_values:
-            subclass.check_rebuildable(v)
-        plain_meta = tuple(tuple((tuple(p.shape), p.dtype, p.device)
-                                 for p in subclass.flatten_all([v]))
-                           if isinstance(v, torch.Tensor) else () for v in graph_values)
+        outs = run_checked(flat_fn, fake_inputs, f_inputs)
+        return describe(flat_fn, fake_inputs, f_inputs, history, outs,
+                        grad_enabled=grad_enabled, keep_input_mutations=keep_input_mutations)
+
+
+def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list) -> list:
+    """``flat_fn`` on the functional inputs, raising the errors eager would
+    (``EagerChecks``)."""
+    leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
+              if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
+    with _torch.EagerChecks(leaves):
+        return flat_fn(*f_inputs)
+
+
+def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, history: list,
+             outs: list, *, grad_enabled: bool, keep_input_mutations: bool) -> Signature:
+    """The Signature of a run: ``f_inputs`` are the functional inputs it ran
+    on (``history``: their ``grad_fn`` before it), ``outs`` its outputs.  Under
+    functionalization."""
+    in_layouts = tuple(subclass.layout_of(x) for x in fake_inputs)
+    with_subclasses = any(x is not None for x in in_layouts)
+    keep_input_mutations = keep_input_mutations and not with_subclasses
+    if with_subclasses:
+        _refuse_inner_gradients(f_inputs, outs)
+    aliased = _aliased_subclass_inputs(fake_inputs) if with_subclasses else frozenset()
+    inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased)
+                   for i, (x, fx, h) in enumerate(zip(fake_inputs, f_inputs, history)))
+    mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
+    outputs, bases = classify_outputs(outs, f_inputs, mutated)
+    outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
+    output_infos = tuple(outputs)
+    base_rg = tuple(b.requires_grad for b in bases)
+    graph_values = [f_inputs[i] for i, x in enumerate(inputs) if x.mutation_out_of_graph]
+    graph_values += [outs[k] for k, o in enumerate(output_infos)
+                     if o.kind not in (OutputKind.CONSTANT, OutputKind.SAME_AS_OUTPUT)]
+    graph_values += bases
+    meta = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
+                 else None for v in graph_values)
+    out_layouts = tuple(subclass.layout_of(v) for v in graph_values)
+    for v in graph_values:
+        subclass.check_rebuildable(v)
+    plain_meta = tuple(tuple((tuple(p.shape), p.dtype, p.device)
+                             for p in subclass.flatten_all([v]))
+                       if isinstance(v, torch.Tensor) else () for v in graph_values)
     if with_subclasses or any(x is not None for x in out_layouts):
         layouts = dict(input_layouts=in_layouts, graph_output_layouts=out_layouts,
                        graph_output_plain_meta=plain_meta)

@@ -30,7 +30,8 @@ from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runt
 from .runtime import build_runtime
 from .saved_hooks import inline_hooks
 from .views import alias_plans
-from .trace import TracedGraph, trace
+from .record import NeedsMakeFx
+from .trace import SecondPass, TracedGraph, analyze_and_trace, one_pass_possible, trace
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,18 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     try:
         with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
                 _torch.hide_saved_tensor_hooks():
-            with stage("analyze"):
-                sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
-                              keep_input_mutations=options.keep_inference_input_mutations)
+            report.stage_seconds.setdefault("analyze", 0.0)  # 0 when done in one pass
+            sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
+                                            loss_index)
+            if sig is None:
+                with stage("analyze"):
+                    sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
+                                  keep_input_mutations=options.keep_inference_input_mutations)
             report.signature = sig
             with stage("trace"):
-                traced = trace(flat_fn, fakes, sig, options.decompositions, loss_index=loss_index)
+                if traced is None:
+                    traced = trace(flat_fn, fakes, sig, options.decompositions,
+                                   loss_index=loss_index, tracer=tracer)
                 check_graph(traced.gm)
             report.traced = traced
     except Exception as error:
@@ -130,6 +137,25 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
             raise_eager_error(fn, leaves, in_spec, error)
         raise
     return Traced(flat, sig, traced, fake_mode, fakes)
+
+
+def _one_pass(flat_fn, fakes: list, options: CompileOptions, stage, grad_enabled: bool,
+              loss_index: int | None) -> tuple[Signature | None, TracedGraph | None, str]:
+    """Note [One pass] (trace.py): the Signature and the graph from one run
+    of the program when possible; else what is known (None for the rest),
+    and the tracer for a second run ("make_fx" when the light one refused)."""
+    if not one_pass_possible(fakes):
+        return None, None, "any"
+    with stage("trace"):
+        try:
+            sig, traced = analyze_and_trace(
+                flat_fn, fakes, options.decompositions, grad_enabled=grad_enabled,
+                loss_index=loss_index, keep_input_mutations=options.keep_inference_input_mutations)
+            return sig, traced, "any"
+        except SecondPass as again:
+            return again.sig, None, "any"
+        except NeedsMakeFx:
+            return None, None, "make_fx"
 
 
 def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception) -> None:

@@ -116,7 +116,14 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         raise NeedsMakeFx(reason)
 
     def placeholder(self, name: str, value: Any) -> None:
-        node = self.graph.placeholder(name)
+        """A graph input, after the others (also once ops are recorded)."""
+        graph = self.graph
+        first_op = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        if first_op is None:
+            node = graph.placeholder(name)
+        else:
+            with graph.inserting_before(first_op):
+                node = graph.placeholder(name)
         node.meta["val"] = value
         if isinstance(value, torch.Tensor):
             self._track(self.checked(value), node)
@@ -226,6 +233,7 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     if fake_mode is None:
         raise NeedsMakeFx("no fake inputs")
     recorder = _Recorder(decompositions)
+    recorder.fake_mode = fake_mode
     for name, value in zip(names, flat, strict=True):
         recorder.placeholder(name, value)
     with contextlib.ExitStack() as stack:
@@ -241,13 +249,31 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     return _torch.lazy_graph_module(torch.nn.Module(), recorder.graph)
 
 
+def add_placeholders(names: Sequence[str], metas: Sequence[tuple]) -> list[torch.Tensor]:
+    """New graph inputs of the trace in progress: fake tensors of the given
+    (shape, dtype, device), made outside the trace (Note [One pass], trace.py)."""
+    mode = _torch.current_proxy_mode()
+    if not isinstance(mode, _Recorder):
+        raise NeedsMakeFx("inputs added during the trace")
+    with _torch.no_dispatch_modes(), mode.fake_mode:
+        values = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in metas]
+    for name, value in zip(names, values, strict=True):
+        mode.placeholder(name, value)
+    return values
+
+
 def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
-                decompositions: Mapping | None) -> fx.GraphModule:
-    """``fn(*args)`` traced by ``record``, or by make_fx when it must be."""
-    try:
-        return record(fn, args, names, decompositions)
-    except NeedsMakeFx as e:
-        _log.debug("traced by make_fx: %s", e)
-        _torch.bump_counter("aotgrad", "traced_by_make_fx")
+                decompositions: Mapping | None, *, tracer: str = "any") -> fx.GraphModule:
+    """``fn(*args)`` traced.  ``tracer``: "any" (``record``, or make_fx when it
+    must be), "light" (``record`` only: ``NeedsMakeFx`` propagates) or
+    "make_fx" (the light tracer already refused this program)."""
+    if tracer != "make_fx":
+        try:
+            return record(fn, args, names, decompositions)
+        except NeedsMakeFx as e:
+            if tracer == "light":
+                raise
+            _log.debug("traced by make_fx: %s", e)
+    _torch.bump_counter("aotgrad", "traced_by_make_fx")
     with _torch.lazy_graph_modules():
         return _torch.make_fx(fn, decomposition_table=decompositions)(*args)

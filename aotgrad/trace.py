@@ -26,12 +26,13 @@ import torch
 import torch.fx as fx
 
 from . import _torch, config, subclass
-from .analyze import InputInfo, OutputKind, Signature, intermediate_bases
+from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_bases,
+                      run_checked)
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
                           UserOutput)
 from .flatten import FlatFunction
 from .policy import CheckpointRegionMarker, strip_tags
-from .record import trace_graph
+from .record import add_placeholders, trace_graph
 from .views import is_view_op
 
 
@@ -47,22 +48,92 @@ class TracedGraph:
 
 
 def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signature,
-          decompositions: Mapping | None, *, loss_index: int | None = None) -> TracedGraph:
+          decompositions: Mapping | None, *, loss_index: int | None = None,
+          tracer: str = "any") -> TracedGraph:
     """The joint graph when ``sig.needs_autograd``, else the inference graph.
 
     With ``loss_index`` (export of a training step) the joint takes no
     tangents: it differentiates the scalar output ``loss_index`` (a graph
     output index) as ``loss.backward()`` would.
     """
+    known = _Known(sig, tracer=tracer)
     if sig.needs_autograd:
-        return _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index)
-    return _trace_inference(flat_fn, fake_inputs, sig, decompositions)
+        return _trace_joint(flat_fn, fake_inputs, known, decompositions, loss_index)
+    return _trace_inference(flat_fn, fake_inputs, known, decompositions)
 
 
-def _run_program(flat_fn, f_args: list, f_inputs: list, sig: Signature) -> list:
-    """Run the program on functional inputs; the graph outputs, in the order of
-    Note [What the graph returns] (analyze.py)."""
-    outs = flat_fn(*f_args)
+# Note [One pass]
+# ~~~~~~~~~~~~~~~
+# The Signature is known only once the program has run, and the joint trace
+# needs it: its tangents are the outputs that get gradients, and a mutated
+# input that requires grad is cloned before the program runs (Note [Clone
+# before mutation]).  So analysis and tracing are two runs of the program.
+# With the light tracer (Note [A light tracer]) they are one when they can be:
+# the trace runs the program, describes it as ``analyze`` would (same
+# functional inputs, same checks), and only then adds the tangents as
+# placeholders and differentiates.  That holds when
+#
+# * no input has autograd history (the joint's primals are fresh leaves, the
+#   analysis's inputs are the inputs themselves: they must agree), no input is
+#   a subclass, and
+# * the run is the joint's run: no input needs preparing before it
+#   (``_prepare_primal``), and the program needs autograd (else the graph is
+#   the inference graph, traced under no_grad).
+#
+# Otherwise the run still yields the Signature, and only the trace is done
+# again (``SecondPass``).  A program the light tracer leaves to make_fx is
+# analyzed and traced in two runs, as before.  Inference (grad mode off)
+# needs nothing before the run: it is always one pass.
+
+
+class SecondPass(Exception):
+    """The one-pass trace described the program but must trace it again."""
+
+    def __init__(self, sig: Signature):
+        super().__init__("traced again with the signature")
+        self.sig = sig
+
+
+@dataclass
+class _Known:
+    """The Signature, known before tracing (analysis ran), or learned by it."""
+    sig: Signature | None
+    keep_input_mutations: bool = False
+    tracer: str = "light"   # record.trace_graph's: one pass is the light tracer's only
+
+
+def one_pass_possible(fake_inputs: Sequence[Any]) -> bool:
+    return all(isinstance(x, torch.Tensor) and x.grad_fn is None and
+               subclass.layout_of(x) is None for x in fake_inputs)
+
+
+def analyze_and_trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor],
+                      decompositions: Mapping | None, *, grad_enabled: bool,
+                      keep_input_mutations: bool, loss_index: int | None = None
+                      ) -> tuple[Signature, TracedGraph]:
+    """Note [One pass].  Raises ``SecondPass`` (with the Signature) or
+    ``record.NeedsMakeFx`` (analyze, then ``trace``)."""
+    known = _Known(None, keep_input_mutations)
+    if grad_enabled:
+        traced = _trace_joint(flat_fn, fake_inputs, known, decompositions, loss_index)
+    else:
+        traced = _trace_inference(flat_fn, fake_inputs, known, decompositions)
+    return known.sig, traced
+
+
+def _run_described(flat_fn, fake_inputs, f_args: list, known: _Known, grad_enabled: bool) -> list:
+    """Run the program; with the Signature unknown, describe the run (Note [One pass])."""
+    if known.sig is not None:
+        return flat_fn(*f_args)
+    history = [fx.grad_fn for fx in f_args]
+    outs = run_checked(flat_fn, fake_inputs, f_args)
+    known.sig = describe(flat_fn, fake_inputs, f_args, history, outs, grad_enabled=grad_enabled,
+                         keep_input_mutations=known.keep_input_mutations)
+    return outs
+
+
+def _graph_values(outs: list, f_args: list, sig: Signature) -> list:
+    """The graph outputs, in the order of Note [What the graph returns] (analyze.py)."""
     values = [f_args[i] for i in sig.mutated_inputs_out_of_graph]
     values += [outs[k] for k in sig.user_graph_outputs]
     values += intermediate_bases(outs, sig)
@@ -99,20 +170,25 @@ def _outputs_after_kept_mutations(outs: list, args: Sequence, sig: Signature) ->
     return outs
 
 
-def _trace_inference(flat_fn, fake_inputs, sig, decompositions) -> TracedGraph:
+def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> TracedGraph:
     def inference(*args):
         with _torch.functional_mode():
-            f_args = _rebuild_inputs(sig, [_torch.to_functional(a) for a in args])
-            values = _run_program(flat_fn, f_args, f_args, sig)
+            f_args = [_torch.to_functional(a) for a in args]
+            if known.sig is not None:
+                f_args = _rebuild_inputs(known.sig, f_args)
+            outs = _run_described(flat_fn, args, f_args, known, grad_enabled=False)
+            sig = known.sig
+            values = _graph_values(outs, f_args, sig)
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(args, kept, sig)
         return _outputs_after_kept_mutations(outs, args, sig)
 
-    plain_inputs = _plain_inputs(sig, fake_inputs)
+    plain_inputs = _plain_inputs(known.sig, fake_inputs) if known.sig else list(fake_inputs)
     names = [f"arg{i}_1" for i in range(len(plain_inputs))]
     with torch.no_grad():
-        gm = trace_graph(inference, plain_inputs, names, decompositions)
+        gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer)
+    sig = known.sig
     strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)
@@ -166,16 +242,19 @@ def _output_descs(sig: Signature) -> tuple:
                  for _ in range(subclass.num_plain(layout)))
 
 
-def example_tangents(sig: Signature) -> list[torch.Tensor]:
+def example_tangents(sig: Signature, late: bool = False) -> list[torch.Tensor]:
     """Tangents are traced contiguous; the runtime makes them contiguous too.
-    A subclass output's tangent is given as its plain tensors."""
+    A subclass output's tangent is given as its plain tensors.  ``late``: made
+    during the one-pass trace and added to it as placeholders (Note [One pass])."""
     if sig.has_subclasses:
-        return [torch.empty(shape, dtype=dtype, device=device)
-                for metas, needs in zip(sig.graph_output_plain_meta, sig.tangent_mask)
-                if needs for shape, dtype, device in metas]
-    return [torch.empty(shape, dtype=dtype, device=device)
-            for (shape, dtype, device), needs in zip(sig.graph_output_meta, sig.tangent_mask)
-            if needs]
+        metas = [(shape, dtype, device)
+                 for ms, needs in zip(sig.graph_output_plain_meta, sig.tangent_mask)
+                 if needs for shape, dtype, device in ms]
+    else:
+        metas = [m for m, needs in zip(sig.graph_output_meta, sig.tangent_mask) if needs]
+    if late:
+        return add_placeholders([f"tangents_{k + 1}" for k in range(len(metas))], metas)
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in metas]
 
 
 def _rebuild_tangents(sig: Signature, f_tangents: list) -> list:
@@ -183,6 +262,11 @@ def _rebuild_tangents(sig: Signature, f_tangents: list) -> list:
         return f_tangents
     layouts = [x for x, needs in zip(sig.graph_output_layouts, sig.tangent_mask) if needs]
     return subclass.rebuild_list(layouts, f_tangents)
+
+
+def _needs_preparing(info: InputInfo) -> bool:
+    return _needs_clone(info) or info.detached_in_place or \
+        (info.requires_grad and info.mutates_metadata)
 
 
 def _needs_clone(info: InputInfo) -> bool:
@@ -205,27 +289,46 @@ def _prepare_primal(fp: Any, info: InputInfo) -> Any:
     return fp
 
 
-def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> TracedGraph:
-    mask = sig.tangent_mask
-    diff = [k for k, m in enumerate(mask) if m] if loss_index is None else \
-        [len(sig.mutated_inputs_out_of_graph) + sig.user_graph_outputs.index(loss_index)]
-    if loss_index is not None:
-        loss = sig.outputs[loss_index]
-        if len(loss.shape) != 0 or not loss.requires_grad:
-            raise ValueError(
-                f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
-                f"{list(loss.shape)}, requires_grad={loss.requires_grad}); the loss must be one")
+def _differentiated(sig: Signature, loss_index: int | None) -> list[int]:
+    """The graph outputs the joint differentiates (Note [What the graph returns])."""
+    if loss_index is None:
+        return [k for k, m in enumerate(sig.tangent_mask) if m]
+    loss = sig.outputs[loss_index]
+    if len(loss.shape) != 0 or not loss.requires_grad:
+        raise ValueError(
+            f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
+            f"{list(loss.shape)}, requires_grad={loss.requires_grad}); the loss must be one")
+    return [len(sig.mutated_inputs_out_of_graph) + sig.user_graph_outputs.index(loss_index)]
+
+
+def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index) -> TracedGraph:
+    if known.sig is not None:
+        _differentiated(known.sig, loss_index)  # a bad loss fails before tracing
     grad_is_none: list[bool] = []
     poisoned: dict[int, str] = {}
-
     grad_layouts: list = []
+    late_tangents: list = []
 
     def joint(primals, tangents):
         with CheckpointRegionMarker(), _torch.functional_mode():
-            f_primals = _rebuild_inputs(sig, [_torch.to_functional(p) for p in primals])
+            f_primals = [_torch.to_functional(p) for p in primals]
+            if known.sig is None:  # Note [One pass]
+                values = _run_described(flat_fn, fake_inputs, f_primals, known, True)
+                sig = known.sig
+                if not sig.needs_autograd or any(_needs_preparing(i) for i in sig.inputs):
+                    raise SecondPass(sig)
+                f_args = f_primals
+                if loss_index is None:
+                    tangents = example_tangents(sig, late=True)
+                    late_tangents[:] = tangents
+            else:
+                sig = known.sig
+                f_primals = _rebuild_inputs(sig, f_primals)
+                f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
+                values = flat_fn(*f_args)
+            diff = _differentiated(sig, loss_index)
             f_tangents = _rebuild_tangents(sig, [_torch.to_functional(t) for t in tangents])
-            f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
-            values = _run_program(flat_fn, f_args, f_primals, sig)
+            values = _graph_values(values, f_args, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
             if diff and wrt:
@@ -246,12 +349,16 @@ def _trace_joint(flat_fn, fake_inputs, sig, decompositions, loss_index) -> Trace
         _mutations_into_graph(primals, kept, sig)
         return _outputs_after_kept_mutations(outs, primals, sig), grads_out
 
-    tangents = example_tangents(sig) if loss_index is None else []
-    primals = _plain_inputs(sig, [_detached_like(x) for x in fake_inputs])
+    one_pass = known.sig is None
+    tangents = [] if one_pass or loss_index is not None else example_tangents(known.sig)
+    primals = _plain_inputs(known.sig, [_detached_like(x) for x in fake_inputs]) \
+        if not one_pass else [_detached_like(x) for x in fake_inputs]
     names = [f"primals_{i + 1}" for i in range(len(primals))] + \
         [f"tangents_{i + 1}" for i in range(len(tangents))]
     with torch.enable_grad():
-        gm = trace_graph(joint, [primals, tangents], names, decompositions)
+        gm = trace_graph(joint, [primals, tangents], names, decompositions, tracer=known.tracer)
+    tangents = tangents or late_tangents
+    sig = known.sig
     strip_tags(gm)
     out_descs = _output_descs(sig)
     num_fwd = len(out_descs)

@@ -149,3 +149,95 @@ def test_selective_checkpoint_goes_to_make_fx():
                           context_fn=context)
 
     assert _compiled_matches_eager(fn, torch.randn(3, 4), torch.randn(4, 4)) == 1
+
+
+# ---------------------------------------------------------------- Note [One pass] (trace.py)
+
+def _runs_at_compile(fn, *args, grad=True):
+    """How many times compiling runs the program; checks the call against eager."""
+    runs = []
+
+    def counted(*a):
+        runs.append(1)
+        return fn(*a)
+
+    compiled = aotgrad.aot_function(counted, aotgrad.nop)
+    a1 = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    a2 = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    with torch.set_grad_enabled(grad):
+        out = compiled(*a1)
+        compiles = len(runs)
+        ref = fn(*a2)
+    torch.testing.assert_close(out, ref)
+    if grad:
+        out.sum().backward()
+        ref.sum().backward()
+        for x, y in zip(a1, a2):
+            if x.requires_grad:
+                torch.testing.assert_close(x.grad, y.grad)
+    return compiles
+
+
+def test_training_program_runs_once():
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    assert _runs_at_compile(lambda x, w: (x @ w).tanh() * 2, x, w) == 1
+
+
+def test_inference_program_runs_once_mutation_included():
+    def fn(x, buf):
+        buf.add_(1)
+        return x.relu() + buf
+
+    assert _runs_at_compile(fn, torch.randn(4), torch.zeros(4), grad=False) == 1
+
+
+def test_mutated_input_that_requires_grad_runs_twice():
+    # y does not require grad: its mutation needs nothing before the run
+    def fn(x, y):
+        y.mul_(3)
+        return x * y
+
+    x = torch.randn(4, requires_grad=True)
+    assert _runs_at_compile(fn, x, torch.randn(4)) == 1
+
+    # y requires grad: Note [Clone before mutation] clones it before the
+    # program runs, which only the Signature tells: the joint is traced again
+    runs = []
+
+    def fn2(x, y):
+        runs.append(1)
+        y.mul_(x)
+        return y * 2
+
+    compiled = aotgrad.aot_function(fn2, aotgrad.nop)
+    y = torch.randn(4, requires_grad=True)
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y1, y2 = y.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    out = compiled(x1, y1 * 1)
+    assert len(runs) == 2
+    ref = fn2(x2, y2 * 1)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close((x1.grad, y1.grad), (x2.grad, y2.grad))
+
+
+def test_grad_mode_without_gradients_is_traced_again_for_inference():
+    # grad mode on, nothing requires grad: the one pass learns that no joint is
+    # needed, and the inference graph is traced (under no_grad) in a second run
+    assert _runs_at_compile(lambda x: x.sin() * 2, torch.randn(4), grad=False) == 1
+    runs = []
+
+    def fn(x):
+        runs.append(1)
+        return x.sin() * 2
+
+    out = aotgrad.aot_function(fn, aotgrad.nop)(torch.ones(4))
+    assert len(runs) == 2 and not out.requires_grad
+    torch.testing.assert_close(out, torch.ones(4).sin() * 2)
+
+
+def test_a_refused_one_pass_goes_straight_to_make_fx():
+    # the light attempt stops at the constant; analysis, then make_fx: no second
+    # light attempt
+    assert _runs_at_compile(lambda x: x * torch.tensor(2.0), torch.randn(3, requires_grad=True)) == 3
