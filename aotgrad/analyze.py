@@ -1,8 +1,9 @@
 """Stage 2 — analyze: run the program once on fake tensors and describe it.
 
-The program runs under fake tensors and functionalization, once, before any
-tracing.  What it does to its inputs and how its outputs relate to them is
-recorded in a ``Signature``: the single source of truth for every later stage.
+The program runs under fake tensors and functionalization, before any
+tracing, or as the first part of the trace (Note [One pass], trace.py).  What
+it does to its inputs and how its outputs relate to them is recorded in a
+``Signature``: the single source of truth for every later stage.
 
 Per input:  does it require grad? is its data mutated? its metadata? its
             storage swapped (``set_``)? are all its mutations under no_grad or

@@ -103,9 +103,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     def __init__(self, decompositions: Mapping | None):
         self.graph = fx.Graph()
         self.node_of: dict[int, fx.Node] = {}
-        super().__init__(_Tracked(self.node_of, self.graph), "real",
-                         decomposition_table=decompositions)
-        self.decompositions = self.decomposition_table
+        super().__init__(_Tracked(self.node_of, self.graph), "real")  # torch 2.11's arguments
+        self.decompositions = decompositions or {}
         self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
         self._decomposes: dict[tuple, bool] = {}
         self.refused: str | None = None
