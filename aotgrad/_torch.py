@@ -50,6 +50,17 @@ def detect_fake_mode(values) -> FakeTensorMode | None:
     return _detect(values)
 
 
+def data_dependence_errors() -> tuple[type, ...]:
+    """What tracing raises when the graph would depend on tensor values."""
+    from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                               DynamicOutputShapeException)
+    from torch.fx.experimental.symbolic_shapes import (GuardOnDataDependentSymNode,
+                                                       PendingUnbackedSymbolNotFound)
+
+    return (DataDependentOutputException, DynamicOutputShapeException,
+            GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound)
+
+
 def is_wrapper_subclass(t: Any) -> bool:
     """A tensor subclass that flattens into inner tensors (TwoTensor, DTensor ...)."""
     return is_traceable_wrapper_subclass(t) and not isinstance(t, (FakeTensor, FunctionalTensor))

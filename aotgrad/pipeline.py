@@ -135,6 +135,14 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     except Exception as error:
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)
+        if isinstance(error, _torch.data_dependence_errors()):
+            raise RuntimeError(
+                "aotgrad: the program's graph depends on the values in its tensors "
+                "(.item(), .tolist(), nonzero(), boolean-mask indexing, or Python control "
+                "flow on a tensor such as `if x.sum() > 0`). aotgrad traces ahead of time, "
+                "on tensors that have no values, so it cannot compile that part. Move the "
+                "value-dependent code out of the compiled function, or use torch.compile, "
+                f"which splits the program there. (Tracer: {type(error).__name__})") from error
         raise
     return Traced(flat, sig, traced, fake_mode, fakes)
 

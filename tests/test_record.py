@@ -241,3 +241,15 @@ def test_a_refused_one_pass_goes_straight_to_make_fx():
     # the light attempt stops at the constant; analysis, then make_fx: no second
     # light attempt
     assert _runs_at_compile(lambda x: x * torch.tensor(2.0), torch.randn(3, requires_grad=True)) == 3
+
+
+@pytest.mark.parametrize("program", [
+    lambda x: x * x.sum().item(),
+    lambda x: x[x > 0].sum(),
+    lambda x: x.sin() if x.sum() > 0 else x.cos(),
+], ids=["item", "boolean_mask", "python_if"])
+def test_value_dependent_programs_get_a_clear_error(program):
+    x = torch.randn(4, requires_grad=True)
+    program(x)  # fine in eager
+    with pytest.raises(RuntimeError, match="depends on the values in its tensors"):
+        aotgrad.aot_function(program, aotgrad.nop)(x)
