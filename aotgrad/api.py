@@ -63,11 +63,13 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     return tuple(parts)
 
 
-def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool) -> str | None:
+def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool,
+               offset_free: frozenset[int] = frozenset()) -> str | None:
     """Note [Fast path]: the guard key of a call of plain tensors ``tensors``
     (read by the expressions ``exprs``) as one boolean expression — a C++
-    check of each tensor's metadata, storage offsets, distinctness and the
-    global state — or None where the state is one the fast path leaves to
+    check of each tensor's metadata, storage offsets (but those in
+    ``offset_free``: Note [Offsets nobody reads], runtime.py), distinctness
+    and the global state — or None where the state is one the fast path leaves to
     ``guard_key`` (autocast on, saved-tensor hooks, no C++ check).  Saved
     tensor hooks and functorch transforms matter only to a ``training``
     program (Note [Guarded apply], runtime.py)."""
@@ -81,7 +83,8 @@ def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool) -
              if torch.is_grad_enabled() else f"not {ns.bind(torch.is_grad_enabled, 'grad_enabled')}()"]
     if tensors:
         parts.append(f"{ns.bind(check, 'tensor_check')}({', '.join(exprs)})")
-    parts += [f"{e}.storage_offset() == {t.storage_offset()}" for e, t in zip(exprs, tensors)]
+    parts += [f"{e}.storage_offset() == {t.storage_offset()}"
+              for k, (e, t) in enumerate(zip(exprs, tensors)) if k not in offset_free]
     if len(tensors) <= 6:
         parts += [f"{a} is not {b}" for k, a in enumerate(exprs) for b in exprs[k + 1:]]
     else:
@@ -185,7 +188,8 @@ class AOTFunction:
             ns.values.update(namespace or {})
             slots, graph_leaf = run.leaf_slot, run.graph_leaf
             guard = fast_guard(ns, [leaves[j] for j in graph_leaf],
-                               [f"i{k}" for k in range(len(graph_leaf))], program.training)
+                               [f"i{k}" for k in range(len(graph_leaf))], program.training,
+                               program.offset_free)
             if guard is not None:
                 # a tensor passed twice is the same object again; constants
                 # (exprs None) are fixed by the caller's own guard

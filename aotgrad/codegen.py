@@ -47,6 +47,7 @@ from __future__ import annotations
 import itertools
 import linecache
 import math
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -248,6 +249,22 @@ def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
         return schema is not None and all(r.alias_info is None for r in schema.returns)
 
     return frozenset(k for k, n in enumerate(outs) if fresh(n))
+
+
+def reads_storage_offsets(gm: fx.GraphModule) -> bool:
+    """Whether an op of ``gm`` addresses storage absolutely, reading its
+    inputs' storage offsets (Note [Offsets nobody reads], runtime.py)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            schema = getattr(n.target, "_schema", None)
+            if schema is None and n.target is not operator.getitem:
+                return True  # not an ATen op: assume it may
+            if schema is not None and ("as_strided" in schema.name or "set_" in schema.name
+                                       or "storage" in schema.name):
+                return True
+        elif n.op not in ("placeholder", "output", "get_attr"):
+            return True
+    return False
 
 
 def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:

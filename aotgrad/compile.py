@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from .codegen import fresh_outputs, graph_function
+from .codegen import fresh_outputs, graph_function, reads_storage_offsets
 from .partition import Partitioned
 from .views import is_view_op
 
@@ -55,6 +55,7 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     run = graph_function(gm)
     run._boxed_call = True  # type: ignore[attr-defined]
     run.fresh_outputs = fresh_outputs(gm)  # type: ignore[attr-defined]
+    run.offset_free = not reads_storage_offsets(gm)  # type: ignore[attr-defined]
     return run
 
 
@@ -103,6 +104,9 @@ class CompiledGraphs:
     # graph outputs (forward or inference) the compiled graph never returns a
     # view at (known for nop's plain functions: codegen.fresh_outputs)
     fresh_outputs: frozenset[int] = frozenset()
+    # no graph reads its inputs' storage offsets (known for nop's plain
+    # functions: Note [Offsets nobody reads], runtime.py)
+    offset_free: bool = False
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -156,7 +160,8 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
     views_only = all(n.op != "call_function" or n.target is operator.getitem or
                      is_view_op(n.target) for n in gm.graph.nodes)
     return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
-                          fresh_outputs=getattr(fn, "fresh_outputs", frozenset()))
+                          fresh_outputs=getattr(fn, "fresh_outputs", frozenset()),
+                          offset_free=getattr(fn, "offset_free", False))
 
 
 def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:
@@ -173,4 +178,6 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
                           tangent_dependencies(parts.bw_gm),
-                          fresh_outputs=getattr(fw, "fresh_outputs", frozenset()))
+                          fresh_outputs=getattr(fw, "fresh_outputs", frozenset()),
+                          offset_free=getattr(fw, "offset_free", False) and
+                          getattr(bw, "offset_free", False))

@@ -101,6 +101,8 @@ class RuntimeProgram:
     namespace: dict[str, Any]
     # Note [Guarded apply]: names rebound where a guard has checked the inputs
     guarded: dict[str, Any]
+    # Note [Offsets nobody reads]: inputs whose storage offset the program never reads
+    offset_free: frozenset[int] = frozenset()
 
     @property
     def training(self) -> bool:
@@ -208,7 +210,24 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
         src(f"{src.bind(_check_outputs, 'check_outputs')}([{_names('o', present)}], "
             f"{tuple(present)!r}, {src.bind(sig, 'sig')})")
     src.lines += epilogue.lines
-    return RuntimeProgram(tuple(src.lines), dict(ns.values), guarded)
+    return RuntimeProgram(tuple(src.lines), dict(ns.values), guarded,
+                          _offset_free(sig, compiled))
+
+
+def _offset_free(sig: Signature, compiled: CompiledGraphs) -> frozenset[int]:
+    """Note [Offsets nobody reads]: an input's storage offset matters to a
+    program only through ops that address storage absolutely (``as_strided``,
+    ``set_``), through an output rebuilt as a view of the input (its offset is
+    recorded), or through a write-back of a mutation (metadata mutations are
+    restored with ``as_strided_``).  Every other op addresses memory relative
+    to its input's offset, so the guard need not check it.  Known only for
+    graphs run by ``nop`` (``CompiledGraphs.offset_free``); other compilers'
+    code may address storage as it likes."""
+    if not compiled.offset_free:
+        return frozenset()
+    viewed = {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
+    return frozenset(k for k, info in enumerate(sig.inputs)
+                     if k not in viewed and not info.mutated)
 
 
 def _plain_positions(sig: Signature) -> tuple[int, ...]:

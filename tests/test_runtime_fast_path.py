@@ -318,3 +318,24 @@ def test_broadcast_expands_are_skipped_only_where_exact():
         torch.testing.assert_close(got, want)
         assert got.dtype == want.dtype and got.stride() == want.stride()
     assert fn.__aotgrad_source__.count("_expand(") == 2  # two of the three expands run
+
+
+def test_offsets_nobody_reads_stay_on_the_fast_path():
+    # Note [Offsets nobody reads] (runtime.py): a view at another storage offset
+    # runs the same program, unless the program reads offsets
+    big = torch.randn(5, 4)
+    programs = {"plain": lambda x: (x * 2).sin(), "viewed": lambda x: x.view(-1),
+                "strided": lambda x: x.as_strided((2, 2), (1, 2)) * 1}
+    compiles = {}
+    for name, eager in programs.items():
+        f, graphs = _counting(eager)
+        for start in (0, 1, 0, 1):
+            x = big[start:start + 4]
+            out = f(x)
+            torch.testing.assert_close(out, eager(x))
+            if name == "viewed":  # the output is a view of x, at x's offset
+                assert out.storage_offset() == x.storage_offset()
+        compiles[name] = len(graphs)
+    # one inference graph for plain; the view output and as_strided read the
+    # offset: one per offset
+    assert compiles == {"plain": 1, "viewed": 2, "strided": 2}
