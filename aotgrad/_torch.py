@@ -61,6 +61,13 @@ def data_dependence_errors() -> tuple[type, ...]:
             GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound)
 
 
+def is_captured_tensor_error(error: Exception) -> bool:
+    """What the fake mode raises when an op gets a real tensor that was not
+    made fake: one the program captured rather than took as an input."""
+    return isinstance(error, AssertionError) and \
+        "Please convert all Tensors to FakeTensors first" in str(error)
+
+
 def is_wrapper_subclass(t: Any) -> bool:
     """A tensor subclass that flattens into inner tensors (TwoTensor, DTensor ...)."""
     return is_traceable_wrapper_subclass(t) and not isinstance(t, (FakeTensor, FunctionalTensor))

@@ -135,6 +135,13 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
     except Exception as error:
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)
+        if _torch.is_captured_tensor_error(error):
+            raise RuntimeError(
+                "aotgrad: the program uses a tensor that is not one of its inputs (one "
+                "captured from an enclosing scope, a global, or an attribute of an object "
+                "that is not the compiled module). Tracing cannot see its values, and a "
+                "gradient could not reach it. Pass it as an argument, or make it a parameter "
+                "or buffer of the module given to aot_module.") from error
         if isinstance(error, _torch.data_dependence_errors()):
             raise RuntimeError(
                 "aotgrad: the program's graph depends on the values in its tensors "

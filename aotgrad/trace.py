@@ -79,12 +79,15 @@ def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signa
 #   a subclass, and
 # * the run is the joint's run: no input needs preparing before it
 #   (``_prepare_primal``), and the program needs autograd (else the graph is
-#   the inference graph, traced under no_grad).
+#   the inference graph).
 #
 # Otherwise the run still yields the Signature, and only the trace is done
 # again (``SecondPass``).  A program the light tracer leaves to make_fx is
-# analyzed and traced in two runs, as before.  Inference (grad mode off)
-# needs nothing before the run: it is always one pass.
+# analyzed and traced in two runs, as before.  The inference graph needs
+# nothing before the run; it is traced in the call's grad mode (the program
+# may read it), and first whenever no input requires grad: a program that
+# then needs a joint after all (it makes tensors that require grad) is
+# traced again.
 
 
 class SecondPass(Exception):
@@ -115,9 +118,9 @@ def analyze_and_trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor]
     """Note [One pass].  Raises ``SecondPass`` (with the Signature) or
     ``record.NeedsMakeFx`` (analyze, then ``trace``)."""
     known = _Known(None, keep_input_mutations)
-    if grad_enabled:
+    if grad_enabled and any(x.requires_grad for x in fake_inputs):
         traced = _trace_joint(flat_fn, fake_inputs, known, decompositions, loss_index)
-    else:
+    else:  # most likely no joint: SecondPass if the program makes gradients itself
         traced = _trace_inference(flat_fn, fake_inputs, known, decompositions)
     return known.sig, traced
 
@@ -177,7 +180,7 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
             f_args = [_torch.to_functional(a) for a in args]
             if known.sig is not None:
                 f_args = _rebuild_inputs(known.sig, f_args)
-            outs = _run_described(flat_fn, args, f_args, known, grad_enabled=False)
+            outs = _run_described(flat_fn, args, f_args, known, torch.is_grad_enabled())
             sig = known.sig
             values = _graph_values(outs, f_args, sig)
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
@@ -187,9 +190,11 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
 
     plain_inputs = _plain_inputs(known.sig, fake_inputs) if known.sig else list(fake_inputs)
     names = [f"arg{i}_1" for i in range(len(plain_inputs))]
-    with torch.no_grad():
-        gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer)
+    # in the call's grad mode: the program may read it (torch.is_grad_enabled())
+    gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer)
     sig = known.sig
+    if sig.needs_autograd:  # Note [One pass]: learned by this trace
+        raise SecondPass(sig)
     strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)

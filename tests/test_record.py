@@ -222,10 +222,8 @@ def test_mutated_input_that_requires_grad_runs_twice():
     torch.testing.assert_close((x1.grad, y1.grad), (x2.grad, y2.grad))
 
 
-def test_grad_mode_without_gradients_is_traced_again_for_inference():
-    # grad mode on, nothing requires grad: the one pass learns that no joint is
-    # needed, and the inference graph is traced (under no_grad) in a second run
-    assert _runs_at_compile(lambda x: x.sin() * 2, torch.randn(4), grad=False) == 1
+def test_grad_mode_without_gradients_is_one_inference_pass():
+    # grad mode on, nothing requires grad: the inference graph, in one run
     runs = []
 
     def fn(x):
@@ -233,8 +231,32 @@ def test_grad_mode_without_gradients_is_traced_again_for_inference():
         return x.sin() * 2
 
     out = aotgrad.aot_function(fn, aotgrad.nop)(torch.ones(4))
-    assert len(runs) == 2 and not out.requires_grad
+    assert len(runs) == 1 and not out.requires_grad
     torch.testing.assert_close(out, torch.ones(4).sin() * 2)
+
+    # ... unless the program makes gradients itself: then the joint, traced again
+    def makes_grad(x):
+        runs.append(1)
+        return x * torch.ones(4, requires_grad=True)
+
+    runs.clear()
+    x = torch.full((4,), 3.0)
+    out = aotgrad.aot_function(makes_grad, aotgrad.nop)(x)
+    assert len(runs) == 2  # (out.requires_grad is False, as with torch's AOTAutograd)
+    torch.testing.assert_close(out, x)
+
+
+def test_inference_is_traced_in_the_grad_mode_of_the_call():
+    # the program may read the grad mode: a call in grad mode without inputs
+    # that require grad must not be traced under no_grad
+    def fn(x):
+        return x * 2 if torch.is_grad_enabled() else x * 3
+
+    f = aotgrad.aot_function(fn, aotgrad.nop)
+    x = torch.ones(2)
+    torch.testing.assert_close(f(x), fn(x))
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), fn(x))
 
 
 def test_a_refused_one_pass_goes_straight_to_make_fx():
@@ -253,3 +275,13 @@ def test_value_dependent_programs_get_a_clear_error(program):
     program(x)  # fine in eager
     with pytest.raises(RuntimeError, match="depends on the values in its tensors"):
         aotgrad.aot_function(program, aotgrad.nop)(x)
+
+
+def test_a_captured_tensor_gets_a_clear_error():
+    w = torch.ones(4, requires_grad=True)
+
+    def fn(x):
+        return x * w
+
+    with pytest.raises(RuntimeError, match="not one of its inputs"):
+        aotgrad.aot_function(fn, aotgrad.nop)(torch.ones(4))
