@@ -61,6 +61,13 @@ def data_dependence_errors() -> tuple[type, ...]:
             GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound)
 
 
+def tensor_metadata(val: torch.Tensor) -> Any:
+    """fx's ``TensorMetadata`` of a (fake) tensor, as make_fx records it."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    return _extract_tensor_metadata(val)
+
+
 def is_captured_tensor_error(error: Exception) -> bool:
     """What the fake mode raises when an op gets a real tensor that was not
     made fake: one the program captured rather than took as an input."""

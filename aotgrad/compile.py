@@ -18,8 +18,10 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
+from . import _torch
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets
 from .partition import Partitioned
 from .views import is_view_op
@@ -149,6 +151,18 @@ def _is_graph_input(n: fx.Node) -> bool:
     return n.op == "placeholder"
 
 
+def _with_tensor_meta(gm: fx.GraphModule, compiler: Compiler) -> fx.GraphModule:
+    """``node.meta["tensor_meta"]`` as make_fx writes it, for compilers that
+    read it rather than ``meta["val"]``.  The light tracer does not write it
+    (Note [A light tracer]); ``nop`` does not read it."""
+    if compiler is not nop:
+        for n in gm.graph.nodes:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) and "tensor_meta" not in n.meta:
+                n.meta["tensor_meta"] = _torch.tensor_metadata(val)
+    return gm
+
+
 def placeholder_values(gm: fx.GraphModule) -> list[Any]:
     return [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
 
@@ -156,7 +170,7 @@ def placeholder_values(gm: fx.GraphModule) -> list[Any]:
 def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       compiler: Compiler, num_outputs: int) -> CompiledGraphs:
     with compiling("inference"):
-        fn = ensure_boxed(compiler(gm, list(example_inputs)))
+        fn = ensure_boxed(compiler(_with_tensor_meta(gm, compiler), list(example_inputs)))
     views_only = all(n.op != "call_function" or n.target is operator.getitem or
                      is_view_op(n.target) for n in gm.graph.nodes)
     return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
@@ -171,9 +185,11 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     the middle of a training step, and lets the cache store both at once.
     """
     with compiling("forward"):
-        fw = ensure_boxed(fw_compiler(parts.fw_gm, placeholder_values(parts.fw_gm)))
+        fw_gm = _with_tensor_meta(parts.fw_gm, fw_compiler)
+        fw = ensure_boxed(fw_compiler(fw_gm, placeholder_values(fw_gm)))
     with compiling("backward"):
-        bw = ensure_boxed(bw_compiler(parts.bw_gm, placeholder_values(parts.bw_gm)))
+        bw_gm = _with_tensor_meta(parts.bw_gm, bw_compiler)
+        bw = ensure_boxed(bw_compiler(bw_gm, placeholder_values(bw_gm)))
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),

@@ -285,3 +285,22 @@ def test_a_captured_tensor_gets_a_clear_error():
 
     with pytest.raises(RuntimeError, match="not one of its inputs"):
         aotgrad.aot_function(fn, aotgrad.nop)(torch.ones(4))
+
+
+def test_compilers_get_tensor_meta_as_from_make_fx():
+    # the light tracer writes meta["val"]; compilers that read make_fx's
+    # meta["tensor_meta"] still find it
+    seen = []
+
+    def compiler(gm, example_inputs):
+        seen.append({n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes
+                     if isinstance(n.meta.get("val"), torch.Tensor)})
+        return gm
+
+    a = torch.randn(3, 2, requires_grad=True)
+    aotgrad.aot_function(lambda a: (a * 2).t().sin().sum(), compiler)(a).backward()
+    assert len(seen) == 2
+    for metas in seen:
+        assert metas and all(m is not None for m in metas.values())
+    fw = seen[0]
+    assert any(tuple(m.shape) == (2, 3) and m.stride == (1, 2) for m in fw.values())
