@@ -125,7 +125,8 @@ class Binding:
 
 def _call_source(node: fx.Node, ns: Namespace, bindings: bool,
                  names: dict | None = None) -> tuple[str, bool]:
-    """The call expression of ``node``, and whether it uses a binding."""
+    """The call expression of ``node`` (an ``_Rewrite`` stands for the node it
+    replaces), and whether it uses a binding."""
     target = node.target
     args = node.args
     binding = None
@@ -149,13 +150,15 @@ _verdicts: dict[tuple, Binding | None] = {}
 def _kind(value: Any) -> Any:
     if isinstance(value, fx.Node):
         val = value.meta.get("val")
-        return "tensor" if isinstance(val, torch.Tensor) else None
+        # symbolic sizes: no binding (checking one would specialize them)
+        static = isinstance(val, torch.Tensor) and all(type(d) is int for d in val.shape)
+        return "tensor" if static else None
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_kind(v) for v in value))
     return type(value) if type(value) in (bool, int, float, type(None)) else None
 
 
-def verified_binding(node: fx.Node) -> Binding | None:
+def verified_binding(node: "fx.Node | _Rewrite") -> Binding | None:
     """Note [Verified bindings]: the Python binding of ``node``'s overload, if
     it provably dispatches that overload for arguments like ``node``'s."""
     target = node.target
@@ -251,6 +254,64 @@ def fresh_outputs(gm: fx.GraphModule) -> frozenset[int]:
     return frozenset(k for k, n in enumerate(outs) if fresh(n))
 
 
+@dataclass(frozen=True)
+class _Rewrite:
+    """A node's call, written another way (Note [Peepholes])."""
+    target: Any
+    args: tuple
+    kwargs: dict
+
+
+def _peepholes(graph: fx.Graph, skipped: dict[fx.Node, fx.Node]
+               ) -> dict[fx.Node, _Rewrite]:
+    """Note [Peepholes]: two patterns of backward graphs that ``nop`` runs in
+    fewer ops, exactly (same values, shape, strides, dtype):
+
+    * ``t(t(x))`` is ``x``: the inner ``t`` has no other user; returned from
+      the graph only when ``x`` is neither an input nor returned itself (the
+      returned tensors stay distinct non-inputs, Note [Distinct outputs]).
+      ``t`` on two dimensions or fewer swaps strides, so twice restores
+      them; the result is ``x`` rather than a view of it.  Adds to
+      ``skipped``: node -> the node whose value it takes.
+    * ``view(sum(g, dims, True), S)``, ``S`` the sum's shape without the
+      summed dims and the sum's only user the view: ``sum(g, dims)`` (both
+      contiguous).  Returns view -> its rewrite; the sum is skipped.
+    """
+    aten = _torch.aten
+    out_node = graph.output_node()
+    for t2 in graph.find_nodes(op="call_function", target=aten.t.default):
+        t1 = t2.args[0]
+        if not (isinstance(t1, fx.Node) and t1.target is aten.t.default and
+                len(t1.users) == 1 and t1 not in skipped):
+            continue
+        x = skipped.get(t1.args[0], t1.args[0])
+        if out_node in t2.users and (x.op == "placeholder" or out_node in x.users):
+            continue
+        skipped[t1] = skipped[t2] = x
+    rewrites = {}
+    for view in graph.find_nodes(op="call_function", target=aten.view.default):
+        total = view.args[0]
+        if not (isinstance(total, fx.Node) and total.target is aten.sum.dim_IntList and
+                len(total.users) == 1 and total not in skipped and
+                len(total.args) == 3 and total.args[2] is True):
+            continue
+        val = total.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not all(type(d) is int for d in val.shape):
+            continue
+        dims = {d % val.dim() for d in total.args[1]} if val.dim() else set()
+        kept = [d for k, d in enumerate(val.shape) if k not in dims]
+        if list(view.args[1]) != kept:
+            continue
+        rewrites[view] = _Rewrite(aten.sum.dim_IntList, (total.args[0], total.args[1]),
+                                  dict(total.kwargs))
+        skipped[total] = total  # emitted by the view's rewrite; no other user
+    for node, src in skipped.items():  # an expand of a t(t(x)) reads x
+        while src in skipped and skipped[src] is not src:
+            src = skipped[src]
+        skipped[node] = src
+    return rewrites
+
+
 def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     """Whether an op of ``gm`` addresses storage absolutely, reading its
     inputs' storage offsets (Note [Offsets nobody reads], runtime.py)."""
@@ -301,14 +362,17 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         return run_module
     ns = Namespace("op")
     skipped = _broadcast_expands(graph) if bindings else {}
+    rewrites = _peepholes(graph, skipped) if bindings else {}
     names = {e: src.name for e, src in skipped.items()}
-    used_bindings = bool(skipped)
+    used_bindings = bool(skipped or rewrites)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in reversed(graph.nodes):
         if node in skipped:
             continue
-        for used in node.all_input_nodes:
-            last_use.setdefault(skipped.get(used, used), node)
+        read = rewrites[node].args if node in rewrites else node.all_input_nodes
+        for used in _torch.pytree.tree_leaves(read):
+            if isinstance(used, fx.Node):
+                last_use.setdefault(skipped.get(used, used), node)
     dies_after: dict[fx.Node, list[str]] = {}
     for value, user in last_use.items():
         if user.op != "output":
@@ -330,7 +394,7 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         elif node in skipped:
             continue
         elif node.op == "call_function":
-            source, bound = _call_source(node, ns, bindings, names)
+            source, bound = _call_source(rewrites.get(node, node), ns, bindings, names)
             used_bindings |= bound
             lines.append(f"    {node.name} = {source}")
         elif node.op == "call_method":

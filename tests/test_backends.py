@@ -137,6 +137,22 @@ def test_aot_eager_dynamic_shapes():
                            marked), run_train(f, params, marked))
 
 
+def test_binding_checks_never_specialize_symbolic_sizes():
+    # Note [Verified bindings] (codegen.py): a verdict is made on meta tensors of
+    # the node's sizes; for symbolic sizes that would add a guard that
+    # specializes them. With no verdict cached (a fresh process), the marked
+    # dimension must stay dynamic.
+    from aotgrad import codegen
+
+    codegen._verdicts.clear()
+    torch._dynamo.reset()
+    f, params = make_function()
+    marked = torch.randn(6, 4, requires_grad=True)
+    torch._dynamo.mark_dynamic(marked, 0)
+    assert_close(run_train(torch.compile(f, backend=backends.aot_eager, dynamic=True), params,
+                           marked), run_train(f, params, marked))
+
+
 def test_aot_eager_inference():
     check_inference(backends.aot_eager)
 

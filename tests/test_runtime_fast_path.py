@@ -320,6 +320,39 @@ def test_broadcast_expands_are_skipped_only_where_exact():
     assert fn.__aotgrad_source__.count("_expand(") == 2  # two of the three expands run
 
 
+def test_peepholes_are_exact_and_keep_outputs_distinct():
+    # Note [Peepholes] (codegen.py): t(t(x)) -> x and view(sum(g, dims, True))
+    # -> sum(g, dims), only where nothing observable changes
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    aten = torch.ops.aten
+
+    def g(x, m, g2):
+        mm = aten.mm.default(x, m)
+        s1 = aten.sum.dim_IntList(g2, [0], True)
+        s2 = aten.sum.dim_IntList(g2, [-1, 0], True, dtype=torch.float64)
+        s3 = aten.sum.dim_IntList(g2, [1], True)
+        return (aten.t.default(aten.t.default(mm)),            # -> mm itself
+                aten.t.default(aten.t.default(x)),             # x is an input: kept
+                aten.mul.Tensor(aten.t.default(aten.t.default(m)), 2),  # inside: -> m
+                aten.view.default(s1, [3]),                    # -> sum(g2, [0])
+                aten.view.default(s2, []),                     # -> sum(g2, [-1, 0], dtype)
+                aten.view.default(s3, [1, 2]),                 # a real reshape: kept
+                s3)
+
+    x, m, g2 = torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 3)
+    gm = make_fx(g, tracing_mode="fake")(x, m, g2)
+    fn = graph_function(gm)
+    got, want = fn([x, m, g2]), g(x, m, g2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+    assert got[1] is not x  # never an input as an output
+    source = fn.__aotgrad_source__
+    assert source.count("_t(") == 2  # the kept t(t(x)) of the input
+    assert source.count("_view(") == 1 and source.count("_sum(") == 3
+
+
 def test_offsets_nobody_reads_stay_on_the_fast_path():
     # Note [Offsets nobody reads] (runtime.py): a view at another storage offset
     # runs the same program, unless the program reads offsets
