@@ -328,6 +328,31 @@ def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     return False
 
 
+_STRIDE_SENSITIVE = ("aten::view", "aten::_unsafe_view", "aten::_reshape_alias",
+                     "aten::view_as_real", "aten::view_as_complex", "aten::view_copy")
+
+
+def stride_free_inputs(gm: fx.GraphModule) -> frozenset[int]:
+    """Positions of ``gm``'s inputs whose strides no op of the graph depends
+    on (Note [Tangents as they come], runtime.py): nothing computed from
+    them reaches a ``view`` (which needs compatible strides) or an op that
+    addresses storage; every other ATen op computes the same values for any
+    strides."""
+    sensitive: set[fx.Node] = set()
+    for n in reversed(gm.graph.nodes):
+        if n.op == "output":
+            continue
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if n in sensitive or (n.op != "placeholder" and n.target is not operator.getitem and (
+                schema is None or schema.name in _STRIDE_SENSITIVE or
+                "as_strided" in schema.name or "set_" in schema.name or
+                "storage" in schema.name)):
+            sensitive.update(n.all_input_nodes)
+            sensitive.add(n)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return frozenset(k for k, p in enumerate(placeholders) if p not in sensitive)
+
+
 def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:
     """A boxed function computing what ``gm.forward`` computes
     (Note [Graphs as plain functions], Note [Verified bindings])."""

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from . import _torch
-from .codegen import fresh_outputs, graph_function, reads_storage_offsets
+from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
 from .partition import Partitioned
 from .views import is_view_op
 
@@ -58,6 +58,7 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     run._boxed_call = True  # type: ignore[attr-defined]
     run.fresh_outputs = fresh_outputs(gm)  # type: ignore[attr-defined]
     run.offset_free = not reads_storage_offsets(gm)  # type: ignore[attr-defined]
+    run.stride_free = stride_free_inputs(gm)  # type: ignore[attr-defined]
     return run
 
 
@@ -109,6 +110,9 @@ class CompiledGraphs:
     # no graph reads its inputs' storage offsets (known for nop's plain
     # functions: Note [Offsets nobody reads], runtime.py)
     offset_free: bool = False
+    # tangents (by index) the backward takes as they come, not made contiguous
+    # (Note [Tangents as they come], runtime.py)
+    stride_free_tangents: frozenset[int] = frozenset()
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -123,6 +127,15 @@ def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
             positions.append(k)
         seen.add(n)
     return tuple(positions)
+
+
+def _stride_free_tangents(bw_gm: fx.GraphModule, bw: Callable) -> frozenset[int]:
+    from .descriptors import DESC, Tangent
+
+    free = getattr(bw, "stride_free", frozenset())
+    return frozenset(p.meta[DESC].index
+                     for k, p in enumerate(bw_gm.graph.find_nodes(op="placeholder"))
+                     if k in free and isinstance(p.meta.get(DESC), Tangent))
 
 
 def tangent_dependencies(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
@@ -196,4 +209,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           tangent_dependencies(parts.bw_gm),
                           fresh_outputs=getattr(fw, "fresh_outputs", frozenset()),
                           offset_free=getattr(fw, "offset_free", False) and
-                          getattr(bw, "offset_free", False))
+                          getattr(bw, "offset_free", False),
+                          stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw))

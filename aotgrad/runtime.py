@@ -214,6 +214,18 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                           _offset_free(sig, compiled))
 
 
+# Note [Tangents as they come]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The backward graph is traced with contiguous tangents, and a compiler may
+# rely on their strides (inductor does), so the runtime makes each incoming
+# gradient contiguous.  Eager autograd passes gradients on as they come; only
+# a view of one needs compatible strides.  For graphs that ``nop`` runs, a
+# tangent from which nothing reaches a view (or an op addressing storage) is
+# passed as it comes (``codegen.stride_free_inputs``): the values are the
+# same, the gradients' strides follow eager's, and the call saves one
+# ``.contiguous()`` per tangent.
+
+
 def _offset_free(sig: Signature, compiled: CompiledGraphs) -> frozenset[int]:
     """Note [Offsets nobody reads]: an input's storage offset matters to a
     program only through ops that address storage absolutely (``as_strided``,
@@ -394,8 +406,9 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
                 bwd(f"shape, dtype, device = ctx.diff_meta[{j}][0]", 2)
                 bwd(f"t{k} = {zeros}(shape, dtype=dtype, device=device)", 2)
             bwd(f"missing += ({j},)", 2)
-            bwd("else:")
-            bwd(f"t{k} = t{k}.contiguous()", 2)
+            if j not in compiled.stride_free_tangents:  # Note [Tangents as they come]
+                bwd("else:")
+                bwd(f"t{k} = t{k}.contiguous()", 2)
     saved = "*ctx.saved_tensors, " if compiled.num_saved_tensors else ""
     symints = "*ctx.symints, " if compiled.num_saved_symints else ""
     bwd(f"args = [{symints}{saved}{tangents}]")

@@ -372,3 +372,23 @@ def test_offsets_nobody_reads_stay_on_the_fast_path():
     # one inference graph for plain; the view output and as_strided read the
     # offset: one per offset
     assert compiles == {"plain": 1, "viewed": 2, "strided": 2}
+
+
+def test_tangents_as_they_come():
+    # Note [Tangents as they come] (runtime.py): nop's backward takes a
+    # non-contiguous gradient as is unless something computed from it is viewed
+    def pointwise(x):
+        return x * 2
+
+    def viewed(x):
+        return (x.reshape(-1) * 2).reshape(3, 4)
+
+    for fn, takes_as_is in [(pointwise, True), (viewed, False)]:
+        f = aotgrad.aot_function(fn, aotgrad.nop)
+        x = torch.randn(3, 4, requires_grad=True)
+        g = torch.randn(4, 3).t()  # non-contiguous gradient of the output
+        got = torch.autograd.grad(f(x), x, g)[0]
+        want = torch.autograd.grad(fn(x), x, g)[0]
+        torch.testing.assert_close(got, want)
+        # taken as is: eager's strides; made contiguous first: a contiguous result
+        assert (got.stride() == want.stride() == (1, 3)) == takes_as_is
