@@ -109,6 +109,7 @@ class ExplainReport:
     budget: float | None = None   # activation_memory_budget, when one was set
     recomputed: dict[str, int] = field(default_factory=dict)  # forward op -> times the
                                                               # backward recomputes it
+    tracing: str = ""             # CompileReport.tracing
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -335,7 +336,8 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         stage_seconds={s: report.stage_seconds[s] for s in STAGES if s in report.stage_seconds},
         setup_seconds=setup, first_call_seconds=first_call, first_backward_seconds=first_bw,
         warm_step_seconds=warm, eager_step_seconds=eager,
-        outputs=outputs, gradients=grads, num_graph_inputs=len(labels))
+        outputs=outputs, gradients=grads, num_graph_inputs=len(labels),
+        tracing=report.tracing)
 
 
 def graph_stats(gm: fx.GraphModule) -> GraphStats:
@@ -605,7 +607,8 @@ def render(report: ExplainReport, graphs: bool = False) -> str:
     rows.append(["total compile", _fmt_time(report.compile_seconds)])
     out += ["Time (compile stages, CompileReport.stage_seconds)"] + \
         _table(["stage", "wall"], rows, {1})
-    out += ["", f"  one-time torch setup, before    {_fmt_time(report.setup_seconds)}",
+    out += [""] + ([f"  traced in {report.tracing}"] if report.tracing else [])
+    out += [f"  one-time torch setup, before    {_fmt_time(report.setup_seconds)}",
             f"  first call (compile + forward)  {_fmt_time(report.first_call_seconds)}"]
     if report.first_backward_seconds is not None:
         out.append(f"  first backward                  {_fmt_time(report.first_backward_seconds)}")

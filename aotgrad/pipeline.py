@@ -30,7 +30,7 @@ from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runt
 from .runtime import build_runtime
 from .saved_hooks import inline_hooks
 from .views import alias_plans
-from .record import NeedsMakeFx
+from .record import TRACER_META, NeedsMakeFx
 from .trace import SecondPass, TracedGraph, analyze_and_trace, one_pass_possible, trace
 
 
@@ -54,6 +54,7 @@ class CompileReport:
     traced: TracedGraph | None = None
     partitioned: Partitioned | None = None
     compiled: CompiledGraphs | None = None
+    tracing: str = ""   # how the program was traced (Note [One pass], Note [A light tracer])
 
     @property
     def forward_graph(self) -> fx.GraphModule | None:
@@ -126,12 +127,15 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
                     sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
                                   keep_input_mutations=options.keep_inference_input_mutations)
             report.signature = sig
+            runs = "one run of the program" if traced is not None else \
+                "two runs of the program (analysis, then the trace)"
             with stage("trace"):
                 if traced is None:
                     traced = trace(flat_fn, fakes, sig, options.decompositions,
                                    loss_index=loss_index, tracer=tracer)
                 check_graph(traced.gm)
             report.traced = traced
+            report.tracing = f"{runs}, by {traced.gm.meta.get(TRACER_META, 'make_fx')}"
     except Exception as error:
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)

@@ -60,6 +60,8 @@ class NeedsMakeFx(Exception):
     """The program uses something the light tracer leaves to make_fx."""
 
 
+#: ``GraphModule.meta`` key: which tracer recorded the graph, and why (explain shows it)
+TRACER_META = "aotgrad_tracer"
 _HANDLED = (_torch.FakeTensor, torch.Tensor, torch.nn.Parameter)
 
 _SIZE_QUERIES = frozenset({_torch.aten.size.default, _torch.aten.stride.default,
@@ -266,13 +268,19 @@ def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
     """``fn(*args)`` traced.  ``tracer``: "any" (``record``, or make_fx when it
     must be), "light" (``record`` only: ``NeedsMakeFx`` propagates) or
     "make_fx" (the light tracer already refused this program)."""
+    reason = "the light tracer refused it earlier"
     if tracer != "make_fx":
         try:
-            return record(fn, args, names, decompositions)
+            gm = record(fn, args, names, decompositions)
+            gm.meta[TRACER_META] = "the light tracer"
+            return gm
         except NeedsMakeFx as e:
             if tracer == "light":
                 raise
+            reason = str(e)
             _log.debug("traced by make_fx: %s", e)
     _torch.bump_counter("aotgrad", "traced_by_make_fx")
     with _torch.lazy_graph_modules():
-        return _torch.make_fx(fn, decomposition_table=decompositions)(*args)
+        gm = _torch.make_fx(fn, decomposition_table=decompositions)(*args)
+    gm.meta[TRACER_META] = f"make_fx ({reason})"
+    return gm

@@ -304,3 +304,13 @@ def test_compilers_get_tensor_meta_as_from_make_fx():
         assert metas and all(m is not None for m in metas.values())
     fw = seen[0]
     assert any(tuple(m.shape) == (2, 3) and m.stride == (1, 2) for m in fw.values())
+
+
+def test_the_report_says_how_the_program_was_traced():
+    f = aotgrad.aot_function(lambda x: x.sin(), aotgrad.nop)
+    f(torch.randn(3, requires_grad=True))
+    assert f.last_report.tracing == "one run of the program, by the light tracer"
+    g = aotgrad.aot_function(lambda x: x * torch.tensor(2.0), aotgrad.nop)
+    g(torch.randn(3, requires_grad=True))
+    assert g.last_report.tracing.startswith("two runs of the program (analysis, then the "
+                                            "trace), by make_fx (")
