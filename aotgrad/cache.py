@@ -39,7 +39,8 @@ from .descriptors import DESC
 from .flatten import FlatInputs
 from .partition import Partitioned
 from .pipeline import CompileOptions, CompileReport, Traced, compile_traced, trace_call
-from .runtime import build_runtime
+from .codegen import INPUT_UPDATES_META
+from .runtime import build_runtime, input_updates
 from .views import alias_plans
 
 AOTGRAD_CACHE_VERSION = 2
@@ -317,7 +318,9 @@ def _rebuild(entry: CacheEntry, graphs: list[fx.GraphModule],
     if any(c not in (None, nop) for c in compilers):  # Note [Graphs on disk]
         for gm, f in zip(graphs, fakes):
             _torch.propagate_fake_values(gm, f)
-    if len(graphs) == 2:
+    joint = len(graphs) == 2
+    graphs[0].meta[INPUT_UPDATES_META] = input_updates(entry.signature, graphs[0], joint)
+    if joint:
         parts = Partitioned(graphs[0], graphs[1], entry.num_fwd_outputs,
                             entry.num_saved_tensors, entry.num_saved_symints)
         compiled = compile_joint(parts, options.fw_compiler,

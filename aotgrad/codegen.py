@@ -312,6 +312,80 @@ def _peepholes(graph: fx.Graph, skipped: dict[fx.Node, fx.Node]
     return rewrites
 
 
+#: ``GraphModule.meta`` key: {graph output position: graph input index} for the
+#: new values of inputs the runtime writes back with a plain ``copy_`` (Note
+#: [Updates in place], runtime.py)
+INPUT_UPDATES_META = "aotgrad_input_updates"
+
+
+def _in_place_variant(target: Any) -> Any:
+    """``aten.add_.Tensor`` for ``aten.add.Tensor``, if it exists and writes its self."""
+    name = target._schema.name
+    if not name.startswith("aten::") or target.namespace != "aten":
+        return None
+    packet = getattr(_torch.aten, name[len("aten::"):] + "_", None)
+    variant = getattr(packet, target._overloadname, None) if packet is not None else None
+    if variant is None:
+        return None
+    args, own = variant._schema.arguments, target._schema.arguments
+    if len(args) != len(own) or not args or args[0].alias_info is None or \
+            not args[0].alias_info.is_write or \
+            [a.name for a in args[1:]] != [a.name for a in own[1:]]:
+        return None
+    return variant
+
+
+def _updates_in_place(gm: fx.GraphModule) -> tuple[dict[fx.Node, "_Rewrite"], frozenset[int]]:
+    """Note [Updates in place] (runtime.py): the input updates of
+    ``INPUT_UPDATES_META`` that the graph can compute into the input itself:
+    ``new = op(x, ...)`` with ``x`` the input, read by nothing after ``op``
+    and not returned, ``new`` of ``x``'s shape, strides, dtype and device, no
+    other argument sharing ``x``'s memory, and ``new`` returned elsewhere only
+    as a value saved for the backward.  Returns the rewrites (``op_(x, ...)``)
+    and the output positions they cover."""
+    updates = gm.meta.get(INPUT_UPDATES_META)
+    if not updates:
+        return {}, frozenset()
+    from .descriptors import DESC, Saved
+
+    graph = gm.graph
+    out_node = graph.output_node()
+    outs = out_node.args[0]
+    descs = out_node.meta.get(DESC) or ()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    rewrites: dict[fx.Node, _Rewrite] = {}
+    done = set()
+    for pos, index in updates.items():
+        new, x = outs[pos], placeholders[index]
+        if not (isinstance(new, fx.Node) and new.op == "call_function" and
+                isinstance(new.target, _torch.OpOverload) and new.args and new.args[0] is x
+                and new not in rewrites):
+            continue
+        variant = _in_place_variant(new.target)
+        xv, nv = x.meta.get("val"), new.meta.get("val")
+        if variant is None or not (isinstance(xv, torch.Tensor) and isinstance(nv, torch.Tensor)):
+            continue
+        if (tuple(xv.shape), xv.stride(), xv.dtype, xv.device) != \
+                (tuple(nv.shape), nv.stride(), nv.dtype, nv.device) or \
+                not all(type(d) is int for d in (*xv.shape, *xv.stride())):
+            continue
+        memory = _torch.storage_of(xv)
+        others = [a for a in _torch.pytree.tree_leaves((new.args[1:], new.kwargs))
+                  if isinstance(a, fx.Node)]
+        if any(isinstance(a.meta.get("val"), torch.Tensor) and
+               _torch.storage_of(a.meta["val"]) == memory for a in others):
+            continue
+        if any(order[u] > order[new] for u in x.users if u is not new) or out_node in x.users:
+            continue
+        if any(o is new and k != pos and not (k < len(descs) and isinstance(descs[k], Saved))
+               for k, o in enumerate(outs)):
+            continue
+        rewrites[new] = _Rewrite(variant, new.args, dict(new.kwargs))
+        done.add(pos)
+    return rewrites, frozenset(done)
+
+
 def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     """Whether an op of ``gm`` addresses storage absolutely, reading its
     inputs' storage offsets (Note [Offsets nobody reads], runtime.py)."""
@@ -370,6 +444,7 @@ def graph_function(gm: fx.GraphModule) -> Callable[[list], Any]:
         return fast(args)
 
     forward.__aotgrad_source__ = fast.__aotgrad_source__  # type: ignore[attr-defined]
+    forward.__aotgrad_updated__ = fast.__aotgrad_updated__  # type: ignore[attr-defined]
     return forward
 
 
@@ -384,10 +459,13 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
             return fw(*args)
 
         run_module.__aotgrad_bindings__ = False  # type: ignore[attr-defined]
+        run_module.__aotgrad_updated__ = frozenset()  # type: ignore[attr-defined]
         return run_module
     ns = Namespace("op")
     skipped = _broadcast_expands(graph) if bindings else {}
     rewrites = _peepholes(graph, skipped) if bindings else {}
+    in_place, updated = _updates_in_place(gm)  # both variants: the runtime relies on it
+    rewrites.update(in_place)
     names = {e: src.name for e, src in skipped.items()}
     used_bindings = bool(skipped or rewrites)
     last_use: dict[fx.Node, fx.Node] = {}
@@ -437,4 +515,5 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
             lines.append(f"    {' = '.join(dead)} = None")
     fn = make_function("\n".join(lines) + "\n", "forward", dict(ns.values))
     fn.__aotgrad_bindings__ = used_bindings  # type: ignore[attr-defined]
+    fn.__aotgrad_updated__ = updated  # type: ignore[attr-defined]
     return fn

@@ -59,6 +59,7 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     run.fresh_outputs = fresh_outputs(gm)  # type: ignore[attr-defined]
     run.offset_free = not reads_storage_offsets(gm)  # type: ignore[attr-defined]
     run.stride_free = stride_free_inputs(gm)  # type: ignore[attr-defined]
+    run.updated_in_place = run.__aotgrad_updated__  # type: ignore[attr-defined]
     return run
 
 
@@ -113,6 +114,9 @@ class CompiledGraphs:
     # tangents (by index) the backward takes as they come, not made contiguous
     # (Note [Tangents as they come], runtime.py)
     stride_free_tangents: frozenset[int] = frozenset()
+    # forward (or inference) outputs the compiled graph computed into their
+    # input already: no write-back (Note [Updates in place], runtime.py)
+    updated_in_place: frozenset[int] = frozenset()
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -188,7 +192,8 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                      is_view_op(n.target) for n in gm.graph.nodes)
     return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
                           fresh_outputs=getattr(fn, "fresh_outputs", frozenset()),
-                          offset_free=getattr(fn, "offset_free", False))
+                          offset_free=getattr(fn, "offset_free", False),
+                          updated_in_place=getattr(fn, "updated_in_place", frozenset()))
 
 
 def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:
@@ -210,4 +215,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           fresh_outputs=getattr(fw, "fresh_outputs", frozenset()),
                           offset_free=getattr(fw, "offset_free", False) and
                           getattr(bw, "offset_free", False),
-                          stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw))
+                          stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw),
+                          updated_in_place=getattr(fw, "updated_in_place", frozenset()))

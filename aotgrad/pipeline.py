@@ -27,7 +27,8 @@ from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
 from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
-from .runtime import build_runtime
+from .codegen import INPUT_UPDATES_META
+from .runtime import build_runtime, input_updates
 from .saved_hooks import inline_hooks
 from .views import alias_plans
 from .record import TRACER_META, NeedsMakeFx
@@ -233,6 +234,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
             check_graph(parts.bw_gm)
         report.partitioned = parts
     with stage("compile"):
+        graph = parts.fw_gm if traced.is_joint else traced.gm
+        graph.meta[INPUT_UPDATES_META] = input_updates(t.signature, graph, traced.is_joint)
         if traced.is_joint:
             compiled = compile_joint(parts, options.fw_compiler,
                                      options.bw_compiler or options.fw_compiler)

@@ -184,7 +184,7 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     assemble = _Assembler(sig, plans, epilogue)
     assemble.early()
     written = _writes_in_forward(sig, compiled, boundary)
-    _write_back(epilogue, sig, written)
+    _write_back(epilogue, sig, written, compiled.updated_in_place)
     assemble.outputs()
     guarded = {}
     if compiled.backward is not None:
@@ -356,7 +356,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
             fwd(f"o{k} = outs[{k}]")
         fwd("del outs")
         for k in written:  # Note [Writes in the forward]
-            fwd(f"i{sig.mutated_inputs_out_of_graph[k]}.copy_(o{k})")
+            if k not in compiled.updated_in_place:  # Note [Updates in place]
+                fwd(f"i{sig.mutated_inputs_out_of_graph[k]}.copy_(o{k})")
         for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
             fwd(f"o{k} = o{k}.detach()" if not mask[k] else f"o{k} = o{k}.clone()")
     else:  # outs holds plain tensors; o0 ... are the (maybe subclass) outputs
@@ -456,12 +457,46 @@ def _writes_in_forward(sig: Signature, compiled: CompiledGraphs,
     the forward and in the engine; these need none."""
     if boundary is not None or compiled.backward is None:
         return ()
+    return _written_in_forward(sig, compiled.repeated_outputs)
+
+
+def _written_in_forward(sig: Signature, repeated: Sequence[int]) -> tuple[int, ...]:
     viewed = {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
     return tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
                  if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
                  not x.mutates_storage and not x.mutation_needs_grad and not x.requires_grad and
-                 not x.detached_in_place and i not in viewed and
-                 k not in compiled.repeated_outputs)
+                 not x.detached_in_place and i not in viewed and k not in repeated)
+
+
+# Note [Updates in place]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# A functional graph returns the new value of a mutated input, and the
+# runtime copies it into the input: ``add = add(buf, 1)`` in the graph, then
+# ``buf.copy_(add)``, where eager ran ``buf.add_(1)``.  When the runtime's
+# write-back is a plain ``copy_`` (inference graphs, Note [Writes in the
+# forward] for training), ``input_updates`` says so on the graph
+# (``codegen.INPUT_UPDATES_META``), and a compiler may compute the value into
+# the input instead; ``nop`` does where that is exact
+# (``codegen._updates_in_place``: the input is not read afterwards, same
+# metadata, no overlapping argument) and reports the positions
+# (``CompiledGraphs.updated_in_place``), whose write-back the runtime then
+# leaves out.  One op and one allocation fewer, and the input's version
+# counter moves once, as in eager.
+
+
+def input_updates(sig: Signature, gm: Any, joint: bool) -> dict[int, int]:
+    """Note [Updates in place]: graph output position -> graph input index."""
+    if sig.has_subclasses:
+        return {}
+    if joint:
+        from .compile import repeated_outputs
+
+        positions = _written_in_forward(sig, repeated_outputs(gm, sig.num_graph_outputs))
+    else:
+        positions = tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
+                          if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
+                          not x.mutates_storage and not x.detached_in_place)
+    return {k: sig.mutated_inputs_out_of_graph[k] for k in positions}
 
 
 def _diff_meta(outputs: list) -> list:
@@ -555,7 +590,8 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
             f"{src.bind(alias_groups, 'alias_groups')}([{everything}]))", 2)
 
 
-def _write_back(src: _Source, sig: Signature, written: tuple[int, ...]) -> None:
+def _write_back(src: _Source, sig: Signature, written: tuple[int, ...],
+                updated: frozenset[int] = frozenset()) -> None:
     """Note [Writing mutations back]: for each input the graph returned a new
     value for, in input order: ``set_`` when its storage was swapped;
     otherwise ``as_strided_`` when its metadata changed, then ``copy_`` when
@@ -567,8 +603,8 @@ def _write_back(src: _Source, sig: Signature, written: tuple[int, ...]) -> None:
             src(f"i{i}.detach_()")
     for k, i in enumerate(sig.mutated_inputs_out_of_graph):
         info = sig.inputs[i]
-        if k in written:
-            continue  # Note [Writes in the forward]
+        if k in written or k in updated:
+            continue  # Note [Writes in the forward], Note [Updates in place]
         if info.mutates_storage or info.mutates_metadata:
             src(f"{src.bind(_write_one, 'write_one')}(i{i}, o{k}, {src.bind(info, 'info')})")
         elif info.mutates_data and (info.mutation_needs_grad or not info.requires_grad):

@@ -392,3 +392,77 @@ def test_tangents_as_they_come():
         torch.testing.assert_close(got, want)
         # taken as is: eager's strides; made contiguous first: a contiguous result
         assert (got.stride() == want.stride() == (1, 3)) == takes_as_is
+
+
+def _recording_nop():
+    sources = []
+
+    def compiler(gm, example_inputs):
+        fn = aotgrad.nop(gm, example_inputs)
+        sources.append(fn.__aotgrad_source__)
+        return fn
+
+    return compiler, sources
+
+
+def test_input_updates_in_place_match_eager():
+    # Note [Updates in place] (runtime.py): buf.add_(1) runs as add_ on the
+    # input, not add + copy_; values, gradients and version counters as eager
+    def mutate(buf, w):
+        buf.add_(1)
+        return (buf * w).sum()
+
+    compiler, sources = _recording_nop()
+    f = aotgrad.aot_function(mutate, compiler)
+    buf, ref_buf = torch.zeros(8), torch.zeros(8)
+    w = torch.randn(8, requires_grad=True)
+    w2 = w.detach().clone().requires_grad_()
+    for _ in range(3):
+        f(buf, w).backward()
+        mutate(ref_buf, w2).backward()
+        torch.testing.assert_close(buf, ref_buf)
+        torch.testing.assert_close(w.grad, w2.grad)
+        assert buf._version == ref_buf._version
+    assert "add_(primals_1, 1)" in sources[0]
+
+    def infer(buf, x):  # inference: the runtime's write-back is left out too
+        buf.mul_(2)
+        return buf + x
+
+    compiler, sources = _recording_nop()
+    g = aotgrad.aot_function(infer, compiler)
+    buf, ref_buf, x = torch.ones(4), torch.ones(4), torch.randn(4)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(g(buf, x), infer(ref_buf, x))
+            torch.testing.assert_close(buf, ref_buf)
+            assert buf._version == ref_buf._version
+    assert "mul_(arg0_1, 2)" in sources[0]
+
+
+def test_input_updates_stay_functional_where_in_place_is_not_exact():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from aotgrad.codegen import INPUT_UPDATES_META
+
+    aten = torch.ops.aten
+    cases = {
+        # the input is read after the op
+        "read_after": (lambda x: (aten.add.Tensor(x, 1), aten.mul.Tensor(x, 2)),
+                       torch.randn(4)),
+        # another argument shares the input's memory
+        "overlap": (lambda x: (aten.add.Tensor(x, aten.select.int(x, 0, 0)),),
+                    torch.randn(4)),
+        # the new value has another dtype (type promotion)
+        "dtype": (lambda x: (aten.add.Tensor(x, 1.5),), torch.arange(4)),
+    }
+    for name, (g, x) in cases.items():
+        gm = make_fx(g, tracing_mode="fake")(x)
+        gm.meta[INPUT_UPDATES_META] = {0: 0}
+        fn = graph_function(gm)
+        before = x.clone()
+        got = fn([x])
+        torch.testing.assert_close(x, before, msg=name)  # the input is left alone
+        for a, b in zip(got, g(before)):
+            torch.testing.assert_close(a, b, msg=name)
+        assert fn.__aotgrad_updated__ == frozenset(), name
