@@ -42,9 +42,11 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     Tensors: shape (ndim when ``dynamic``), stride, dtype, device,
     requires_grad, and for a subclass its layout (types and flatten metadata
     of the subclass tree); constants: their value; plus which leaves are the same
-    tensor object, the input tree structure and the grad mode.
+    tensor object, the input tree structure, the grad mode, saved-tensor
+    hooks, autocast and the default dtype.
     """
-    parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state()]
+    parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state(),
+                   torch.get_default_dtype()]
     tensor_ids = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -90,6 +92,9 @@ def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool,
     else:
         parts.append(f"len({{{', '.join(f'id({e})' for e in exprs)}}}) == {len(exprs)}")
     parts.append(f"not {ns.bind(any_autocast_enabled, 'any_autocast')}()")
+    # factories and promotion with Python floats follow it
+    parts.append(f"{ns.bind(torch.get_default_dtype, 'default_dtype')}() is "
+                 f"{ns.bind(torch.get_default_dtype(), 'dtype')}")
     if training:
         parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
         parts.append(f"{ns.bind(top_saved_tensor_hooks, 'top_hooks')}() is None")

@@ -466,3 +466,25 @@ def test_input_updates_stay_functional_where_in_place_is_not_exact():
         for a, b in zip(got, g(before)):
             torch.testing.assert_close(a, b, msg=name)
         assert fn.__aotgrad_updated__ == frozenset(), name
+
+
+def test_default_dtype_is_part_of_the_guard():
+    # factories and promotion with Python floats follow the default dtype; a
+    # compiler may bake the dtypes it saw into its code, so a new default
+    # dtype compiles again (nop's graphs would follow it by themselves)
+    def fn(x):
+        return x * 2.5 + torch.ones(3)
+
+    f, graphs = _counting(fn)
+    x = torch.arange(3)
+    assert f(x).dtype == fn(x).dtype == torch.float32
+    assert f(x).dtype == torch.float32 and len(graphs) == 1  # the fast path
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert f(x).dtype == fn(x).dtype == torch.float64
+        torch.testing.assert_close(f(x), fn(x))
+        assert len(graphs) == 2
+    finally:
+        torch.set_default_dtype(old)
+    assert f(x).dtype == torch.float32 and len(graphs) == 2
