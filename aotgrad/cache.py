@@ -257,6 +257,7 @@ def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str 
         repr(compilers), _qualname(options.partition_fn),
         repr(sorted(str(op) for op in (options.decompositions or {}))),
         repr(options.keep_inference_input_mutations), repr(torch.is_grad_enabled()),
+        repr(torch.get_default_dtype()),
         repr(sorted((k, repr(v)) for k, v in config.snapshot().items()
                     if k not in ("enable_autograd_cache", "cache_dir"))),
     ]
