@@ -102,11 +102,13 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     mode (selective checkpointing, functionalization's view replay) finds this
     one and reads ``tracer`` (``_Tracked``)."""
 
-    def __init__(self, decompositions: Mapping | None):
+    def __init__(self, fake_mode: Any, decompositions: Mapping | None):
         self.graph = fx.Graph()
         self.node_of: dict[int, fx.Node] = {}
         super().__init__(_Tracked(self.node_of, self.graph), "real")  # torch 2.11's arguments
+        self.fake_mode = fake_mode
         self.decompositions = decompositions or {}
+        self._last_input: fx.Node | None = None
         self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
         self._decomposes: dict[tuple, bool] = {}
         self.refused: str | None = None
@@ -119,12 +121,11 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     def placeholder(self, name: str, value: Any) -> None:
         """A graph input, after the others (also once ops are recorded)."""
         graph = self.graph
-        first_op = next((n for n in graph.nodes if n.op != "placeholder"), None)
-        if first_op is None:
+        first = self._last_input.next if self._last_input is not None else \
+            next(iter(graph.nodes), None)
+        with graph.inserting_before(first):  # None: the graph is empty
             node = graph.placeholder(name)
-        else:
-            with graph.inserting_before(first_op):
-                node = graph.placeholder(name)
+        self._last_input = node
         node.meta["val"] = value
         if isinstance(value, torch.Tensor):
             self._track(self.checked(value), node)
@@ -233,8 +234,7 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     fake_mode = _torch.detect_fake_mode(flat)
     if fake_mode is None:
         raise NeedsMakeFx("no fake inputs")
-    recorder = _Recorder(decompositions)
-    recorder.fake_mode = fake_mode
+    recorder = _Recorder(fake_mode, decompositions)
     for name, value in zip(names, flat, strict=True):
         recorder.placeholder(name, value)
     with contextlib.ExitStack() as stack:

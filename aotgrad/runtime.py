@@ -79,7 +79,7 @@ from . import _torch, config, subclass
 from ._torch import pytree
 from .analyze import InputInfo, OutputInfo, OutputKind, Signature
 from .codegen import Namespace, make_function
-from .compile import CompiledGraphs
+from .compile import CompiledGraphs, repeated_outputs
 from .flatten import FlatInputs
 from .rebase import AliasedMutatedInputs, alias_groups
 from .saved_hooks import hooks_off
@@ -237,9 +237,14 @@ def _offset_free(sig: Signature, compiled: CompiledGraphs) -> frozenset[int]:
     code may address storage as it likes."""
     if not compiled.offset_free:
         return frozenset()
-    viewed = {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
+    viewed = _viewed_inputs(sig)
     return frozenset(k for k, info in enumerate(sig.inputs)
                      if k not in viewed and not info.mutated)
+
+
+def _viewed_inputs(sig: Signature) -> set[int]:
+    """Inputs some output is a view of (rebuilt by the runtime at their offset)."""
+    return {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
 
 
 def _plain_positions(sig: Signature) -> tuple[int, ...]:
@@ -461,7 +466,7 @@ def _writes_in_forward(sig: Signature, compiled: CompiledGraphs,
 
 
 def _written_in_forward(sig: Signature, repeated: Sequence[int]) -> tuple[int, ...]:
-    viewed = {o.base for o in sig.outputs if o.kind is OutputKind.ALIAS_OF_INPUT}
+    viewed = _viewed_inputs(sig)
     return tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
                  if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
                  not x.mutates_storage and not x.mutation_needs_grad and not x.requires_grad and
@@ -489,8 +494,6 @@ def input_updates(sig: Signature, gm: Any, joint: bool) -> dict[int, int]:
     if sig.has_subclasses:
         return {}
     if joint:
-        from .compile import repeated_outputs
-
         positions = _written_in_forward(sig, repeated_outputs(gm, sig.num_graph_outputs))
     else:
         positions = tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)

@@ -177,9 +177,7 @@ def _outputs_after_kept_mutations(outs: list, args: Sequence, sig: Signature) ->
 def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> TracedGraph:
     def inference(*args):
         with _torch.functional_mode():
-            f_args = [_torch.to_functional(a) for a in args]
-            if known.sig is not None:
-                f_args = _rebuild_inputs(known.sig, f_args)
+            f_args = _rebuild_inputs(known.sig, [_torch.to_functional(a) for a in args])
             outs = _run_described(flat_fn, args, f_args, known, torch.is_grad_enabled())
             sig = known.sig
             values = _graph_values(outs, f_args, sig)
@@ -188,7 +186,7 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
         _mutations_into_graph(args, kept, sig)
         return _outputs_after_kept_mutations(outs, args, sig)
 
-    plain_inputs = _plain_inputs(known.sig, fake_inputs) if known.sig else list(fake_inputs)
+    plain_inputs = _plain_inputs(known.sig, fake_inputs)
     names = [f"arg{i}_1" for i in range(len(plain_inputs))]
     # in the call's grad mode: the program may read it (torch.is_grad_enabled())
     gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer)
@@ -209,10 +207,11 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
 # Note [Subclasses at the boundary] (subclass.py): the traced function takes
 # and returns plain tensors; the program in it sees its subclass inputs.
 
-def _plain_inputs(sig: Signature, fake_inputs: Sequence) -> list:
+def _plain_inputs(sig: Signature | None, fake_inputs: Sequence) -> list:
     """The graph's placeholders: a subclass input's plain tensors, detached
-    (autograd runs on the subclass, above them)."""
-    if not sig.has_subclasses:
+    (autograd runs on the subclass, above them).  ``sig`` None: a one-pass
+    trace, which has no subclass inputs (Note [One pass])."""
+    if sig is None or not sig.has_subclasses:
         return list(fake_inputs)
     out: list = []
     for x, layout in zip(fake_inputs, sig.input_layouts):
@@ -223,8 +222,8 @@ def _plain_inputs(sig: Signature, fake_inputs: Sequence) -> list:
     return out
 
 
-def _rebuild_inputs(sig: Signature, f_plain: list) -> list:
-    if not sig.has_subclasses:
+def _rebuild_inputs(sig: Signature | None, f_plain: list) -> list:
+    if sig is None or not sig.has_subclasses:
         return f_plain
     f_args = subclass.rebuild_list(sig.input_layouts, f_plain)
     for x, layout, info in zip(f_args, sig.input_layouts, sig.inputs):
@@ -271,8 +270,17 @@ def _rebuild_tangents(sig: Signature, f_tangents: list) -> list:
 
 
 def _needs_preparing(info: InputInfo) -> bool:
-    return _needs_clone(info) or info.detached_in_place or \
-        (info.requires_grad and info.mutates_metadata)
+    return _preparation(info) is not None
+
+
+def _preparation(info: InputInfo) -> str | None:
+    """How ``_prepare_primal`` prepares the primal: "clone", "view" or not at all."""
+    if _needs_clone(info) or info.detached_in_place or \
+            (info.requires_grad and info.mutates_metadata and info.mutates_data):
+        return "clone"
+    if info.requires_grad and info.mutates_metadata:
+        return "view"
+    return None
 
 
 def _needs_clone(info: InputInfo) -> bool:
@@ -287,10 +295,10 @@ def _prepare_primal(fp: Any, info: InputInfo) -> Any:
     """Note [Clone before mutation]; a primal whose metadata is mutated gets a
     fresh view of itself, so that the primal itself keeps its shape for the
     gradient."""
-    if _needs_clone(info) or info.detached_in_place or \
-            (info.requires_grad and info.mutates_metadata and info.mutates_data):
+    how = _preparation(info)
+    if how == "clone":
         return fp.clone()
-    if info.requires_grad and info.mutates_metadata:
+    if how == "view":
         return fp.view(fp.shape)
     return fp
 
@@ -317,7 +325,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
 
     def joint(primals, tangents):
         with CheckpointRegionMarker(), _torch.functional_mode():
-            f_primals = [_torch.to_functional(p) for p in primals]
+            f_primals = _rebuild_inputs(known.sig, [_torch.to_functional(p) for p in primals])
             if known.sig is None:  # Note [One pass]
                 values = _run_described(flat_fn, fake_inputs, f_primals, known, True)
                 sig = known.sig
@@ -329,7 +337,6 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                     late_tangents[:] = tangents
             else:
                 sig = known.sig
-                f_primals = _rebuild_inputs(sig, f_primals)
                 f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
                 values = flat_fn(*f_args)
             diff = _differentiated(sig, loss_index)
@@ -357,8 +364,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
 
     one_pass = known.sig is None
     tangents = [] if one_pass or loss_index is not None else example_tangents(known.sig)
-    primals = _plain_inputs(known.sig, [_detached_like(x) for x in fake_inputs]) \
-        if not one_pass else [_detached_like(x) for x in fake_inputs]
+    primals = _plain_inputs(known.sig, [_detached_like(x) for x in fake_inputs])
     names = [f"primals_{i + 1}" for i in range(len(primals))] + \
         [f"tangents_{i + 1}" for i in range(len(tangents))]
     with torch.enable_grad():
