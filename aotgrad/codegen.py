@@ -386,6 +386,12 @@ def _updates_in_place(gm: fx.GraphModule) -> tuple[dict[fx.Node, "_Rewrite"], fr
     return rewrites, frozenset(done)
 
 
+def _addresses_storage(op_name: str) -> bool:
+    """Ops that place their result in storage absolutely: ``as_strided``
+    (strides and offset), ``set_``, storage access."""
+    return "as_strided" in op_name or "set_" in op_name or "storage" in op_name
+
+
 def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     """Whether an op of ``gm`` addresses storage absolutely, reading its
     inputs' storage offsets (Note [Offsets nobody reads], runtime.py)."""
@@ -394,8 +400,7 @@ def reads_storage_offsets(gm: fx.GraphModule) -> bool:
             schema = getattr(n.target, "_schema", None)
             if schema is None and n.target is not operator.getitem:
                 return True  # not an ATen op: assume it may
-            if schema is not None and ("as_strided" in schema.name or "set_" in schema.name
-                                       or "storage" in schema.name):
+            if schema is not None and _addresses_storage(schema.name):
                 return True
         elif n.op not in ("placeholder", "output", "get_attr"):
             return True
@@ -419,8 +424,7 @@ def stride_free_inputs(gm: fx.GraphModule) -> frozenset[int]:
         schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
         if n in sensitive or (n.op != "placeholder" and n.target is not operator.getitem and (
                 schema is None or schema.name in _STRIDE_SENSITIVE or
-                "as_strided" in schema.name or "set_" in schema.name or
-                "storage" in schema.name)):
+                _addresses_storage(schema.name))):
             sensitive.update(n.all_input_nodes)
             sensitive.add(n)
     placeholders = gm.graph.find_nodes(op="placeholder")
