@@ -50,6 +50,17 @@ def detect_fake_mode(values) -> FakeTensorMode | None:
     return _detect(values)
 
 
+def has_effects(op: Any) -> bool:
+    """Whether ``op`` has a side effect that functionalization orders with
+    tokens (a custom op registered with an effect, ``aten._print``)."""
+    from torch._higher_order_ops import effects
+
+    try:
+        return bool(effects.has_effects(op))
+    except TypeError:  # torch versions whose has_effects takes (op, args, kwargs)
+        return bool(effects.has_effects(op, (), {}))
+
+
 def data_dependence_errors() -> tuple[type, ...]:
     """What tracing raises when the graph would depend on tensor values."""
     from torch._subclasses.fake_tensor import (DataDependentOutputException,

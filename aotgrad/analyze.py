@@ -34,6 +34,7 @@ import torch
 
 from . import _torch, subclass
 from .flatten import FlatFunction
+from .record import NotFunctional
 from .subclass import Layout
 
 
@@ -188,17 +189,19 @@ def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: lis
 
 
 def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, history: list,
-             outs: list, *, grad_enabled: bool, keep_input_mutations: bool) -> Signature:
+             outs: list, *, grad_enabled: bool, keep_input_mutations: bool,
+             recorded: dict[int, bool] | None = None) -> Signature:
     """The Signature of a run: ``f_inputs`` are the functional inputs it ran
     on (``history``: their ``grad_fn`` before it), ``outs`` its outputs.  Under
-    functionalization."""
+    functionalization; or without it, the mutations being ``recorded`` by the
+    tracer (``_describe_input``)."""
     in_layouts = tuple(subclass.layout_of(x) for x in fake_inputs)
     with_subclasses = any(x is not None for x in in_layouts)
     keep_input_mutations = keep_input_mutations and not with_subclasses
     if with_subclasses:
         _refuse_inner_gradients(f_inputs, outs)
     aliased = _aliased_subclass_inputs(fake_inputs) if with_subclasses else frozenset()
-    inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased)
+    inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased, recorded)
                    for i, (x, fx, h) in enumerate(zip(fake_inputs, f_inputs, history)))
     mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
     outputs, bases = classify_outputs(outs, f_inputs, mutated)
@@ -283,36 +286,40 @@ def _aliased_subclass_inputs(fake_inputs: Sequence[Any]) -> frozenset[int]:
 
 
 def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any,
-                    aliased_subclass: bool = False) -> InputInfo:
+                    aliased_subclass: bool = False,
+                    recorded: dict[int, bool] | None = None) -> InputInfo:
+    """``recorded``: for a run without functionalization (Note [Functional
+    already], trace.py), the tensors the tracer functionalized itself (id ->
+    all their mutations under no_grad); else functionalization tells."""
     if not isinstance(x, torch.Tensor):
-        return InputInfo(requires_grad=False)  # a symbolic size
-    data = subclass.any_plain(fx, _torch.has_data_mutation)
-    after = subclass.from_functional(fx)
-    # set_() counts only if the input ends on another storage (set_ and back is no mutation)
-    storage = subclass.any_plain(fx, _torch.was_storage_changed) and \
-        _torch.storage_of(after) != _torch.storage_of(x)
-    meta = storage or subclass.any_plain(fx, _torch.has_metadata_mutation) or \
-        (fx.shape, fx.stride(), fx.storage_offset()) != (x.shape, x.stride(), x.storage_offset())
-    if (meta or storage) and aliased_subclass:
-        raise RuntimeError(
-            "Encountered aliased inputs that are mutated in the graph, but at least one of "
-            f"them is a tensor subclass (aotgrad: a {type(x).__name__} input that shares memory "
-            "with another input changes its metadata in place); this cannot be compiled. "
-            "Clone the inputs before the call.")
-    if (meta or storage) and subclass.is_subclass(x):
-        raise RuntimeError(
-            "Metadata mutations are currently not allowed on tensor subclasses (aotgrad: the "
-            f"program changes the shape, strides or storage of a {type(x).__name__} input in "
-            "place; change a copy, or pass the inner tensors instead).")
+        return InputInfo(requires_grad=False)
+    if recorded is not None:
+        data, storage = id(fx) in recorded, False
+        if (fx.shape, fx.stride(), fx.storage_offset()) != (x.shape, x.stride(),
+                                                             x.storage_offset()) or \
+                _torch.storage_of(fx) != _torch.storage_of(x):  # by no op (x.data = ...)
+            raise NotFunctional("an input changed without an op")
+        meta, under_no_grad, hidden_all = False, recorded.get(id(fx), False), False
+    else:
+        data = subclass.any_plain(fx, _torch.has_data_mutation)
+        after = subclass.from_functional(fx)
+        # set_() counts only if the input ends on another storage (set_ and back is no mutation)
+        storage = subclass.any_plain(fx, _torch.was_storage_changed) and \
+            _torch.storage_of(after) != _torch.storage_of(x)
+        meta = storage or subclass.any_plain(fx, _torch.has_metadata_mutation) or \
+            (fx.shape, fx.stride(), fx.storage_offset()) != (x.shape, x.stride(),
+                                                             x.storage_offset())
+        _check_subclass_mutation(x, meta or storage, aliased_subclass)
+        under_no_grad = subclass.all_plain(fx, _torch.mutations_under_no_grad)
+        hidden_all = subclass.all_plain(fx, _torch.mutations_hidden_from_autograd)
     if storage:
         data = False  # the new storage's contents are the new value: set_ carries it
     mutated = data or meta or storage
-    no_grad = mutated and subclass.all_plain(fx, _torch.mutations_under_no_grad)
+    no_grad = mutated and under_no_grad
     # Note [Mutations hidden from autograd]: a mutation through an alias that
     # autograd does not track (x.detach(), x.data) leaves the input's autograd
     # history as it was; one autograd sees rebases it.
-    hidden = mutated and not no_grad and (
-        subclass.all_plain(fx, _torch.mutations_hidden_from_autograd) or fx.grad_fn is history)
+    hidden = mutated and not no_grad and (hidden_all or fx.grad_fn is history)
     if storage and _torch.has_data_mutation(fx) and not (no_grad or hidden):
         raise AssertionError(
             "aotgrad: an input was swapped to new storage with set_() and also mutated in a "
@@ -331,6 +338,20 @@ def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any,
     keep = keep_input_mutations and (data or storage) and not info.mutates_metadata and \
         (not fx.requires_grad or not info.mutation_visible_to_autograd or storage)
     return dataclasses.replace(info, mutation_in_graph=True) if keep else info
+
+
+def _check_subclass_mutation(x: Any, meta_or_storage: bool, aliased_subclass: bool) -> None:
+    if meta_or_storage and aliased_subclass:
+        raise RuntimeError(
+            "Encountered aliased inputs that are mutated in the graph, but at least one of "
+            f"them is a tensor subclass (aotgrad: a {type(x).__name__} input that shares memory "
+            "with another input changes its metadata in place); this cannot be compiled. "
+            "Clone the inputs before the call.")
+    if meta_or_storage and subclass.is_subclass(x):
+        raise RuntimeError(
+            "Metadata mutations are currently not allowed on tensor subclasses (aotgrad: the "
+            f"program changes the shape, strides or storage of a {type(x).__name__} input in "
+            "place; change a copy, or pass the inner tensors instead).")
 
 
 def classify_outputs(outs: list, f_inputs: list,

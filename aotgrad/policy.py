@@ -73,7 +73,8 @@ def tag(x: torch.Tensor, name: str) -> torch.Tensor:
     """Name the value ``x`` for a ``MemoryPolicy`` (Note [Tags]); returns ``x``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"aotgrad.tag: the name must be a non-empty string, not {name!r}")
-    if torch.compiler.is_compiling() or _torch.is_functional(x):
+    if torch.compiler.is_compiling() or _torch.is_functional(x) or \
+            isinstance(x, _torch.FakeTensor):  # traced (Note [Functional already], trace.py)
         return torch.ops.aotgrad.tag(x, name)
     return x
 
@@ -96,6 +97,8 @@ class CheckpointRegionMarker(TorchDispatchMode):
     """Marks the nodes traced inside a plain checkpoint region (Note [Checkpoint regions])."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "prim":  # metadata queries (prim::device), asked by C++
+            return func(*args, **(kwargs or {}))  # code that an exception cannot cross
         graph = None
         if _torch.in_checkpoint_region():
             record.refuse_if_recording("checkpoint regions")  # Note [A light tracer]

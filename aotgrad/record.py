@@ -32,7 +32,10 @@ then traces the program again with make_fx, which handles everything
   checkpointing changes what it does when it finds make_fx's mode.
 
 A refusal is remembered: a user ``except`` that swallows it cannot leave a
-half-recorded graph.
+half-recorded graph.  It is raised once where it happens and again when the
+run ends; ops in between run untraced (raising again from every op could
+raise from where Python exceptions cannot pass: cleanup run by C++ while the
+first one unwinds, as in a checkpoint region).
 
 Decompositions apply as under make_fx: an op in the table runs its
 decomposition, traced; a CompositeImplicitAutograd op that reaches the tracer
@@ -58,6 +61,11 @@ _log = logging.getLogger(__name__)
 
 class NeedsMakeFx(Exception):
     """The program uses something the light tracer leaves to make_fx."""
+
+
+class NotFunctional(Exception):
+    """A trace without functionalization met an op that mutates or has an
+    effect (Note [Functional already], trace.py): trace it functionalized."""
 
 
 #: ``GraphModule.meta`` key: which tracer recorded the graph, and why (explain shows it)
@@ -102,7 +110,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     mode (selective checkpointing, functionalization's view replay) finds this
     one and reads ``tracer`` (``_Tracked``)."""
 
-    def __init__(self, fake_mode: Any, decompositions: Mapping | None):
+    def __init__(self, fake_mode: Any, decompositions: Mapping | None, functional: bool):
         self.graph = fx.Graph()
         self.node_of: dict[int, fx.Node] = {}
         super().__init__(_Tracked(self.node_of, self.graph), "real")  # torch 2.11's arguments
@@ -111,12 +119,64 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self._last_input: fx.Node | None = None
         self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
         self._decomposes: dict[tuple, bool] = {}
-        self.refused: str | None = None
+        self.refused: tuple[type[Exception], str] | None = None
+        # Note [Functional already]: not under functionalization, every op
+        # must be functional; {op: whether it is}
+        self.check_functional = not functional
+        self._functional_ops: dict[Any, bool] = {}
+        self.mutated: dict[int, bool] = {}   # id -> all its mutations under no_grad
+        self._sharing: dict[int, set[int]] | None = None  # storage -> tensor ids
 
-    def refuse(self, reason: str):
-        """Give the program to make_fx (remembered: Note [A light tracer])."""
-        self.refused = self.refused or reason
-        raise NeedsMakeFx(reason)
+    def refuse(self, reason: str, error: type[Exception] = NeedsMakeFx):
+        """Give the program to make_fx, or to a functionalized trace
+        (remembered: Note [A light tracer])."""
+        self.refused = self.refused or (error, reason)
+        raise self.refused[0](self.refused[1])
+
+    def _is_functional(self, func) -> bool:
+        known = self._functional_ops.get(func)
+        if known is None:
+            known = self._functional_ops[func] = \
+                not func._schema.is_mutable and not _torch.has_effects(func)
+        return known
+
+    def _functionalized(self, func, types, args, kwargs) -> Any:
+        """Note [Functional already] (trace.py): a data mutation of tensors
+        nothing else aliases, recorded as the op's functional variant."""
+        variant = functional_variant(func)
+        if variant is None:
+            self.refuse(f"{func} mutates its arguments or has an effect", NotFunctional)
+        op, mutable = variant
+        targets = [args[i] if i < len(args) else kwargs[name] for i, name in mutable]
+        for t in targets:
+            if not isinstance(t, torch.Tensor) or id(t) not in self.node_of or self._aliased(t):
+                self.refuse(f"{func} mutates a tensor that has aliases", NotFunctional)
+        out = self.__torch_dispatch__(op, types, args, kwargs)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        news = outs[len(outs) - len(targets):]
+        for t, new in zip(targets, news):
+            if (new.shape, new.stride(), new.storage_offset(), new.dtype, new.device) != \
+                    (t.shape, t.stride(), t.storage_offset(), t.dtype, t.device):
+                self.refuse(f"{func}'s new value has other metadata", NotFunctional)
+        for t, new in zip(targets, news):
+            self.node_of[id(t)] = self.node_of[id(new)]
+            no_grad = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+            self.mutated[id(t)] = self.mutated.get(id(t), True) and no_grad
+        if len(outs) == len(targets):  # an in-place op returns what it mutated
+            return args[0] if len(targets) == 1 else tuple(targets)
+        rest = outs[:len(outs) - len(targets)]
+        return rest[0] if len(rest) == 1 else tuple(rest)
+
+    def _aliased(self, t: torch.Tensor) -> bool:
+        """Whether another tensor of the trace shares ``t``'s storage."""
+        if self._sharing is None:  # built at the first mutation, then kept up to date
+            self._sharing = {}
+            for a in self.alive:
+                self._share(a)
+        return len(self._sharing[t.untyped_storage()._cdata]) > 1
+
+    def _share(self, t: torch.Tensor) -> None:
+        self._sharing.setdefault(t.untyped_storage()._cdata, set()).add(id(t))
 
     def placeholder(self, name: str, value: Any) -> None:
         """A graph input, after the others (also once ops are recorded)."""
@@ -133,6 +193,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     def _track(self, t: torch.Tensor, node: fx.Node) -> None:
         self.node_of[id(t)] = node
         self.alive.append(t)
+        if self._sharing is not None:
+            self._share(t)
 
     def arg(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
@@ -164,10 +226,12 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.refused:
-            self.refuse(self.refused)
+        if self.refused:  # the run goes on untraced (unwinding, or a user except)
+            return func(*args, **kwargs)
         if any(t not in _HANDLED for t in types):
             return NotImplemented  # a subclass (FunctionalTensor ...) unwraps itself first
+        if self.check_functional and not self._is_functional(func):
+            return self._functionalized(func, types, args, kwargs)
         if func in self.decompositions:
             with self:
                 r = self.decompositions[func](*args, **kwargs)
@@ -214,6 +278,48 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         return t
 
 
+_VARIANTS: dict[Any, tuple | None] = {}
+
+
+def functional_variant(func) -> tuple[Any, list[tuple[int, str]]] | None:
+    """The functional variant of a mutating op and its mutated arguments
+    (position, name): ``add_`` -> ``add``, ``_native_batch_norm_legit`` ->
+    ``_native_batch_norm_legit_functional`` (which also returns the new
+    values).  None when there is none with the same arguments, or the op
+    changes metadata (``t_``) or writes an ``out=``."""
+    if func in _VARIANTS:
+        return _VARIANTS[func]
+    schema = func._schema
+    mutable = [(i, a.name) for i, a in enumerate(schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    found = None
+    if mutable and torch.Tag.inplace_view not in func.tags and not _torch.has_effects(func):
+        name = schema.name.split("::")[-1]
+        base = name[:-1] if name.endswith("_") and [i for i, _ in mutable] == [0] \
+            else name + "_functional"
+        packet = getattr(getattr(torch.ops, func.namespace), base, None)
+        op = getattr(packet, func._overloadname, None) if packet is not None else None
+        if op is not None and _same_arguments(op._schema, schema) and \
+                not op._schema.is_mutable and \
+                len(op._schema.returns) == len(mutable) + sum(
+                    r.alias_info is None for r in schema.returns):
+            found = (op, mutable)
+    _VARIANTS[func] = found
+    return found
+
+
+def _same_arguments(a, b) -> bool:
+    return [(x.name, str(x.type), x.kwarg_only) for x in a.arguments] == \
+        [(x.name, str(x.type), x.kwarg_only) for x in b.arguments]
+
+
+def mutated_so_far() -> dict[int, bool]:
+    """Tensors (by id) that the trace in progress functionalized itself
+    (Note [Functional already]): whether all their mutations were under no_grad."""
+    mode = _torch.current_proxy_mode()
+    return dict(mode.mutated) if isinstance(mode, _Recorder) else {}
+
+
 def refuse_if_recording(reason: str) -> None:
     """Called where torch behaves differently under make_fx (selective
     checkpointing looks for make_fx's mode): the light tracer steps aside."""
@@ -223,18 +329,20 @@ def refuse_if_recording(reason: str) -> None:
 
 
 def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
-           decompositions: Mapping | None) -> fx.GraphModule:
+           decompositions: Mapping | None, functional: bool = True) -> fx.GraphModule:
     """``fn(*args)`` traced (Note [A light tracer]).
 
     ``args`` are fake tensors or lists of them; ``names`` the placeholder
     names, one per tensor in order.  The graph returns the pytree leaves of
     ``fn``'s result, as make_fx's does.  Raises ``NeedsMakeFx`` when the
-    program needs make_fx."""
+    program needs make_fx.  ``functional=False``: ``fn`` does not
+    functionalize; ``NotFunctional`` is raised if it needed to (Note
+    [Functional already], trace.py)."""
     flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])]
     fake_mode = _torch.detect_fake_mode(flat)
     if fake_mode is None:
         raise NeedsMakeFx("no fake inputs")
-    recorder = _Recorder(fake_mode, decompositions)
+    recorder = _Recorder(fake_mode, decompositions, functional)
     for name, value in zip(names, flat, strict=True):
         recorder.placeholder(name, value)
     with contextlib.ExitStack() as stack:
@@ -244,7 +352,7 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
         stack.enter_context(recorder)
         result = fn(*args)
     if recorder.refused:
-        raise NeedsMakeFx(recorder.refused)
+        raise recorder.refused[0](recorder.refused[1])
     leaves = _torch.pytree.tree_leaves(result)
     recorder.graph.output(tuple(recorder.arg(v) for v in leaves))
     return _torch.lazy_graph_module(torch.nn.Module(), recorder.graph)
@@ -264,15 +372,21 @@ def add_placeholders(names: Sequence[str], metas: Sequence[tuple]) -> list[torch
 
 
 def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
-                decompositions: Mapping | None, *, tracer: str = "any") -> fx.GraphModule:
+                decompositions: Mapping | None, *, tracer: str = "any",
+                functional: bool = True) -> fx.GraphModule:
     """``fn(*args)`` traced.  ``tracer``: "any" (``record``, or make_fx when it
     must be), "light" (``record`` only: ``NeedsMakeFx`` propagates) or
-    "make_fx" (the light tracer already refused this program)."""
+    "make_fx" (the light tracer already refused this program).
+    ``functional=False``: see ``record`` (light tracer only)."""
     reason = "the light tracer refused it earlier"
+    if not functional:
+        gm = record(fn, args, names, decompositions, functional=False)
+        gm.meta[TRACER_META] = "the light tracer, functionalizing by itself"
+        return gm
     if tracer != "make_fx":
         try:
             gm = record(fn, args, names, decompositions)
-            gm.meta[TRACER_META] = "the light tracer"
+            gm.meta[TRACER_META] = "the light tracer, under functionalization"
             return gm
         except NeedsMakeFx as e:
             if tracer == "light":

@@ -19,6 +19,7 @@ descriptors (``aotgrad.descriptors``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -33,7 +34,7 @@ from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Ta
                           UserOutput)
 from .flatten import FlatFunction
 from .policy import CheckpointRegionMarker, strip_tags
-from .record import add_placeholders, trace_graph
+from .record import NotFunctional, add_placeholders, mutated_so_far, trace_graph
 from .views import is_view_op
 
 
@@ -90,6 +91,31 @@ def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signa
 # traced again.
 
 
+# Note [Functional already]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Functionalization (torch's FunctionalTensorMode) wraps every tensor and
+# replays every view; on a transformer's joint it is about 40% of the trace.
+# Most programs need little of it.  So the one-pass trace first runs without
+# it, the light tracer doing the simple part itself (``record._functionalized``):
+#
+# * an op that mutates tensors nothing else aliases -- no other tensor of the
+#   trace, alive or not, shares their storage -- is recorded as its functional
+#   variant (``add_`` -> ``add``; ``_native_batch_norm_legit`` ->
+#   ``_native_batch_norm_legit_functional``, which also returns the new
+#   running stats: ``record.functional_variant``), when the new values have
+#   the old metadata; later uses of a mutated tensor read the new node;
+# * the mutations of inputs are reported to ``describe`` (``recorded``: which
+#   inputs, and whether all their mutations were under no_grad), which then
+#   describes them as functionalization's flags would.
+#
+# Anything else -- a mutation of a view or of a tensor with views, of
+# metadata (``t_``), through ``out=``, an op with effects, an input changed
+# without an op (``x.data = y``), a mutation kept in the graph -- raises
+# ``NotFunctional`` and the program is traced again, functionalized.  No
+# aliasing means no view to replay: the graph is the one functionalization
+# gives (``tests/test_record.py`` compares them).
+
+
 class SecondPass(Exception):
     """The one-pass trace described the program but must trace it again."""
 
@@ -104,6 +130,17 @@ class _Known:
     sig: Signature | None
     keep_input_mutations: bool = False
     tracer: str = "light"   # record.trace_graph's: one pass is the light tracer's only
+    functional: bool = True  # traced under functionalization (Note [Functional already])
+
+    def functionalization(self) -> Any:
+        return _torch.functional_mode() if self.functional else contextlib.nullcontext()
+
+    def wrap(self, t: Any) -> Any:
+        return _torch.to_functional(t) if self.functional else t
+
+
+#: Note [Functional already]: try a trace without torch's functionalization first
+OWN_FUNCTIONALIZATION = True
 
 
 def one_pass_possible(fake_inputs: Sequence[Any]) -> bool:
@@ -117,12 +154,17 @@ def analyze_and_trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor]
                       ) -> tuple[Signature, TracedGraph]:
     """Note [One pass].  Raises ``SecondPass`` (with the Signature) or
     ``record.NeedsMakeFx`` (analyze, then ``trace``)."""
-    known = _Known(None, keep_input_mutations)
-    if grad_enabled and any(x.requires_grad for x in fake_inputs):
-        traced = _trace_joint(flat_fn, fake_inputs, known, decompositions, loss_index)
-    else:  # most likely no joint: SecondPass if the program makes gradients itself
-        traced = _trace_inference(flat_fn, fake_inputs, known, decompositions)
-    return known.sig, traced
+    for functional in ((False, True) if OWN_FUNCTIONALIZATION else (True,)):
+        known = _Known(None, keep_input_mutations, functional=functional)
+        try:
+            if grad_enabled and any(x.requires_grad for x in fake_inputs):
+                traced = _trace_joint(flat_fn, fake_inputs, known, decompositions, loss_index)
+            else:  # most likely no joint: SecondPass if the program makes gradients itself
+                traced = _trace_inference(flat_fn, fake_inputs, known, decompositions)
+            return known.sig, traced
+        except NotFunctional:
+            continue
+    raise AssertionError("unreachable: a functionalized trace does not raise NotFunctional")
 
 
 def _run_described(flat_fn, fake_inputs, f_args: list, known: _Known, grad_enabled: bool) -> list:
@@ -132,7 +174,10 @@ def _run_described(flat_fn, fake_inputs, f_args: list, known: _Known, grad_enabl
     history = [fx.grad_fn for fx in f_args]
     outs = run_checked(flat_fn, fake_inputs, f_args)
     known.sig = describe(flat_fn, fake_inputs, f_args, history, outs, grad_enabled=grad_enabled,
-                         keep_input_mutations=known.keep_input_mutations)
+                         keep_input_mutations=known.keep_input_mutations,
+                         recorded=None if known.functional else mutated_so_far())
+    if not known.functional and any(i.mutation_in_graph for i in known.sig.inputs):
+        raise NotFunctional("mutations kept in the graph")  # their copy_ needs it
     return outs
 
 
@@ -176,8 +221,8 @@ def _outputs_after_kept_mutations(outs: list, args: Sequence, sig: Signature) ->
 
 def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> TracedGraph:
     def inference(*args):
-        with _torch.functional_mode():
-            f_args = _rebuild_inputs(known.sig, [_torch.to_functional(a) for a in args])
+        with known.functionalization():
+            f_args = _rebuild_inputs(known.sig, [known.wrap(a) for a in args])
             outs = _run_described(flat_fn, args, f_args, known, torch.is_grad_enabled())
             sig = known.sig
             values = _graph_values(outs, f_args, sig)
@@ -189,7 +234,8 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
     plain_inputs = _plain_inputs(known.sig, fake_inputs)
     names = [f"arg{i}_1" for i in range(len(plain_inputs))]
     # in the call's grad mode: the program may read it (torch.is_grad_enabled())
-    gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer)
+    gm = trace_graph(inference, plain_inputs, names, decompositions, tracer=known.tracer,
+                     functional=known.functional)
     sig = known.sig
     if sig.needs_autograd:  # Note [One pass]: learned by this trace
         raise SecondPass(sig)
@@ -324,8 +370,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     late_tangents: list = []
 
     def joint(primals, tangents):
-        with CheckpointRegionMarker(), _torch.functional_mode():
-            f_primals = _rebuild_inputs(known.sig, [_torch.to_functional(p) for p in primals])
+        with CheckpointRegionMarker(), known.functionalization():
+            f_primals = _rebuild_inputs(known.sig, [known.wrap(p) for p in primals])
             if known.sig is None:  # Note [One pass]
                 values = _run_described(flat_fn, fake_inputs, f_primals, known, True)
                 sig = known.sig
@@ -340,7 +386,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                 f_args = [_prepare_primal(fp, info) for fp, info in zip(f_primals, sig.inputs)]
                 values = flat_fn(*f_args)
             diff = _differentiated(sig, loss_index)
-            f_tangents = _rebuild_tangents(sig, [_torch.to_functional(t) for t in tangents])
+            f_tangents = _rebuild_tangents(sig, [known.wrap(t) for t in tangents])
             values = _graph_values(values, f_args, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
@@ -368,7 +414,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     names = [f"primals_{i + 1}" for i in range(len(primals))] + \
         [f"tangents_{i + 1}" for i in range(len(tangents))]
     with torch.enable_grad():
-        gm = trace_graph(joint, [primals, tangents], names, decompositions, tracer=known.tracer)
+        gm = trace_graph(joint, [primals, tangents], names, decompositions, tracer=known.tracer,
+                         functional=known.functional)
     tangents = tangents or late_tangents
     sig = known.sig
     strip_tags(gm)

@@ -309,8 +309,131 @@ def test_compilers_get_tensor_meta_as_from_make_fx():
 def test_the_report_says_how_the_program_was_traced():
     f = aotgrad.aot_function(lambda x: x.sin(), aotgrad.nop)
     f(torch.randn(3, requires_grad=True))
-    assert f.last_report.tracing == "one run of the program, by the light tracer"
+    assert f.last_report.tracing == \
+        "one run of the program, by the light tracer, functionalizing by itself"
+    # a mutation through a view: torch's functionalization (Note [Functional already])
+    h = aotgrad.aot_function(lambda x: (x * 1).view(-1).add_(1), aotgrad.nop)
+    h(torch.randn(3, requires_grad=True))
+    assert h.last_report.tracing == \
+        "one run of the program, by the light tracer, under functionalization"
     g = aotgrad.aot_function(lambda x: x * torch.tensor(2.0), aotgrad.nop)
     g(torch.randn(3, requires_grad=True))
     assert g.last_report.tracing.startswith("two runs of the program (analysis, then the "
                                             "trace), by make_fx (")
+
+
+# ---------------------------------------------------------------- Note [Functional already] (trace.py)
+
+def _traced_both_ways(monkeypatch, fn, *args, grad=True):
+    """The joint (or inference) graph's code traced with the light tracer's
+    own functionalization and with torch's, and the first one's tracing
+    line; the compiled call is checked against eager each time."""
+    codes, lines = [], []
+    for own in (True, False):
+        monkeypatch.setattr(aotgrad.trace, "OWN_FUNCTIONALIZATION", own)
+        compiled = aotgrad.aot_function(fn, aotgrad.nop)
+        a1 = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        a2 = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        with torch.set_grad_enabled(grad):
+            out, ref = compiled(*a1), fn(*a2)
+        torch.testing.assert_close(out, ref)
+        for x, y in zip(a1, a2):  # mutated inputs
+            torch.testing.assert_close(x, y)
+        if grad and out.requires_grad:
+            out.sum().backward()
+            ref.sum().backward()
+            for x, y in zip(a1, a2):
+                if x.requires_grad:
+                    torch.testing.assert_close(x.grad, y.grad)
+        codes.append(_ops(compiled.last_report.traced.gm))
+        lines.append(compiled.last_report.tracing)
+    return codes[0], codes[1], lines[0]
+
+
+def _ops(gm):
+    """The graph's ops in order, detaches aside (autograd makes them at other
+    points of the run when functionalization is not there to absorb them)."""
+    def source(a):
+        while isinstance(a, torch.fx.Node) and a.target is torch.ops.aten.detach.default:
+            a = a.args[0]
+        return str(a)
+
+    return [(n.name, str(n.target), [source(a) for a in n.args])
+            for n in gm.graph.nodes if n.op == "call_function" and
+            n.target is not torch.ops.aten.detach.default]
+
+
+OWN = "one run of the program, by the light tracer, functionalizing by itself"
+
+
+def test_in_place_ops_on_intermediates_functionalized_by_the_tracer(monkeypatch):
+    def fn(x, w):
+        h = x @ w
+        h.mul_(2).add_(w.sum())
+        h.relu_()
+        return h.tanh()
+
+    own, torchs, line = _traced_both_ways(monkeypatch, fn, torch.randn(3, 4, requires_grad=True),
+                                          torch.randn(4, 4, requires_grad=True))
+    assert line == OWN and own == torchs
+    assert [t for _, t, _ in own][:5] == ["aten.mm.default", "aten.mul.Tensor",
+                                          "aten.sum.default", "aten.add.Tensor",
+                                          "aten.relu.default"]
+
+
+def test_batch_norm_buffers_functionalized_by_the_tracer(monkeypatch):
+    def fn(x, w, rm, rv, n):
+        n.add_(1)
+        return torch.nn.functional.batch_norm(x, rm, rv, w, None, training=True).relu()
+
+    args = (torch.randn(8, 3), torch.randn(3, requires_grad=True), torch.zeros(3), torch.ones(3),
+            torch.zeros((), dtype=torch.long))
+    own, torchs, line = _traced_both_ways(monkeypatch, fn, *args)
+    assert line == OWN and own == torchs
+    assert "aten._native_batch_norm_legit_functional.default" in [t for _, t, _ in own]
+    own, torchs, line = _traced_both_ways(monkeypatch, fn, *args, grad=False)  # inference
+    assert line == OWN and own == torchs
+
+
+def test_input_mutations_functionalized_by_the_tracer(monkeypatch):
+    def under_no_grad(x, buf):
+        with torch.no_grad():
+            buf.mul_(0.5)
+        return x * buf
+
+    def seen_by_autograd(x, buf):  # buf gets a history: its new value needs a gradient
+        buf.add_(x)
+        return buf * 2
+
+    for fn in (under_no_grad, seen_by_autograd):
+        own, torchs, line = _traced_both_ways(monkeypatch, fn, torch.randn(4, requires_grad=True),
+                                              torch.randn(4))
+        assert line == OWN and own == torchs, fn.__name__
+
+
+@pytest.mark.parametrize("name", ["view_mutated", "base_of_view_mutated", "metadata", "out"])
+def test_what_the_tracer_leaves_to_functionalization(monkeypatch, name):
+    def view_mutated(x):
+        h = x * 2
+        h[0].add_(1)
+        return h
+
+    def base_of_view_mutated(x):
+        h = x * 2
+        v = h.view(-1)
+        h.add_(1)
+        return v * 3
+
+    def metadata(x):
+        h = x * 2
+        h.t_()
+        return h
+
+    def out(x):
+        h = x.detach() * 2
+        torch.mul(x.detach(), 3, out=h)
+        return x * h
+
+    fn = locals()[name]
+    own, torchs, line = _traced_both_ways(monkeypatch, fn, torch.randn(3, 3, requires_grad=True))
+    assert line != OWN and own == torchs
