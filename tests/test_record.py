@@ -342,8 +342,8 @@ def _traced_both_ways(monkeypatch, fn, *args, grad=True):
         if grad and out.requires_grad:
             out.sum().backward()
             ref.sum().backward()
-            for x, y in zip(a1, a2):
-                if x.requires_grad:
+            for x, y, a in zip(a1, a2, args):
+                if a.requires_grad:
                     torch.testing.assert_close(x.grad, y.grad)
         codes.append(_ops(compiled.last_report.traced.gm))
         lines.append(compiled.last_report.tracing)
