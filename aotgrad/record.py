@@ -6,7 +6,9 @@ Note [A light tracer]
 program over fake tensors with static shapes, at a fraction of its cost: one
 dispatch mode appends one node per op.  It takes make_fx's own slot (an infra
 mode under the PROXY key): below autograd, user modes and functionalization,
-above the fake mode, so it sees the functional ATen ops.  Torch code that
+above the fake mode, so it sees the functional ATen ops.  (Or, for most
+programs, with no functionalization above it: it then records the functional
+variants of their mutations itself, Note [Functional already] in trace.py.)  Torch code that
 looks for make_fx's mode finds this one and reads what it reads of make_fx's
 tracer (``_Tracked``).  A tensor subclass among the arguments unwraps itself
 first (the mode declines), as under make_fx.  Tensors are tracked by

@@ -11,8 +11,9 @@ followed by one gradient per primal (``None`` where no gradient exists)::
 
 Otherwise the *inference* graph takes the graph inputs (``arg0_1`` ...) and
 returns the outputs.  Both are traced (``record.trace_graph``: Note [A light
-tracer]) over fake tensors under functionalization, so the graphs hold
-functional ATen ops (views stay views); decompositions apply here.  When it
+tracer]) over fake tensors under functionalization (or without it, where the
+tracer can functionalize by itself: Note [Functional already]), so the graphs
+hold functional ATen ops (views stay views); decompositions apply here.  When it
 can, the trace also does the analysis (Note [One pass]).  Placeholders and the output node carry role
 descriptors (``aotgrad.descriptors``).
 """
