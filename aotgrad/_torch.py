@@ -439,6 +439,24 @@ class EagerChecks(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__["data"]  # its __set__: a new object per access
+
+
+class NoDataAssignment(torch.overrides.TorchFunctionMode):
+    """Refuses ``t.data = u`` in the program: functionalization (torch's, and
+    so torch's AOTAutograd) would go on reading the tensor's old value, a
+    silently wrong result, so it is an error here."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__self__", None) is _DATA_DESCRIPTOR and func.__name__ == "__set__":
+            raise RuntimeError(
+                "aotgrad: the program assigns a tensor's .data (t.data = u); a compiled "
+                "program cannot follow that (it would go on using the old values). Use "
+                "t.copy_(u) under torch.no_grad() to change the values, or make u a tensor of "
+                "its own.")
+        return func(*args, **(kwargs or {}))
+
+
 def autograd_reaches(grad_fn, target) -> bool:
     """Whether ``target`` (a grad_fn) is reachable from ``grad_fn``."""
     if grad_fn is None or target is None:

@@ -184,7 +184,7 @@ def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: lis
     (``EagerChecks``)."""
     leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
               if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
-    with _torch.EagerChecks(leaves):
+    with _torch.EagerChecks(leaves), _torch.NoDataAssignment():
         return flat_fn(*f_inputs)
 
 

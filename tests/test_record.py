@@ -437,3 +437,23 @@ def test_what_the_tracer_leaves_to_functionalization(monkeypatch, name):
     fn = locals()[name]
     own, torchs, line = _traced_both_ways(monkeypatch, fn, torch.randn(3, 3, requires_grad=True))
     assert line != OWN and own == torchs
+
+
+@pytest.mark.parametrize("of", ["input", "intermediate"])
+def test_data_assignment_gets_a_clear_error(of):
+    # functionalization would go on reading the old values: a silently wrong
+    # result (torch's AOTAutograd gives one), so aotgrad refuses it
+    def on_input(x, y):
+        with torch.no_grad():
+            y.data = x.detach() * 2
+        return x * y
+
+    def on_intermediate(x, y):
+        h = x * 2
+        h.data = y
+        return h * 3
+
+    fn = on_input if of == "input" else on_intermediate
+    compiled = aotgrad.aot_function(fn, aotgrad.nop)
+    with pytest.raises(RuntimeError, match=r"assigns a tensor's \.data"):
+        compiled(torch.randn(3, requires_grad=True), torch.randn(3))
