@@ -131,9 +131,49 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     _set_output_descs(fw, len(roles.fwd_outputs), saved_tensors + saved_syms)
     bw_inputs = saved_syms + saved_tensors + list(roles.tangents)
     bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs))
+    bw = recompute_just_in_time(bw, len(roles.tangents))
     for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
         node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
     return _torch.lazy_graph_module(joint_gm, fw), _torch.lazy_graph_module(joint_gm, bw)
+
+
+def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
+    """Note [Recompute just in time]: in the joint, every forward node comes
+    before every backward node, so a backward extracted in that order
+    recomputes everything first, and all the recomputed values are alive at
+    once -- at the start of the backward, where the memory saved by not
+    saving them is spent again.  Here the nodes that read a tangent (and the
+    impure ones, and the output) keep their order, and every other node --
+    a recomputation, or any work on saved values alone -- is placed just
+    before the first of them that needs it, its own inputs first.  Nodes keep
+    their names and meta; the result computes the same values."""
+    placeholders = graph.find_nodes(op="placeholder")
+    tangents = set(placeholders[len(placeholders) - num_tangents:]) if num_tangents else set()
+    anchored = set(tangents)
+    for n in graph.nodes:
+        if n.op == "output" or (n.op == "call_function" and n.is_impure()) or \
+                any(a in anchored for a in n.all_input_nodes):
+            anchored.add(n)
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for p in placeholders:
+        env[p] = new.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    for anchor in graph.nodes:
+        if anchor.op == "placeholder" or anchor not in anchored:
+            continue
+        stack = [(anchor, False)]              # depth-first, inputs before users
+        while stack:
+            n, inputs_done = stack.pop()
+            if n in env:
+                continue
+            if inputs_done:
+                env[n] = new.node_copy(n, lambda x: env[x])
+                continue
+            stack.append((n, True))
+            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in env)
+    new.lint()
+    return new
 
 
 def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node]) -> None:

@@ -249,34 +249,42 @@ def _(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
-    """Note [Offload]: the forward returns CPU copies of the saved values
-    ``names`` (``aotgrad::offload``: pinned and non-blocking on CUDA); the
-    backward copies them back to their device (``aotgrad::reload``) before
-    anything else runs, so the copies overlap with its first kernels.  Both
+    """Note [Offload]: the forward copies each saved value of ``names`` to
+    the CPU (``aotgrad::offload``: pinned and non-blocking on CUDA) right
+    after computing it, and returns the copy: the value's own memory is
+    freed after its last use in the forward, not held to the forward's end.
+    The backward copies it back to its device (``aotgrad::reload``) just
+    before its first use, so it takes device memory only from there.  Both
     are ops of their own, which any graph compiler calls as they are; on one
-    CUDA stream the copy back is ordered after the copy out."""
+    CUDA stream each copy back is ordered after its copy out."""
     if not names:
         return
     wanted = set(names)
     out = fw_gm.graph.output_node()
     values = list(out.args[0])
+    placeholders = fw_gm.graph.find_nodes(op="placeholder")
     for k, v in enumerate(values):
         if isinstance(v, fx.Node) and v.name in wanted:
             val = v.meta["val"]
-            with fw_gm.graph.inserting_before(out):
+            after = placeholders[-1] if v.op == "placeholder" else v
+            with fw_gm.graph.inserting_after(after):
                 cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
             cpu.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
             values[k] = cpu
     out.args = (tuple(values),)
     fw_gm.recompile()
-    placeholders = bw_gm.graph.find_nodes(op="placeholder")
-    for p in placeholders:
+    position = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    for p in bw_gm.graph.find_nodes(op="placeholder"):
         if p.name in wanted:
             val = p.meta["val"]
-            with bw_gm.graph.inserting_after(placeholders[-1]):
+            first_use = min(p.users, key=position.__getitem__, default=None)
+            if first_use is None:
+                continue
+            with bw_gm.graph.inserting_before(first_use):
                 back = bw_gm.graph.call_function(torch.ops.aotgrad.reload.default,
                                                  (p, val.device))
             back.meta["val"] = val
             p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
             p.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
     bw_gm.recompile()
+
