@@ -144,36 +144,40 @@ def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
     once -- at the start of the backward, where the memory saved by not
     saving them is spent again.  Here the nodes that read a tangent (and the
     impure ones, and the output) keep their order, and every other node --
-    a recomputation, or any work on saved values alone -- is placed just
-    before the first of them that needs it, its own inputs first.  Nodes keep
-    their names and meta; the result computes the same values."""
+    a recomputation, or any work on saved values alone -- moves to just
+    before the first of them that needs it, its own inputs first.  The
+    nodes are moved, not copied; the graph computes the same values."""
     placeholders = graph.find_nodes(op="placeholder")
-    tangents = set(placeholders[len(placeholders) - num_tangents:]) if num_tangents else set()
-    anchored = set(tangents)
+    anchored = set(placeholders[len(placeholders) - num_tangents:]) if num_tangents else set()
     for n in graph.nodes:
         if n.op == "output" or (n.op == "call_function" and n.is_impure()) or \
                 any(a in anchored for a in n.all_input_nodes):
             anchored.add(n)
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for p in placeholders:
-        env[p] = new.placeholder(p.name)
-        env[p].meta = dict(p.meta)
-    for anchor in graph.nodes:
-        if anchor.op == "placeholder" or anchor not in anchored:
-            continue
+    placed = set(placeholders)
+    order: list[fx.Node] = []
+    for anchor in [n for n in graph.nodes if n in anchored and n.op != "placeholder"]:
         stack = [(anchor, False)]              # depth-first, inputs before users
         while stack:
             n, inputs_done = stack.pop()
-            if n in env:
+            if n in placed:
                 continue
             if inputs_done:
-                env[n] = new.node_copy(n, lambda x: env[x])
+                placed.add(n)
+                order.append(n)
                 continue
             stack.append((n, True))
-            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in env)
-    new.lint()
-    return new
+            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in placed)
+    cursor = placeholders[-1] if placeholders else None
+    for n in order:
+        if cursor is None:
+            first = next(iter(graph.nodes))
+            if first is not n:
+                first.prepend(n)
+        elif cursor.next is not n:
+            cursor.append(n)
+        cursor = n
+    graph.lint()
+    return graph
 
 
 def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node]) -> None:
