@@ -110,6 +110,10 @@ class ExplainReport:
     recomputed: dict[str, int] = field(default_factory=dict)  # forward op -> times the
                                                               # backward recomputes it
     tracing: str = ""             # CompileReport.tracing
+    # estimated peaks (peak_live_bytes): the forward's, and the backward's with
+    # the saved tensors and tangents it holds; None for inference
+    forward_peak_bytes: int | None = None
+    backward_peak_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -337,7 +341,52 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         setup_seconds=setup, first_call_seconds=first_call, first_backward_seconds=first_bw,
         warm_step_seconds=warm, eager_step_seconds=eager,
         outputs=outputs, gradients=grads, num_graph_inputs=len(labels),
-        tracing=report.tracing)
+        tracing=report.tracing,
+        forward_peak_bytes=peak_live_bytes(report.forward_graph) if part is not None else None,
+        backward_peak_bytes=peak_live_bytes(report.backward_graph, held=_held_by_backward)
+        if part is not None else None)
+
+
+def _held_by_backward(node: fx.Node) -> bool:
+    """Backward inputs that are activations: saved tensors and tangents."""
+    return not isinstance(node.meta.get(DESC), Primal)
+
+
+def peak_live_bytes(gm: fx.GraphModule,
+                    held: Callable[[fx.Node], bool] = lambda node: False) -> int:
+    """The most memory the values of ``gm`` hold at once when its nodes run in
+    order, each value freed after its last use (the outputs are kept): the
+    storages of what it computes, each counted once, and of the inputs for
+    which ``held`` is true (until their last use).  An estimate: a compiler
+    that fuses or reorders ops (inductor) does otherwise."""
+    nodes = list(gm.graph.nodes)
+    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    users: dict[StorageWeakRef, set[fx.Node]] = {}
+    sizes: dict[StorageWeakRef, int] = {}
+    current = peak = 0
+    for i, n in enumerate(nodes):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and (n.op == "call_function" or
+                                              (n.op == "placeholder" and held(n))):
+            key = StorageWeakRef(val.untyped_storage())
+            if key not in users:
+                users[key], sizes[key] = set(), int(val.untyped_storage().nbytes())
+                current += sizes[key]
+            users[key].add(n)
+        peak = max(peak, current)
+        if n.op == "output":
+            break
+        for a in [*n.all_input_nodes, n]:
+            if last.get(a, i) > i:
+                continue
+            val = a.meta.get("val")
+            key = StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+            if key in users:
+                users[key].discard(a)
+                if not users[key]:
+                    del users[key]
+                    current -= sizes.pop(key)
+    return peak
 
 
 def graph_stats(gm: fx.GraphModule) -> GraphStats:
@@ -595,6 +644,12 @@ def render(report: ExplainReport, graphs: bool = False) -> str:
         out += _table(["#", "name", "shape", "dtype", "bytes", "source"], rows, {0, 4})
         out += ["  memory kept alive for the backward beyond the graph inputs (distinct "
                 f"storages): {_fmt_bytes(report.saved_activation_bytes)}", ""]
+    if report.forward_peak_bytes is not None:
+        out += ["Peak memory (estimated: graph order, each value freed after its last use; "
+                "inputs and parameters not counted)",
+                f"  forward   {_fmt_bytes(report.forward_peak_bytes)}",
+                f"  backward  {_fmt_bytes(report.backward_peak_bytes)} (saved tensors and "
+                "tangents included)", ""]
     if report.backward:
         total = sum(report.recomputed.values())
         if not total:

@@ -213,3 +213,27 @@ def test_policy_option():
     assert "addmm.default x" in out and "gradients match eager: yes" in out
     rc, _, err = run_main(["explain", "tests._factories:make", "--policy", "tests._factories:make"])
     assert rc == 2 and "not an aotgrad.MemoryPolicy" in err
+
+
+def test_builtin_peak_estimates(builtin):
+    _, out, data = builtin
+    lines = section(out, "Peak memory")
+    assert lines[1].split()[0] == "forward" and lines[2].split()[0] == "backward"
+    # the forward's values include everything it saves, alive at its end
+    assert data["forward_peak_bytes"] >= data["saved_activation_bytes"] > 0
+    assert data["backward_peak_bytes"] >= data["saved_activation_bytes"]
+
+
+def test_peak_live_bytes_by_hand():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from aotgrad.explain import peak_live_bytes
+
+    x = torch.randn(8, 16)          # 512 bytes per value of its size
+    gm = make_fx(lambda x: ((x * 2) + 1).sum(), tracing_mode="fake")(x)
+    assert peak_live_bytes(gm) == 1024   # mul and add alive together; then add and sum
+    gm = make_fx(lambda x: (x * 2).view(-1).t().sum(), tracing_mode="fake")(x)
+    assert peak_live_bytes(gm) == 516    # views share mul's storage
+    gm = make_fx(lambda x: (x * 2, (x + 1).sum()), tracing_mode="fake")(x)
+    assert peak_live_bytes(gm) == 1028   # an output stays alive to the end (512 + 512 + 4)
+    assert peak_live_bytes(gm, held=lambda n: True) == 1536   # x, mul and add; x goes after add
