@@ -150,6 +150,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             self.refuse(f"{func} mutates its arguments or has an effect", NotFunctional)
         op, mutable = variant
         targets = [args[i] if i < len(args) else kwargs[name] for i, name in mutable]
+        if len({id(t) for t in targets}) < len(targets):
+            self.refuse(f"{func} mutates one tensor through two arguments", NotFunctional)
         for t in targets:
             if not isinstance(t, torch.Tensor) or id(t) not in self.node_of or self._aliased(t):
                 self.refuse(f"{func} mutates a tensor that has aliases", NotFunctional)

@@ -114,7 +114,11 @@ def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signa
 # without an op (``x.data = y``), a mutation kept in the graph -- raises
 # ``NotFunctional`` and the program is traced again, functionalized.  No
 # aliasing means no view to replay: the graph is the one functionalization
-# gives (``tests/test_record.py`` compares them).
+# gives (``tests/test_record.py`` compares them).  One difference stays in
+# the nodes' fake values: a view taken of a mutated tensor after the mutation
+# has the tensor's storage in its ``val``, not the functional result's, so
+# graph passes that group values by storage (saved bytes) may count such a
+# view and its base apart: more bytes than there are, never fewer.
 
 
 class SecondPass(Exception):
