@@ -1,7 +1,8 @@
 """Stage 2 — analyze: run the program once on fake tensors and describe it.
 
 The program runs under fake tensors and functionalization, before any
-tracing, or as the first part of the trace (Note [One pass], trace.py).  What
+tracing, or as the first part of the trace (Note [One pass], trace.py; there
+often without torch's functionalization, Note [Functional already]).  What
 it does to its inputs and how its outputs relate to them is recorded in a
 ``Signature``: the single source of truth for every later stage.
 
