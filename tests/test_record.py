@@ -513,3 +513,22 @@ def test_more_mutations_both_ways(monkeypatch, fn, make):
         for x, y in zip(a1, a2):
             if x.requires_grad:
                 torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_a_swallowed_not_functional_still_goes_to_functionalization():
+    # the tracer's refusal raised inside the program is caught by the program;
+    # remembered, it still sends the program to torch's functionalization
+    def fn(x):
+        h = x * 2
+        v = h.view(-1)
+        try:
+            h.add_(1)         # h has a view: the tracer cannot functionalize it
+        except Exception:     # noqa: BLE001 - what a careless program does
+            pass
+        return v * 3
+
+    compiled = aotgrad.aot_function(fn, aotgrad.nop)
+    x = torch.randn(2, 3, requires_grad=True)
+    torch.testing.assert_close(compiled(x), fn(x))
+    assert compiled.last_report.tracing == \
+        "one run of the program, by the light tracer, under functionalization"
