@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -342,8 +342,10 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         warm_step_seconds=warm, eager_step_seconds=eager,
         outputs=outputs, gradients=grads, num_graph_inputs=len(labels),
         tracing=report.tracing,
-        forward_peak_bytes=peak_live_bytes(report.forward_graph) if part is not None else None,
-        backward_peak_bytes=peak_live_bytes(report.backward_graph, held=_held_by_backward)
+        forward_peak_bytes=peak_live_bytes(report.forward_graph.graph.nodes)
+        if part is not None else None,
+        backward_peak_bytes=peak_live_bytes(report.backward_graph.graph.nodes,
+                                            held=_held_by_backward)
         if part is not None else None)
 
 
@@ -352,14 +354,14 @@ def _held_by_backward(node: fx.Node) -> bool:
     return not isinstance(node.meta.get(DESC), Primal)
 
 
-def peak_live_bytes(gm: fx.GraphModule,
+def peak_live_bytes(nodes: Iterable[fx.Node],
                     held: Callable[[fx.Node], bool] = lambda node: False) -> int:
-    """The most memory the values of ``gm`` hold at once when its nodes run in
-    order, each value freed after its last use (the outputs are kept): the
+    """The most memory the values of a graph hold at once when its ``nodes``
+    run in this order, each value freed after its last use (the outputs are kept): the
     storages of what it computes, each counted once, and of the inputs for
     which ``held`` is true (until their last use).  An estimate: a compiler
     that fuses or reorders ops (inductor) does otherwise."""
-    nodes = list(gm.graph.nodes)
+    nodes = list(nodes)
     last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
     users: dict[StorageWeakRef, set[fx.Node]] = {}
     sizes: dict[StorageWeakRef, int] = {}

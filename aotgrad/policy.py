@@ -287,4 +287,3 @@ def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence
             p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
             p.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
     bw_gm.recompile()
-

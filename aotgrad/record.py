@@ -127,7 +127,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self.check_functional = not functional
         self._functional_ops: dict[Any, bool] = {}
         self.mutated: dict[int, bool] = {}   # id -> all its mutations under no_grad
-        self._sharing: dict[int, set[int]] | None = None  # storage -> tensor ids
+        self._sharing: dict[Any, set[int]] | None = None  # storage -> tensor ids
 
     def refuse(self, reason: str, error: type[Exception] = NeedsMakeFx):
         """Give the program to make_fx, or to a functionalized trace
@@ -162,9 +162,9 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             if (new.shape, new.stride(), new.storage_offset(), new.dtype, new.device) != \
                     (t.shape, t.stride(), t.storage_offset(), t.dtype, t.device):
                 self.refuse(f"{func}'s new value has other metadata", NotFunctional)
+        no_grad = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
         for t, new in zip(targets, news):
             self.node_of[id(t)] = self.node_of[id(new)]
-            no_grad = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
             self.mutated[id(t)] = self.mutated.get(id(t), True) and no_grad
         if len(outs) == len(targets):  # an in-place op returns what it mutated
             return args[0] if len(targets) == 1 else tuple(targets)
@@ -177,10 +177,10 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             self._sharing = {}
             for a in self.alive:
                 self._share(a)
-        return len(self._sharing[t.untyped_storage()._cdata]) > 1
+        return len(self._sharing[_torch.storage_of(t)]) > 1
 
     def _share(self, t: torch.Tensor) -> None:
-        self._sharing.setdefault(t.untyped_storage()._cdata, set()).add(id(t))
+        self._sharing.setdefault(_torch.storage_of(t), set()).add(id(t))
 
     def placeholder(self, name: str, value: Any) -> None:
         """A graph input, after the others (also once ops are recorded)."""

@@ -12,6 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import aotgrad
 from aotgrad import min_cut_rematerialization_partition
+from aotgrad.explain import peak_live_bytes
 from aotgrad.models import TinyTransformer, TransformerConfig
 from helpers import GraphRecorder
 
@@ -246,25 +247,6 @@ def _tangent_free(bw) -> list:
     return [n for n in bw.graph.nodes if n.op == "call_function" and n not in reads_tangent]
 
 
-def _peak_live_bytes(order) -> int:
-    """Peak bytes of the values alive when the nodes run in ``order`` (each
-    freed after its last use; placeholders not counted)."""
-    last_use = {}
-    for i, n in enumerate(order):
-        for a in n.all_input_nodes:
-            last_use[a] = i
-    live, peak = {}, 0
-    for i, n in enumerate(order):
-        val = n.meta.get("val")
-        if n.op == "call_function" and isinstance(val, torch.Tensor):
-            live[n] = val.numel() * val.element_size()
-        peak = max(peak, sum(live.values()))
-        for a in n.all_input_nodes:
-            if last_use.get(a) == i:
-                live.pop(a, None)
-    return peak
-
-
 class Blocks(nn.Module):
     """Residual blocks whose inner activations a policy recomputes."""
 
@@ -304,7 +286,7 @@ def test_recomputation_runs_just_before_it_is_needed():
         assert n in _ancestors(anchor), (n.name, anchor.name)
     everything_first = [n for n in nodes if n.op == "placeholder"] + free + \
         [n for n in nodes if n.op != "placeholder" and n not in free]
-    assert _peak_live_bytes(nodes) * 2 < _peak_live_bytes(everything_first)
+    assert peak_live_bytes(nodes) * 2 < peak_live_bytes(everything_first)
 
 
 def _ancestors(node) -> set:

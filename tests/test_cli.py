@@ -231,9 +231,9 @@ def test_peak_live_bytes_by_hand():
 
     x = torch.randn(8, 16)          # 512 bytes per value of its size
     gm = make_fx(lambda x: ((x * 2) + 1).sum(), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm) == 1024   # mul and add alive together; then add and sum
+    assert peak_live_bytes(gm.graph.nodes) == 1024   # mul and add alive together; then add and sum
     gm = make_fx(lambda x: (x * 2).view(-1).t().sum(), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm) == 516    # views share mul's storage
+    assert peak_live_bytes(gm.graph.nodes) == 516    # views share mul's storage
     gm = make_fx(lambda x: (x * 2, (x + 1).sum()), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm) == 1028   # an output stays alive to the end (512 + 512 + 4)
-    assert peak_live_bytes(gm, held=lambda n: True) == 1536   # x, mul and add; x goes after add
+    assert peak_live_bytes(gm.graph.nodes) == 1028   # an output stays alive to the end (512 + 512 + 4)
+    assert peak_live_bytes(gm.graph.nodes, held=lambda n: True) == 1536   # x, mul and add; x goes after add
