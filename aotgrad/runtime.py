@@ -585,12 +585,20 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
     for i in candidates:
         read = f"{ptr}(i{i})" if sig.has_subclasses else f"i{i}.untyped_storage().data_ptr()"
         src(f"p{i} = {read} if isinstance(i{i}, {tensor}) else {i}")
-    everything = _names("i", range(len(sig.inputs)))
-    for i in mutated:
-        others = [f"p{j}" for j in candidates if j != i]
-        src(f"if p{i} in ({', '.join(others)},):")
-        src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}("
-            f"{src.bind(alias_groups, 'alias_groups')}([{everything}]))", 2)
+    # one set of the candidates' storages: all distinct is the common case;
+    # else ``_mutated_aliased`` tells a mutated input's clash from two
+    # unmutated user inputs sharing storage (which is fine)
+    ptrs = ", ".join(f"p{i}" for i in candidates)
+    positions = tuple(k for k, i in enumerate(candidates) if sig.inputs[i].mutated)
+    src(f"if len({{{ptrs}}}) != {len(candidates)} and "
+        f"{src.bind(_mutated_aliased, 'mutated_aliased')}(({ptrs}), {positions}):")
+    src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}("
+        f"{src.bind(alias_groups, 'alias_groups')}([{_names('i', range(len(sig.inputs)))}]))", 2)
+
+
+def _mutated_aliased(ptrs: tuple, mutated: tuple[int, ...]) -> bool:
+    """Does a storage at a ``mutated`` position of ``ptrs`` occur elsewhere in it?"""
+    return any(ptrs.count(ptrs[k]) > 1 for k in mutated)
 
 
 def _write_back(src: _Source, sig: Signature, written: tuple[int, ...],

@@ -280,6 +280,31 @@ class TestAliasedInputs(MutationTestCase):
         # a mutation kept in the graph must see the aliasing too
         self.assert_same(run_both(f, make, keep_inference_input_mutations=True)[0])
 
+    def test_unmutated_inputs_may_share_storage(self):
+        # the runtime's alias check: a clash among unmutated inputs keeps the
+        # compiled program; only a mutated input's clash recompiles (rebased)
+        def f(a, b, c):
+            c.mul_(2)
+            return a * b + c
+
+        compiles = []
+
+        def counting(gm, _):
+            compiles.append(gm)
+            return gm
+
+        compiled = aot_function(f, counting)
+        # storage offsets stay 0, 2, 0 (they are part of the guard)
+        cases = [(lambda base, other: (base[:2], other[2:], torch.ones(2)), 1),  # distinct
+                 (lambda base, other: (base[:2], base[2:], torch.ones(2)), 1),   # a, b share
+                 (lambda base, other: (base[:2], other[2:], base[:2]), 2)]      # c is a
+        for make, n in cases:
+            e_bases, c_bases = [[torch.arange(4.0), torch.arange(4.0, 8.0)] for _ in range(2)]
+            e_args, c_args = make(*e_bases), make(*c_bases)
+            torch.testing.assert_close(compiled(*c_args), f(*e_args))
+            torch.testing.assert_close((*c_bases, c_args[2]), (*e_bases, e_args[2]))
+            self.assertEqual(len(compiles), n)
+
     def test_unrelated_aliases_are_refused_clearly(self):
         base = torch.arange(4.0)
         a, b = base[:2], base.detach()[2:]
