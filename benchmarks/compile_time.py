@@ -41,7 +41,19 @@ step on this CPU takes about 0.27 s for the transformer, 0.40 s for the CNN).
   folder/aotgrad, compilers ``aotgrad.nop``.  Hits are read from
   ``torch._dynamo.utils.counters["aot_autograd"]`` (both caches count there).
 
-Cells are medians of ``--runs`` samples; torch and aotgrad samples alternate.
+* ``floor`` (cold rows only, ``floor_s``; one per model, shown on both
+  partitioners' rows): what any tracer over fake tensors pays on a first call
+  at the least, in the same kind of fresh process: fake the parameters,
+  buffers and input in a fresh ``FakeTensorMode`` (no ShapeEnv, as both
+  implementations' static tracing), run the module forward and
+  ``autograd.grad`` over the parameters under it with the Python dispatcher
+  (recording nothing, partitioning nothing), then one real forward +
+  ``backward()``.  Each op's first fake dispatch in a process runs its meta
+  function in Python (a fake-tensor cache miss); both implementations pay
+  that, so ``floor/torch`` bounds the best ``aotgrad/torch`` a fake-tensor
+  tracer can reach.
+
+Cells are medians of ``--runs`` samples; torch, aotgrad (and floor) samples alternate.
 
     python benchmarks/compile_time.py [--json PATH] [--runs 5] [--models ...] [--modes cold warm]
 """
@@ -137,6 +149,23 @@ def _warm(impl: str, partition_fn, model, x, cache_dir: str) -> tuple[float, dic
                                   if k.startswith("autograd_cache")}}
 
 
+def _floor(model, x) -> tuple[float, dict]:
+    """One fake forward + backward, then one real step (module docstring)."""
+    import torch
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses import FakeTensorMode
+    t0 = time.perf_counter()
+    mode = FakeTensorMode()
+    params = {k: mode.from_tensor(v).requires_grad_(v.requires_grad)
+              for k, v in model.named_parameters()}
+    state = {**params, **{k: mode.from_tensor(v) for k, v in model.named_buffers()}}
+    with mode, enable_python_dispatcher():
+        loss = torch.func.functional_call(model, state, (mode.from_tensor(x),))[0]
+        torch.autograd.grad(loss, [v for v in params.values() if v.requires_grad])
+    model(x)[0].backward()
+    return time.perf_counter() - t0, {}
+
+
 def child(args: argparse.Namespace) -> None:
     # torch's FX graph / AOTAutograd cache folder (read when the cache is used)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(args.cache_dir, "torch")
@@ -149,12 +178,14 @@ def child(args: argparse.Namespace) -> None:
 
     for name in PREIMPORT:
         importlib.import_module(name)
-    partition_fn = _partition_fn(args.impl, args.partitioner)
+    partition_fn = None if args.impl == "floor" else _partition_fn(args.impl, args.partitioner)
     torch.set_num_threads(1)
     model, (x,) = build(args.model, "cpu", torch.float32)
     if not args.full_inputs:  # one sample (transformer: 16 tokens); see the docstring
         x = (x[:1, :16] if args.model == "transformer" else x[:1]).contiguous()
-    if args.mode == "cold":
+    if args.impl == "floor":
+        seconds, extra = _floor(model, x)
+    elif args.mode == "cold":
         seconds, extra = _cold(args.impl, partition_fn, model, x)
     else:
         seconds, extra = _warm(args.impl, partition_fn, model, x, args.cache_dir)
@@ -198,9 +229,13 @@ def measure(models, partitioners, modes, runs: int, tmp: str) -> list[dict]:
     for m, p, impl in [(m, p, i) for m, p in cells for i in IMPLS] if "warm" in modes else []:
         s = populate[m, p, impl] = run_child(impl, m, p, "warm", os.path.join(tmp, f"{m}-{p}-{impl}"))
         print(f"  populated {m} {p} {impl}: {s['seconds']:.2f}s {s.get('counters')}", flush=True)
+    floors = {m: [] for m in models}
     for r in range(runs):
         for mode in modes:
             for m, p in cells:
+                if mode == "cold" and p == partitioners[0]:
+                    floors[m].append(run_child("floor", m, p, mode, os.path.join(tmp, f"cold-{r}")))
+                    print(f"  run {r} {mode} {m} floor: {floors[m][-1]['seconds']:.2f}s", flush=True)
                 for impl in IMPLS:  # t, a, t, a, ...
                     folder = os.path.join(tmp, f"{m}-{p}-{impl}" if mode == "warm" else f"cold-{r}")
                     s = run_child(impl, m, p, mode, folder)
@@ -217,6 +252,9 @@ def measure(models, partitioners, modes, runs: int, tmp: str) -> list[dict]:
                 if mode == "warm":
                     row[f"{impl}_cache"] = _sum_counters(got)
                     row[f"{impl}_populate_s"] = populate[m, p, impl]["seconds"]
+                if mode == "cold" and impl == IMPLS[-1]:
+                    row["floor_s"] = statistics.median(s["seconds"] for s in floors[m])
+                    row["floor_samples"] = [round(s["seconds"], 4) for s in floors[m]]
                 if "stages" in got[0]:  # aotgrad's CompileReport.stage_seconds
                     row[f"{impl}_stages_s"] = {k: statistics.median(s["stages"][k] for s in got)
                                                for k in got[0]["stages"]}
@@ -226,7 +264,8 @@ def measure(models, partitioners, modes, runs: int, tmp: str) -> list[dict]:
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    cols = f"{'model':<12} {'partitioner':<11} {'mode':<5} {'torch s':>8} {'aotgrad s':>9} {'a/t':>5}  notes"
+    cols = (f"{'model':<12} {'partitioner':<11} {'mode':<5} {'torch s':>8} {'aotgrad s':>9} "
+            f"{'a/t':>5} {'floor s':>8} {'f/t':>5}  notes")
     print(cols)
     print("-" * (len(cols) + 40))
     for r in rows:
@@ -235,8 +274,10 @@ def print_table(rows: list[dict], header: str) -> None:
             note = ", ".join(f"{i} hit {r[f'{i}_cache'].get('autograd_cache_hit', 0)}/"
                              f"{len(r[f'{i}_samples'])} (miss run {r[f'{i}_populate_s']:.2f}s)"
                              for i in IMPLS)
-        print(f"{r['model']:<12} {r['partitioner']:<11} {r['mode']:<5} {r['torch_s']:>8.2f} "
-              f"{r['aotgrad_s']:>9.2f} {r['aotgrad_s'] / r['torch_s']:>5.2f}  {note}")
+        floor = (f"{r['floor_s']:>8.3f} {r['floor_s'] / r['torch_s']:>5.2f}" if "floor_s" in r
+                 else f"{'':>8} {'':>5}")
+        print(f"{r['model']:<12} {r['partitioner']:<11} {r['mode']:<5} {r['torch_s']:>8.3f} "
+              f"{r['aotgrad_s']:>9.3f} {r['aotgrad_s'] / r['torch_s']:>5.2f} {floor}  {note}")
 
 
 def main() -> None:
@@ -249,7 +290,7 @@ def main() -> None:
     ap.add_argument("--full-inputs", action="store_true",
                     help="memory.py's full-size inputs (default: one sample)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one sample
-    for flag, choices in (("--impl", IMPLS), ("--model", MODELS), ("--partitioner", PARTITIONERS),
+    for flag, choices in (("--impl", (*IMPLS, "floor")), ("--model", MODELS), ("--partitioner", PARTITIONERS),
                           ("--mode", ("cold", "warm")), ("--cache-dir", None)):
         ap.add_argument(flag, choices=choices, help=argparse.SUPPRESS)
     args = ap.parse_args()
