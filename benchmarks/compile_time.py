@@ -234,8 +234,9 @@ def measure(models, partitioners, modes, runs: int, tmp: str) -> list[dict]:
         for mode in modes:
             for m, p in cells:
                 if mode == "cold" and p == partitioners[0]:
-                    floors[m].append(run_child("floor", m, p, mode, os.path.join(tmp, f"cold-{r}")))
-                    print(f"  run {r} {mode} {m} floor: {floors[m][-1]['seconds']:.2f}s", flush=True)
+                    s = run_child("floor", m, p, mode, os.path.join(tmp, f"cold-{r}"))
+                    floors[m].append(s)
+                    print(f"  run {r} {mode} {m} floor: {s['seconds']:.2f}s", flush=True)
                 for impl in IMPLS:  # t, a, t, a, ...
                     folder = os.path.join(tmp, f"{m}-{p}-{impl}" if mode == "warm" else f"cold-{r}")
                     s = run_child(impl, m, p, mode, folder)
@@ -290,8 +291,9 @@ def main() -> None:
     ap.add_argument("--full-inputs", action="store_true",
                     help="memory.py's full-size inputs (default: one sample)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one sample
-    for flag, choices in (("--impl", (*IMPLS, "floor")), ("--model", MODELS), ("--partitioner", PARTITIONERS),
-                          ("--mode", ("cold", "warm")), ("--cache-dir", None)):
+    for flag, choices in (("--impl", (*IMPLS, "floor")), ("--model", MODELS),
+                          ("--partitioner", PARTITIONERS), ("--mode", ("cold", "warm")),
+                          ("--cache-dir", None)):
         ap.add_argument(flag, choices=choices, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
