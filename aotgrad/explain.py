@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import config
-from ._torch import StorageWeakRef, new_fake_mode, pytree
+from ._torch import StorageWeakRef, new_fake_mode, pytree, storage_of
 from .api import AOTFunction, aot_function, aot_module
 from .compile import nop
 from .descriptors import DESC, Primal
@@ -370,7 +370,7 @@ def peak_live_bytes(nodes: Iterable[fx.Node],
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and (n.op == "call_function" or
                                               (n.op == "placeholder" and held(n))):
-            key = StorageWeakRef(val.untyped_storage())
+            key = storage_of(val)
             if key not in users:
                 users[key], sizes[key] = set(), int(val.untyped_storage().nbytes())
                 current += sizes[key]
@@ -382,7 +382,7 @@ def peak_live_bytes(nodes: Iterable[fx.Node],
             if last.get(a, i) > i:
                 continue
             val = a.meta.get("val")
-            key = StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+            key = storage_of(val) if isinstance(val, torch.Tensor) else None
             if key in users:
                 users[key].discard(a)
                 if not users[key]:
@@ -427,7 +427,7 @@ def saved_tensors(report: CompileReport, labels: list[str]) -> list[SavedTensor]
     for node in graph.find_nodes(op="placeholder"):
         desc, val = node.meta.get(DESC), node.meta.get("val")
         if isinstance(desc, Primal) and isinstance(val, torch.Tensor) and desc.index < len(labels):
-            owner.setdefault(StorageWeakRef(val.untyped_storage()), labels[desc.index])
+            owner.setdefault(storage_of(val), labels[desc.index])
     inputs = set(owner.values())
     rows = []
     for node in graph.output_node().args[0][part.num_fwd_outputs:]:
@@ -435,7 +435,7 @@ def saved_tensors(report: CompileReport, labels: list[str]) -> list[SavedTensor]
         if not isinstance(val, torch.Tensor):
             rows.append(SavedTensor(node.name, None, type(val).__name__, 0, "activation"))
             continue
-        storage = StorageWeakRef(val.untyped_storage())
+        storage = storage_of(val)
         first = owner.setdefault(storage, node.name)
         if first in inputs:
             source = first if node.op == "placeholder" else f"view of {first}"

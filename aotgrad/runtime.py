@@ -468,9 +468,14 @@ def _writes_in_forward(sig: Signature, compiled: CompiledGraphs,
 def _written_in_forward(sig: Signature, repeated: Sequence[int]) -> tuple[int, ...]:
     viewed = _viewed_inputs(sig)
     return tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
-                 if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
-                 not x.mutates_storage and not x.mutation_needs_grad and not x.requires_grad and
-                 not x.detached_in_place and i not in viewed and k not in repeated)
+                 if _copied_back(x := sig.inputs[i]) and not x.mutation_needs_grad and
+                 not x.requires_grad and i not in viewed and k not in repeated)
+
+
+def _copied_back(x: InputInfo) -> bool:
+    """Whether the input's write-back is its new values alone (a ``copy_``)."""
+    return x.mutates_data and not x.mutates_metadata and not x.mutates_storage and \
+        not x.detached_in_place
 
 
 # Note [Updates in place]
@@ -497,8 +502,7 @@ def input_updates(sig: Signature, gm: Any, joint: bool) -> dict[int, int]:
         positions = _written_in_forward(sig, repeated_outputs(gm, sig.num_graph_outputs))
     else:
         positions = tuple(k for k, i in enumerate(sig.mutated_inputs_out_of_graph)
-                          if (x := sig.inputs[i]).mutates_data and not x.mutates_metadata and
-                          not x.mutates_storage and not x.detached_in_place)
+                          if _copied_back(sig.inputs[i]))
     return {k: sig.mutated_inputs_out_of_graph[k] for k in positions}
 
 
