@@ -26,8 +26,10 @@ aliased outputs are rebuilt from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,7 +37,7 @@ import torch
 
 from . import _torch, subclass
 from .flatten import FlatFunction
-from .record import NotFunctional
+from .record import NotFunctional, functionalizing_itself
 from .subclass import Layout
 
 
@@ -123,6 +125,14 @@ class OutputInfo:
     device: torch.device | None = None
 
 
+# Note [Signatures are read often]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The runtime's code generation asks for the mutated inputs and the graph
+# outputs once per input or output (a CNN's 45 BatchNorm buffers: thousands
+# of walks over the inputs).  A Signature is frozen, so the derived tuples
+# are computed once per instance (``functools.cached_property`` stores them
+# in the instance's ``__dict__``; fields, equality and hashing are unchanged).
+
 @dataclass(frozen=True)
 class Signature:
     inputs: tuple[InputInfo, ...]
@@ -144,11 +154,11 @@ class Signature:
     def has_subclasses(self) -> bool:
         return bool(self.input_layouts)
 
-    @property
+    @functools.cached_property  # Note [Signatures are read often]
     def mutated_inputs_out_of_graph(self) -> tuple[int, ...]:
         return tuple(i for i, x in enumerate(self.inputs) if x.mutation_out_of_graph)
 
-    @property
+    @functools.cached_property  # Note [Signatures are read often]
     def user_graph_outputs(self) -> tuple[int, ...]:
         """User outputs the graph returns (every tensor output but duplicates)."""
         return tuple(i for i, o in enumerate(self.outputs)
@@ -159,7 +169,7 @@ class Signature:
         return (len(self.mutated_inputs_out_of_graph) + len(self.user_graph_outputs) +
                 self.num_intermediate_bases)
 
-    @property
+    @functools.cached_property  # Note [Signatures are read often]
     def tangent_mask(self) -> tuple[bool, ...]:
         """Per graph output (Note [What the graph returns]): does it get a tangent?"""
         mask = [self.inputs[i].mutation_needs_grad for i in self.mutated_inputs_out_of_graph]
@@ -182,11 +192,33 @@ def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: 
 
 def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list) -> list:
     """``flat_fn`` on the functional inputs, raising the errors eager would
-    (``EagerChecks``)."""
-    leaves = [_torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
-              if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad]
-    with _torch.EagerChecks(leaves), _torch.NoDataAssignment():
+    (Note [Eager's errors])."""
+    if functionalizing_itself():
+        checks: Any = contextlib.nullcontext()
+    else:
+        checks = _torch.EagerChecks(
+            _torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
+            if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad)
+    with checks, _torch.NoDataAssignment():
         return flat_fn(*f_inputs)
+
+
+# Note [Eager's errors]
+# ~~~~~~~~~~~~~~~~~~~~~
+# Functionalization hides from autograd and the kernels what they check in
+# eager: which tensors are views of which (of a leaf that requires grad, say)
+# and which overlap in memory.  So under it ``_torch.EagerChecks`` raises
+# their errors: an in-place write to a view of such a leaf, or into memory
+# that overlaps.  A trace without it (Note [Functional already], trace.py)
+# needs no such mode.  It records a mutation only when nothing else in the
+# trace aliases the target and the functional op's new value has the
+# target's metadata.  That new value is a fresh tensor, which never overlaps
+# itself, so neither does the target; and a target without aliases is no
+# view of a leaf input (a write to the leaf itself autograd refuses, as in
+# eager).  Every other mutation goes to a functionalized trace, which checks.
+# The mode is worth saving: on a cold first call each dispatch mode on the
+# stack costs every op (prim::device queries included) about as much as the
+# tracer's own recording.  ``tests/test_record.py`` tests both traces.
 
 
 def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, history: list,

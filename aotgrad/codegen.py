@@ -23,7 +23,10 @@ for a node only after a check proves that, for arguments of those types, it
 dispatches exactly the node's overload and nothing else: the binding is run
 once on meta tensors of the node's shapes under a recording dispatch mode
 (``_torch.dispatched_ops``), the verdict cached per (overload, argument
-types).  With a torch function mode active at run time the binding would be
+types).  When the first op dispatched is the node's (not in-place) overload,
+the mode returns meta tensors of the node's own result instead of running it:
+the same metadata, for whatever might follow, without the cost of a meta
+kernel (a Python decomposition, in a cold process).  With a torch function mode active at run time the binding would be
 seen by the mode, so the generated function then runs the ``_op`` version.
 
 Before (``gm.code``)::
@@ -169,11 +172,12 @@ def verified_binding(node: "fx.Node | _Rewrite") -> Binding | None:
         return None
     key = (target, kinds)
     if key not in _verdicts:
-        _verdicts[key] = _check_binding(target, node.args)
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        _verdicts[key] = _check_binding(target, node.args, val)
     return _verdicts[key]
 
 
-def _check_binding(target: Any, args: tuple) -> Binding | None:
+def _check_binding(target: Any, args: tuple, val: Any) -> Binding | None:
     name = target._schema.name.split("::")[1]
     fn = getattr(_torch.VariableFunctions, name, None) or getattr(_torch.TensorBase, name, None)
     if fn is None or not _torch.is_builtin(fn):
@@ -181,22 +185,34 @@ def _check_binding(target: Any, args: tuple) -> Binding | None:
 
     def meta(value: Any) -> Any:
         if isinstance(value, fx.Node):
-            val = value.meta["val"]
-            return _torch.meta_like(val)
+            value = value.meta["val"]
+        if isinstance(value, torch.Tensor):
+            return _torch.meta_like(value)
         if isinstance(value, (list, tuple)):
             return type(value)(meta(v) for v in value)
         return value
 
     ints = len(args) == 2 and isinstance(args[1], (list, tuple)) and args[1] and \
         all(type(v) is int for v in args[1])
+    # the node's own result (its metadata) stands in for running the overload
+    stand_in = (target, meta(val)) if _static_tensors(val) and \
+        not target._schema.is_mutable else None
     for binding in ([Binding(fn, True)] if ints else []) + [Binding(fn, False)]:
         try:
-            ops = _torch.dispatched_ops(binding.fn, binding.args(tuple(meta(a) for a in args)))
+            ops = _torch.dispatched_ops(binding.fn, binding.args(tuple(meta(a) for a in args)),
+                                        stand_in)
         except Exception:  # no meta kernel, symbolic sizes, an argument the binding refuses
             continue
         if ops == [target]:
             return binding
     return None
+
+
+def _static_tensors(val: Any) -> bool:
+    """A tensor, or a tuple of them, with static sizes and strides."""
+    if isinstance(val, torch.Tensor):
+        return all(type(d) is int for d in (*val.shape, *val.stride(), val.storage_offset()))
+    return isinstance(val, tuple) and bool(val) and all(_static_tensors(v) for v in val)
 
 
 _BROADCASTING = frozenset(("aten::mul.Tensor", "aten::add.Tensor", "aten::sub.Tensor",

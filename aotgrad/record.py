@@ -230,10 +230,15 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.refused:  # the run goes on untraced (unwinding, or a user except)
+        if self.refused or func._namespace == "prim":
+            # refused: the run goes on untraced (unwinding, or a user except);
+            # prim: metadata queries (prim::device) asked by C++ code, which
+            # an exception cannot cross; they record nothing
             return func(*args, **kwargs)
         if any(t not in _HANDLED for t in types):
             return NotImplemented  # a subclass (FunctionalTensor ...) unwraps itself first
+        if _torch.in_checkpoint_region():
+            self.refuse("checkpoint regions")  # Note [A light tracer]
         if self.check_functional and not self._is_functional(func):
             return self._functionalized(func, types, args, kwargs)
         if func in self.decompositions:
@@ -330,6 +335,19 @@ def refuse_if_recording(reason: str) -> None:
     mode = _torch.current_proxy_mode()
     if isinstance(mode, _Recorder):
         mode.refuse(reason)
+
+
+def recording() -> bool:
+    """Whether the light tracer is tracing (it then refuses checkpoint
+    regions itself: ``policy.CheckpointRegionMarker`` is not needed)."""
+    return isinstance(_torch.current_proxy_mode(), _Recorder)
+
+
+def functionalizing_itself() -> bool:
+    """Whether the light tracer is tracing without torch's functionalization
+    (Note [Functional already], trace.py; Note [Eager's errors], analyze.py)."""
+    mode = _torch.current_proxy_mode()
+    return isinstance(mode, _Recorder) and mode.check_functional
 
 
 def record(fn: Callable, args: Sequence[Any], names: Sequence[str],

@@ -35,7 +35,7 @@ from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Ta
                           UserOutput)
 from .flatten import FlatFunction
 from .policy import CheckpointRegionMarker, strip_tags
-from .record import NotFunctional, add_placeholders, mutated_so_far, trace_graph
+from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
 
 
@@ -375,7 +375,9 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     late_tangents: list = []
 
     def joint(primals, tangents):
-        with CheckpointRegionMarker(), known.functionalization():
+        # the light tracer refuses checkpoint regions itself: one dispatch mode less
+        marker = contextlib.nullcontext() if recording() else CheckpointRegionMarker()
+        with marker, known.functionalization():
             f_primals = _rebuild_inputs(known.sig, [known.wrap(p) for p in primals])
             if known.sig is None:  # Note [One pass]
                 values = _run_described(flat_fn, fake_inputs, f_primals, known, True)
@@ -478,7 +480,7 @@ def _differentiate(outputs: list, wrt: list, tangents: list, poisoned: dict[int,
 def _detached_like(x: Any) -> Any:
     # Each primal is a leaf of the joint's autograd graph (symbolic sizes pass).
     if isinstance(x, torch.Tensor):
-        return x.detach().requires_grad_(x.requires_grad)
+        return _torch.detached_fake(x).requires_grad_(x.requires_grad)
     return x
 
 

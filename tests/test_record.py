@@ -461,6 +461,57 @@ def test_data_assignment_gets_a_clear_error(of):
         compiled(torch.randn(3, requires_grad=True), torch.randn(3))
 
 
+def _write_to_view_of_leaf(x):
+    x[0].mul_(2)
+    return x * 2
+
+
+def _write_to_overlapping_memory(x):
+    return (x * 2)[:1].expand(3, 3).add_(1)
+
+
+def _fill_of_overlapping_memory(x):  # eager allows it; functionalization cannot write it back
+    return (x * 2)[:1].expand(3, 3).fill_(1)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["functionalizing_itself", "functionalized"])
+@pytest.mark.parametrize("fn, error", [
+    (_write_to_view_of_leaf, "a view of a leaf Variable that requires grad"),
+    (_write_to_overlapping_memory, "more than one element of the written-to tensor"),
+    (_fill_of_overlapping_memory, "aotgrad: in-place writes, fills included")])
+def test_eager_errors_raised_by_either_trace(monkeypatch, fn, error, own):
+    # Note [Eager's errors] (analyze.py): a functionalized trace runs a
+    # checking mode; a trace without it leaves what could fail a check to one
+    used = []
+
+    class Checks(aotgrad._torch.EagerChecks):
+        def __init__(self, *args):
+            used.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(aotgrad._torch, "EagerChecks", Checks)
+    monkeypatch.setattr(aotgrad.trace, "OWN_FUNCTIONALIZATION", own)
+    x = torch.randn(3, 3, requires_grad=True)
+    if fn is not _fill_of_overlapping_memory:
+        with pytest.raises(RuntimeError, match=error):
+            fn(x)
+    with pytest.raises(RuntimeError, match=error):
+        aotgrad.aot_function(fn, aotgrad.nop)(x)
+    assert used or own
+
+
+def test_no_checking_mode_when_the_tracer_functionalizes(monkeypatch):
+    # Note [Eager's errors]: a mutation the tracer records itself needs no check
+    monkeypatch.setattr(aotgrad._torch, "EagerChecks", None)  # fails if used
+
+    def fn(x, w):
+        h = x @ w
+        h.mul_(2)
+        return h.relu_()
+
+    assert _compiled_matches_eager(fn, torch.randn(3, 4), torch.randn(4, 4)) == 0
+
+
 def _leaf_update_under_no_grad(x, w):
     with torch.no_grad():
         w.mul_(0.5)           # an input that requires grad, updated under no_grad

@@ -234,6 +234,40 @@ def test_bindings_are_used_only_where_they_dispatch_the_same_overload():
     assert torch.sin not in Record.seen and aten.sin.default in Record.seen
 
 
+def test_binding_verdicts_same_with_the_result_standing_in():
+    # Note [Verified bindings]: the node's result stands in for running its
+    # overload; the verdicts must be those of running it
+    from aotgrad import codegen
+
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    def g(x, w, b, rm, rv):
+        h = torch.nn.functional.linear(x, w, b).view(4, 2, 3)
+        h = torch.nn.functional.batch_norm(h, rm, rv, training=True)
+        a, c = h.split([1, 1], dim=1)
+        y = (a * 2.0 + c.expand(4, 1, 3)).sum(dim=[1]).t().contiguous()
+        return y.max(dim=0)[0].sum() + torch.where(y > 0, y, 0.5).mean()
+
+    args = [torch.randn(4, 5), torch.randn(6, 5, requires_grad=True),
+            torch.randn(6, requires_grad=True), torch.zeros(2), torch.ones(2)]
+    aotgrad.aot_function(g, grab)(*args).backward()
+    checked = 0
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                    and not node.kwargs and \
+                    node.target.namespace == "aten":
+                standing_in = codegen._check_binding(node.target, node.args, node.meta["val"])
+                run = codegen._check_binding(node.target, node.args, None)
+                assert standing_in == run, node.format_node()
+                checked += standing_in is not None
+    assert checked > 10
+
+
 def test_mutation_written_in_the_forward_matches_eager():
     # Note [Writes in the forward]: buf does not require grad, its new value
     # is not differentiable: the autograd.Function writes it itself
