@@ -87,17 +87,18 @@ def descendants(inputs: Iterable) -> set[fx.Node]:
 
 def impure_calls(graph: fx.Graph) -> set[fx.Node]:
     """The call_function nodes fx calls impure.  ``Node.is_impure`` walks the
-    schema and the effect tables on every call; here once per overload."""
+    schema and the effect tables on every call; here once per target (but
+    for higher-order ops, whose verdict depends on their arguments)."""
     found, verdicts = set(), {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
-        if isinstance(n.target, _torch.OpOverload):
+        if isinstance(n.target, _torch.HigherOrderOperator):
+            impure = n.is_impure()  # depends on the arguments
+        else:
             impure = verdicts.get(n.target)
             if impure is None:
                 impure = verdicts[n.target] = n.is_impure()
-        else:
-            impure = n.is_impure()  # higher-order ops: depends on the arguments
         if impure:
             found.add(n)
     return found

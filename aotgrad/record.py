@@ -72,7 +72,7 @@ class NotFunctional(Exception):
 
 #: ``GraphModule.meta`` key: which tracer recorded the graph, and why (explain shows it)
 TRACER_META = "aotgrad_tracer"
-_HANDLED = (_torch.FakeTensor, torch.Tensor, torch.nn.Parameter)
+_HANDLED = frozenset((_torch.FakeTensor, torch.Tensor, torch.nn.Parameter))
 
 _SIZE_QUERIES = frozenset({_torch.aten.size.default, _torch.aten.stride.default,
                            _torch.aten.storage_offset.default})
@@ -120,7 +120,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self.decompositions = decompositions or {}
         self._last_input: fx.Node | None = None
         self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
-        self._decomposes: dict[tuple, bool] = {}
+        self._decomposes: dict[Any, bool] = {}  # (op, device), or op: False on every device
         self.refused: tuple[type[Exception], str] | None = None
         # Note [Functional already]: not under functionalization, every op
         # must be functional; {op: whether it is}
@@ -215,14 +215,18 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         return a
 
     def _should_decompose(self, func, args) -> bool:
+        if self._decomposes.get(func) is False:  # no op of it decomposes on any device
+            return False
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
         key = (func, device)
         known = self._decomposes.get(key)
         if known is None:
             flat = [a for a in args if isinstance(a, torch.Tensor)]
             try:
-                known = func not in _SIZE_QUERIES and func._can_decompose() and \
-                    _torch.autograd_would_have_decomposed(func, flat)
+                if func in _SIZE_QUERIES or not func._can_decompose():
+                    self._decomposes[func] = False
+                    return False
+                known = _torch.autograd_would_have_decomposed(func, flat)
             except RuntimeError:  # ops the dispatcher does not list (prim::device)
                 known = False
             self._decomposes[key] = known
@@ -235,7 +239,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             # prim: metadata queries (prim::device) asked by C++ code, which
             # an exception cannot cross; they record nothing
             return func(*args, **kwargs)
-        if any(t not in _HANDLED for t in types):
+        if not _HANDLED.issuperset(types):
             return NotImplemented  # a subclass (FunctionalTensor ...) unwraps itself first
         if _torch.in_checkpoint_region():
             self.refuse("checkpoint regions")  # Note [A light tracer]
