@@ -293,9 +293,7 @@ def _save_copies_of_mutated_primals(fw_gm: fx.GraphModule, num_fwd_outputs: int,
         v = values[k]
         if not isinstance(v, fx.Node) or _torch.is_sym_node(v):
             continue
-        root = v
-        while root.op == "call_function" and is_view_op(root.target) and root.args:
-            root = root.args[0]  # a view of a mutated input dies with it too
+        root = _view_root(v)  # a view of a mutated input dies with it too
         desc = root.meta.get(DESC)
         if root.op == "placeholder" and isinstance(desc, Primal) and desc.index in mutated:
             if v not in clones:
@@ -307,6 +305,20 @@ def _save_copies_of_mutated_primals(fw_gm: fx.GraphModule, num_fwd_outputs: int,
     if clones:
         out.args = (tuple(values),)
         fw_gm.recompile()
+
+
+def _view_root(node: fx.Node) -> fx.Node:
+    """The node ``node`` is a view of, through view ops and the items of
+    multi-output views (``split(x)[1]``)."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        if is_view_op(node.target) or (node.target is operator.getitem and
+                                       source.op == "call_function" and
+                                       is_view_op(source.target)):
+            node = source
+        else:
+            break
+    return node
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,24 @@ def forward(self, arg0_1):
         self.assertFalse(any(n.op == "placeholder" for n in saved))
 
 
+    def test_saved_item_of_a_split_of_a_mutated_input(self):
+        # Note [Saving mutated inputs]: an item of a multi-output view
+        # (split(a)[-1]) of an input is a view of it too, saved as a copy: the
+        # runtime's write-back of a.squeeze_ (as_strided_) would modify it
+        def f(a, w):
+            a.squeeze_(0)
+            return a.clone() * a.split(1)[-1] * w
+
+        def make():
+            leaf = torch.arange(1.0, 4.0).reshape(1, 3).requires_grad_()
+            w = torch.full((3,), 0.5, requires_grad=True)
+            return [leaf, w], [leaf.clone(), w]
+
+        self.assert_same(run_both(f, make)[0])
+        self.assert_same(run_both(f, make,
+                                  partition_fn=aotgrad.min_cut_rematerialization_partition)[0])
+
+
 class TestMetadataMutation(MutationTestCase):
     def test_transpose_and_data(self):
         def f(a):
