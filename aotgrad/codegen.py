@@ -26,8 +26,9 @@ once on meta tensors of the node's shapes under a recording dispatch mode
 types).  When the first op dispatched is the node's (not in-place) overload,
 the mode returns meta tensors of the node's own result instead of running it:
 the same metadata, for whatever might follow, without the cost of a meta
-kernel (a Python decomposition, in a cold process).  With a torch function mode active at run time the binding would be
-seen by the mode, so the generated function then runs the ``_op`` version.
+kernel (a Python decomposition, in a cold process).  With a torch function
+mode active at run time the binding would be seen by the mode, so the
+generated function then runs the ``_op`` version.
 
 Before (``gm.code``)::
 

@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _torch, record
+from . import _torch
 from .descriptors import DESC, Grad
 from .partition import ancestors
 from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
@@ -100,8 +100,7 @@ class CheckpointRegionMarker(TorchDispatchMode):
         if func.namespace == "prim":  # metadata queries (prim::device), asked by C++
             return func(*args, **(kwargs or {}))  # code that an exception cannot cross
         graph = None
-        if _torch.in_checkpoint_region():
-            record.refuse_if_recording("checkpoint regions")  # Note [A light tracer]
+        if _torch.in_checkpoint_region():  # (the light tracer refuses regions itself)
             graph = _torch.current_trace_graph()
         if graph is None:
             return func(*args, **(kwargs or {}))

@@ -30,8 +30,9 @@ then traces the program again with make_fx, which handles everything
 * tensors the trace did not create and was not given: constants such as
   ``torch.tensor(2.0)`` (make_fx interns and constant-folds them),
 * data-dependent ops (``item``, ``is_nonzero``), opaque objects,
-* checkpoint regions (``policy.CheckpointRegionMarker``): selective
-  checkpointing changes what it does when it finds make_fx's mode.
+* checkpoint regions (the tracer checks for one at every op; under make_fx
+  ``policy.CheckpointRegionMarker`` marks them): selective checkpointing
+  changes what it does when it finds make_fx's mode.
 
 A refusal is remembered: a user ``except`` that swallows it cannot leave a
 half-recorded graph.  It is raised once where it happens and again when the
@@ -234,7 +235,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.refused or func._namespace == "prim":
+        if self.refused or func.namespace == "prim":
             # refused: the run goes on untraced (unwinding, or a user except);
             # prim: metadata queries (prim::device) asked by C++ code, which
             # an exception cannot cross; they record nothing
@@ -331,14 +332,6 @@ def mutated_so_far() -> dict[int, bool]:
     (Note [Functional already]): whether all their mutations were under no_grad."""
     mode = _torch.current_proxy_mode()
     return dict(mode.mutated) if isinstance(mode, _Recorder) else {}
-
-
-def refuse_if_recording(reason: str) -> None:
-    """Called where torch behaves differently under make_fx (selective
-    checkpointing looks for make_fx's mode): the light tracer steps aside."""
-    mode = _torch.current_proxy_mode()
-    if isinstance(mode, _Recorder):
-        mode.refuse(reason)
 
 
 def recording() -> bool:
