@@ -17,6 +17,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree  # noqa: F401  (re-exported)
 from torch._decomp import core_aten_decompositions, get_decompositions  # noqa: F401
 from torch._dispatch.python import enable_python_dispatcher  # noqa: F401
@@ -118,6 +119,22 @@ def detached_fake(t: torch.Tensor) -> torch.Tensor:
     with in_kernel_invocation_manager(mode):
         meta = aten.detach.default(t)
     return FakeTensor(mode, meta, t.device)
+
+
+def add_node(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict,
+             name: str | None = None, type_expr: Any = None) -> fx.Node:
+    """``graph.create_node(op, target, args, kwargs, name, type_expr)``, the
+    arguments set after creation (``Node.args``/``Node.kwargs``, which do what
+    the constructor does with them).  torch 2.13's ``create_node`` first walks
+    the arguments with pytree to warn about raw symbolic values; aotgrad's
+    graphs have none (the light tracer refuses them, make_fx records nodes),
+    and the walk costs as much as the rest of making a node."""
+    node = graph.create_node(op, target, (), None, name=name, type_expr=type_expr)
+    if args:
+        node.args = args
+    if kwargs:
+        node.kwargs = kwargs
+    return node
 
 
 # ---------------------------------------------------------------- functionalization

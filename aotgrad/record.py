@@ -122,6 +122,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self._last_input: fx.Node | None = None
         self.alive: list[torch.Tensor] = []   # Note [A light tracer]: ids stay unique
         self._decomposes: dict[Any, bool] = {}  # (op, device), or op: False on every device
+        self._names: dict[Any, str] = {}  # op -> its nodes' name before numbering
         self.refused: tuple[type[Exception], str] | None = None
         # Note [Functional already]: not under functionalization, every op
         # must be functional; {op: whether it is}
@@ -268,8 +269,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             node = self._node(func, node_args, node_kwargs, out)
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    item = self.graph.create_node("call_function", operator.getitem, (node, i),
-                                                  name="getitem")
+                    item = _torch.add_node(self.graph, "call_function", operator.getitem,
+                                           (node, i), {}, name="getitem")
                     item.meta["val"] = self.checked(o)
                     self._track(o, item)
         elif out is None:
@@ -279,15 +280,18 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         return out
 
     def _node(self, func, args, kwargs, out) -> fx.Node:
-        node = self.graph.create_node("call_function", func, args, kwargs,
-                                      name=self.graph._target_to_str(func.overloadpacket))
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = self.graph._target_to_str(func.overloadpacket)
+        node = _torch.add_node(self.graph, "call_function", func, args, kwargs, name=name)
         node.meta["val"] = self.checked(out) if isinstance(out, torch.Tensor) else out
         return node
 
     def checked(self, t: torch.Tensor) -> torch.Tensor:
-        if any(type(s) is not int for s in t.shape) or \
-                any(type(s) is not int for s in t.stride()) or \
-                type(t.storage_offset()) is not int:
+        if t._has_symbolic_sizes_strides and (
+                any(type(s) is not int for s in t.shape) or
+                any(type(s) is not int for s in t.stride()) or
+                type(t.storage_offset()) is not int):
             self.refuse("symbolic sizes")
         return t
 

@@ -94,3 +94,30 @@ class TestDescriptors(TestCase):
         self.assertEqual(kinds, sorted(kinds))  # tensors, then symints
         bw_in = [is_sym_node(n) for n in bw.graph.find_nodes(op="placeholder")]
         self.assertEqual(bw_in, sorted(bw_in, reverse=True))  # symints first
+
+
+class TestNodes(TestCase):
+    def test_add_node_makes_the_node_create_node_makes(self):
+        # _torch.add_node sets the arguments after creating the node (torch
+        # 2.13's create_node walks them first): same graph, same uses
+        from aotgrad import _torch
+
+        def build(make):
+            g = torch.fx.Graph()
+            x, y = g.placeholder("x"), g.placeholder("y")
+            a = make(g, torch.ops.aten.mul.Tensor, (x, y), {}, "mul")
+            b = make(g, torch.ops.aten.sum.dim_IntList, (a, [0]), {"keepdim": True}, "sum")
+            c = make(g, torch.ops.aten.add.Tensor, (b, a), {"alpha": 2}, "add")
+            g.output((c, a))
+            return g
+
+        made = build(lambda g, t, args, kwargs, name:
+                     _torch.add_node(g, "call_function", t, args, kwargs, name))
+        created = build(lambda g, t, args, kwargs, name:
+                        g.create_node("call_function", t, args, kwargs, name))
+        made.lint()
+        self.assertEqual(str(made), str(created))
+        self.assertEqual([sorted(u.name for u in n.users) for n in made.nodes],
+                         [sorted(u.name for u in n.users) for n in created.nodes])
+        self.assertEqual([[a.name for a in n.all_input_nodes] for n in made.nodes],
+                         [[a.name for a in n.all_input_nodes] for n in created.nodes])
