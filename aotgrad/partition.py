@@ -230,9 +230,10 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
                 f"aotgrad partition: {n.name} is needed but is not an input of the new graph")
         if n.op == "output":
             continue
-        env[n] = copy = _torch.add_node(new, n.op, n.target, fx.map_arg(n.args, env.__getitem__),
-                                        fx.map_arg(n.kwargs, env.__getitem__), n.name, n.type)
-        copy.meta = dict(n.meta)
+        made = _torch.add_node(new, n.op, n.target, fx.map_arg(n.args, env.__getitem__),
+                               fx.map_arg(n.kwargs, env.__getitem__), n.name, n.type)
+        made.meta = dict(n.meta)
+        env[n] = made
     new.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outputs))
     return new  # in the source graph's order, so well formed (no lint: 2% of a CNN's compile)
 
