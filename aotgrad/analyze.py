@@ -236,8 +236,10 @@ def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, 
     aliased = _aliased_subclass_inputs(fake_inputs) if with_subclasses else frozenset()
     inputs = tuple(_describe_input(x, fx, keep_input_mutations, h, i in aliased, recorded)
                    for i, (x, fx, h) in enumerate(zip(fake_inputs, f_inputs, history)))
-    mutated = frozenset(i for i, x in enumerate(inputs) if x.mutated)
-    outputs, bases = classify_outputs(outs, f_inputs, mutated)
+    # inputs whose graph value is not the input itself: changed, or cloned
+    # before the program runs (detach_: trace.py's _preparation)
+    rewritten = frozenset(i for i, x in enumerate(inputs) if x.mutated or x.detached_in_place)
+    outputs, bases = classify_outputs(outs, f_inputs, rewritten)
     outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
     output_infos = tuple(outputs)
     base_rg = tuple(b.requires_grad for b in bases)
@@ -388,7 +390,7 @@ def _check_subclass_mutation(x: Any, meta_or_storage: bool, aliased_subclass: bo
 
 
 def classify_outputs(outs: list, f_inputs: list,
-                     mutated: frozenset[int] = frozenset()) -> tuple[list[OutputInfo], list]:
+                     rewritten: frozenset[int] = frozenset()) -> tuple[list[OutputInfo], list]:
     """The OutputKind of every output, and the intermediate bases to return.
 
     Note [Lone views]: a view of an intermediate that no other output aliases
@@ -421,7 +423,7 @@ def classify_outputs(outs: list, f_inputs: list,
         owner = input_storage.get(storage)
         tensors = [outs[k] for k in members]
         if owner is not None:
-            _classify_input_aliases(outs, members, owner, input_index, infos, owner in mutated)
+            _classify_input_aliases(outs, members, owner, input_index, infos, owner in rewritten)
             continue
         _classify_intermediate_group(outs, members, tensors, infos, bases)
     return [i for i in infos], bases
@@ -439,10 +441,10 @@ def _is_multi_output_view(o: torch.Tensor) -> bool:
     return _torch.creation_meta_name(o) == "MULTI_OUTPUT_NODE"
 
 
-def _classify_input_aliases(outs, members, owner, input_index, infos, owner_mutated) -> None:
+def _classify_input_aliases(outs, members, owner, input_index, infos, owner_rewritten) -> None:
     # multi-output views of an input stay graph outputs only if the graph's
-    # values of them are views of that very input (it is not rewritten)
-    all_multi = not owner_mutated and all(_is_multi_output_view(outs[k]) for k in members)
+    # values of them are views of that very input (not mutated, not cloned)
+    all_multi = not owner_rewritten and all(_is_multi_output_view(outs[k]) for k in members)
     first_of: dict[int, int] = {}
     for k in members:
         first_of.setdefault(id(outs[k]), k)

@@ -256,6 +256,26 @@ def forward(self, primals_1):
         with self.assertRaisesRegex(RuntimeError, "do not allow the output views"):
             out[0].mul_(2)
 
+    def test_multi_output_view_of_an_input_detached_in_place(self):
+        # a.detach_() makes the trace clone a first (trace.py _preparation):
+        # the graph's unbind is of the clone, so the item is rebuilt from the
+        # input itself -- it must alias it, as in eager
+        def f(a, b):
+            a.detach_()
+            b.zero_()
+            return a.unbind(0)[0]
+
+        def make():
+            leaves = [torch.arange(3.0).requires_grad_(), torch.ones(1, 3).requires_grad_()]
+            return leaves, [leaves[0].clone(), leaves[1].clone()]
+
+        (e_out, e_in, _), (c_out, c_in, _) = run_both(f, make)[0]
+        self.assert_same(((e_out, e_in, []), (c_out, c_in, [])))
+        self.assertIs(c_out[0]._base, c_in[0])
+        c_out[0].add_(1)
+        e_out[0].add_(1)
+        torch.testing.assert_close(c_in[0], e_in[0])
+
     def test_detached_and_no_grad_outputs(self):
         def f(a):
             x = a + 1
