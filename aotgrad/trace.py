@@ -337,7 +337,9 @@ def _preparation(info: InputInfo) -> str | None:
 def _needs_clone(info: InputInfo) -> bool:
     """Note [Clone before mutation]: a mutated input that requires grad is
     cloned first: the joint differentiates with respect to its value before
-    the mutation, and autograd runs above functionalization."""
+    the mutation, and autograd runs above functionalization.  The clone has
+    the input's strides (``_clone_with_strides``): the program must see the
+    layout it sees in eager."""
     return info.requires_grad and info.mutation_visible_to_autograd and \
         not info.mutation_in_graph
 
@@ -348,10 +350,33 @@ def _prepare_primal(fp: Any, info: InputInfo) -> Any:
     gradient."""
     how = _preparation(info)
     if how == "clone":
-        return fp.clone()
+        return _clone_with_strides(fp)
     if how == "view":
         return fp.view(fp.shape)
     return fp
+
+
+def _clone_with_strides(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` laid out as ``t``: ops whose result depends on the
+    layout (``reshape`` views or copies) then do on it what they do on the
+    input.  ``clone()`` keeps the strides of a dense tensor only; a view with
+    gaps (``b[:, 1:]``) would come out contiguous.  (Subclasses and symbolic
+    sizes: ``clone()``.)"""
+    sizes, strides = t.shape, t.stride()
+    if subclass.is_subclass(t) or any(not isinstance(d, int) for d in (*sizes, *strides)) or \
+            _dense(sizes, strides):
+        return t.clone()
+    return torch.empty_strided(sizes, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _dense(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the elements fill their memory without gaps or overlaps."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(strides, sizes) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _differentiated(sig: Signature, loss_index: int | None) -> list[int]:

@@ -155,6 +155,26 @@ def forward(self, arg0_1):
                                   partition_fn=aotgrad.min_cut_rematerialization_partition)[0])
 
 
+    def test_mutated_input_with_gaps_keeps_its_layout(self):
+        # the trace clones a mutated input that requires grad (Note [Clone
+        # before mutation]); clone() would make a view with gaps contiguous,
+        # and c.reshape(4) -- a copy in eager -- a view that sees the mul_:
+        # wrong values and gradients, silently (fuzzer seed 14 hit it as a
+        # no_grad-view error)
+        def f(c):
+            v = c.reshape(4)
+            c.mul_(2)
+            return v * 1, c + 1
+
+        def make():
+            leaf = torch.arange(6.0).reshape(2, 3).requires_grad_()
+            return [leaf], [leaf.clone()[:, 1:]]
+
+        self.assert_same(run_both(f, make)[0])
+        self.assert_same(run_both(f, make,
+                                  partition_fn=aotgrad.min_cut_rematerialization_partition)[0])
+
+
 class TestMetadataMutation(MutationTestCase):
     def test_transpose_and_data(self):
         def f(a):
