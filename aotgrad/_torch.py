@@ -456,7 +456,8 @@ class EagerChecks(TorchDispatchMode):
             alias = schema.arguments[0].alias_info
             if alias is not None and alias.is_write and self.leaf_storages and \
                     torch.is_grad_enabled() and args[0].requires_grad and \
-                    storage_of(args[0]) in self.leaf_storages:
+                    args[0]._is_view() and storage_of(args[0]) in self.leaf_storages:
+                # (an autograd view: x.detach() shares the storage but is no view)
                 raise RuntimeError("a view of a leaf Variable that requires grad is being used "
                                    "in an in-place operation.")
             if alias is not None and alias.is_write and \

@@ -119,6 +119,21 @@ def forward(self, arg0_1):
         with self.assertRaisesRegex(RuntimeError, "leaf Variable that requires grad"):
             aot_function(lambda a: a.mul_(2), nop)(x)
 
+    def test_detached_alias_of_a_leaf_may_be_written(self):
+        # a.detach() shares a's storage but is no view of it: eager allows
+        # writing it, also once it requires grad (fuzzer seed 15)
+        def f(a):
+            d = a.detach()
+            d.add_(d * a)
+            d.sin_()
+            return a * 2
+
+        def make():
+            leaf = torch.arange(1.0, 7.0).reshape(3, 2).requires_grad_()
+            return [leaf], [leaf]
+
+        self.assert_same(run_both(f, make)[0])
+
     def test_forward_saves_a_copy_of_a_mutated_input(self):
         # Note [Saving mutated inputs]: the backward must see the value before
         # the write-back, so the forward saves a clone, never the input itself
