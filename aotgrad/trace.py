@@ -360,23 +360,25 @@ def _clone_with_strides(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` laid out as ``t``: ops whose result depends on the
     layout (``reshape`` views or copies) then do on it what they do on the
     input.  ``clone()`` keeps the strides of a dense tensor only; a view with
-    gaps (``b[:, 1:]``) would come out contiguous.  (Subclasses and symbolic
-    sizes: ``clone()``.)"""
+    gaps (``b[:, 1:]``) would come out contiguous.  (Subclasses, symbolic
+    sizes and elements that overlap, which no copy can lay out as the input:
+    ``clone()``.)"""
     sizes, strides = t.shape, t.stride()
     if subclass.is_subclass(t) or any(not isinstance(d, int) for d in (*sizes, *strides)) or \
-            _dense(sizes, strides):
+            not _has_gaps(sizes, strides):
         return t.clone()
     return torch.empty_strided(sizes, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _dense(sizes: Sequence[int], strides: Sequence[int]) -> bool:
-    """Whether the elements fill their memory without gaps or overlaps."""
-    expected = 1
+def _has_gaps(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the elements leave gaps in their memory and do not overlap."""
+    expected, gaps = 1, False
     for stride, size in sorted((st, n) for st, n in zip(strides, sizes) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+        if stride < expected:
+            return False  # overlap
+        gaps = gaps or stride > expected
+        expected = stride * size
+    return gaps
 
 
 def _differentiated(sig: Signature, loss_index: int | None) -> list[int]:
