@@ -504,8 +504,12 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
         for k in members:
             # a view that requires grad of a base that no longer does (the base
             # was detach_()ed after the view was taken) keeps its own history:
-            # it goes through autograd instead of being rebuilt from the base
-            own = k == base_out or (outs[k].requires_grad and not base_rg)
+            # it goes through autograd instead of being rebuilt from the base;
+            # so does an alias that is no view and requires grad (x.detach()
+            # written in place with a tensor that requires grad): its history
+            # is its own, not the base's (its storage is then its own too)
+            own = k == base_out or (outs[k].requires_grad and
+                                    (not base_rg or not outs[k]._is_view()))
             assign(k, OutputKind.FRESH if own else OutputKind.ALIAS_OF_OUTPUT,
                    None if own else base_out)
         return

@@ -277,6 +277,24 @@ def forward(self, primals_1):
         v.mul_(2)
         torch.testing.assert_close(t, (args[0] * 6).t())
 
+    def test_detached_alias_written_with_grad_keeps_its_history(self):
+        # d = t.detach(); d.mul_(c): d shares t's storage but its history is
+        # its own (through c); rebuilt as an alias of the output t, it lost
+        # requires_grad and so c's gradient through it (fuzzer seed 16)
+        def f(b, c):
+            t = b * 2
+            d = t.detach()
+            d.mul_(c)
+            return t, d
+
+        def make():
+            g = torch.Generator().manual_seed(0)
+            leaves = [torch.randn(2, 3, generator=g, requires_grad=True),
+                      torch.randn(2, 3, generator=g, requires_grad=True)]
+            return leaves, [leaves[0].clone(), leaves[1].clone()]
+
+        self.assert_same(run_both(f, make)[0])
+
     def test_lone_view_allows_in_place(self):
         x = torch.ones(3, 3, requires_grad=True)
         out = aot_function(lambda a: (a + 1).view(-1), nop)(x)
