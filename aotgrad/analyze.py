@@ -464,6 +464,12 @@ def _classify_input_aliases(outs, members, owner, input_index, infos, owner_rewr
             # Note [Views made by custom Functions]: the custom backward must
             # run, so such an output goes through the compiled Function.
             infos[k] = _common(o, OutputKind.FRESH)
+        elif not o._is_view() and o.requires_grad:
+            # an alias that is no view and requires grad (x.detach() written
+            # in place with a tensor that requires grad): its history is its
+            # own, not the input's; it goes through the compiled Function
+            # (its storage is then its own)
+            infos[k] = _common(o, OutputKind.FRESH)
         else:
             info = _common(o, OutputKind.ALIAS_OF_INPUT, owner)
             meta = (tuple(o.shape), tuple(o.stride()), o.storage_offset())

@@ -295,6 +295,24 @@ def forward(self, primals_1):
 
         self.assert_same(run_both(f, make)[0])
 
+    def test_detached_alias_of_an_input_written_with_grad(self):
+        # v = a.detach(); v.add_(b): v's history is its own (through b); as an
+        # alias of the input it lost requires_grad and b's gradient.  It now
+        # goes through the compiled Function (its storage is its own: writing
+        # to it afterwards does not change a, a documented difference)
+        def f(a, b):
+            v = a.detach()
+            v.add_(b)
+            return v * 1, v
+
+        def make():
+            g = torch.Generator().manual_seed(0)
+            leaves = [torch.randn(3, 2, generator=g, requires_grad=True),
+                      torch.randn(3, 2, generator=g, requires_grad=True)]
+            return leaves, [leaves[0], leaves[1].clone()]
+
+        self.assert_same(run_both(f, make)[0])
+
     def test_lone_view_allows_in_place(self):
         x = torch.ones(3, 3, requires_grad=True)
         out = aot_function(lambda a: (a + 1).view(-1), nop)(x)
