@@ -437,6 +437,14 @@ def _common(o: torch.Tensor, kind: OutputKind, base: int | None = None) -> Outpu
                       dtype=o.dtype, shape=tuple(o.shape), device=o.device)
 
 
+def _own_history(o: torch.Tensor) -> bool:
+    """An alias of another tensor that is no view of it and requires grad
+    (``x.detach()`` written in place with a tensor that requires grad): its
+    history is its own, so it cannot be rebuilt from the other tensor; it
+    goes through the compiled Function, its storage then its own."""
+    return o.requires_grad and not o._is_view()
+
+
 def _is_multi_output_view(o: torch.Tensor) -> bool:
     return _torch.creation_meta_name(o) == "MULTI_OUTPUT_NODE"
 
@@ -464,11 +472,7 @@ def _classify_input_aliases(outs, members, owner, input_index, infos, owner_rewr
             # Note [Views made by custom Functions]: the custom backward must
             # run, so such an output goes through the compiled Function.
             infos[k] = _common(o, OutputKind.FRESH)
-        elif not o._is_view() and o.requires_grad:
-            # an alias that is no view and requires grad (x.detach() written
-            # in place with a tensor that requires grad): its history is its
-            # own, not the input's; it goes through the compiled Function
-            # (its storage is then its own)
+        elif _own_history(o):  # through the compiled Function (its storage then its own)
             infos[k] = _common(o, OutputKind.FRESH)
         else:
             info = _common(o, OutputKind.ALIAS_OF_INPUT, owner)
@@ -511,11 +515,9 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
             # a view that requires grad of a base that no longer does (the base
             # was detach_()ed after the view was taken) keeps its own history:
             # it goes through autograd instead of being rebuilt from the base;
-            # so does an alias that is no view and requires grad (x.detach()
-            # written in place with a tensor that requires grad): its history
-            # is its own, not the base's (its storage is then its own too)
-            own = k == base_out or (outs[k].requires_grad and
-                                    (not base_rg or not outs[k]._is_view()))
+            # so does one with a history of its own (_own_history)
+            own = k == base_out or (outs[k].requires_grad and not base_rg) or \
+                _own_history(outs[k])
             assign(k, OutputKind.FRESH if own else OutputKind.ALIAS_OF_OUTPUT,
                    None if own else base_out)
         return
