@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+import sys
+import threading
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -96,11 +98,40 @@ def is_wrapper_subclass(t: Any) -> bool:
 def new_fake_mode(dynamic: bool) -> FakeTensorMode:
     """A fresh fake mode; with ``dynamic`` its sizes are symbolic.  A static
     mode has no ShapeEnv (as torch's static tracing): with one, every fake op
-    also enters and leaves the env's guard suppression (~2% of a compile)."""
-    if dynamic:
-        return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False,
-                              allow_non_fake_inputs=False)
-    return FakeTensorMode()
+    also enters and leaves the env's guard suppression (~2% of a compile).
+    Note [A fake mode without its birth stack]."""
+    with _no_stack_capture():
+        if dynamic:
+            return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False,
+                                  allow_non_fake_inputs=False)
+        return FakeTensorMode()
+
+
+# Note [A fake mode without its birth stack]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``FakeTensorMode()`` records where it was made (``traceback.extract_stack``,
+# shown only in an error about mixing fake modes).  That reads the source of
+# every file on the stack not yet in ``linecache``: about 2 ms of a cold first
+# call, a tenth of what aotgrad adds to the MLP's.  aotgrad's fake modes never
+# meet a user's, so the stack is not recorded: ``extract_stack`` honours
+# ``sys.tracebacklimit``, set to 0 while the mode is made.  A lock keeps two
+# threads from restoring each other's value.
+_STACK_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_stack_capture():
+    with _STACK_LIMIT_LOCK:
+        missing = object()
+        before = getattr(sys, "tracebacklimit", missing)
+        sys.tracebacklimit = 0
+        try:
+            yield
+        finally:
+            if before is missing:
+                del sys.tracebacklimit
+            else:
+                sys.tracebacklimit = before
 
 
 def fake_from_real(mode: FakeTensorMode, t: torch.Tensor, static: bool) -> torch.Tensor:
@@ -119,6 +150,61 @@ def detached_fake(t: torch.Tensor) -> torch.Tensor:
     with in_kernel_invocation_manager(mode):
         meta = aten.detach.default(t)
     return FakeTensor(mode, meta, t.device)
+
+
+_FAKE_KEY = torch._C._TorchDispatchModeKey.FAKE
+
+
+def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any] | None:
+    """Note [Straight to the fake mode] (record.py): a function running
+    ``func(*args, **kwargs)`` as the dispatcher would once it reaches
+    ``mode`` -- the next mode on the stack -- without going through the
+    dispatcher: ``mode.dispatch`` with the mode's slot unset during the call,
+    as the dispatcher unsets it, and the result in the types the dispatcher
+    returns (a tuple for several results, a list for a ``Tensor[]``: Python
+    meta functions may return named tuples).  None for a fake mode of another
+    type (its ``__torch_dispatch__`` may differ)."""
+    if type(mode) is not FakeTensorMode:
+        return None
+    dispatch, unset, restore = mode.dispatch, torch._C._unset_dispatch_mode, \
+        torch._C._set_dispatch_mode
+    result_types: dict[Any, type | None] = {}
+
+    def run(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        current = unset(_FAKE_KEY)
+        if current is not mode:  # not the next mode after all: the dispatcher's way
+            if current is not None:
+                restore(current)
+            return func(*args, **kwargs)
+        try:
+            out = dispatch(func, types, args, kwargs)
+        finally:
+            restore(mode)
+        if isinstance(out, (tuple, list)):
+            as_type = result_types.get(func, False)
+            if as_type is False:
+                as_type = result_types[func] = _result_type(func._schema.returns)
+            if as_type is not None and type(out) is not as_type:
+                out = as_type(out)
+        return out
+
+    return run
+
+
+def _result_type(returns: Sequence[Any]) -> type | None:
+    if len(returns) > 1:
+        return tuple
+    if len(returns) == 1 and isinstance(returns[0].type, torch.ListType):
+        return list
+    return None
+
+
+def has_dispatch_rule(func: Any, mode_type: type) -> bool:
+    """Whether ``torch.library.register_torch_dispatch`` gave ``func`` a rule
+    for modes of ``mode_type`` (the dispatcher runs it instead of the mode)."""
+    from torch._library.simple_registry import find_torch_dispatch_rule
+
+    return find_torch_dispatch_rule(func, mode_type) is not None
 
 
 def add_node(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict,

@@ -44,6 +44,21 @@ Decompositions apply as under make_fx: an op in the table runs its
 decomposition, traced; a CompositeImplicitAutograd op that reaches the tracer
 (autograd did not decompose it, as under ``no_grad`` for some ops) is
 decomposed when the device has no kernel of its own.
+
+Note [Straight to the fake mode]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Once the tracer has recorded an op it must run it on the fake tensors.
+``func(*args)`` goes back through the dispatcher (and the Python dispatcher)
+to reach the next mode on the stack, which is the fake mode: the tracer is
+the lowest mode but one.  That trip is most of what a dispatch mode costs (a
+passthrough mode over a fake forward+backward: +2.1 ms on the MLP, +6.9 ms on
+the CNN; calling the fake mode directly: +0.3 / +0.2 ms).  So the tracer
+calls the fake mode's ``dispatch`` itself, with the mode's slot unset as the
+dispatcher leaves it (``_torch.fake_dispatcher``).  The dispatcher would do
+something else only for an op with a rule of its own for the mode (a
+``python_key_table`` entry, ``torch.library.register_torch_dispatch``): those
+still take ``func(*args)``; so do all ops when the next mode is not the
+tracer's fake mode (``fake_dispatcher`` checks at each call).
 """
 
 from __future__ import annotations
@@ -130,6 +145,9 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self._functional_ops: dict[Any, bool] = {}
         self.mutated: dict[int, bool] = {}   # id -> all its mutations under no_grad
         self._sharing: dict[Any, set[int]] | None = None  # storage -> tensor ids
+        # Note [Straight to the fake mode]
+        self._to_fake = _torch.fake_dispatcher(fake_mode)
+        self._direct: dict[Any, bool] = {}  # op -> whether it may go straight there
 
     def refuse(self, reason: str, error: type[Exception] = NeedsMakeFx):
         """Give the program to make_fx, or to a functionalized trace
@@ -234,13 +252,25 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             self._decomposes[key] = known
         return known
 
+    def _run(self, func, types, args, kwargs) -> Any:
+        """``func(*args, **kwargs)`` one level down: in the fake mode (Note
+        [Straight to the fake mode])."""
+        direct = self._direct.get(func)
+        if direct is None:
+            direct = self._direct[func] = self._to_fake is not None and \
+                not func.python_key_table and \
+                not _torch.has_dispatch_rule(func, type(self.fake_mode))
+        if direct:
+            return self._to_fake(func, types, args, kwargs)
+        return func(*args, **kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.refused or func.namespace == "prim":
             # refused: the run goes on untraced (unwinding, or a user except);
             # prim: metadata queries (prim::device) asked by C++ code, which
             # an exception cannot cross; they record nothing
-            return func(*args, **kwargs)
+            return self._run(func, types, args, kwargs)
         if not _HANDLED.issuperset(types):
             return NotImplemented  # a subclass (FunctionalTensor ...) unwraps itself first
         if _torch.in_checkpoint_region():
@@ -261,7 +291,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
                 func is _torch.aten.is_nonzero.default:
             self.refuse(f"a data-dependent op ({func})")
         node_args, node_kwargs = self.arg(args), self.arg(kwargs)
-        out = func(*args, **kwargs)
+        out = self._run(func, types, args, kwargs)
         if isinstance(out, torch.Tensor):
             node = self._node(func, node_args, node_kwargs, out)
             self._track(out, node)

@@ -570,3 +570,90 @@ def test_a_swallowed_not_functional_still_goes_to_functionalization():
     torch.testing.assert_close(compiled(x), fn(x))
     assert compiled.last_report.tracing == \
         "one run of the program, by the light tracer, under functionalization"
+
+
+# Note [Straight to the fake mode]
+
+def _fake_results(func, *args):
+    """``func(*args)`` under a fake mode and the Python dispatcher (as the
+    tracer runs), through the dispatcher and straight to the mode:
+    (dispatcher's result, direct result)."""
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    run = _torch.fake_dispatcher(mode)
+    with mode, _torch.enable_python_dispatcher():
+        theirs = func(*fakes)
+        mine = run(func, (type(fakes[0]),), tuple(fakes), {})
+    return theirs, mine
+
+
+@pytest.mark.parametrize("func, args", [
+    (torch.ops.aten.native_layer_norm.default, (torch.randn(2, 4), [4], None, None, 1e-5)),
+    (torch.ops.aten.split.Tensor, (torch.randn(5, 2), 2)),
+    (torch.ops.aten.var_mean.correction, (torch.randn(3, 4), [0])),
+    (torch.ops.aten.add_.Tensor, (torch.randn(3), torch.randn(3))),
+    (torch.ops.aten.t.default, (torch.randn(3, 4),)),
+], ids=["layer_norm", "split", "var_mean", "add_", "t"])
+def test_straight_to_the_fake_mode_returns_what_the_dispatcher_returns(func, args):
+    theirs, mine = _fake_results(func, *args)
+    assert type(mine) is type(theirs)  # a Python meta's named tuple becomes a tuple
+    flat_theirs, flat_mine = _torch.pytree.tree_leaves(theirs), _torch.pytree.tree_leaves(mine)
+    assert [(t.shape, t.stride(), t.dtype, type(t)) for t in flat_mine] == \
+        [(t.shape, t.stride(), t.dtype, type(t)) for t in flat_theirs]
+
+
+def test_the_tracer_goes_straight_to_the_fake_mode(monkeypatch):
+    calls = []
+    make = _torch.fake_dispatcher
+
+    def counting(mode):
+        run = make(mode)
+
+        def counted(func, *rest):
+            calls.append(func)
+            return run(func, *rest)
+        return counted
+
+    monkeypatch.setattr(_torch, "fake_dispatcher", counting)
+    fn, shapes = PROGRAMS["multi_output"]
+    mine, theirs = _both(_functional(fn), shapes)
+    assert _nodes(mine) == _nodes(theirs)
+    assert torch.ops.aten.split.Tensor in calls
+    assert [type(n.meta.get("val")) for n in mine.graph.nodes] == \
+        [type(n.meta.get("val")) for n in theirs.graph.nodes]
+
+
+def test_an_op_with_a_dispatch_rule_for_the_fake_mode_keeps_it():
+    lib = torch.library.Library("aotgrad_test_rule", "FRAGMENT")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+    ruled = []
+
+    def rule(mode, func, types, args, kwargs):
+        ruled.append(func)
+        with mode:
+            return torch.empty_like(args[0])
+
+    torch.library.register_torch_dispatch("aotgrad_test_rule::twice", FakeTensorMode, rule, lib=lib)
+    try:
+        mode = FakeTensorMode()
+        gm = record(lambda x: [torch.ops.aotgrad_test_rule.twice(x) + 1],
+                    [mode.from_tensor(torch.randn(3))], ["x"], None)
+        assert ruled == [torch.ops.aotgrad_test_rule.twice.default]
+        assert "twice" in str(list(gm.graph.nodes))
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("before", [None, 7])
+def test_making_a_fake_mode_leaves_the_traceback_limit_alone(before):
+    import sys
+    if before is not None:
+        sys.tracebacklimit = before
+    try:
+        mode = _torch.new_fake_mode(False)
+        assert getattr(sys, "tracebacklimit", None) == before
+        assert isinstance(mode, FakeTensorMode)
+    finally:
+        if hasattr(sys, "tracebacklimit"):
+            del sys.tracebacklimit
