@@ -117,7 +117,7 @@ class RuntimeProgram:
         lines = [f"def {name}({params}):"]
         if pre_guard is not None:
             lines += [f"    if not ({pre_guard}):", "        return MISS"]
-        lines += [f"    i{k} = {expr}" for k, expr in enumerate(inputs)]
+        lines += _read_inputs(inputs)
         if guard is None:
             lines += self.body
         else:  # a guarded entry: aliased inputs, like a failed guard, return MISS
@@ -128,6 +128,30 @@ class RuntimeProgram:
         return make_function("\n".join(lines) + "\n", name,
                              {**self.namespace, **guarded, **(namespace or {}), "MISS": MISS,
                               "AliasedMutatedInputs": AliasedMutatedInputs})
+
+
+_ITEM = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def _read_inputs(exprs: Sequence[str]) -> list[str]:
+    """Lines binding ``i{k}`` to ``exprs[k]``; consecutive items of one
+    sequence (``leaves[3]``, ``leaves[4]`` ...) in one statement,
+    ``i3, i4, = leaves[3:5]``: a large program's reads in a line or two
+    (compiling the source is part of a cold first call)."""
+    lines, k = [], 0
+    while k < len(exprs):
+        item = _ITEM.fullmatch(exprs[k])
+        end = k + 1
+        if item is not None:
+            seq, first = item.group(1), int(item.group(2))
+            while end < len(exprs) and exprs[end] == f"{seq}[{first + end - k}]":
+                end += 1
+        if end - k > 1:
+            lines.append(f"    {_names('i', range(k, end))}, = {seq}[{first}:{first + end - k}]")
+        else:
+            lines.append(f"    i{k} = {exprs[k]}")
+        k = end
+    return lines
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
@@ -586,21 +610,21 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
         return
     ptr = src.bind(subclass.storage_ptr, "storage_ptr")
     tensor = src.bind(torch.Tensor, "Tensor")
-    for i in candidates:
-        read = f"{ptr}(i{i})" if sig.has_subclasses else f"i{i}.untyped_storage().data_ptr()"
-        src(f"p{i} = {read} if isinstance(i{i}, {tensor}) else {i}")
-    # one set of the candidates' storages: all distinct is the common case;
-    # else ``_mutated_aliased`` tells a mutated input's clash from two
-    # unmutated user inputs sharing storage (which is fine)
-    ptrs = ", ".join(f"p{i}" for i in candidates)
+    read = f"{ptr}(x)" if sig.has_subclasses else "x.untyped_storage().data_ptr()"
+    # the candidates' storages (a non-tensor: its id, unlike any storage's);
+    # all distinct is the common case; else ``_mutated_aliased`` tells a
+    # mutated input's clash from two unmutated user inputs sharing storage
+    # (which is fine)
+    src(f"ptrs = [{read} if isinstance(x, {tensor}) else id(x) "
+        f"for x in ({_names('i', candidates)},)]")
     positions = tuple(k for k, i in enumerate(candidates) if sig.inputs[i].mutated)
-    src(f"if len({{{ptrs}}}) != {len(candidates)} and "
-        f"{src.bind(_mutated_aliased, 'mutated_aliased')}(({ptrs}), {positions}):")
+    src(f"if len(set(ptrs)) != {len(candidates)} and "
+        f"{src.bind(_mutated_aliased, 'mutated_aliased')}(ptrs, {positions}):")
     src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}("
         f"{src.bind(alias_groups, 'alias_groups')}([{_names('i', range(len(sig.inputs)))}]))", 2)
 
 
-def _mutated_aliased(ptrs: tuple, mutated: tuple[int, ...]) -> bool:
+def _mutated_aliased(ptrs: list, mutated: tuple[int, ...]) -> bool:
     """Does a storage at a ``mutated`` position of ``ptrs`` occur elsewhere in it?"""
     return any(ptrs.count(ptrs[k]) > 1 for k in mutated)
 

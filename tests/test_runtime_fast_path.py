@@ -522,3 +522,47 @@ def test_default_dtype_is_part_of_the_guard():
     finally:
         torch.set_default_dtype(old)
     assert f(x).dtype == torch.float32 and len(graphs) == 2
+
+
+def _graph(fn, *args):
+    """``fn``'s inference graph (a GraphModule), as aotgrad hands it to a compiler."""
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    with torch.no_grad():
+        aotgrad.aot_function(fn, compiler)(*args)
+    return graphs[0]
+
+
+def test_results_unpacked_compute_what_the_graph_computes():
+    # Note [Results unpacked]: several results in one statement; an index
+    # nothing reads is dropped at once; getitem of a list result by subscript
+    def g(x, w, b):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, [4], w, b, 1e-5)
+        first, *_ = x.split(1)
+        var_only = torch.var_mean(x, 1)[0]
+        return out * 2, rstd + 1, first, var_only
+
+    args = (torch.randn(3, 4), torch.randn(4), torch.randn(4))
+    gm = _graph(g, *args)
+    fn = graph_function(gm)
+    source = fn.__aotgrad_source__
+    unpack = [line for line in source.splitlines() if "native_layer_norm" in line]
+    assert len(unpack) == 1 and unpack[0].strip().startswith("getitem") and ", __unread," in unpack[0]
+    assert "__unread = None" in source
+    assert any(line.strip().endswith("[0]") for line in source.splitlines())  # split's item
+    for a, b in zip(fn(list(args)), gm(*args)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(aotgrad.aot_function(g, aotgrad.nop)(*args), g(*args)):
+        torch.testing.assert_close(a, b)
+
+
+def test_inputs_read_in_runs():
+    from aotgrad.runtime import _read_inputs
+    assert _read_inputs(["leaves[0]", "leaves[1]", "leaves[2]", "leaves[7]", "m.get('w')",
+                         "args[0]", "args[1]"]) == [
+        "    i0, i1, i2, = leaves[0:3]", "    i3 = leaves[7]", "    i4 = m.get('w')",
+        "    i5, i6, = args[0:2]"]
