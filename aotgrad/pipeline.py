@@ -89,12 +89,9 @@ def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool):
     mode = _torch.detect_fake_mode(list(graph_inputs))
     if mode is None:
         mode = _torch.new_fake_mode(dynamic)
-        convert = functools.partial(_torch.fake_from_real, mode, static=not dynamic)
-    else:
-        convert = mode.from_tensor
-    fakes = [convert(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
-             else x for x in graph_inputs]
-    return mode, fakes
+        return mode, _torch.fakes_from_reals(mode, graph_inputs, static=not dynamic)
+    return mode, [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
+                  else x for x in graph_inputs]
 
 
 @dataclass(frozen=True)

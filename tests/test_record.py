@@ -657,3 +657,48 @@ def test_making_a_fake_mode_leaves_the_traceback_limit_alone(before):
     finally:
         if hasattr(sys, "tracebacklimit"):
             del sys.tracebacklimit
+
+
+# Note [Plain fakes]
+
+def _described(f):
+    if not isinstance(f, torch.Tensor):
+        return f
+    return (type(f), f.shape, f.stride(), f.dtype, f.device, f.requires_grad, f.is_leaf,
+            f.storage_offset(), f.untyped_storage().nbytes(), f._is_view(),
+            getattr(f, "_is_param", False))
+
+
+def test_plain_fakes_are_what_from_tensor_makes():
+    base = torch.randn(4, 4)
+    values = [torch.nn.Parameter(torch.randn(3, 4)), torch.randn(3, requires_grad=True),
+              torch.randn(2, 3, 4).permute(2, 0, 1).contiguous(), torch.randn(2, 3).t(),
+              base, base[1:], torch.empty(0), torch.ones(2, dtype=torch.int64), 3, None]
+    mode = _torch.new_fake_mode(False)
+    mine = _torch.fakes_from_reals(mode, values, static=True)
+    theirs_mode = FakeTensorMode()
+    theirs = [theirs_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+    assert [_described(f) for f in mine] == [_described(f) for f in theirs]
+    assert all(f.fake_mode is mode for f in mine if isinstance(f, torch.Tensor))
+    # storage shared between inputs is kept (those two went through from_tensor)
+    assert _torch.storage_of(mine[4]) == _torch.storage_of(mine[5])
+
+
+def test_tensors_that_are_not_plain_go_through_from_tensor(monkeypatch):
+    made = []
+    real_fake_tensor = _torch.FakeTensor
+    monkeypatch.setattr(_torch, "FakeTensor", lambda *a: made.append(a) or real_fake_tensor(*a))
+    leaf = torch.randn(3, requires_grad=True)
+    leaf.grad = torch.ones(3)
+    shifted = torch.empty(0).set_(torch.randn(8).untyped_storage(), 2, (3,), (1,))
+    mode = _torch.new_fake_mode(False)
+    fakes = _torch.fakes_from_reals(mode, [leaf, shifted, torch.randn(2, 3)[0]], static=True)
+    assert made == []  # none plain: all from from_tensor, which fakes .grad too
+    assert fakes[0].grad is not None and fakes[1].storage_offset() == 2
+    # a subclass among the inputs: all go through from_tensor
+    from torch.testing._internal.two_tensor import TwoTensor
+    _torch.fakes_from_reals(mode, [torch.randn(2), TwoTensor(torch.randn(2), torch.randn(2))],
+                            static=True)
+    assert made == []
+    _torch.fakes_from_reals(mode, [torch.randn(2)], static=True)
+    assert len(made) == 1
