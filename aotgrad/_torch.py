@@ -337,6 +337,13 @@ def storage_of(t: torch.Tensor) -> StorageWeakRef:
     return StorageWeakRef(t.untyped_storage())
 
 
+def live_storage_key(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage, for as long as the storage lives
+    (the caller keeps a tensor of it alive): cheaper than ``storage_of``,
+    which makes a weak reference."""
+    return t.untyped_storage()._cdata
+
+
 @contextlib.contextmanager
 def tracing_context(fake_mode: FakeTensorMode):
     """Enter fake mode and the Python dispatcher (for symbolic decompositions)."""

@@ -526,10 +526,13 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
     for node in reversed(graph.nodes):
         if node in skipped:
             continue
-        read = rewrites[node].args if node in rewrites else node.all_input_nodes
-        for used in _torch.pytree.tree_leaves(read):
-            if isinstance(used, fx.Node):
-                last_use.setdefault(skipped.get(used, used), node)
+        if node in rewrites:
+            read: list[fx.Node] = []
+            fx.node.map_arg(rewrites[node].args, read.append)
+        else:
+            read = node.all_input_nodes
+        for used in read:
+            last_use.setdefault(skipped.get(used, used), node)
     dies_after: dict[fx.Node, list[str]] = {}
     for value, user in last_use.items():
         if user.op != "output":

@@ -197,10 +197,11 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             self._sharing = {}
             for a in self.alive:
                 self._share(a)
-        return len(self._sharing[_torch.storage_of(t)]) > 1
+        return len(self._sharing[_torch.live_storage_key(t)]) > 1
 
     def _share(self, t: torch.Tensor) -> None:
-        self._sharing.setdefault(_torch.storage_of(t), set()).add(id(t))
+        # the tensors stay alive (self.alive), so their storages do
+        self._sharing.setdefault(_torch.live_storage_key(t), set()).add(id(t))
 
     def placeholder(self, name: str, value: Any) -> None:
         """A graph input, after the others (also once ops are recorded)."""

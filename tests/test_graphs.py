@@ -121,3 +121,26 @@ class TestNodes(TestCase):
                          [sorted(u.name for u in n.users) for n in created.nodes])
         self.assertEqual([[a.name for a in n.all_input_nodes] for n in made.nodes],
                          [[a.name for a in n.all_input_nodes] for n in created.nodes])
+
+
+class TestChecker(TestCase):
+    def test_lint_runs_under_debug_assert(self):
+        # Note [Graph invariants]: FX's lint only under debug_assert; the rest always
+        import aotgrad
+        from aotgrad.check import check_graph
+
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        x.meta[DESC] = Primal(0)
+        y = g.call_function(torch.ops.aten.neg.default, (x,))
+        z = g.call_function(torch.ops.aten.neg.default, (y,))
+        g.output((z,))
+        y.prepend(z)  # z now reads y before y is computed
+        gm = torch.fx.GraphModule(torch.nn.Module(), g)
+        check_graph(gm)  # not linted
+        with aotgrad.config.patch(debug_assert=True):
+            with self.assertRaisesRegex(RuntimeError, "used before|topolog"):
+                check_graph(gm)
+        x.meta.pop(DESC)
+        with self.assertRaisesRegex(AssertionError, "role descriptor"):
+            check_graph(gm)
