@@ -105,6 +105,19 @@ def _always_miss(args: tuple) -> Any:
     return MISS
 
 
+def _made_at_first_use(make: Callable[[], Callable[[tuple], Any]], by_key: dict, key: tuple,
+                       owner: Any) -> Callable[[tuple], Any]:
+    """Note [Fast path]: a stand-in for the fast function ``make()`` returns,
+    making it at its first call and putting it where the stand-in was."""
+    def first_use(args: tuple) -> Any:
+        fast = by_key[key] = make()
+        if owner._fast is first_use:
+            owner._fast = fast
+        return fast(args)
+
+    return first_use
+
+
 class AOTFunction:
     """The callable ``aot_function`` returns (same signature as the user's fn).
 
@@ -118,7 +131,11 @@ class AOTFunction:
     one of plain tensors, makes the fast function for its program (one per
     key, kept).  Guards the key holds and the fast function leaves to the
     general path: autocast on, saved-tensor hooks, tensor subclasses,
-    dynamic shapes."""
+    dynamic shapes.  The fast function's guard is written at the call that
+    makes it, but its source is made and compiled when it first runs: a
+    program called once (an export, a one-off) never pays for that, and the
+    first call, which compiles the program, is not made longer by it (for a
+    large module, a good part of what the first call compiles)."""
 
     def __init__(self, fn: Callable, options: CompileOptions):
         self.fn = fn
@@ -143,7 +160,7 @@ class AOTFunction:
         if flat:
             self._fast = self.fast_function(key, run, list(args),
                                             [f"args[{k}]" for k in range(len(args))],
-                                            f"len(args) == {len(args)}")
+                                            f"len(args) == {len(args)}", owner=self)
         return self.run(run, leaves, in_spec, key)
 
     def lookup(self, args: tuple, kwargs: dict, flat: bool) -> tuple:
@@ -178,11 +195,13 @@ class AOTFunction:
             return run(leaves)
 
     def fast_function(self, key: tuple, run: Callable[[list], Any], leaves: list,
-                      exprs: list[str], extra_guard: str,
-                      namespace: dict | None = None) -> Callable[[tuple], Any]:
+                      exprs: list[str], extra_guard: str, namespace: dict | None = None, *,
+                      owner: Any) -> Callable[[tuple], Any]:
         """Note [Fast path]: the generated function for calls like this one,
         whose leaf k is the expression ``exprs[k]`` of the call's ``args``
-        (made once per key; ``_always_miss`` where there can be none)."""
+        (made once per key; ``_always_miss`` where there can be none).  Until
+        it first runs it is a stand-in that makes it, then puts it in
+        ``owner._fast`` (where the caller keeps it)."""
         fast = self._fast_by_key.get(key)
         if fast is not None:
             return fast
@@ -204,8 +223,10 @@ class AOTFunction:
         if guard is None:
             fast = _always_miss
         else:
-            fast = program.function("args", [exprs[j] for j in graph_leaf], guard,
-                                    ns.values, name="fast_call", pre_guard=extra_guard)
+            fast = _made_at_first_use(
+                lambda: program.function("args", [exprs[j] for j in graph_leaf], guard,
+                                         ns.values, name="fast_call", pre_guard=extra_guard),
+                self._fast_by_key, key, owner)
         self._fast_by_key[key] = fast
         return fast
 
@@ -302,7 +323,8 @@ class AOTModule(nn.Module):
                 exprs += [None] * len(modes)
                 exprs += [f"args[{k}]" for k in range(len(args))]
                 fast = compiled.fast_function(
-                    key, run, leaves, exprs, f"len(args) == {len(args)} and {guard}", ns.values)
+                    key, run, leaves, exprs, f"len(args) == {len(args)} and {guard}", ns.values,
+                    owner=self)
             self._fast = fast
         return compiled.run(run, leaves, in_spec, key)
 

@@ -566,3 +566,25 @@ def test_inputs_read_in_runs():
                          "args[0]", "args[1]"]) == [
         "    i0, i1, i2, = leaves[0:3]", "    i3 = leaves[7]", "    i4 = m.get('w')",
         "    i5, i6, = args[0:2]"]
+
+
+def test_fast_function_is_made_when_it_first_runs(monkeypatch):
+    # Note [Fast path]: the first call writes the guard; the source is made
+    # and compiled at the next call, which then runs it
+    import aotgrad.codegen as codegen
+    made = []
+    make = codegen.make_function
+    monkeypatch.setattr(aotgrad.runtime, "make_function",
+                        lambda source, name, ns: made.append(name) or make(source, name, ns))
+    linear = nn.Linear(4, 3)
+    cases = [(aotgrad.aot_function(prog, aotgrad.nop), prog,
+              (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))),
+             (aotgrad.aot_module(linear, aotgrad.nop), linear, (torch.randn(2, 4),))]
+    for compiled, eager, args in cases:
+        made.clear()
+        torch.testing.assert_close(compiled(*args), eager(*args))
+        assert "fast_call" not in made and compiled._fast.__name__ == "first_use"
+        torch.testing.assert_close(compiled(*args), eager(*args))
+        assert made.count("fast_call") == 1 and compiled._fast.__name__ == "fast_call"
+        torch.testing.assert_close(compiled(*args), eager(*args))
+        assert made.count("fast_call") == 1
