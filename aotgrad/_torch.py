@@ -202,6 +202,8 @@ def detached_fake(t: torch.Tensor) -> torch.Tensor:
 
 
 _FAKE_KEY = torch._C._TorchDispatchModeKey.FAKE
+# what FakeTensorMode.dispatch answers before anything else, without dispatching
+from torch._subclasses.fake_tensor import _DISPATCH_META_HANDLERS as _FAKE_METADATA_QUERIES  # noqa: E402,E501
 
 
 def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any] | None:
@@ -212,7 +214,10 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
     as the dispatcher unsets it, and the result in the types the dispatcher
     returns (a tuple for several results, a list for a ``Tensor[]``: Python
     meta functions may return named tuples).  None for a fake mode of another
-    type (its ``__torch_dispatch__`` may differ)."""
+    type (its ``__torch_dispatch__`` may differ).  A metadata query the mode
+    answers first thing (``prim::device``, asked by C++ of the fake tensors
+    an op takes: two thirds of a trace's dispatches) is answered by the
+    mode's own handler, as its ``dispatch`` would."""
     if type(mode) is not FakeTensorMode:
         return None
     dispatch, unset, restore = mode.dispatch, torch._C._unset_dispatch_mode, \
@@ -220,6 +225,9 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
     result_types: dict[Any, type | None] = {}
 
     def run(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        query = _FAKE_METADATA_QUERIES.get(func)
+        if query is not None and type(args[0]) is FakeTensor and args[0].fake_mode is mode:
+            return query(args)
         current = unset(_FAKE_KEY)
         if current is not mode:  # not the next mode after all: the dispatcher's way
             if current is not None:
