@@ -219,7 +219,7 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in inputs:
-        p = new.placeholder(n.name)
+        p = _torch.add_node(new, "placeholder", n.name, (), {}, name=n.name)  # snake already
         p.meta = dict(n.meta)
         env[n] = p
     needed = ancestors(list(outputs) + list(effects), stop=frozenset(inputs))
