@@ -179,12 +179,21 @@ def _plain_fake(mode: FakeTensorMode, t: torch.Tensor, shared: set) -> torch.Ten
             torch._C._functorch.is_functorch_wrapped_tensor(t) or \
             t.untyped_storage().data_ptr() in shared:
         return None
-    with no_dispatch():
-        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-    fake = FakeTensor(mode, meta, t.device)
+    fake = empty_fake(mode, t.shape, t.stride(), t.dtype, t.device)
     if type(t) is torch.nn.Parameter:
         fake._is_param = True  # as from_tensor marks a parameter's fake
     return fake.requires_grad_(t.requires_grad) if t.requires_grad else fake
+
+
+def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int] | None,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What ``torch.empty_strided(shape, stride, ...)`` (contiguous when
+    ``stride`` is None) makes under ``mode`` (static sizes), without a
+    dispatch: an empty meta tensor wrapped as the mode wraps results."""
+    with no_dispatch():
+        meta = torch.empty(shape, dtype=dtype, device="meta") if stride is None else \
+            torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return FakeTensor(mode, meta, torch.device(device))
 
 
 def detached_fake(t: torch.Tensor) -> torch.Tensor:

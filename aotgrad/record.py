@@ -421,8 +421,8 @@ def add_placeholders(names: Sequence[str], metas: Sequence[tuple]) -> list[torch
     mode = _torch.current_proxy_mode()
     if not isinstance(mode, _Recorder):
         raise NeedsMakeFx("inputs added during the trace")
-    with _torch.no_dispatch_modes(), mode.fake_mode:
-        values = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in metas]
+    values = [_torch.empty_fake(mode.fake_mode, shape, None, dtype, device)
+              for shape, dtype, device in metas]
     for name, value in zip(names, values, strict=True):
         mode.placeholder(name, value)
     return values
