@@ -798,6 +798,10 @@ def meta_like(val: torch.Tensor) -> torch.Tensor:
                                dtype=val.dtype, device="meta")
 
 
+class _NotOnlyTheStandIn(Exception):
+    pass
+
+
 class _RecordOps(TorchDispatchMode):
     def __init__(self, stand_in: tuple | None):
         super().__init__()
@@ -806,18 +810,26 @@ class _RecordOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func)
-        if self.stand_in is not None and len(self.ops) == 1 and func is self.stand_in[0]:
-            return self.stand_in[1]
+        if self.stand_in is not None:
+            if len(self.ops) == 1 and func is self.stand_in[0]:
+                return self.stand_in[1]
+            raise _NotOnlyTheStandIn()  # the answer is known: stop here
         return func(*args, **(kwargs or {}))
 
 
 def dispatched_ops(fn: Any, args: list, stand_in: tuple | None = None) -> list:
     """The ATen overloads ``fn(*args)`` dispatches, in order.  ``stand_in``
-    (an overload, its result): if the first op dispatched is that overload,
-    it returns that result instead of running (on a cold first call, running
-    a meta kernel means running its Python decomposition)."""
+    (an overload, its result): the question is whether ``fn`` dispatches
+    that overload and nothing else.  If the first op dispatched is that
+    overload, it returns that result instead of running (on a cold first
+    call, running a meta kernel means running its Python decomposition);
+    at any other op the run stops, the ops so far returned (they are not
+    ``[overload]``)."""
     with torch.no_grad(), _RecordOps(stand_in) as record:
-        fn(*args)
+        try:
+            fn(*args)
+        except _NotOnlyTheStandIn:
+            pass
     return record.ops
 
 
