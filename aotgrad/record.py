@@ -90,6 +90,9 @@ class NotFunctional(Exception):
 TRACER_META = "aotgrad_tracer"
 _HANDLED = frozenset((_torch.FakeTensor, torch.Tensor, torch.nn.Parameter))
 
+_PLAIN_ARGS = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device,
+                         torch.memory_format, torch.layout))
+
 _SIZE_QUERIES = frozenset({_torch.aten.size.default, _torch.aten.stride.default,
                            _torch.aten.storage_offset.default})
 
@@ -225,13 +228,15 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             self._share(t)
 
     def arg(self, a: Any) -> Any:
+        if type(a) in _PLAIN_ARGS:  # ints, floats ... (most arguments that are not tensors)
+            return a
         if isinstance(a, torch.Tensor):
             node = self.node_of.get(id(a))
             if node is None:
                 self.refuse(f"a tensor the trace did not create ({type(a).__name__})")
             return node
         if isinstance(a, (list, tuple)):
-            return type(a)(self.arg(x) for x in a)
+            return type(a)([self.arg(x) for x in a])
         if isinstance(a, dict):
             return {k: self.arg(v) for k, v in a.items()}
         if isinstance(a, (torch.ScriptObject, torch.SymInt, torch.SymFloat, torch.SymBool)):
