@@ -112,11 +112,11 @@ def new_fake_mode(dynamic: bool) -> FakeTensorMode:
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # ``FakeTensorMode()`` records where it was made (``traceback.extract_stack``,
 # shown only in an error about mixing fake modes).  That reads the source of
-# every file on the stack not yet in ``linecache``: about 2 ms of a cold first
-# call, a tenth of what aotgrad adds to the MLP's.  aotgrad's fake modes never
-# meet a user's, so the stack is not recorded: ``extract_stack`` honours
-# ``sys.tracebacklimit``, set to 0 while the mode is made.  A lock keeps two
-# threads from restoring each other's value.
+# every file on the stack not yet in ``linecache``: making the mode took
+# 1.8-2.0 ms of the MLP's cold first call, 0.2-0.3 ms without.  aotgrad's
+# fake modes never meet a user's, so the stack is not recorded:
+# ``extract_stack`` honours ``sys.tracebacklimit``, set to 0 while the mode
+# is made.  A lock keeps two threads from restoring each other's value.
 _STACK_LIMIT_LOCK = threading.Lock()
 
 
@@ -135,54 +135,9 @@ def _no_stack_capture():
                 sys.tracebacklimit = before
 
 
-def fakes_from_reals(mode: FakeTensorMode, values: Sequence[Any], static: bool) -> list:
-    """Fake versions of the tensors among ``values`` (in a fresh ``mode``;
-    other values as they are).  Note [Plain fakes]: ``mode.from_tensor``
-    describes a tensor in general (views, subclasses, storage sharing, grads,
-    symbolic sizes) and costs about 0.3 ms a tensor on a cold first call: a
-    third of the time a CNN's 93 inputs take.  A plain tensor -- a dense
-    leaf, no view, at offset 0, no ``.grad``, no other input sharing its
-    storage, static sizes -- has nothing of that to describe: its fake is
-    an empty meta tensor of its sizes and strides (a storage of its extent,
-    as from_tensor makes), wrapped as the mode wraps results, with its
-    ``requires_grad`` (``tests/test_record.py`` compares the two).  Other
-    tensors go through ``from_tensor``."""
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    # any other kind of tensor among them (a subclass, sparse) might share
-    # storage with a plain one unseen: then all go through from_tensor
-    plain = static and mode.shape_env is None and \
-        all(type(t) in _PLAIN_TYPES and t.layout == torch.strided for t in tensors)
-    shared: set = set()
-    if plain:
-        seen: set = set()
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            (shared if ptr in seen else seen).add(ptr)
-    out = []
-    for v in values:
-        if not isinstance(v, torch.Tensor):
-            out.append(v)
-            continue
-        fake = _plain_fake(mode, v, shared) if plain else None
-        out.append(fake if fake is not None else mode.from_tensor(v, static_shapes=static))
-    return out
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_fake(mode: FakeTensorMode, t: torch.Tensor, shared: set) -> torch.Tensor | None:
-    """Note [Plain fakes]; None for a tensor that is not plain."""
-    if not t.is_leaf or t._is_view() or t.grad is not None or t.storage_offset() != 0 or \
-            t.is_conj() or t.is_neg() or t.is_quantized or t.is_inference() or \
-            t.device.type == "meta" or t._has_symbolic_sizes_strides or \
-            torch._C._functorch.is_functorch_wrapped_tensor(t) or \
-            t.untyped_storage().data_ptr() in shared:
-        return None
-    fake = empty_fake(mode, t.shape, t.stride(), t.dtype, t.device)
-    if type(t) is torch.nn.Parameter:
-        fake._is_param = True  # as from_tensor marks a parameter's fake
-    return fake.requires_grad_(t.requires_grad) if t.requires_grad else fake
+def is_functorch_wrapped(t: torch.Tensor) -> bool:
+    """A tensor wrapped by a functorch transform (vmap, grad) in progress."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int] | None,

@@ -54,7 +54,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -72,6 +72,30 @@ def make_function(source: str, name: str, namespace: dict[str, Any]) -> Callable
     fn = namespace[name]
     fn.__aotgrad_source__ = source  # type: ignore[attr-defined]
     return fn
+
+
+_ITEM = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def read_inputs(exprs: Sequence[str]) -> list[str]:
+    """Lines binding ``i{k}`` to ``exprs[k]``; consecutive items of one
+    sequence (``leaves[3]``, ``leaves[4]`` ...) in one statement,
+    ``i3, i4, = leaves[3:5]``: a large program's reads in a line or two
+    (compiling the source is part of a cold first call)."""
+    lines, k = [], 0
+    while k < len(exprs):
+        item = _ITEM.fullmatch(exprs[k])
+        end = k + 1
+        if item is not None:
+            seq, first = item.group(1), int(item.group(2))
+            while end < len(exprs) and exprs[end] == f"{seq}[{first + end - k}]":
+                end += 1
+        if end - k > 1:
+            lines.append(f"    {', '.join(f'i{j}' for j in range(k, end))}, = {seq}[{first}:{first + end - k}]")
+        else:
+            lines.append(f"    i{k} = {exprs[k]}")
+        k = end
+    return lines
 
 
 class Namespace:

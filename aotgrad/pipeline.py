@@ -23,6 +23,7 @@ from . import _torch, subclass
 from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
+from .fakes import fakes_from_reals
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import Partitioned, default_partition, partition
@@ -89,7 +90,7 @@ def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool):
     mode = _torch.detect_fake_mode(list(graph_inputs))
     if mode is None:
         mode = _torch.new_fake_mode(dynamic)
-        return mode, _torch.fakes_from_reals(mode, graph_inputs, static=not dynamic)
+        return mode, fakes_from_reals(mode, graph_inputs, static=not dynamic)
     return mode, [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
                   else x for x in graph_inputs]
 

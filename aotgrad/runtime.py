@@ -78,7 +78,7 @@ import torch
 from . import _torch, config, subclass
 from ._torch import pytree
 from .analyze import InputInfo, OutputInfo, OutputKind, Signature
-from .codegen import Namespace, make_function
+from .codegen import Namespace, make_function, read_inputs
 from .compile import CompiledGraphs, repeated_outputs
 from .flatten import FlatInputs
 from .rebase import AliasedMutatedInputs, alias_groups
@@ -117,7 +117,7 @@ class RuntimeProgram:
         lines = [f"def {name}({params}):"]
         if pre_guard is not None:
             lines += [f"    if not ({pre_guard}):", "        return MISS"]
-        lines += _read_inputs(inputs)
+        lines += read_inputs(inputs)
         if guard is None:
             lines += self.body
         else:  # a guarded entry: aliased inputs, like a failed guard, return MISS
@@ -128,30 +128,6 @@ class RuntimeProgram:
         return make_function("\n".join(lines) + "\n", name,
                              {**self.namespace, **guarded, **(namespace or {}), "MISS": MISS,
                               "AliasedMutatedInputs": AliasedMutatedInputs})
-
-
-_ITEM = re.compile(r"(\w+)\[(\d+)\]")
-
-
-def _read_inputs(exprs: Sequence[str]) -> list[str]:
-    """Lines binding ``i{k}`` to ``exprs[k]``; consecutive items of one
-    sequence (``leaves[3]``, ``leaves[4]`` ...) in one statement,
-    ``i3, i4, = leaves[3:5]``: a large program's reads in a line or two
-    (compiling the source is part of a cold first call)."""
-    lines, k = [], 0
-    while k < len(exprs):
-        item = _ITEM.fullmatch(exprs[k])
-        end = k + 1
-        if item is not None:
-            seq, first = item.group(1), int(item.group(2))
-            while end < len(exprs) and exprs[end] == f"{seq}[{first + end - k}]":
-                end += 1
-        if end - k > 1:
-            lines.append(f"    {_names('i', range(k, end))}, = {seq}[{first}:{first + end - k}]")
-        else:
-            lines.append(f"    i{k} = {exprs[k]}")
-        k = end
-    return lines
 
 
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,

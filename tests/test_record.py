@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import aotgrad
 from aotgrad import _torch
+from aotgrad.fakes import fakes_from_reals
 from aotgrad.record import NeedsMakeFx, record
 
 
@@ -675,7 +676,7 @@ def test_plain_fakes_are_what_from_tensor_makes():
               torch.randn(2, 3, 4).permute(2, 0, 1).contiguous(), torch.randn(2, 3).t(),
               base, base[1:], torch.empty(0), torch.ones(2, dtype=torch.int64), 3, None]
     mode = _torch.new_fake_mode(False)
-    mine = _torch.fakes_from_reals(mode, values, static=True)
+    mine = fakes_from_reals(mode, values, static=True)
     theirs_mode = FakeTensorMode()
     theirs = [theirs_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
     assert [_described(f) for f in mine] == [_described(f) for f in theirs]
@@ -692,13 +693,13 @@ def test_tensors_that_are_not_plain_go_through_from_tensor(monkeypatch):
     leaf.grad = torch.ones(3)
     shifted = torch.empty(0).set_(torch.randn(8).untyped_storage(), 2, (3,), (1,))
     mode = _torch.new_fake_mode(False)
-    fakes = _torch.fakes_from_reals(mode, [leaf, shifted, torch.randn(2, 3)[0]], static=True)
+    fakes = fakes_from_reals(mode, [leaf, shifted, torch.randn(2, 3)[0]], static=True)
     assert made == []  # none plain: all from from_tensor, which fakes .grad too
     assert fakes[0].grad is not None and fakes[1].storage_offset() == 2
     # a subclass among the inputs: all go through from_tensor
     from torch.testing._internal.two_tensor import TwoTensor
-    _torch.fakes_from_reals(mode, [torch.randn(2), TwoTensor(torch.randn(2), torch.randn(2))],
+    fakes_from_reals(mode, [torch.randn(2), TwoTensor(torch.randn(2), torch.randn(2))],
                             static=True)
     assert made == []
-    _torch.fakes_from_reals(mode, [torch.randn(2)], static=True)
+    fakes_from_reals(mode, [torch.randn(2)], static=True)
     assert len(made) == 1

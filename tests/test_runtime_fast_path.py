@@ -561,8 +561,8 @@ def test_results_unpacked_compute_what_the_graph_computes():
 
 
 def test_inputs_read_in_runs():
-    from aotgrad.runtime import _read_inputs
-    assert _read_inputs(["leaves[0]", "leaves[1]", "leaves[2]", "leaves[7]", "m.get('w')",
+    from aotgrad.codegen import read_inputs
+    assert read_inputs(["leaves[0]", "leaves[1]", "leaves[2]", "leaves[7]", "m.get('w')",
                          "args[0]", "args[1]"]) == [
         "    i0, i1, i2, = leaves[0:3]", "    i3 = leaves[7]", "    i4 = m.get('w')",
         "    i5, i6, = args[0:2]"]
