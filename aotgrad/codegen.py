@@ -91,7 +91,8 @@ def read_inputs(exprs: Sequence[str]) -> list[str]:
             while end < len(exprs) and exprs[end] == f"{seq}[{first + end - k}]":
                 end += 1
         if end - k > 1:
-            lines.append(f"    {', '.join(f'i{j}' for j in range(k, end))}, = {seq}[{first}:{first + end - k}]")
+            names = ", ".join(f"i{j}" for j in range(k, end))
+            lines.append(f"    {names}, = {seq}[{first}:{first + end - k}]")
         else:
             lines.append(f"    i{k} = {exprs[k]}")
         k = end
