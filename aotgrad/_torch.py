@@ -606,47 +606,6 @@ class NoDataAssignment(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def autograd_reaches(grad_fn, target) -> bool:
-    """Whether ``target`` (a grad_fn) is reachable from ``grad_fn``."""
-    if grad_fn is None or target is None:
-        return False
-    # Note [Ids of autograd nodes]: a node's Python object may be made anew on
-    # each access and freed after; ids are compared only while the objects
-    # are held (``seen`` keeps them), or a freed id could stand for another node
-    seen: dict[int, Any] = {}
-    stack = [grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is target:
-            return True
-        if id(fn) in seen:
-            continue
-        seen[id(fn)] = fn
-        stack.extend(f for f, _ in fn.next_functions if f is not None)
-    return False
-
-
-def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
-    """Whether ``t``'s autograd history reaches one of ``sources`` (tensors
-    that require grad: their grad_fn, or for leaves their accumulator)."""
-    ids = {id(s) for s in sources}
-    held = [s.grad_fn for s in sources if s.grad_fn is not None]  # Note [Ids of autograd nodes]
-    nodes = {id(g) for g in held}
-    if id(t) in ids:
-        return True
-    seen: dict[int, Any] = {}
-    stack = [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen[id(fn)] = fn
-        if id(fn) in nodes or id(getattr(fn, "variable", None)) in ids:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
-
-
 # ---------------------------------------------------------------- autocast
 
 @functools.cache

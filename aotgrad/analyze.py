@@ -281,7 +281,7 @@ def _cut_by_no_grad(o: Any, info: OutputInfo, history: list) -> OutputInfo:
     root = history[info.base]
     if root is None or o.grad_fn is None:
         return info
-    if o.grad_fn is root or _torch.autograd_reaches(o.grad_fn, root):
+    if o.grad_fn is root or autograd_reaches(o.grad_fn, root):
         return info
     return dataclasses.replace(info, no_grad_view=True)
 
@@ -300,7 +300,7 @@ def _refuse_inner_gradients(f_inputs: list, outs: list) -> None:
         return
     for k, o in enumerate(outs):
         if isinstance(o, torch.Tensor) and o.requires_grad and \
-                _torch.autograd_reaches_any(o, inner):
+                autograd_reaches_any(o, inner):
             raise NotImplementedError(
                 f"aotgrad: output {k} is computed from an inner tensor of a subclass input "
                 "(e.g. x.a) that itself requires grad; its gradient would go to that inner "
@@ -364,7 +364,7 @@ def _describe_input(x: Any, fx: Any, keep_input_mutations: bool, history: Any,
     # detach_() cut the input's history (requires_grad may be back after a
     # later in-place op with a tensor that requires grad)
     cut = x.requires_grad and history is not None and fx.grad_fn is not history and \
-        not _torch.autograd_reaches(fx.grad_fn, history)
+        not autograd_reaches(fx.grad_fn, history)
     info = InputInfo(x.requires_grad, data, meta and not storage, storage, no_grad, hidden,
                      requires_grad_after=fx.requires_grad, history_cut=cut)
     # Note [Mutations kept in the graph]: with keep_input_mutations, a data
@@ -535,3 +535,46 @@ def _classify_intermediate_group(outs, members, tensors, infos, bases) -> None:
 def intermediate_bases(outs: list, sig: Signature) -> list:
     """The intermediate base tensors of ``outs`` (in a trace of the same program)."""
     return [outs[k]._base for k in sig.intermediate_base_views]
+
+
+# ---------------------------------------------------------------- autograd history
+
+def autograd_reaches(grad_fn, target) -> bool:
+    """Whether ``target`` (a grad_fn) is reachable from ``grad_fn``."""
+    if grad_fn is None or target is None:
+        return False
+    # Note [Ids of autograd nodes]: a node's Python object may be made anew on
+    # each access and freed after; ids are compared only while the objects
+    # are held (``seen`` keeps them), or a freed id could stand for another node
+    seen: dict[int, Any] = {}
+    stack = [grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is target:
+            return True
+        if id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return False
+
+
+def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
+    """Whether ``t``'s autograd history reaches one of ``sources`` (tensors
+    that require grad: their grad_fn, or for leaves their accumulator)."""
+    ids = {id(s) for s in sources}
+    held = [s.grad_fn for s in sources if s.grad_fn is not None]  # Note [Ids of autograd nodes]
+    nodes = {id(g) for g in held}
+    if id(t) in ids:
+        return True
+    seen: dict[int, Any] = {}
+    stack = [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        if id(fn) in nodes or id(getattr(fn, "variable", None)) in ids:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
