@@ -211,11 +211,12 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         graph = self.graph
         first = self._last_input.next if self._last_input is not None else \
             next(iter(graph.nodes), None)
+        # our names are snake case already: no name derivation (Graph.placeholder's)
         if first is None or first.op == "root":  # nothing after the inputs yet: append
             node = _torch.add_node(graph, "placeholder", name, (), {}, name=name)
         else:
             with graph.inserting_before(first):
-                node = graph.placeholder(name)
+                node = _torch.add_node(graph, "placeholder", name, (), {}, name=name)
         self._last_input = node
         node.meta["val"] = value
         if isinstance(value, torch.Tensor):
