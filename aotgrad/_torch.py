@@ -151,6 +151,29 @@ def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int]
     return FakeTensor(mode, meta, torch.device(device))
 
 
+def fake_view(mode: FakeTensorMode, base: torch.Tensor, shape: Sequence[int],
+              stride: Sequence[int], offset: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """A fake tensor of ``shape``/``stride``/``offset`` over the storage of
+    the fake tensor ``base``, without a dispatch (as the fake mode's own
+    cache makes a view op's result)."""
+    with no_dispatch():
+        meta = torch.empty((0,), dtype=dtype, device="meta")
+        meta.set_(base.untyped_storage(), offset, shape, stride)
+    return FakeTensor(mode, meta, device)
+
+
+def default_device() -> Any:
+    """``torch.set_default_device``'s device (as the fake mode's cache keys it)."""
+    return torch._C._get_default_device()
+
+
+def fake_mode_is_next(mode: FakeTensorMode) -> bool:
+    """Whether the dispatcher would hand an op to ``mode`` next (Note
+    [Straight to the fake mode])."""
+    return torch._C._get_dispatch_mode(_FAKE_KEY) is mode
+
+
 def detached_fake(t: torch.Tensor) -> torch.Tensor:
     """``t.detach()`` of a fake tensor with static sizes, without a fake
     dispatch: the meta kernel of ``detach`` on it (as its fake mode runs
@@ -181,14 +204,18 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
     type (its ``__torch_dispatch__`` may differ).  A metadata query the mode
     answers first thing (``prim::device``, asked by C++ of the fake tensors
     an op takes: two thirds of a trace's dispatches) is answered by the
-    mode's own handler, as its ``dispatch`` would."""
+    mode's own handler, as its ``dispatch`` would.  With ``uncached`` (an op
+    whose result the caller keeps: Note [A memo of fake results], fakes.py)
+    the mode's own cache is skipped for this op (the ops it runs still use
+    it): what ``dispatch`` does for an op that returns tensors, but for
+    making the cache's key and entry."""
     if type(mode) is not FakeTensorMode:
         return None
     dispatch, unset, restore = mode.dispatch, torch._C._unset_dispatch_mode, \
         torch._C._set_dispatch_mode
     result_types: dict[Any, type | None] = {}
 
-    def run(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+    def run(func: Any, types: Any, args: Any, kwargs: Any, uncached: bool = False) -> Any:
         query = _FAKE_METADATA_QUERIES.get(func)
         if query is not None and type(args[0]) is FakeTensor and args[0].fake_mode is mode:
             return query(args)
@@ -198,7 +225,8 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
                 restore(current)
             return func(*args, **kwargs)
         try:
-            out = dispatch(func, types, args, kwargs)
+            out = mode._dispatch_impl(func, types, args, kwargs) if uncached else \
+                dispatch(func, types, args, kwargs)
         finally:
             restore(mode)
         if isinstance(out, (tuple, list)):

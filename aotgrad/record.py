@@ -71,7 +71,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, fakes
 
 
 _log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self.mutated: dict[int, bool] = {}   # id -> all its mutations under no_grad
         self._sharing: dict[Any, set[int]] | None = None  # storage -> tensor ids
         # Note [Straight to the fake mode]
-        self._to_fake = _torch.fake_dispatcher(fake_mode)
+        self._to_fake = fakes.memoized(_torch.fake_dispatcher(fake_mode), fake_mode)
         self._direct: dict[Any, bool] = {}  # op -> whether it may go straight there
 
     def refuse(self, reason: str, error: type[Exception] = NeedsMakeFx):

@@ -20,6 +20,7 @@ import warnings
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
+import aotgrad
 from fuzz_programs import check_program, programs, shrink
 
 EXAMPLES = int(os.environ.get("AOTGRAD_FUZZ_EXAMPLES", "300"))
@@ -36,7 +37,9 @@ _phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target] + \
           phases=_phases, print_blob=False, suppress_health_check=list(HealthCheck))
 @given(programs())
 def test_aot_function_matches_eager(program):
-    with warnings.catch_warnings():
+    # debug_assert: also every graph's invariants, and every fake result the
+    # tracer's memo rebuilds (Note [A memo of fake results])
+    with warnings.catch_warnings(), aotgrad.config.patch(debug_assert=True):
         warnings.simplefilter("ignore")
         result = check_program(program, allow_unsupported=ALLOW_UNSUPPORTED)
     if not result.ok:

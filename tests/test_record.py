@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import aotgrad
-from aotgrad import _torch
+from aotgrad import _torch, fakes
 from aotgrad.fakes import fakes_from_reals
 from aotgrad.record import NeedsMakeFx, record
 
@@ -610,18 +610,77 @@ def test_the_tracer_goes_straight_to_the_fake_mode(monkeypatch):
     def counting(mode):
         run = make(mode)
 
-        def counted(func, *rest):
+        def counted(func, *rest, **how):
             calls.append(func)
-            return run(func, *rest)
+            return run(func, *rest, **how)
         return counted
 
     monkeypatch.setattr(_torch, "fake_dispatcher", counting)
+    monkeypatch.setattr(fakes, "_MEMO", {})  # Note [A memo of fake results]: a fresh one
     fn, shapes = PROGRAMS["multi_output"]
     mine, theirs = _both(_functional(fn), shapes)
     assert _nodes(mine) == _nodes(theirs)
     assert torch.ops.aten.split.Tensor in calls
     assert [type(n.meta.get("val")) for n in mine.graph.nodes] == \
         [type(n.meta.get("val")) for n in theirs.graph.nodes]
+
+
+def _recorded_twice(monkeypatch, programs):
+    """Record each program twice with a fresh memo of fake results, under
+    debug_assert (every hit checked against the fake mode); the memo's hits."""
+    monkeypatch.setattr(fakes, "_MEMO", {})
+    hits = []
+    rebuild = fakes._rebuild
+
+    def counted(entry, tensors, mode):
+        hits.append(entry)
+        return rebuild(entry, tensors, mode)
+
+    monkeypatch.setattr(fakes, "_rebuild", counted)
+    with aotgrad.config.patch(debug_assert=True):
+        for fn, shapes in programs:
+            for _ in range(2):
+                mine, theirs = _both(_functional(fn), shapes)
+                assert _nodes(mine) == _nodes(theirs)
+    return hits
+
+
+def test_the_memo_of_fake_results_rebuilds_what_the_fake_mode_makes(monkeypatch):
+    # Note [A memo of fake results]: views, fresh results, several results
+    hits = _recorded_twice(monkeypatch, PROGRAMS.values())
+    kinds = {d[0] for _, described in hits for d in described if d is not None}
+    assert kinds == {fakes._VIEW, fakes._FRESH}
+    assert {kind for kind, _ in hits} >= {None, tuple, list}  # split, var_mean
+
+
+def test_the_memo_check_catches_a_wrong_entry(monkeypatch):
+    fn, shapes = PROGRAMS["pointwise"]
+    _recorded_twice(monkeypatch, [(fn, shapes)])
+    for key, (kind, described) in list(fakes._MEMO.items()):  # every stride reversed
+        fakes._MEMO[key] = (kind, tuple((d[0], d[1], d[2][::-1], *d[3:]) for d in described))
+    with aotgrad.config.patch(debug_assert=True), \
+            pytest.raises(AssertionError, match="memo of fake results rebuilt"):
+        _both(_functional(fn), shapes)
+
+
+@pytest.mark.parametrize("scalars", [(2, 2.0), (2.0, 2)])
+def test_the_memo_tells_scalar_types_and_the_default_dtype_apart(monkeypatch, scalars):
+    monkeypatch.setattr(fakes, "_MEMO", {})
+    mode = FakeTensorMode()
+    x = mode.from_tensor(torch.arange(4))
+
+    def dtypes():
+        gm = record(lambda t: [t * s for s in scalars], [x], ["arg0_1"], None)
+        return [n.meta["val"].dtype for n in gm.graph.nodes if n.op == "call_function"]
+
+    eager = [(torch.arange(4) * s).dtype for s in scalars]
+    assert dtypes() == dtypes() == eager  # the second run from the memo
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert dtypes() == [(torch.arange(4) * s).dtype for s in scalars] != eager
+    finally:
+        torch.set_default_dtype(before)
 
 
 def test_an_op_with_a_dispatch_rule_for_the_fake_mode_keeps_it():
