@@ -204,11 +204,9 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
     type (its ``__torch_dispatch__`` may differ).  A metadata query the mode
     answers first thing (``prim::device``, asked by C++ of the fake tensors
     an op takes: two thirds of a trace's dispatches) is answered by the
-    mode's own handler, as its ``dispatch`` would.  With ``uncached`` (an op
-    whose result the caller keeps: Note [A memo of fake results], fakes.py)
-    the mode's own cache is skipped for this op (the ops it runs still use
-    it): what ``dispatch`` does for an op that returns tensors, but for
-    making the cache's key and entry."""
+    mode's own handler, as its ``dispatch`` would.  ``uncached``: with the
+    mode's cache off for the op and the ops it runs (Note [A memo of fake
+    results], fakes.py)."""
     if type(mode) is not FakeTensorMode:
         return None
     dispatch, unset, restore = mode.dispatch, torch._C._unset_dispatch_mode, \
@@ -224,11 +222,13 @@ def fake_dispatcher(mode: FakeTensorMode) -> Callable[[Any, Any, Any, Any], Any]
             if current is not None:
                 restore(current)
             return func(*args, **kwargs)
+        cached = mode.cache_enabled
+        mode.cache_enabled = cached and not uncached
         try:
-            out = mode._dispatch_impl(func, types, args, kwargs) if uncached else \
-                dispatch(func, types, args, kwargs)
+            out = dispatch(func, types, args, kwargs)
         finally:
             restore(mode)
+            mode.cache_enabled = cached
         if isinstance(out, (tuple, list)):
             as_type = result_types.get(func, False)
             if as_type is False:

@@ -85,18 +85,21 @@ def _plain_fake(mode: Any, t: torch.Tensor, shared: set) -> torch.Tensor | None:
 # input's storage (sizes, strides, offset) or fresh storage (sizes,
 # strides); a hit rebuilds the results without a dispatch (a fresh one as
 # ``empty_fake``, a view as the fake mode's cache rebuilds views).  A key
-# the memo has not seen goes to the fake mode past its own cache (the memo
-# keeps the result; the ops the mode runs for it still use the cache).
-# Python calls in the cold first call: MLP trace 43.3k -> 34.2k, CNN
-# 201.7k -> 164.9k, transformer 381.1k -> 259.6k.
+# the memo has not seen goes to the fake mode with the mode's cache off: the
+# memo keeps the result, and the ops the mode runs for it (a decomposition's)
+# seldom repeat, while making a cache key and entry costs more than a hit
+# saves.  Python calls in the trace of a cold first call: MLP 43.3k -> 31.1k,
+# CNN 201.7k -> 158.7k, transformer 381.1k -> 245.1k.
 #
 # Only what a key fully determines is kept: aten ops that mutate nothing,
 # have no data-dependent or dynamic-shaped result, and return tensors;
 # static sizes (no ShapeEnv), every tensor argument a fake of this mode
 # without a constant, every result a strided fake of this mode, not
 # requiring grad, without conj/neg bits, fresh results at offset 0 with the
-# storage ``empty_strided`` would give them and none shared; else the key
-# is marked and goes to the fake mode every time.  Under
+# storage ``empty_strided`` would give them and none shared, a result of an
+# input's storage only when no other input has that storage (else which
+# input it comes from is unknown); else the key is marked and goes to the
+# fake mode every time.  Under
 # ``config.debug_assert`` every hit is checked against the fake mode's own
 # result (``_check_rebuilt``); the fuzzer runs that way in the tests.
 
@@ -204,7 +207,10 @@ def _entry(out: Any, tensors: list, mode: Any) -> Any:
     outs = (out,) if type(out) is _torch.FakeTensor else out
     if type(outs) not in (tuple, list):
         return _NOT_KEPT
-    storages = {_torch.live_storage_key(t): i for i, t in enumerate(tensors)}
+    storages: dict = {}  # storage -> the one input of it; None when several
+    for i, t in enumerate(tensors):
+        storage = _torch.live_storage_key(t)
+        storages[storage] = None if storage in storages else i
     fresh: set = set()
     described = []
     for o in outs:
@@ -215,21 +221,19 @@ def _entry(out: Any, tensors: list, mode: Any) -> Any:
                 o.constant is not None or o.layout != torch.strided or o.is_conj() or \
                 o.is_neg() or o.requires_grad:
             return _NOT_KEPT
-        same = next((i for i, t in enumerate(tensors) if t is o), None)
-        if same is not None:
-            described.append((_SAME, same))
-            continue
         storage = _torch.live_storage_key(o)
         meta = (tuple(o.shape), o.stride(), o.storage_offset(), o.dtype, o.fake_device)
-        base = storages.get(storage)
-        if base is not None:
-            described.append((_VIEW, base, *meta))
-            continue
-        if storage in fresh or o.storage_offset() != 0 or \
+        if storage in storages:
+            base = storages[storage]
+            if base is None:  # several inputs have that storage: which one is unknown
+                return _NOT_KEPT
+            described.append((_SAME, base) if o is tensors[base] else (_VIEW, base, *meta))
+        elif storage in fresh or o.storage_offset() != 0 or \
                 o.untyped_storage().nbytes() != _extent(o):
             return _NOT_KEPT
-        fresh.add(storage)
-        described.append((_FRESH, *meta))
+        else:
+            fresh.add(storage)
+            described.append((_FRESH, *meta))
     kind = None if type(out) is _torch.FakeTensor else type(out)
     return kind, tuple(described)
 

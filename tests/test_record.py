@@ -663,6 +663,19 @@ def test_the_memo_check_catches_a_wrong_entry(monkeypatch):
         _both(_functional(fn), shapes)
 
 
+def test_the_memo_keeps_no_result_whose_input_is_ambiguous():
+    # a result sharing the storage of two inputs: which one it views is unknown
+    mode = FakeTensorMode()
+    a, other = mode.from_tensor(torch.randn(4, 4)), mode.from_tensor(torch.randn(4, 4))
+    with mode:
+        a_t, row = a.t(), a[1]
+    assert fakes._entry(row, [a, other], mode)[1][0][:2] == (fakes._VIEW, 0)
+    assert fakes._entry(row, [other, a], mode)[1][0][:2] == (fakes._VIEW, 1)
+    assert fakes._entry(a, [other, a], mode)[1][0] == (fakes._SAME, 1)
+    assert fakes._entry(row, [a, a_t], mode) is fakes._NOT_KEPT
+    assert fakes._entry(a, [a, a], mode) is fakes._NOT_KEPT
+
+
 @pytest.mark.parametrize("scalars", [(2, 2.0), (2.0, 2)])
 def test_the_memo_tells_scalar_types_and_the_default_dtype_apart(monkeypatch, scalars):
     monkeypatch.setattr(fakes, "_MEMO", {})
