@@ -99,9 +99,9 @@ def _plain_fake(mode: Any, t: torch.Tensor, shared: set) -> torch.Tensor | None:
 # storage ``empty_strided`` would give them and none shared, a result of an
 # input's storage only when no other input has that storage (else which
 # input it comes from is unknown); else the key is marked and goes to the
-# fake mode every time.  Under
-# ``config.debug_assert`` every hit is checked against the fake mode's own
-# result (``_check_rebuilt``); the fuzzer runs that way in the tests.
+# fake mode every time.  Under ``config.debug_assert`` every hit is checked
+# against the fake mode's own result (``_check_rebuilt``); the fuzz test
+# runs that way.
 
 def memoized(run: Any, mode: Any) -> Any:
     """``run`` (``_torch.fake_dispatcher``'s function for ``mode``) behind
