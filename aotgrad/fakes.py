@@ -139,7 +139,7 @@ def memoized(run: Any, mode: Any) -> Any:
 
 
 _MEMO: dict = {}       # key -> entry, or _NOT_KEPT
-_MEMO_LIMIT = 1 << 16  # entries; then it starts again
+_MEMO_LIMIT = 1 << 14  # entries (a few hundred bytes each); then it starts again
 _NOT_KEPT = object()
 _MEMOIZABLE: dict = {}  # op -> whether its results may be kept
 _PLAIN_VALUES = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device,
