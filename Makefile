@@ -30,8 +30,9 @@ purity:
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# A long fuzzing campaign: make fuzz N=10000 [SEED=2026] (no SEED: a random one)
+# A long fuzzing campaign: make fuzz N=10000 [SEED=2026] (no SEED: a random one),
+# under aotgrad's config.debug_assert (its internal checks on)
 N ?= 10000
 SEED ?=
 fuzz: $(STAMP)
-	$(BIN)/python tests/fuzz_programs.py --count $(N) $(if $(SEED),--seed $(SEED))
+	$(BIN)/python tests/fuzz_programs.py --count $(N) $(if $(SEED),--seed $(SEED)) --debug-assert

@@ -962,7 +962,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "partitioner at memory budget 0 (maximal recomputation), or "
                              "PyTorch's AOTAutograd (to calibrate the fuzzer)")
     parser.add_argument("--progress", type=int, default=25, help="print progress every N examples")
+    parser.add_argument("--debug-assert", action="store_true",
+                        help="run aotgrad under config.debug_assert: graph invariants, and every "
+                             "fake result the tracer's memo rebuilds checked against the fake mode")
     args = parser.parse_args(argv)
+    if args.debug_assert:
+        import aotgrad
+        aotgrad.config.debug_assert = True
 
     import warnings
     warnings.filterwarnings("ignore")
