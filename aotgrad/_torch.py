@@ -751,7 +751,7 @@ class _RecordOps(TorchDispatchMode):
         self.stand_in = stand_in
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
+        self.ops.append((func, args, kwargs or {}))
         if self.stand_in is not None:
             if len(self.ops) == 1 and func is self.stand_in[0]:
                 return self.stand_in[1]
@@ -759,14 +759,15 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def dispatched_ops(fn: Any, args: list, stand_in: tuple | None = None) -> list:
-    """The ATen overloads ``fn(*args)`` dispatches, in order.  ``stand_in``
+def dispatched_calls(fn: Any, args: list, stand_in: tuple | None = None) -> list:
+    """The ATen calls ``fn(*args)`` dispatches, in order: ``(overload, args,
+    kwargs)`` as the dispatcher passed them.  ``stand_in``
     (an overload, its result): the question is whether ``fn`` dispatches
     that overload and nothing else.  If the first op dispatched is that
     overload, it returns that result instead of running (on a cold first
     call, running a meta kernel means running its Python decomposition);
-    at any other op the run stops, the ops so far returned (they are not
-    ``[overload]``)."""
+    at any other op the run stops, the calls so far returned (they are not
+    that overload alone)."""
     with torch.no_grad(), _RecordOps(stand_in) as record:
         try:
             fn(*args)

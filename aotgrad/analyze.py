@@ -240,7 +240,7 @@ def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, 
     # before the program runs (detach_: trace.py's _preparation)
     rewritten = frozenset(i for i, x in enumerate(inputs) if x.mutated or x.detached_in_place)
     outputs, bases = classify_outputs(outs, f_inputs, rewritten)
-    outputs = [_cut_by_no_grad(o, info, history) for o, info in zip(outs, outputs)]
+    outputs = _cut_by_no_grad(outs, outputs, bases, history)
     output_infos = tuple(outputs)
     base_rg = tuple(b.requires_grad for b in bases)
     graph_values = [f_inputs[i] for i, x in enumerate(inputs) if x.mutation_out_of_graph]
@@ -271,19 +271,31 @@ def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, 
                      meta, base_views, **layouts)
 
 
-def _cut_by_no_grad(o: Any, info: OutputInfo, history: list) -> OutputInfo:
-    """Note [Views cut from autograd]: a view of an input whose view chain
-    passed through no_grad requires grad in eager but its gradient never
-    reaches the input; rebuilding it with autograd on would send gradient to
-    the input.  Such outputs are rebuilt as no_grad views."""
-    if info.kind is not OutputKind.ALIAS_OF_INPUT or not info.requires_grad or info.no_grad_view:
-        return info
-    root = history[info.base]
-    if root is None or o.grad_fn is None:
-        return info
-    if o.grad_fn is root or autograd_reaches(o.grad_fn, root):
-        return info
-    return dataclasses.replace(info, no_grad_view=True)
+def _cut_by_no_grad(outs: list, infos: list[OutputInfo], bases: list,
+                    history: list) -> list[OutputInfo]:
+    """Note [Views cut from autograd]: a rebuilt view whose view chain passed
+    through no_grad requires grad in eager, but its gradient never reaches
+    the tensor it is rebuilt from (a no_grad view has no gradient
+    accumulator of its own: the gradient goes nowhere); rebuilding it with
+    autograd on would send gradient to that tensor.  Such outputs are rebuilt
+    as no_grad views.  The view's creation meta does not tell: a multi-output
+    view (``split``) of a no_grad view is marked ``MULTI_OUTPUT_NODE``, so
+    the history itself is walked."""
+    cut = list(infos)
+    for k, (o, info) in enumerate(zip(outs, infos)):
+        if not info.kind.rebuilt or not info.requires_grad or info.no_grad_view or \
+                o.grad_fn is None:
+            continue
+        if info.kind is OutputKind.ALIAS_OF_INPUT:
+            root = history[info.base]
+            if root is None or o.grad_fn is root or autograd_reaches(o.grad_fn, root):
+                continue
+        else:
+            base = outs[info.base] if info.kind is OutputKind.ALIAS_OF_OUTPUT else bases[info.base]
+            if autograd_reaches_any(o, [base]):
+                continue
+        cut[k] = dataclasses.replace(info, no_grad_view=True)
+    return cut
 
 
 def _refuse_inner_gradients(f_inputs: list, outs: list) -> None:

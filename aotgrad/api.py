@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import config
 from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
                      module_call_is_plain, pytree, tensor_guard, top_saved_tensor_hooks)
-from .codegen import Namespace
+from .codegen import Namespace, make_function
 from .compile import Compiler
 from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
@@ -389,12 +389,16 @@ def aot_module_simplified(mod: nn.Module | Callable, example_inputs: list,
     """
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions, 0,
                              keep_inference_input_mutations, inference_compiler, False)
-    return compile_simplified(mod, list(example_inputs), options)
+    return compile_simplified(mod, list(example_inputs), options,
+                              caller_guards=_unused.pop("_caller_guards", False))
 
 
 def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
-                       options: CompileOptions, report: CompileReport | None = None) -> Callable:
-    """The work of ``aot_module_simplified``."""
+                       options: CompileOptions, report: CompileReport | None = None, *,
+                       caller_guards: bool = False) -> Callable:
+    """The work of ``aot_module_simplified``.  ``caller_guards``: the caller
+    (dynamo, for the backends) guards grad mode, ``requires_grad`` and inputs
+    passed twice itself (Note [Calls unlike the example])."""
     from .cache import compile_with_cache
 
     named = []
@@ -417,24 +421,71 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
     run = compile_with_cache(flat_fn, mod, options, leaves, in_spec,
                              report if report is not None else CompileReport())
 
-    rebased: dict[tuple, Callable[[list], Any]] = {}
+    like_example = _call_check(example_inputs, torch.is_grad_enabled(), caller_guards)
+    guarded: list[AOTFunction] = []  # Note [Calls unlike the example]: made when first needed
+
+    def general(leaves: list) -> Any:
+        if not guarded:
+            guarded.append(AOTFunction(flat_fn, options))
+        return guarded[0](*leaves)
 
     def forward(*runtime_args: Any) -> Any:
         leaves = [*lifted, *runtime_args]
+        if not like_example(runtime_args):
+            return general(leaves)
         try:
             return run(leaves)
-        except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
-            variant = rebased.get(aliased.groups)
-            if variant is None:
-                variant = rebased[aliased.groups] = compile_rebased(
-                    flat_fn, options, leaves, in_spec, aliased.groups)
-            return variant(leaves)
+        except AliasedMutatedInputs:  # Note [Aliased mutated inputs]
+            return general(leaves)
 
     if isinstance(mod, nn.Module):
         forward.zero_grad = mod.zero_grad  # type: ignore[attr-defined]
         forward.named_parameters = mod.named_parameters  # type: ignore[attr-defined]
         forward.named_buffers = mod.named_buffers  # type: ignore[attr-defined]
     return forward
+
+
+# Note [Calls unlike the example]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``aot_module_simplified`` compiles for its example inputs and does not
+# guard: its caller does (dynamo guards grad mode, ``requires_grad`` and
+# inputs passed twice).  A direct caller may not, and some differences give
+# silently wrong results: an example passing one tensor twice is traced with
+# one graph input, so a call passing two tensors there would read only the
+# first; a tensor requiring grad where the example's did not would get no
+# gradient.  So, unless the caller guards, each call is checked against the
+# example (number of arguments, the repeated tensors, grad mode and each
+# ``requires_grad``: one generated expression); a call unlike it, or whose
+# mutated inputs alias other inputs (Note [Aliased mutated inputs], where the
+# symbolic sizes of a dynamic trace are plain ints now), goes to an
+# ``aot_function`` of the same program, which guards every call and compiles
+# a program per kind of call.
+
+
+def _call_check(example_inputs: list, grad_enabled: bool,
+                caller_guards: bool) -> Callable[[tuple], bool]:
+    """Note [Calls unlike the example]: ``check(args)``, true when a call's
+    arguments are like ``example_inputs`` in what the caller does not guard."""
+    n = len(example_inputs)
+    parts = [f"len(args) == {n}"]
+    if not caller_guards:
+        ns = Namespace("check")
+        first: dict[int, int] = {}
+        for k, x in enumerate(example_inputs):
+            if isinstance(x, torch.Tensor):
+                j = first.setdefault(id(x), k)
+                if j != k:
+                    parts.append(f"args[{k}] is args[{j}]")
+        grad = f"{ns.bind(torch.is_grad_enabled, 'grad_enabled')}()"
+        parts.append(grad if grad_enabled else f"not {grad}")
+        if grad_enabled:
+            parts += [f"args[{k}].requires_grad is {x.requires_grad}"
+                      for k, x in enumerate(example_inputs)
+                      if isinstance(x, torch.Tensor) and first[id(x)] == k]
+    else:
+        ns = Namespace("check")
+    source = f"def check(args):\n    return {' and '.join(parts)}\n"
+    return make_function(source, "check", dict(ns.values))
 
 
 # the names functorch users know

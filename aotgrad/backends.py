@@ -34,7 +34,8 @@ def aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) 
         "inference_compiler": nop,
     }
     settings.update(kwargs)
-    return aot_module_simplified(gm, example_inputs, **settings)
+    # dynamo guards what aot_module_simplified would check (Note [Calls unlike the example])
+    return aot_module_simplified(gm, example_inputs, **settings, _caller_guards=True)
 
 
 def _inductor_forward(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -62,4 +63,5 @@ def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -
         "decompositions": _torch.inductor_decompositions(),
     }
     settings.update(kwargs)
-    return aot_module_simplified(gm, example_inputs, **settings)
+    # dynamo guards what aot_module_simplified would check (Note [Calls unlike the example])
+    return aot_module_simplified(gm, example_inputs, **settings, _caller_guards=True)

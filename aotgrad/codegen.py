@@ -18,12 +18,14 @@ are run by ``gm.forward`` itself.
 Note [Verified bindings]: calling an ATen overload through ``_op`` parses its
 arguments generically against the schema; the generated Python binding of the
 same op (``torch.mul``, ``Tensor.view``) is about 0.5 µs faster per call.  The
-binding resolves the overload from the arguments' Python types, so it is used
-for a node only after a check proves that, for arguments of those types, it
-dispatches exactly the node's overload and nothing else: the binding is run
-once on meta tensors of the node's shapes under a recording dispatch mode
-(``_torch.dispatched_ops``), the verdict cached per (overload, argument
-types).  When the first op dispatched is the node's (not in-place) overload,
+binding resolves the overload from the arguments' Python types and fills in
+defaults of its own, so it is used for a node only after a check proves that,
+for arguments of those types, it dispatches exactly the node's overload with
+the node's arguments and nothing else: the binding is run once on meta
+tensors of the node's shapes under a recording dispatch mode
+(``_torch.dispatched_calls``), the arguments the overload received compared
+with the node's, defaults filled in from the schema (``_same_arguments``);
+the verdict is cached per (overload, argument types).  When the first op dispatched is the node's (not in-place) overload,
 the mode returns meta tensors of the node's own result instead of running it:
 the same metadata, for whatever might follow, without the cost of a meta
 kernel (a Python decomposition, in a cold process).  With a torch function
@@ -223,15 +225,47 @@ def _check_binding(target: Any, args: tuple, val: Any) -> Binding | None:
     # the node's own result (its metadata) stands in for running the overload
     stand_in = (target, meta(val)) if _static_tensors(val) and \
         not target._schema.is_mutable else None
+    meta_args = tuple(meta(a) for a in args)
+    expected = _normalized(target._schema, meta_args, {})
     for binding in ([Binding(fn, True)] if ints else []) + [Binding(fn, False)]:
         try:
-            ops = _torch.dispatched_ops(binding.fn, binding.args(tuple(meta(a) for a in args)),
-                                        stand_in)
+            calls = _torch.dispatched_calls(binding.fn, binding.args(meta_args), stand_in)
         except Exception:  # no meta kernel, symbolic sizes, an argument the binding refuses
             continue
-        if ops == [target]:
+        if len(calls) == 1 and calls[0][0] is target and expected is not None and \
+                _same_arguments(_normalized(target._schema, *calls[0][1:]), expected):
             return binding
     return None
+
+
+def _normalized(schema: Any, args: tuple, kwargs: dict) -> list | None:
+    """Every argument of ``schema``, as given or by its default (None: one
+    is missing)."""
+    values = []
+    for k, arg in enumerate(schema.arguments):
+        if k < len(args):
+            values.append(args[k])
+        elif arg.name in kwargs:
+            values.append(kwargs[arg.name])
+        elif arg.has_default_value():
+            values.append(arg.default_value)
+        else:
+            return None
+    return values
+
+
+def _same_arguments(got: Any, expected: Any) -> bool:
+    """Note [Verified bindings]: the binding passed the overload the node's
+    very arguments: the same tensors, equal values of the same types (a
+    binding's own defaults may differ from the schema's:
+    ``torch.binary_cross_entropy_with_logits(a, b)`` passes ``reduction=0``
+    where the schema's default is 1, the mean)."""
+    if isinstance(expected, torch.Tensor) or isinstance(got, torch.Tensor):
+        return got is expected
+    if isinstance(expected, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(got) == len(expected) and all(
+            _same_arguments(g, e) for g, e in zip(got, expected))
+    return type(got) is type(expected) and got == expected
 
 
 def _static_tensors(val: Any) -> bool:
@@ -449,24 +483,45 @@ def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     return False
 
 
-_STRIDE_SENSITIVE = ("aten::view", "aten::_unsafe_view", "aten::_reshape_alias",
-                     "aten::view_as_real", "aten::view_as_complex", "aten::view_copy")
+# Note [Ops that take any strides]: ops whose kernels compute the same values
+# for inputs of any strides (TensorIterator's pointwise ops and sums, BLAS
+# matmuls, which copy what they cannot take), and views that accept any
+# strides.  Not every kernel does: ``native_group_norm_backward`` reads its
+# gradient as if contiguous (autograd's formula makes it so), and gives
+# garbage for an expanded one.  So a tangent is passed as it comes only
+# when every op it reaches is one of these, checked op by op.
+_ANY_STRIDES = frozenset((
+    "aten::sum.dim_IntList", "aten::sum.default", "aten::mean.dim", "aten::mean.default",
+    "aten::mm.default", "aten::bmm.default", "aten::addmm.default", "aten::mv.default",
+    "aten::dot.default", "aten::t.default", "aten::transpose.int", "aten::permute.default",
+    "aten::expand.default", "aten::unsqueeze.default", "aten::squeeze.dim",
+    "aten::squeeze.dims", "aten::squeeze.default", "aten::select.int", "aten::slice.Tensor",
+    "aten::clone.default", "aten::_to_copy.default", "aten::detach.default",
+    "aten::alias.default", "aten::neg.default"))
+
+
+def _takes_any_strides(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    if n.target is operator.getitem:
+        return True
+    if not isinstance(n.target, _torch.OpOverload):
+        return False
+    if torch.Tag.pointwise in n.target.tags:
+        return True
+    return f"{n.target._schema.name}.{n.target._overloadname}" in _ANY_STRIDES
 
 
 def stride_free_inputs(gm: fx.GraphModule) -> frozenset[int]:
     """Positions of ``gm``'s inputs whose strides no op of the graph depends
-    on (Note [Tangents as they come], runtime.py): nothing computed from
-    them reaches a ``view`` (which needs compatible strides) or an op that
-    addresses storage; every other ATen op computes the same values for any
-    strides."""
+    on (Note [Tangents as they come], runtime.py): everything computed from
+    them goes only through ops that take any strides (Note [Ops that take
+    any strides]) to the graph's outputs."""
     sensitive: set[fx.Node] = set()
     for n in reversed(gm.graph.nodes):
         if n.op == "output":
             continue
-        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
-        if n in sensitive or (n.op != "placeholder" and n.target is not operator.getitem and (
-                schema is None or schema.name in _STRIDE_SENSITIVE or
-                _addresses_storage(schema.name))):
+        if n in sensitive or (n.op != "placeholder" and not _takes_any_strides(n)):
             sensitive.update(n.all_input_nodes)
             sensitive.add(n)
     placeholders = gm.graph.find_nodes(op="placeholder")

@@ -51,9 +51,24 @@ class Grad:
 
 
 @dataclass(frozen=True)
+class MutatedInBackward:
+    """The new value of input ``index`` after the backward wrote to it (Note
+    [Mutations in the backward], trace.py): a backward output after the grads."""
+    index: int
+
+
+@dataclass(frozen=True)
+class MutatedTangent:
+    """The new value of the gradient given for tangent ``index``, which the
+    backward wrote to (Note [Mutations in the backward], trace.py)."""
+    index: int
+
+
+@dataclass(frozen=True)
 class Saved:
     """A value the forward keeps for the backward (tensor or symbolic int)."""
     name: str
 
 
-Descriptor = Primal | Tangent | UserOutput | MutatedInput | IntermediateBase | Grad | Saved
+Descriptor = (Primal | Tangent | UserOutput | MutatedInput | IntermediateBase | Grad |
+              MutatedInBackward | MutatedTangent | Saved)

@@ -101,4 +101,27 @@ class FlatFunction:
         args, kwargs = pytree.tree_unflatten(leaves, flat.in_spec)
         out = self.fn(*args, **kwargs)
         out_leaves, self.out_spec = pytree.tree_flatten(out)
+        for leaf in out_leaves:
+            if not isinstance(leaf, _KNOWN_OUTPUT_TYPES):
+                _refuse_output(leaf)
         return out_leaves
+
+
+# Note [Outputs of unknown types]: an output leaf that pytree cannot look
+# into (an unregistered dataclass, a cache object) is traced once, so the
+# compiled function would hand back that very object on every call, holding
+# the trace's fake tensors, cut from autograd.  Only values that hold no
+# tensor and never change pass as constants; anything else raises, as
+# PyTorch's AOTAutograd does.
+_KNOWN_OUTPUT_TYPES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype,
+                       torch.device, torch.layout, torch.memory_format, torch.SymInt,
+                       torch.SymFloat, torch.SymBool, torch.ScriptObject)
+
+
+def _refuse_output(leaf: Any) -> None:
+    raise RuntimeError(
+        f"Found {type(leaf)} in output, which is not a known type. If this type holds "
+        "tensors, you need to register a pytree for it (aotgrad: the compiled function "
+        "would return the object made while tracing, holding no real tensors; register "
+        "the type with torch.utils._pytree.register_pytree_node or "
+        "register_dataclass, or return its tensors in a tuple or dict).")

@@ -247,7 +247,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
         # view replay reads the graph's plain values: not for subclass programs
         plans = alias_plans(graph, t.signature) if traced.boundary is None else {}
         run = build_runtime(t.flat, t.signature, compiled, plans,
-                            dict(traced.poisoned_tangents), traced.boundary)
+                            dict(traced.poisoned_tangents), traced.boundary,
+                            traced.backward_writes)
         if options.dynamic:
             run = _with_shape_guard(run, t)
     return run

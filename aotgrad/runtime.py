@@ -67,8 +67,6 @@ differently).  The autocast state is part of the guard key.
 
 from __future__ import annotations
 
-import contextlib
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -76,14 +74,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import _torch, config, subclass
-from ._torch import pytree
-from .analyze import InputInfo, OutputInfo, OutputKind, Signature
+from .analyze import InputInfo, OutputKind, Signature
 from .codegen import Namespace, make_function, read_inputs
 from .compile import CompiledGraphs, repeated_outputs
 from .flatten import FlatInputs
 from .rebase import AliasedMutatedInputs, alias_groups
 from .saved_hooks import hooks_off
-from .views import AliasPlan, replay
+from .outputs import Assembler
+from .views import AliasPlan
 
 
 class _Missing:
@@ -133,14 +131,16 @@ class RuntimeProgram:
 def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                   plans: dict[int, AliasPlan] | None = None,
                   poisoned: dict[int, str] | None = None,
-                  boundary: subclass.Boundary | None = None) -> Callable[[list], Any]:
+                  boundary: subclass.Boundary | None = None,
+                  backward_writes: tuple = ()) -> Callable[[list], Any]:
     """A function of the call's flat leaves returning the user's output; its
     ``program`` attribute is the ``RuntimeProgram``.
 
     ``plans``: view-replay plans of rebuilt outputs (views.py); ``boundary``:
-    the subclass layouts (Note [Subclasses at the boundary])."""
+    the subclass layouts (Note [Subclasses at the boundary]); ``backward_writes``:
+    the tensors the backward writes to (Note [Mutations in the backward], trace.py)."""
     program = _generate(flat, sig, compiled, plans if config.view_replay_for_aliased_outputs
-                        else {}, poisoned or {}, boundary)
+                        else {}, poisoned or {}, boundary, backward_writes)
     call = program.function("leaves", [f"leaves[{j}]" for j in flat.graph_leaf])
     call.program = program  # type: ignore[attr-defined]
     call.graph_leaf = flat.graph_leaf  # type: ignore[attr-defined]
@@ -170,7 +170,7 @@ def _names(prefix: str, indices: Sequence[int]) -> str:
 
 def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
               plans: dict[int, AliasPlan], poisoned: dict[int, str],
-              boundary: subclass.Boundary | None) -> RuntimeProgram:
+              boundary: subclass.Boundary | None, backward_writes: tuple) -> RuntimeProgram:
     ns = Namespace("rt")
     src = _Source(ns)
     n_in = flat.num_graph_inputs
@@ -181,14 +181,14 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     unpack = f"{outs}," if num_out else "_"
     # the epilogue first: which graph outputs it reads
     epilogue = _Source(ns)
-    assemble = _Assembler(sig, plans, epilogue)
+    assemble = Assembler(sig, plans, epilogue)
     assemble.early()
     written = _writes_in_forward(sig, compiled, boundary)
     _write_back(epilogue, sig, written, compiled.updated_in_place)
     assemble.outputs()
     guarded = {}
     if compiled.backward is not None:
-        function = _autograd_function(sig, compiled, poisoned, boundary)
+        function = _autograd_function(sig, compiled, poisoned, boundary, backward_writes)
         apply = src.bind(function.apply, "apply")
         guarded[apply] = _torch.function_apply_unchecked(function)
         returned = [k for k in range(num_out) if k not in written]
@@ -219,8 +219,9 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
 # The backward graph is traced with contiguous tangents, and a compiler may
 # rely on their strides (inductor does), so the runtime makes each incoming
 # gradient contiguous.  Eager autograd passes gradients on as they come; only
-# a view of one needs compatible strides.  For graphs that ``nop`` runs, a
-# tangent from which nothing reaches a view (or an op addressing storage) is
+# a view of one needs compatible strides, and some kernels read theirs as if
+# contiguous.  For graphs that ``nop`` runs, a tangent that reaches only ops
+# known to take any strides (Note [Ops that take any strides], codegen.py) is
 # passed as it comes (``codegen.stride_free_inputs``): the values are the
 # same, the gradients' strides follow eager's, and the call saves one
 # ``.contiguous()`` per tangent.
@@ -322,7 +323,7 @@ def _check_outputs(outs: list, positions: tuple, sig: Signature) -> None:
 # ---------------------------------------------------------------- training
 
 def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[int, str],
-                       boundary: subclass.Boundary | None) -> type:
+                       boundary: subclass.Boundary | None, writes: tuple = ()) -> type:
     """The autograd.Function of one compiled program, its forward and backward
     generated (Note [Generated runtime]).
 
@@ -355,6 +356,9 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         fwd(f"ctx.save_for_backward(*outs[{num_out}:{end}])")
     if compiled.num_saved_symints:
         fwd(f"ctx.symints = outs[{end}:]")
+    written_inputs = [w.index for w in writes if not w.of_tangent]
+    if written_inputs:  # Note [Mutations in the backward] (trace.py)
+        fwd(f"ctx.written = ({_names('i', written_inputs)},)")
     written = _writes_in_forward(sig, compiled, boundary)
     if boundary is None:
         for k in range(num_out):
@@ -392,6 +396,9 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     for j, message in poisoned.items():  # Note [Poisoned gradients] (trace.py)
         bwd(f"if t{diff[j]} is not None:")
         bwd(f"raise RuntimeError({message!r})", 2)
+    for w in writes:  # the gradient tensors given, before they are made contiguous
+        if w.of_tangent:
+            bwd(f"given{w.index} = t{diff[w.index]}")
     tangents = _names("t", diff)
     if boundary is not None:
         layouts = [boundary.outputs[k] for k in diff]
@@ -424,15 +431,19 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     # the only references to the saved values and tangents (ctx's are cleared
     # unless retain_graph), so each dies at its last use
     bw = bwd.bind(compiled.backward, "backward")
+    bwd("kept = None")
     bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")
-    bwd(f"return {bwd.bind(_backward_create_graph, 'create_graph')}(ctx, {bw}, args, "
+    bwd(f"grads, kept = {bwd.bind(_backward_create_graph, 'create_graph')}(ctx, {bw}, args, "
         f"{compiled.num_saved_symints})", 2)
-    bwd("ctx.maybe_clear_saved_tensors()")
-    bwd(f"if {bwd.bind(_torch.any_autocast_enabled, 'any_autocast')}():")
-    bwd(f"with {bwd.bind(_torch.autocast_disabled, 'autocast_disabled')}():", 2)
-    bwd(f"grads = {bw}(args)", 3)
     bwd("else:")
-    bwd(f"grads = {bw}(args)", 2)
+    bwd("ctx.maybe_clear_saved_tensors()", 2)
+    bwd(f"if {bwd.bind(_torch.any_autocast_enabled, 'any_autocast')}():", 2)
+    bwd(f"with {bwd.bind(_torch.autocast_disabled, 'autocast_disabled')}():", 3)
+    bwd(f"grads = {bw}(args)", 4)
+    bwd("else:", 2)
+    bwd(f"grads = {bw}(args)", 3)
+    if writes:
+        _backward_writes(bwd, writes)
     bwd("if missing:  # Note [Gradients that eager leaves None] (compile.py)")
     bwd(f"grads = {bwd.bind(_drop_missing, 'drop_missing')}(grads, missing, "
         f"{bwd.bind(compiled.tangent_deps, 'deps')}, "
@@ -440,6 +451,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     if boundary is not None:
         bwd(f"grads = {bwd.bind(subclass.rebuild_list, 'rebuild_list')}("
             f"{bwd.bind(boundary.grads, 'grad_layouts')}, grads)")
+    bwd("if kept is not None:")
+    bwd(f"return {bwd.bind(_refuse_double_backward, 'refuse_double_backward')}(grads, kept)", 2)
     bwd("return tuple(grads)")
 
     source = "\n".join([f"def forward(ctx, {inputs}):", *fwd.lines, "",
@@ -534,13 +547,35 @@ def _drop_missing(grads: Sequence, missing: tuple, deps: tuple, num_tangents: in
     return [None if not (deps[i] & present) else g for i, g in enumerate(grads)]
 
 
-def _backward_create_graph(ctx: Any, backward: Callable, args: list, num_symints: int) -> tuple:
-    """Backward with create_graph=True: Note [No double backward]."""
+def _backward_create_graph(ctx: Any, backward: Callable, args: list,
+                           num_symints: int) -> tuple[list, list]:
+    """Backward with create_graph=True: Note [No double backward].  The
+    gradients, and the backward's inputs they must be tied to."""
     kept = args[num_symints:]
     ctx.maybe_clear_saved_tensors()
     with torch.no_grad(), _torch.autocast_disabled():
         grads = list(backward(args))
-    return _refuse_double_backward(grads, kept)
+    return grads, kept
+
+
+def _backward_writes(bwd: _Source, writes: tuple) -> None:
+    """Note [Mutations in the backward] (trace.py): the backward graph
+    returns the new values of what it wrote after the gradients; they are
+    copied into the inputs (kept on ctx by the forward) and the gradient
+    tensors given."""
+    bwd("grads = list(grads)")
+    bwd(f"new = grads[{-len(writes)}:]")
+    bwd(f"del grads[{-len(writes)}:]")
+    no_grad = bwd.bind(torch.no_grad, "no_grad")
+    bwd(f"with {no_grad}():")
+    k_input = 0
+    for m, w in enumerate(writes):
+        if w.of_tangent:
+            bwd(f"if given{w.index} is not None:", 2)
+            bwd(f"given{w.index}.copy_(new[{m}])", 3)
+        else:
+            bwd(f"ctx.written[{k_input}].copy_(new[{m}])", 2)
+            k_input += 1
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):
@@ -654,146 +689,3 @@ def _write_one(inp: torch.Tensor, new: torch.Tensor, info: InputInfo) -> None:
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return subclass.storage_ptr(a) == subclass.storage_ptr(b)
-
-
-# ---------------------------------------------------------------- outputs
-
-class _Assembler:
-    """Writes the lines that build the user's outputs ``u0 ...`` from graph
-    outputs ``o0 ...``, inputs ``i0 ...`` and constants, and the return."""
-
-    def __init__(self, sig: Signature, plans: dict[int, AliasPlan], src: _Source):
-        self.sig, self.plans, self.src = sig, plans, src
-        first_user = len(sig.mutated_inputs_out_of_graph)
-        self.graph_pos = {i: first_user + j for j, i in enumerate(sig.user_graph_outputs)}
-        self.first_base = first_user + len(sig.user_graph_outputs)
-        # Note [Views taken before a mutation]: an output that is a view of an
-        # input taken before the input was mutated is rebuilt before the
-        # mutation is written back (so its metadata, and autograd's view
-        # bookkeeping, are as in eager).
-        self.early_outputs = [
-            i for i, p in sorted(plans.items()) if p.from_original_input and (
-                sig.inputs[sig.outputs[i].base].mutated or
-                # still requires grad: it was taken before the input's detach_()
-                (sig.inputs[sig.outputs[i].base].detached_in_place and
-                 sig.outputs[i].requires_grad))]
-
-    def early(self) -> None:
-        for i in self.early_outputs:
-            self._rebuild(i)
-
-    def outputs(self) -> None:
-        sig, src = self.sig, self.src
-        # outputs that refer to other outputs come after them
-        rank = {OutputKind.ALIAS_OF_INPUT: 1, OutputKind.ALIAS_OF_INTERMEDIATE: 1,
-                OutputKind.ALIAS_OF_OUTPUT: 2, OutputKind.SAME_AS_OUTPUT: 3}
-        for i in sorted(range(len(sig.outputs)), key=lambda i: rank.get(sig.outputs[i].kind, 0)):
-            if i in self.early_outputs:
-                continue
-            info = sig.outputs[i]
-            kind = info.kind
-            if kind.through_autograd:
-                # a view made under no_grad of a tensor that requires grad is,
-                # in eager, a leaf that requires grad
-                leaf = ".detach().requires_grad_()" if info.no_grad_view and info.requires_grad \
-                    else ""
-                src(f"u{i} = o{self.graph_pos[i]}{leaf}")
-            elif kind is OutputKind.IS_INPUT:
-                src(f"u{i} = i{info.base}")
-            elif kind is OutputKind.CONSTANT:
-                src(f"u{i} = {src.bind(info.constant, 'constant')}")
-            elif kind is OutputKind.SAME_AS_OUTPUT:
-                src(f"u{i} = u{info.base}")
-            else:
-                self._rebuild(i)
-        src(f"return {_spec_source(sig.out_spec, iter(range(len(sig.outputs))), src)}")
-
-    def _rebuild(self, i: int) -> None:
-        info, src = self.sig.outputs[i], self.src
-        kind = info.kind
-        base = (f"i{info.base}" if kind is OutputKind.ALIAS_OF_INPUT else
-                f"u{info.base}" if kind is OutputKind.ALIAS_OF_OUTPUT else
-                f"o{self.first_base + info.base}")
-        graph_base = (f"o{self.graph_pos[info.base]}" if kind is OutputKind.ALIAS_OF_OUTPUT else
-                      f"o{self.first_base + info.base}"
-                      if kind is OutputKind.ALIAS_OF_INTERMEDIATE else "None")
-        plan = self.plans.get(i)
-        if plan is not None and info.is_view and info.requires_grad and \
-                not info.no_grad_view and not info.via_detached_alias:
-            src(f"u{i} = {_replay_source(base, plan, src)}")  # rebuild_alias, specialised
-            return
-        src(f"u{i} = {src.bind(rebuild_alias, 'rebuild_alias')}({base}, o{self.graph_pos[i]}, "
-            f"{src.bind(info, 'info')}, {src.bind(plan, 'plan')}, {graph_base})")
-
-
-def _replay_source(base: str, plan: AliasPlan, src: _Source) -> str:
-    """``views.replay(base, plan.steps)`` as one expression."""
-    expr = base
-    for target, args, kwargs in plan.steps:
-        if target is operator.getitem:
-            expr = f"{expr}[{args[0]!r}]"
-            continue
-        fn = target._op if isinstance(target, _torch.OpOverload) else target
-        parts = [expr] + [_literal(a, src) for a in args] + \
-            [f"{k}={_literal(v, src)}" for k, v in kwargs.items()]
-        expr = f"{src.bind(fn, getattr(target, '_opname', 'view'))}({', '.join(parts)})"
-    return expr
-
-
-def _literal(value: Any, src: _Source) -> str:
-    if type(value) in (int, bool, type(None)):
-        return repr(value)
-    return src.bind(value, "arg")
-
-
-def _spec_source(spec: Any, leaves: Any, src: _Source) -> str:
-    """An expression building the pytree ``spec`` from ``u0 ...``."""
-    if spec.is_leaf():
-        return f"u{next(leaves)}"
-    children = _torch.spec_children(spec)
-    if spec.type in (tuple, list):
-        items = [_spec_source(c, leaves, src) for c in children]
-        if spec.type is list:
-            return "[" + ", ".join(items) + "]"
-        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-    names = [f"u{next(leaves)}" for _ in range(spec.num_leaves)]
-    return f"{src.bind(pytree.tree_unflatten, 'tree_unflatten')}([{', '.join(names)}], " \
-        f"{src.bind(spec, 'spec')})"
-
-
-def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
-                  plan: AliasPlan | None, graph_base: torch.Tensor | None = None) -> torch.Tensor:
-    """Note [Rebuilding aliased outputs]: the graph computed ``value`` as an
-    alias of ``base``; the user must get a tensor autograd knows is a view of
-    ``base`` (so in-place ops on either, and gradients, behave as in eager).
-    With a view-replay plan the view ops that made ``value`` run again on
-    ``base`` (grad_fns as in eager); otherwise ``as_strided`` with the
-    metadata the analysis recorded (or ``value``'s, when it shares ``base``'s
-    storage, or its offset relative to ``graph_base``, the graph's value of
-    ``base``).  An eager output that did not require grad is rebuilt under
-    no_grad (a view) or detached (not a view, e.g. ``.detach()``)."""
-    if info.via_detached_alias:
-        base = base.detach()  # eager's view chain went through .detach()
-    grad_ctx = torch.no_grad() if info.no_grad_view or not info.requires_grad \
-        else contextlib.nullcontext()
-    with grad_ctx:
-        if plan is not None:
-            out = replay(base, plan.steps)
-        else:
-            if info.alias_meta is not None:
-                size, stride, offset = info.alias_meta
-            elif _same_storage(base, value):
-                size, stride, offset = value.size(), value.stride(), value.storage_offset()
-            elif graph_base is not None and _same_storage(graph_base, value):
-                size, stride = value.size(), value.stride()
-                offset = base.storage_offset() + value.storage_offset() - graph_base.storage_offset()
-            else:
-                raise RuntimeError(
-                    "aotgrad: the compiled graph returned an output that should alias one of "
-                    "its inputs or outputs but does not share its storage; the compiler broke "
-                    "aliasing. Use a compiler that preserves output aliasing, or return a copy "
-                    "(.clone()).")
-            out = base.as_strided(size, stride, offset)
-    if not info.is_view and out._is_view():
-        out = out.detach()  # e.g. eager's .detach(): shares storage, not a view
-    return out

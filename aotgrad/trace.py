@@ -31,12 +31,20 @@ import torch.fx as fx
 from . import _torch, config, subclass
 from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_bases,
                       run_checked)
-from .descriptors import (DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent,
-                          UserOutput)
+from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
+                          MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
 from .policy import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
+
+
+@dataclass(frozen=True)
+class BackwardWrite:
+    """A tensor the backward mutates (Note [Mutations in the backward]):
+    input ``index``, or the gradient given for tangent ``index``."""
+    of_tangent: bool
+    index: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class TracedGraph:
     poisoned_tangents: Mapping[int, str] = dataclasses.field(default_factory=dict)
                                              # Note [Poisoned gradients]
     boundary: subclass.Boundary | None = None  # Note [Subclasses at the boundary]
+    backward_writes: tuple[BackwardWrite, ...] = ()  # Note [Mutations in the backward]
 
 
 def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signature,
@@ -400,6 +409,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     poisoned: dict[int, str] = {}
     grad_layouts: list = []
     late_tangents: list = []
+    backward_writes: list[BackwardWrite] = []
 
     def joint(primals, tangents):
         # the light tracer refuses checkpoint regions itself: one dispatch mode less
@@ -424,9 +434,13 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             values = _graph_values(values, f_args, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
+            writes: list = []
             if diff and wrt:
+                watch = _BackwardWatch(known, f_args, sig, f_tangents)
                 with _torch.backward_autocast(config.backward_pass_autocast):
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
+                writes = watch.writes()
+                backward_writes[:] = [w for w, _ in writes]
             grads_iter = iter(grads)
             all_grads = [next(grads_iter, None) if info.requires_grad else None
                          for info in sig.inputs]
@@ -438,6 +452,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             grads_out = [_torch.from_functional(g)
                          for g in _plain_values(sig, [g for g in all_grads if g is not None])]
+            grads_out += [new for _, new in writes]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(primals, kept, sig)
         return _outputs_after_kept_mutations(outs, primals, sig), grads_out
@@ -459,13 +474,80 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     drop_detaches(gm)
     in_descs = [Primal(i) for i in range(len(primals))] + [Tangent(k) for k in range(len(tangents))]
     out_descs += tuple(Grad(i) for i in range(len(grad_is_none)))
+    out_descs += tuple(MutatedTangent(w.index) if w.of_tangent else MutatedInBackward(w.index)
+                       for w in backward_writes)
     _annotate(gm, in_descs, out_descs)
     if poisoned:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     boundary = subclass.Boundary(sig.input_layouts, sig.graph_output_layouts,
                                  tuple(grad_layouts)) if sig.has_subclasses else None
-    return TracedGraph(gm, True, (*primals, *tangents), num_fwd, poisoned, boundary)
+    return TracedGraph(gm, True, (*primals, *tangents), num_fwd, poisoned, boundary,
+                       tuple(backward_writes))
+
+
+# Note [Mutations in the backward]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A custom autograd.Function's backward may write to a tensor the forward
+# saved (``y.mul_(2)`` on an input), or to the gradient it is given
+# (``grad.detach().mul_(3)``): in eager the caller sees the input, or the
+# gradient tensor it passed to ``backward()``, changed.  The joint graph is
+# functional, so the write would be lost.  The trace watches the inputs and
+# tangents while it differentiates: each one whose value changed gets its
+# new value returned by the backward graph after the gradients
+# (``MutatedInBackward(i)``, ``MutatedTangent(k)``), and the runtime's
+# backward writes it back (``copy_`` under no_grad), as eager's backward did.
+# An input that requires grad written by the backward is refused: its
+# gradient and its value would disagree.  Without torch's functionalization
+# (Note [Functional already]) such a write is traced again with it.
+
+
+class _BackwardWatch:
+    """The values of the inputs and tangents before the backward is traced."""
+
+    def __init__(self, known: _Known, f_args: list, sig: Signature, f_tangents: list):
+        self.known, self.sig = known, sig
+        self.inputs = [a if isinstance(a, torch.Tensor) and not subclass.is_subclass(a)
+                       else None for a in f_args]
+        self.tangents = [t if isinstance(t, torch.Tensor) and not subclass.is_subclass(t)
+                         else None for t in f_tangents]
+        if known.functional:
+            self.before = [_torch.from_functional(t) if t is not None else None
+                           for t in (*self.inputs, *self.tangents)]
+        else:
+            self.before = [id(t) in mutated_so_far() for t in (*self.inputs, *self.tangents)]
+
+    def writes(self) -> list[tuple[BackwardWrite, Any]]:
+        """What the backward wrote: (which tensor, its new value)."""
+        watched = (*self.inputs, *self.tangents)
+        if not self.known.functional:
+            now = mutated_so_far()
+            if any(t is not None and id(t) in now and not was
+                   for t, was in zip(watched, self.before)):
+                raise NotFunctional("a mutation in the backward")
+            return []
+        found = []
+        for k, (t, old) in enumerate(zip(watched, self.before)):
+            if t is None:
+                continue
+            new = _torch.from_functional(t)
+            if new is old:
+                continue
+            of_tangent, index = k >= len(self.inputs), k - len(self.inputs) \
+                if k >= len(self.inputs) else k
+            if not of_tangent and self.sig.inputs[index].requires_grad:
+                raise NotImplementedError(
+                    f"aotgrad: the backward writes in place to input {index}, which requires "
+                    "grad (a custom autograd.Function's backward mutating a tensor it saved). "
+                    "Its gradient and its value would disagree; aotgrad cannot compile this. "
+                    "Mutate a copy in the backward, or an input that does not require grad.")
+            found.append((BackwardWrite(of_tangent, index), new))
+        if found and self.sig.has_subclasses:
+            raise NotImplementedError(
+                "aotgrad: the backward writes in place to an input or gradient of a program "
+                "with tensor subclass inputs or outputs; this is not supported yet. Mutate a "
+                "copy in the backward instead.")
+        return found
 
 
 # autograd errors that eager raises only when the backward reaches them
@@ -523,7 +605,7 @@ def _flatten_codegen(gm: fx.GraphModule, insert_none_after: int | None = None,
     flat = list(_torch.pytree.tree_leaves(out_node.args[0]))
     if insert_none_after is not None:
         fwd, grads = flat[:insert_none_after], iter(flat[insert_none_after:])
-        flat = fwd + [None if is_none else next(grads) for is_none in none_mask]
+        flat = fwd + [None if is_none else next(grads) for is_none in none_mask] + list(grads)
     out_node.args = (tuple(flat),)
     gm._in_spec = None
     gm._out_spec = None

@@ -428,6 +428,22 @@ def test_tangents_as_they_come():
         assert (got.stride() == want.stride() == (1, 3)) == takes_as_is
 
 
+def test_tangents_of_kernels_that_need_contiguous_gradients():
+    # Note [Ops that take any strides] (codegen.py): native_group_norm_backward
+    # reads its gradient as if contiguous; given the expanded gradient of a
+    # sum() as it comes, it returned garbage (module_db's GroupNorm)
+    torch.manual_seed(0)
+    m = torch.nn.GroupNorm(2, 4)
+    f = aotgrad.aot_module(m, aotgrad.nop)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    for weight in (None, torch.randn(5, 4, 3).permute(2, 1, 0)):
+        got = torch.autograd.grad(f(x).sum() if weight is None else (f(x) * weight).sum(),
+                                  (x, m.weight, m.bias))
+        want = torch.autograd.grad(m(x).sum() if weight is None else (m(x) * weight).sum(),
+                                   (x, m.weight, m.bias))
+        torch.testing.assert_close(got, want)
+
+
 def _recording_nop():
     sources = []
 
