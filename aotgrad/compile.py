@@ -123,11 +123,13 @@ def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
     """Note [Distinct outputs]: positions among the first ``num_outputs`` graph
     outputs whose value is an input of the graph or a value returned at an
     earlier position.  An autograd.Function must return distinct tensors that
-    are not its inputs, so the runtime replaces those by new tensor objects."""
+    are not its inputs, so the runtime replaces those by new tensor objects.
+    (A symbolic size returned, maybe an input of the graph, is a plain int.)"""
     seen: set = set()
     positions = []
     for k, n in enumerate(gm.graph.output_node().args[0][:num_outputs]):
-        if isinstance(n, fx.Node) and (n in seen or _is_graph_input(n)):
+        if isinstance(n, fx.Node) and (n in seen or _is_graph_input(n)) and \
+                isinstance(n.meta.get("val"), torch.Tensor):
             positions.append(k)
         seen.add(n)
     return tuple(positions)

@@ -140,6 +140,7 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     saved tensors then saved symbolic ints; the backward takes them in the
     opposite order, symbolic ints first.
     """
+    saved = sizes_instead_of_tensors(roles, saved)
     saved_syms = [n for n in saved if _torch.is_sym_node(n)]
     saved_tensors = [n for n in saved if not _torch.is_sym_node(n)]
     for n in saved_tensors:
@@ -154,6 +155,37 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
         node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
     return _torch.lazy_graph_module(joint_gm, fw), _torch.lazy_graph_module(joint_gm, bw)
+
+
+_SIZE_OPS = frozenset(("aten::sym_size.int", "aten::sym_stride.int", "aten::sym_numel.",
+                       "aten::sym_storage_offset."))
+
+
+def _is_size_op(n: fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return schema is not None and f"{schema.name}.{schema.overload_name}" in _SIZE_OPS
+
+
+def sizes_instead_of_tensors(roles: JointRoles, saved: Sequence[fx.Node]) -> list[fx.Node]:
+    """Note [Saving sizes, not tensors]: a saved tensor that the backward
+    reads only for its symbolic sizes (``sym_size(primals_1, 0)`` for the
+    ``expand`` of a ``sum``'s gradient) is replaced by those sizes, computed
+    in the forward: the backward then keeps two ints, not the tensor, as
+    PyTorch's partitioners do.  In graph order, the tensors first."""
+    stop = frozenset(saved) | frozenset(roles.tangents)
+    backward = ancestors(roles.bwd_outputs, stop=stop) - stop
+    out: list[fx.Node] = []
+    for n in saved:
+        readers = [u for u in n.users if u in backward]
+        if readers and all(_is_size_op(u) for u in readers) and \
+                n not in roles.bwd_outputs and not _torch.is_sym_node(n):
+            out.extend(u for u in readers if u not in out)
+        elif n not in out:
+            out.append(n)
+    if len(out) == len(saved) and all(a is b for a, b in zip(out, saved)):
+        return list(saved)
+    order = {n: k for k, n in enumerate(roles.primals[0].graph.nodes)} if roles.primals else {}
+    return sorted(out, key=lambda n: (_torch.is_sym_node(n), order.get(n, 0)))
 
 
 def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:

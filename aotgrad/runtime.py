@@ -254,9 +254,11 @@ def _plain_positions(sig: Signature) -> tuple[int, ...]:
     (multi-output views excepted)."""
     first_user = len(sig.mutated_inputs_out_of_graph)
     first_base = first_user + len(sig.user_graph_outputs)
+    meta = sig.graph_output_meta  # None: a symbolic size, a plain int at run time
     return tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
                  if sig.outputs[i].kind.through_autograd and
-                 not sig.outputs[i].multi_output_view) + \
+                 not sig.outputs[i].multi_output_view and
+                 (not meta or meta[first_user + j] is not None)) + \
         tuple(range(first_base, first_base + sig.num_intermediate_bases))
 
 
