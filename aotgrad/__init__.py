@@ -32,7 +32,9 @@ from .api import (
     compiled_module,
 )
 from .cache import AOTAutogradCache, SerializableAOTDispatchCompiler
-from .compile import get_aot_compilation_context, make_boxed_compiler, make_boxed_func, nop
+from .compile import (get_aot_compilation_context, get_aot_graph_name,
+                      get_graph_being_compiled, make_boxed_compiler, make_boxed_func, nop)
+from .debug_compilers import debug_compile, draw_graph, draw_graph_compile, print_compile
 from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit, ts_compile
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
 from .budget import min_cut_rematerialization_partition
@@ -43,7 +45,9 @@ from .saved_hooks import saved_tensor_hook_context
 __all__ = [
     "aot_function", "aot_module", "aot_module_simplified", "compiled_function",
     "compiled_module", "config", "backends", "MemoryPolicy", "tag", "default_partition",
-    "get_aot_compilation_context", "make_boxed_compiler", "make_boxed_func", "nop",
+    "get_aot_compilation_context", "get_aot_graph_name", "get_graph_being_compiled",
+    "print_compile", "debug_compile", "draw_graph", "draw_graph_compile",
+    "make_boxed_compiler", "make_boxed_func", "nop",
     "AOTAutogradCache", "SerializableAOTDispatchCompiler", "aot_export_function",
     "aot_export_joint_simple", "aot_export_module", "default_decompositions",
     "memory_efficient_fusion", "saved_tensor_hook_context", "nnc_jit", "ts_compile", "min_cut_rematerialization_partition",

@@ -711,6 +711,23 @@ def shape_guard(fake_mode: FakeTensorMode, fake_inputs):
 
 # ---------------------------------------------------------------- fast guards
 
+@contextlib.contextmanager
+def aot_graph_name_in_tracing_context(names: list[str]):
+    """Under torch.compile, the graph being compiled is named on dynamo's
+    tracing context (``aot_graph_name``), which inductor reads for its logs."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    if ctx is None or not hasattr(ctx, "aot_graph_name"):
+        yield
+        return
+    old, ctx.aot_graph_name = ctx.aot_graph_name, names
+    try:
+        yield
+    finally:
+        ctx.aot_graph_name = old
+
+
 def tensor_guard(examples: list) -> Any:
     """A C++ check ``check(*tensors) -> bool`` that tensors have the type,
     dispatch keys, dtype, device, requires_grad, sizes and strides of

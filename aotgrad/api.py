@@ -19,7 +19,7 @@ from . import config
 from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
                      module_call_is_plain, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
-from .compile import Compiler
+from .compile import Compiler, logged
 from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
                        compile_rebased)
@@ -265,6 +265,7 @@ def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | No
                  decompositions: Mapping | None = None, num_params_buffers: int = 0,
                  keep_inference_input_mutations: bool = False,
                  inference_compiler: Compiler | None = None, *, dynamic: bool = False,
+                 enable_log: bool = True,
                  disable_functionalization: bool = False) -> AOTFunction:
     """Compile ``fn`` ahead of time into a forward and a backward graph.
 
@@ -272,11 +273,19 @@ def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | No
     ``(fx.GraphModule, example_inputs)`` and return a callable;
     ``bw_compiler`` and ``inference_compiler`` default to ``fw_compiler``.
     Compilation happens on the first call, again for inputs with new metadata.
+    ``enable_log``: each graph is logged, before its compiler sees it, to the
+    ``aotgrad.graphs`` logger at DEBUG level (``logging.getLogger(
+    "aotgrad.graphs").setLevel(logging.DEBUG)`` shows them).
     ``disable_functionalization`` is accepted for compatibility and ignored:
     aotgrad always functionalizes (it is how mutations stay exact), which
     computes the same values.
     """
     del disable_functionalization
+    if enable_log:
+        fw_compiler = logged(fw_compiler)
+        bw_compiler = logged(bw_compiler) if bw_compiler is not None else None
+        inference_compiler = logged(inference_compiler) if inference_compiler is not None \
+            else None
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions,
                              num_params_buffers, keep_inference_input_mutations,
                              inference_compiler, dynamic)

@@ -6,14 +6,17 @@ arguments that the callee may clear, so inputs die as early as possible.  A
 compiler that returns an unboxed callable is adapted with ``make_boxed_func``.
 
 While a compiler runs, ``get_aot_compilation_context()`` tells which graph it
-is compiling ("forward", "backward" or "inference"), the model's name and how
-many graphs were compiled before.
+is compiling (``"0_forward"``, ``"0_backward"``, ``"1_inference"``: the
+number of the compiled program, then its role, as PyTorch names them), the
+model's name and how many graphs were compiled before;
+``get_aot_graph_name()`` joins them (``"model__0_forward_0"``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -47,6 +50,24 @@ def make_boxed_compiler(compiler: Compiler) -> Compiler:
     return boxed_compiler
 
 
+_graph_log = logging.getLogger("aotgrad.graphs")
+
+
+def logged(compiler: Compiler) -> Compiler:
+    """``compiler``, the graphs it is given logged first (``aot_function``'s
+    ``enable_log``): to the ``aotgrad.graphs`` logger at DEBUG level, under
+    the graph's name (``get_aot_graph_name``)."""
+    def logging_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if _graph_log.isEnabledFor(logging.DEBUG):
+            _graph_log.debug("%s\n%s", get_aot_graph_name(),
+                             gm.print_readable(print_output=False))
+        return compiler(gm, example_inputs)
+
+    logging_compiler.__name__ = getattr(compiler, "__name__", "compiler")
+    logging_compiler.__wrapped__ = compiler  # type: ignore[attr-defined]
+    return logging_compiler
+
+
 def ensure_boxed(f: Callable) -> Callable:
     return f if getattr(f, "_boxed_call", False) else make_boxed_func(f)
 
@@ -68,12 +89,28 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
 _graph_being_compiled: list[str] = []
 _model_name: str = "model"
 _graph_counter = itertools.count()
+_program_ids = itertools.count()   # one number per compiled program (torch's aot_id)
 _nth_graph: int = 0
 
 
 def get_aot_compilation_context() -> tuple[list[str], str, int]:
-    """``(graphs being compiled, model name, number of graphs compiled before)``."""
+    """``(graphs being compiled, model name, number of graphs compiled before)``;
+    a graph's name is ``f"{program number}_{role}"``, the role ``forward``,
+    ``backward`` or ``inference``."""
     return list(_graph_being_compiled), _model_name, _nth_graph
+
+
+def get_aot_graph_name() -> str:
+    """The name of the graph being compiled: ``model__0_forward_3``."""
+    return f"{_model_name}__{'_'.join(_graph_being_compiled)}_{_nth_graph}"
+
+
+get_graph_being_compiled = get_aot_graph_name
+
+
+def graph_role(name: str) -> str:
+    """``"forward"`` of ``"0_forward"``."""
+    return name.split("_", 1)[1]
 
 
 def set_model_name(name: str) -> None:
@@ -82,11 +119,12 @@ def set_model_name(name: str) -> None:
 
 
 @contextlib.contextmanager
-def compiling(graph_name: str):
+def compiling(graph_name: str, program: int):
     global _nth_graph
-    _graph_being_compiled[:] = [graph_name]
+    _graph_being_compiled[:] = [f"{program}_{graph_name}"]
     try:
-        yield
+        with _torch.aot_graph_name_in_tracing_context(list(_graph_being_compiled)):
+            yield
     finally:
         _graph_being_compiled.clear()
         _nth_graph = next(_graph_counter) + 1
@@ -174,7 +212,7 @@ def _with_tensor_meta(gm: fx.GraphModule, compiler: Compiler) -> fx.GraphModule:
     """``node.meta["tensor_meta"]`` as make_fx writes it, for compilers that
     read it rather than ``meta["val"]``.  The light tracer does not write it
     (Note [A light tracer]); ``nop`` does not read it."""
-    if compiler is not nop:
+    if getattr(compiler, "__wrapped__", compiler) is not nop:  # logged(nop): nop
         for n in gm.graph.nodes:
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor) and "tensor_meta" not in n.meta:
@@ -188,7 +226,7 @@ def placeholder_values(gm: fx.GraphModule) -> list[Any]:
 
 def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       compiler: Compiler, num_outputs: int) -> CompiledGraphs:
-    with compiling("inference"):
+    with compiling("inference", next(_program_ids)):
         fn = ensure_boxed(compiler(_with_tensor_meta(gm, compiler), list(example_inputs)))
     views_only = all(n.op != "call_function" or n.target is operator.getitem or
                      is_view_op(n.target) for n in gm.graph.nodes)
@@ -204,10 +242,11 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     Compiling both up front surfaces compiler errors at the first call, not in
     the middle of a training step, and lets the cache store both at once.
     """
-    with compiling("forward"):
+    program = next(_program_ids)
+    with compiling("forward", program):
         fw_gm = _with_tensor_meta(parts.fw_gm, fw_compiler)
         fw = ensure_boxed(fw_compiler(fw_gm, placeholder_values(fw_gm)))
-    with compiling("backward"):
+    with compiling("backward", program):
         bw_gm = _with_tensor_meta(parts.bw_gm, bw_compiler)
         bw = ensure_boxed(bw_compiler(bw_gm, placeholder_values(bw_gm)))
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,

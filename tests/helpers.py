@@ -18,7 +18,7 @@ class GraphRecorder:
                                                              "inference": []}
 
     def __call__(self, gm, example_inputs):
-        kind = aotgrad.get_aot_compilation_context()[0][0]
+        kind = aotgrad.get_aot_compilation_context()[0][0].split("_", 1)[1]  # "0_forward"
         self.graphs[kind].append(gm)
         return gm
 

@@ -284,8 +284,33 @@ class TestRuntime(unittest.TestCase):
             seen.append(aotgrad.get_aot_compilation_context()[0])
             return gm
         aot_function(lambda a: a.exp(), compiler)(rand(3, rg=True))
-        self.assertEqual(seen, [["forward"], ["backward"]])
+        aot_function(lambda a: a.exp(), compiler)(rand(3))
+        # as torch names them: the compiled program's number, then the role
+        n = int(seen[0][0].split("_")[0])
+        self.assertEqual(seen, [[f"{n}_forward"], [f"{n}_backward"], [f"{n + 1}_inference"]])
         self.assertEqual(aotgrad.get_aot_compilation_context()[0], [])
+
+    def test_graph_names_match_torch(self):
+        from functorch.compile import aot_function as torch_aot_function
+        from functorch.compile import get_aot_compilation_context, get_aot_graph_name
+
+        def recorder(context, name, seen):
+            def compiler(gm, inps):
+                graphs, model, nth = context()
+                seen.append((graphs[0].split("_", 1)[1], model, name().split("__")[1].rsplit(
+                    "_", 1)[0].split("_", 1)[1]))
+                return gm
+            return compiler
+
+        ours, theirs = [], []
+        for aot, context, name, seen in [
+                (aot_function, aotgrad.get_aot_compilation_context, aotgrad.get_aot_graph_name,
+                 ours),
+                (torch_aot_function, get_aot_compilation_context, get_aot_graph_name, theirs)]:
+            f = aot(lambda a: a.exp(), recorder(context, name, seen))
+            f(rand(3, rg=True)).sum().backward()
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours, [("forward", "model", "forward"), ("backward", "model", "backward")])
 
     def test_debug_assert_catches_a_wrong_compiler(self):
         def bad_compiler(gm, inps):
