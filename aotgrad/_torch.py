@@ -182,7 +182,13 @@ def detached_fake(t: torch.Tensor) -> torch.Tensor:
     mode = getattr(t, "fake_mode", None)
     if type(t) is not FakeTensor or mode is None or mode.shape_env is not None or \
             t.constant is not None:
-        return t.detach()
+        out = t.detach()
+        # a scalar dynamo made of a Python float (dynamic=True) answers .item()
+        # with its symbol: the detached copy must too
+        memo = getattr(t, "item_memo", None)
+        if memo is not None and isinstance(out, FakeTensor):
+            out.item_memo = memo
+        return out
     with in_kernel_invocation_manager(mode):
         meta = aten.detach.default(t)
     return FakeTensor(mode, meta, t.device)
@@ -726,6 +732,14 @@ def aot_graph_name_in_tracing_context(names: list[str]):
         yield
     finally:
         ctx.aot_graph_name = old
+
+
+def mark_propagated_dynamic(t: torch.Tensor, dims: set[int]) -> None:
+    """Note [Dynamic dims of outputs] (outputs.py): dynamo's unguarded mark
+    of dims found dynamic by a compiled graph, read when ``t`` is an input
+    of the next one."""
+    old = getattr(t, "_dynamo_propagated_dynamic_indices", None)
+    t._dynamo_propagated_dynamic_indices = dims | old if old else set(dims)  # type: ignore
 
 
 def tensor_guard(examples: list) -> Any:

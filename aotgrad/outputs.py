@@ -68,7 +68,23 @@ class Assembler:
                 src(f"u{i} = u{info.base}")
             else:
                 self._rebuild(i)
+        self._mark_dynamic_dims()
         src(f"return {_spec_source(sig.out_spec, iter(range(len(sig.outputs))), src)}")
+
+    def _mark_dynamic_dims(self) -> None:
+        """Note [Dynamic dims of outputs]: an output whose sizes are symbolic
+        in the graph is marked so (``_torch.mark_propagated_dynamic``): when it
+        feeds the next compiled graph (after a graph break), dynamo treats
+        those dims as dynamic at once instead of specializing them and
+        recompiling when they change.  The mark is not guarded on."""
+        src = self.src
+        for i, info in enumerate(self.sig.outputs):
+            if info.kind in (OutputKind.CONSTANT, OutputKind.IS_INPUT) or info.shape is None or \
+                    info.dtype is None:
+                continue
+            dims = {k for k, d in enumerate(info.shape) if not isinstance(d, int)}
+            if dims:
+                src(f"{src.bind(_torch.mark_propagated_dynamic, 'mark_dynamic')}(u{i}, {dims!r})")
 
     def _rebuild(self, i: int) -> None:
         info, src = self.sig.outputs[i], self.src
