@@ -37,6 +37,8 @@ from .compile import (get_aot_compilation_context, get_aot_graph_name,
 from .debug_compilers import debug_compile, draw_graph, draw_graph_compile, print_compile
 from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit, ts_compile
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
+from .export_descriptors import (aot_compile_joint_with_descriptors,
+                                 aot_export_joint_with_descriptors)
 from .budget import min_cut_rematerialization_partition
 from .partition import default_partition
 from .policy import MemoryPolicy, tag
@@ -49,6 +51,7 @@ __all__ = [
     "print_compile", "debug_compile", "draw_graph", "draw_graph_compile",
     "make_boxed_compiler", "make_boxed_func", "nop",
     "AOTAutogradCache", "SerializableAOTDispatchCompiler", "aot_export_function",
-    "aot_export_joint_simple", "aot_export_module", "default_decompositions",
+    "aot_export_joint_simple", "aot_export_module", "aot_export_joint_with_descriptors",
+    "aot_compile_joint_with_descriptors", "default_decompositions",
     "memory_efficient_fusion", "saved_tensor_hook_context", "nnc_jit", "ts_compile", "min_cut_rematerialization_partition",
 ]

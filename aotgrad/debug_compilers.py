@@ -1,5 +1,5 @@
 """Compilers for looking at graphs: ``print_compile``, ``draw_graph_compile``,
-``debug_compile``, and ``draw_graph`` itself (the names ``functorch.compile``
+``debug_compile``, and ``draw_graph`` itself (the names PyTorch's compile helpers
 users import).
 
 Each takes ``(gm, example_inputs)`` like any compiler and returns something
