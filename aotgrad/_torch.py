@@ -820,3 +820,12 @@ def module_call_is_plain(module: torch.nn.Module) -> bool:
                 m._global_forward_pre_hooks or m._global_backward_hooks or
                 m._global_backward_pre_hooks or module._compiled_call_impl is not None or
                 torch._C._get_tracing_state())
+
+
+# ---------------------------------------------------------------- RNG replay (rng.py)
+
+def rng_replay_ops():
+    """torch's operators that run an op after saving the generator state, and
+    run it again from a saved state (Note [Replayed random ops], rng.py)."""
+    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+    return run_and_save_rng_state, run_with_rng_state

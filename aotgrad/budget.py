@@ -52,7 +52,9 @@ from torch.utils.flop_counter import flop_registry
 from . import _torch, config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, size_hint, tensor_bytes
-from .partition import build_partition, forward_nodes, gc_paused, joint_roles
+from .partition import build_partition, eliminate_common_subexpressions, forward_nodes, \
+    gc_paused, joint_roles
+from .rng import replay_random_ops
 from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
@@ -187,9 +189,12 @@ def min_cut_rematerialization_partition(
     ``recompute_policy(node) -> bool`` says which forward nodes the backward
     may recompute for free (default ``is_cheap_to_recompute``).  With a
     ``memory_budget`` below 1 (default: ``config.activation_memory_budget``)
-    costly ops may be recomputed too, priced by ``recompute_cost`` (default
-    ``recompute_cost``, a roofline estimate; ``profiled_cost()`` times the ops
-    instead; Note [Memory budget]).  Checkpoint regions are honoured (Note
+    costly ops may be recomputed too, priced by ``recompute_cost`` (default:
+    ``config.activation_memory_budget_runtime_estimator``, ``configured_cost``:
+    the roofline estimate ``recompute_cost``; ``profiled_cost()`` times the ops
+    instead; Note [Memory budget]).  ``config.cse`` merges repeated
+    computations first (Note [CSE before partitioning]); the options of
+    Note [Recompute bans] (bans.py) restrict what is recomputed for free.  Checkpoint regions are honoured (Note
     [Checkpoint regions], policy.py).  Other keyword arguments (``compiler=``,
     ``static_lifetime_input_indices=`` ...) are accepted and ignored.  See
     Note [Min-cut rematerialization].
@@ -211,13 +216,39 @@ def policy_partition(joint_gm: fx.GraphModule, num_fwd_outputs: int,
         cost = policy.recompute_cost if cost is None else cost
     budget = config.activation_memory_budget if memory_budget is None else memory_budget
     with gc_paused():
+        if config.cse:  # Note [CSE before partitioning] (partition.py)
+            eliminate_common_subexpressions(joint_gm)
         roles = joint_roles(joint_gm, num_fwd_outputs)
         saved = budget_saved_values(joint_gm, num_fwd_outputs, float(budget), recompute_policy,
                                     node_roles(policy, recompute_policy),
-                                    cost or recompute_cost)
+                                    cost or configured_cost())
         fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
+        replay_random_ops(fw_gm, bw_gm, num_fwd_outputs)   # Note [Replayed random ops]
         insert_offload(fw_gm, bw_gm, [n.name for n in offloaded(policy, saved)])
     return fw_gm, bw_gm
+
+
+#: The unit of a callable estimator's estimates (milliseconds, say) in cost units.
+ESTIMATE_SCALE = 10 ** 6
+
+
+def configured_cost() -> Callable[[fx.Node], int]:
+    """The recompute cost ``config.activation_memory_budget_runtime_estimator``
+    names: "flops" (the roofline estimate, ``recompute_cost``), "profile"
+    (``profiled_cost()``: time each op), "testing" (1 per op), or a callable
+    ``node -> float`` (scaled by ``ESTIMATE_SCALE`` to integer costs)."""
+    estimator = config.activation_memory_budget_runtime_estimator
+    if estimator == "flops":
+        return recompute_cost
+    if estimator == "profile":
+        return profiled_cost()
+    if estimator == "testing":
+        return lambda node: 1
+    if callable(estimator):
+        return lambda node: max(1, round(float(estimator(node)) * ESTIMATE_SCALE))
+    raise ValueError(
+        "aotgrad.config.activation_memory_budget_runtime_estimator must be 'flops', "
+        f"'profile', 'testing' or a callable node -> float, not {estimator!r}")
 
 
 def profiled_cost(device: str | torch.device | None = None,

@@ -16,16 +16,21 @@ Two levels:
 
 Only compilers with a stable identity can be keyed: ``nop``, the backends'
 compilers, and compilers wrapped in ``SerializableAOTDispatchCompiler``.
-Anything else bypasses the cache (counted as ``autograd_cache_bypass``).
+Anything else bypasses the cache (counted as ``autograd_cache_bypass``; an
+error under ``config.strict_autograd_cache``), as do programs calling custom
+autograd.Functions (unless ``config.autograd_cache_allow_custom_autograd_functions``)
+and options holding callables (``config.joint_custom_pass``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import shutil
 import tempfile
+import tokenize
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -246,20 +251,72 @@ class AOTAutogradCache:
             return False  # e.g. a graph calling an object pickle cannot store
 
 
+class BypassAOTAutogradCache(RuntimeError):
+    """Raised instead of counting a bypass when ``config.strict_autograd_cache`` is on."""
+
+
+def bypass_reason(gm: fx.GraphModule, options: CompileOptions) -> str | None:
+    """Why this compilation cannot be cached (None: it can)."""
+    for c in (options.fw_compiler, options.bw_compiler, options.inference_compiler):
+        if compiler_identity(c) is None:
+            return f"the compiler {_qualname(c)} has no stable identity (wrap it in " \
+                "SerializableAOTDispatchCompiler)"
+    if config.joint_custom_pass is not None:
+        return "config.joint_custom_pass is set (a callable has no stable identity)"
+    if callable(config.activation_memory_budget_runtime_estimator):
+        return "config.activation_memory_budget_runtime_estimator is a callable"
+    if not config.autograd_cache_allow_custom_autograd_functions:
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and _is_custom_autograd_function(n.target):
+                return ("the graph calls a custom autograd.Function (set "
+                        "config.autograd_cache_allow_custom_autograd_functions to cache it)")
+    return None
+
+
+def _is_custom_autograd_function(target: Any) -> bool:
+    """Dynamo's ``autograd_function_apply``, or ``SomeFunction.apply`` itself."""
+    if target is getattr(torch.ops.higher_order, "autograd_function_apply", None):
+        return True
+    owner = getattr(target, "__self__", None)
+    return isinstance(owner, type) and issubclass(owner, torch.autograd.Function)
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    """Note [Normalized input names]: the graph's code, for the key.  With
+    ``config.autograd_cache_normalize_inputs`` the placeholders are renamed
+    ``arg0, arg1, ...`` (dynamo names them after the user's variables, so two
+    programs that differ only there share an entry).  Names are replaced as
+    Python tokens: strings, comments and attributes (``.x``) are left alone."""
+    code = gm.code
+    if not config.autograd_cache_normalize_inputs:
+        return code
+    rename = {n.name: f"arg{i}" for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    out, prev = [], None
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        text = tok.string
+        if tok.type == tokenize.NAME and text in rename and prev != ".":
+            text = rename[text]
+        out.append((tok.type, text))
+        if tok.type not in (tokenize.NL, tokenize.COMMENT):
+            prev = tok.string
+    return tokenize.untokenize(out)
+
+
 def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str | None:
-    """Note [Cache key]: None when something in it has no stable identity."""
+    """Note [Cache key]: None when something in it has no stable identity
+    (``bypass_reason``)."""
+    if bypass_reason(gm, options) is not None:
+        return None
     compilers = [compiler_identity(c) for c in
                  (options.fw_compiler, options.bw_compiler, options.inference_compiler)]
-    if any(c is None for c in compilers):
-        return None
     parts = [
-        f"aotgrad-cache-v{AOTGRAD_CACHE_VERSION}", _torch.TORCH_VERSION, gm.code,
+        f"aotgrad-cache-v{AOTGRAD_CACHE_VERSION}", _torch.TORCH_VERSION, graph_code(gm),
         repr(compilers), _qualname(options.partition_fn),
         repr(sorted(str(op) for op in (options.decompositions or {}))),
         repr(options.keep_inference_input_mutations), repr(torch.is_grad_enabled()),
         repr(torch.get_default_dtype()),
-        repr(sorted((k, repr(v)) for k, v in config.snapshot().items()
-                    if k not in ("enable_autograd_cache", "cache_dir"))),
+        # Note [Options outside the cache key] (config.py)
+        repr(sorted((k, repr(v)) for k, v in config.cache_key_options().items())),
     ]
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -340,9 +397,13 @@ def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: l
     """``compile_call`` that consults the cache first (when enabled)."""
     key = None
     if config.enable_autograd_cache and isinstance(gm, fx.GraphModule):
-        key = cache_key(gm, leaves, options)
-        if key is None:
+        reason = bypass_reason(gm, options)
+        if reason is not None:
+            if config.strict_autograd_cache:
+                raise BypassAOTAutogradCache(f"aotgrad: AOTAutogradCache bypassed: {reason}")
             _torch.bump_counter("aot_autograd", "autograd_cache_bypass")
+        else:
+            key = cache_key(gm, leaves, options)
     if key is not None:
         run = AOTAutogradCache.load(key, options)
         if run is not None:

@@ -79,7 +79,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, config
+from .bans import recompute_bans
+from .descriptors import DESC, Primal
 from .partition import (
     JointRoles,
     ancestors,
@@ -87,7 +89,9 @@ from .partition import (
     descendants,
     forward_nodes,
     joint_roles,
+    static_primals,
 )
+from .views import is_view_op
 
 aten = torch.ops.aten
 
@@ -111,13 +115,40 @@ NEVER_RECOMPUTE_TAGS: frozenset = frozenset({torch.Tag.nondeterministic_seeded})
 CHEAP_TAGS: frozenset = frozenset({torch.Tag.pointwise})
 
 
+#: Reductions, recomputed only when ``config.ban_recompute_reductions`` is off
+#: (Note [Recompute bans], bans.py).
+REDUCTION_OPS: frozenset = frozenset({
+    aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
+    aten.argmax, aten.argmin, aten.any, aten.all, aten.prod, aten.logsumexp,
+    aten._grad_sum_to_size, aten.sum_to_size,
+})
+
+#: Ops never recomputed for free, even in denylist mode
+#: (``config.ban_recompute_not_in_allowlist = False``).
+COMPUTE_INTENSIVE_OPS: frozenset = frozenset({
+    aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.convolution,
+    aten.convolution_backward, aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+    aten._flash_attention_forward, aten._efficient_attention_forward,
+    aten.upsample_bilinear2d, aten._scaled_mm,
+})
+
+#: Namespaces of the ops PyTorch itself defines (the rest are custom ops).
+BUILTIN_NAMESPACES: frozenset = frozenset({"aten", "prims"})
+
+
 def is_cheap_to_recompute(node: fx.Node) -> bool:
     """The default recompute policy: may the backward recompute this forward node?
 
     Constants (``get_attr``), ``getitem``, ops tagged pointwise, and
     ``CHEAP_NON_POINTWISE_OPS``; never an op tagged in ``NEVER_RECOMPUTE_TAGS``
-    or one that mutates, and nothing unknown (matmuls, convolutions,
-    reductions, sorts, indexing ...).
+    (unless ``config.functionalize_rng_ops``: Note [Replayed random ops]) or
+    one that mutates, and nothing unknown (matmuls, convolutions,
+    reductions, sorts, indexing ...).  The options of Note [Recompute bans]
+    widen it: ``ban_recompute_reductions = False`` adds ``REDUCTION_OPS``;
+    ``ban_recompute_not_in_allowlist = False`` (or ``aggressive_recomputation``)
+    allows every deterministic aten/prims op but ``COMPUTE_INTENSIVE_OPS``
+    (custom ops too with ``is_non_builtin_to_include``).
     """
     if node.op == "get_attr":
         return True
@@ -129,9 +160,35 @@ def is_cheap_to_recompute(node: fx.Node) -> bool:
     if not isinstance(target, _torch.OpOverload):
         return False
     tags = set(target.tags)
-    if tags & NEVER_RECOMPUTE_TAGS or target._schema.is_mutable:
+    if target._schema.is_mutable:
         return False
-    return bool(tags & CHEAP_TAGS) or target.overloadpacket in CHEAP_NON_POINTWISE_OPS
+    if tags & NEVER_RECOMPUTE_TAGS:
+        return replayable_random(node)
+    packet = target.overloadpacket
+    if packet in REDUCTION_OPS:
+        return not config.ban_recompute_reductions
+    if bool(tags & CHEAP_TAGS) or packet in CHEAP_NON_POINTWISE_OPS:
+        return True
+    if config.ban_recompute_not_in_allowlist and not config.aggressive_recomputation:
+        return False
+    if target.namespace not in BUILTIN_NAMESPACES and not config.is_non_builtin_to_include:
+        return False
+    return packet not in COMPUTE_INTENSIVE_OPS and not is_random_or_mutating(node)
+
+
+def is_fusible(node: fx.Node) -> bool:
+    """Could ``node`` join a fusion of its neighbours (Note [Recompute bans])?
+    The cheap tables, reductions, and the random pointwise ops."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, _torch.OpOverload) or target._schema.is_mutable:
+        return False
+    packet = target.overloadpacket
+    return bool(set(target.tags) & CHEAP_TAGS) or packet in CHEAP_NON_POINTWISE_OPS or \
+        packet in REDUCTION_OPS or packet in (aten.native_dropout, aten.rand_like, aten.randn_like)
 
 
 RecomputePolicy = Callable[[fx.Node], bool]
@@ -294,24 +351,45 @@ NEVER_RECOMPUTE_NAMESPACES: frozenset = frozenset({"_c10d_functional", "c10d_fun
 
 
 def is_random_or_mutating(node: fx.Node) -> bool:
-    """Ops the backward never recomputes: random ones (fresh numbers), in-place
-    ones, collectives, and anything else fx calls impure."""
+    """Ops the backward never recomputes: random ones (fresh numbers; unless
+    ``config.functionalize_rng_ops`` replays them, Note [Replayed random ops]),
+    in-place ones, collectives (unless
+    ``config.unsafe_allow_optimization_of_collectives``), and anything else fx
+    calls impure."""
     target = node.target
     if not isinstance(target, _torch.OpOverload):
         return False
+    if replayable_random(node):
+        return False
+    if target.namespace in NEVER_RECOMPUTE_NAMESPACES:
+        return not config.unsafe_allow_optimization_of_collectives
     return bool(set(target.tags) & NEVER_RECOMPUTE_TAGS) or target._schema.is_mutable or \
-        target.namespace in NEVER_RECOMPUTE_NAMESPACES or node.is_impure()
+        node.is_impure()
+
+
+def replayable_random(node: fx.Node) -> bool:
+    """A functional random op the backward may recompute by replaying the RNG
+    state the forward saved (``config.functionalize_rng_ops``)."""
+    target = node.target
+    return config.functionalize_rng_ops and node.op == "call_function" and \
+        isinstance(target, _torch.OpOverload) and \
+        torch.Tag.nondeterministic_seeded in target.tags and not target._schema.is_mutable
 
 
 def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], NodeRole]:
     """Roles from a recompute policy alone: what it allows is CHEAP; other
-    deterministic ops are COSTLY; random and in-place ops are BANNED."""
+    deterministic ops are COSTLY (custom ops only with
+    ``config.is_non_builtin_to_include``); random and in-place ops are BANNED."""
     def role(n: fx.Node) -> NodeRole:
         if n.op == "placeholder" or is_random_or_mutating(n):
             return NodeRole.BANNED
         if recompute_policy(n):
             return NodeRole.CHEAP
         if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor):
+            if isinstance(n.target, _torch.OpOverload) and \
+                    n.target.namespace not in BUILTIN_NAMESPACES | NEVER_RECOMPUTE_NAMESPACES \
+                    and not config.is_non_builtin_to_include:
+                return NodeRole.BANNED
             return NodeRole.COSTLY
         return NodeRole.BANNED
     return role
@@ -350,10 +428,17 @@ class RematProblem:
             return (n in fwd or n in needed) and n not in tangent_side and n not in syms
 
         role = {}
+        # Note [Recompute bans] (bans.py): cheap forward nodes the options keep
+        # out of the backward become COSTLY (a budget may still recompute them)
+        cheap = [n for n in self.graph_nodes if n in fwd and n not in primals
+                 and role_of(n) is NodeRole.CHEAP]
+        banned = recompute_bans(self.graph_nodes, fwd, cheap, is_fusible)
 
         def role_in_fwd(n: fx.Node) -> NodeRole:
             if n not in role:
                 r = role_of(n) if n in fwd or n in primals else NodeRole.CHEAP
+                if r is NodeRole.CHEAP and n in banned:
+                    r = NodeRole.COSTLY
                 if r is NodeRole.COSTLY and not with_costly:
                     r = NodeRole.BANNED
                 role[n] = NodeRole.BANNED if n in primals else r
@@ -390,9 +475,12 @@ class RematProblem:
         scale = len(order) + 1
         alive = {n for n in roles.fwd_outputs if isinstance(n, fx.Node)}
         self.storages = storages = StorageCache(joint_gm)
-        self.bytes = [0 if n in primals or storages.on_input(n) else tensor_bytes(n)
+        free = primals - storages.priced_primals
+        self.bytes = [0 if n in free or storages.on_input(n) else tensor_bytes(n)
                       for n in order]
-        caps = [None if b is None or role_in_fwd(n) is NodeRole.NO_SAVE
+        views_unsaved = config.recompute_views   # views are always recomputed
+        caps = [None if b is None or role_in_fwd(n) is NodeRole.NO_SAVE or
+                (views_unsaved and n.op == "call_function" and is_view_op(n.target))
                 else b * scale + (n not in alive and n not in primals)
                 for n, b in zip(order, self.bytes)]
         self.inf = inf = sum(c for c in caps if c is not None) + 1   # more than any finite cut
@@ -469,17 +557,30 @@ def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
             raise RuntimeError("aotgrad min-cut: the values the policy forbids saving cannot "
                                "all be recomputed")
         return problem.finish(cut)
-    if cut is None or cut.saved_bytes >= activation_bytes(default_saved, problem.storages):
+    if cut is None:
+        return default_saved
+    if cut.saved_bytes >= activation_bytes(default_saved, problem.storages) and not (
+            config.recompute_views and any(n.op == "call_function" and is_view_op(n.target)
+                                           for n in default_saved)):
         return default_saved
     return problem.finish(cut)
 
 
 class StorageCache:
-    """Storage of each value (fake tensors in ``node.meta["val"]``), computed once."""
+    """Storage of each value (fake tensors in ``node.meta["val"]``), computed once.
+
+    ``inputs``: the storages of graph inputs, which saving costs nothing —
+    but for parameters and buffers when ``config.treat_parameters_as_free_to_save``
+    is off (``priced_primals``: those placeholders)."""
 
     def __init__(self, gm: fx.GraphModule):
         self._keys: dict[fx.Node, Any] = {}
-        self.inputs = {self.key(p) for p in gm.graph.find_nodes(op="placeholder")} - {None}
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        static = static_primals(gm) if not config.treat_parameters_as_free_to_save else ()
+        self.priced_primals = {p for p in placeholders if isinstance(p.meta.get(DESC), Primal)
+                               and p.meta[DESC].index in static}
+        self.inputs = {self.key(p) for p in placeholders
+                       if p not in self.priced_primals} - {None}
 
     def key(self, n: fx.Node) -> Any:
         if n not in self._keys:
@@ -505,7 +606,8 @@ def activation_bytes(saved: Iterable[fx.Node], storages: StorageCache | None = N
     sizes: dict = {}
     for n in saved:
         key = storages.key(n)
-        if key is None or key in storages.inputs or n.op == "placeholder":
+        if key is None or key in storages.inputs or \
+                (n.op == "placeholder" and n not in storages.priced_primals):
             continue
         sizes[key] = max(sizes.get(key, 0), tensor_bytes(n) or 0)
     return sum(sizes.values())

@@ -36,6 +36,16 @@ from .descriptors import DESC, Primal, Saved, Tangent
 from .views import is_view_op
 
 
+#: ``joint_gm.meta`` key: the Primal indices of parameters and buffers (the
+#: inputs whose lifetime is the model's, not the call's; set by the pipeline).
+STATIC_INPUTS_META = "aotgrad_static_inputs"
+
+
+def static_primals(gm: fx.GraphModule) -> frozenset[int]:
+    """Primal indices of the parameters and buffers among ``gm``'s inputs."""
+    return frozenset(gm.meta.get(STATIC_INPUTS_META, ()))
+
+
 @dataclass(frozen=True)
 class JointRoles:
     """The joint graph's nodes by role."""
@@ -368,9 +378,111 @@ class Partitioned:
     saved_hooks_inlined: bool = False     # Note [Hooks apply once] (saved_hooks.py)
 
 
+def run_joint_custom_pass(joint_gm: fx.GraphModule, joint_inputs) -> fx.GraphModule:
+    """``config.joint_custom_pass(joint_gm, joint_inputs)`` when set: a pass of
+    the user's on the joint graph, before the partitioner.  It may change the
+    graph in place or return another one; either must keep the placeholders'
+    descriptors (``node.meta["desc"]``), which partitioners read roles from."""
+    custom = config.joint_custom_pass
+    if custom is None:
+        return joint_gm
+    if not callable(custom):
+        raise TypeError(f"aotgrad.config.joint_custom_pass must be a callable "
+                        f"(joint_gm, joint_inputs) -> joint_gm, not {custom!r}")
+    out = custom(joint_gm, joint_inputs)
+    if not isinstance(out, fx.GraphModule):
+        raise TypeError("aotgrad.config.joint_custom_pass must return the joint "
+                        f"fx.GraphModule, not {type(out).__name__}")
+    for key, value in joint_gm.meta.items():  # e.g. STATIC_INPUTS_META
+        out.meta.setdefault(key, value)
+    return out
+
+
+#: Ops CSE never merges: two calls are two different tensors (``empty``'s
+#: contents are undefined, each is its own buffer).
+_NEVER_MERGED = frozenset({_torch.aten.empty, _torch.aten.empty_like, _torch.aten.empty_strided,
+                           _torch.aten.new_empty, _torch.aten.new_empty_strided})
+
+
+def eliminate_common_subexpressions(gm: fx.GraphModule) -> int:
+    """Note [CSE before partitioning] (``config.cse``): nodes that call the same
+    op on the same arguments are merged, in place, before the min-cut chooses
+    what to save -- a value computed twice is otherwise saved (or recomputed)
+    twice.  Never merged: random ops (each call draws new numbers), effectful
+    and mutating ops, ``empty``, nodes across an in-place op (the key carries a
+    count of the mutations before the node), nodes whose values share storage
+    with a graph output (eager returns separate tensors), and nodes with
+    different checkpoint marks or tags.  Returns the number of nodes removed::
+
+        before: sin = sin(primals_1); sin_1 = sin(primals_1); add = add(sin, sin_1)
+        after:  sin = sin(primals_1); add = add(sin, sin)
+    """
+    from .policy import RECOMPUTE_META, TAG_META
+
+    graph = gm.graph
+    out_storages = {_storage(n) for n in graph.output_node().all_input_nodes} - {None}
+    impure = impure_calls(graph)
+    seen: dict = {}
+    region = 0
+    removed = 0
+
+    def key_of(a):
+        if isinstance(a, fx.Node):
+            return ("node", a)
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(key_of(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, key_of(v)) for k, v in a.items())))
+        if isinstance(a, slice):
+            return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
+        return (type(a), a)   # 1, 1.0 and True are equal as keys, not as arguments
+
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        target = n.target
+        if isinstance(target, _torch.OpOverload) and target._schema.is_mutable or n in impure:
+            region += 1
+            continue
+        if isinstance(target, _torch.OpOverload) and (
+                torch.Tag.nondeterministic_seeded in target.tags or
+                target.overloadpacket in _NEVER_MERGED):
+            continue
+        if _storage(n) in out_storages:
+            continue
+        try:
+            key = (target, key_of(n.args), key_of(n.kwargs), region,
+                   repr(n.meta.get(RECOMPUTE_META)), n.meta.get(TAG_META))
+            hash(key)
+        except TypeError:  # an argument that cannot be a key
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = n
+            continue
+        n.replace_all_uses_with(first)
+        graph.erase_node(n)
+        removed += 1
+    if removed:
+        gm.recompile()
+    return removed
+
+
+def _storage(n: fx.Node):
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return _torch.StorageWeakRef(val.untyped_storage())
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def partition(joint_gm: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
               partition_fn, mutated_primals: frozenset[int] = frozenset()) -> Partitioned:
-    """Run a partitioner and check that its graphs follow the calling convention."""
+    """Run a partitioner and check that its graphs follow the calling convention
+    (after ``config.joint_custom_pass``, when set)."""
+    joint_gm = run_joint_custom_pass(joint_gm, joint_inputs)
     fw_gm, bw_gm = partition_fn(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
     _save_copies_of_mutated_primals(fw_gm, num_fwd_outputs, mutated_primals)
     fw_outs = fw_gm.graph.output_node().args[0]

@@ -26,7 +26,7 @@ from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
-from .partition import Partitioned, default_partition, partition
+from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
 from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
 from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
@@ -221,13 +221,17 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     if traced.is_joint:
         with _torch.tracing_context(t.fake_mode), stage("partition"):
             mutated = frozenset(i for i, x in enumerate(t.signature.inputs) if x.changed)
+            static = frozenset(t.flat.leaf_slot[i] for i in range(t.flat.num_params_buffers)
+                               if t.flat.leaf_slot[i] >= 0)   # parameters and buffers
             if traced.boundary is not None:  # plain graph inputs of those inputs
                 mutated = frozenset(k for i in mutated for k in traced.boundary.plain_indices(i))
+                static = frozenset(k for i in static for k in traced.boundary.plain_indices(i))
+            traced.gm.meta[STATIC_INPUTS_META] = static
             parts = partition(traced.gm, _split_joint_inputs(traced),
                               traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()
             if hooks is not None:
-                parts = inline_hooks(parts, hooks)
+                parts = inline_hooks(parts, hooks, static)
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

@@ -14,6 +14,8 @@ saves, its other leaves (a dtype, say) are constants the unpack trace sees.
 While a hook is traced, ``saved_tensor_hook_context()`` returns
 ``{"_fw_graph", "_bw_graph", "_node"}`` — the graphs and the saved node.
 
+Which saved tensors are hooked: Note [Which saved tensors are hooked].
+
 Note [Hooks apply once]: the runtime saves the packed tensors with the hooks
 switched off (identity hooks), so they are not packed a second time; the
 hooks in force are part of the guard key (``api.guard_key``).
@@ -22,14 +24,15 @@ hooks in force are part of the guard key (``api.guard_key``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, config
 from ._torch import pytree
-from .descriptors import DESC, Saved
+from .descriptors import DESC, Primal, Saved
 from .partition import Partitioned
 
 _context: dict[str, Any] | None = None
@@ -61,7 +64,52 @@ def hooks_off():
         yield
 
 
-def inline_hooks(parts: Partitioned, hooks: tuple[Callable, Callable]) -> Partitioned:
+FILTERING_MODES = ("donated", "no_static", "all")
+
+
+def hooked_saved_values(parts: Partitioned, static: frozenset[int] = frozenset()) -> list[bool]:
+    """Note [Which saved tensors are hooked]: per saved tensor, whether the
+    inlined hooks apply to it (``config.saved_tensors_hooks_filtering_mode``).
+    The use of such hooks is to shrink what the forward keeps (an fp8 copy
+    instead of the value); that frees memory only for a value nothing else
+    holds.  "donated" (the default): only the forward's own intermediates, not
+    sharing storage with a forward input, a user output or a gradient;
+    "no_static": all but the parameters and buffers themselves; "all":
+    every saved tensor.  With an in-place metadata change in either graph
+    (``set_``, ``t_()``), the values' storages are not trusted and "donated"
+    selects none."""
+    mode = config.saved_tensors_hooks_filtering_mode
+    if mode not in FILTERING_MODES:
+        raise ValueError(f"aotgrad.config.saved_tensors_hooks_filtering_mode must be one of "
+                         f"{FILTERING_MODES}, not {mode!r}")
+    fw, bw = parts.fw_gm.graph, parts.bw_gm.graph
+    outs = list(fw.output_node().args[0])
+    saved = outs[parts.num_fwd_outputs:parts.num_fwd_outputs + parts.num_saved_tensors]
+    if mode == "all":
+        return [True] * len(saved)
+    if mode == "no_static":
+        return [not (n.op == "placeholder" and isinstance(n.meta.get(DESC), Primal) and
+                     n.meta[DESC].index in static) for n in saved]
+    if any(n.op == "call_function" and isinstance(n.target, _torch.OpOverload) and
+           (torch.Tag.inplace_view in n.target.tags or "set_" in n.target._schema.name)
+           for g in (fw, bw) for n in g.nodes):
+        return [False] * len(saved)
+    held = {_storage(n) for n in fw.find_nodes(op="placeholder")}
+    held |= {_storage(n) for n in outs[:parts.num_fwd_outputs] if isinstance(n, fx.Node)}
+    held |= {_storage(n) for n in bw.output_node().args[0] if isinstance(n, fx.Node)}
+    return [_storage(n) is not None and _storage(n) not in held for n in saved]
+
+
+def _storage(n: fx.Node):
+    val = n.meta.get("val")
+    return _torch.storage_of(val) if isinstance(val, torch.Tensor) else None
+
+
+def inline_hooks(parts: Partitioned, hooks: tuple[Callable, Callable],
+                 static: frozenset[int] = frozenset()) -> Partitioned:
+    """The hooks traced into the graphs, for the saved tensors
+    ``hooked_saved_values`` selects; the others are saved as they are (the
+    runtime saves all of them with hooks off: Note [Hooks apply once])."""
     pack, unpack = hooks
     fw, bw = parts.fw_gm, parts.bw_gm
     fw_out = fw.graph.output_node()
@@ -71,20 +119,31 @@ def inline_hooks(parts: Partitioned, hooks: tuple[Callable, Callable]) -> Partit
     saved = outs[first_saved:first_saved + parts.num_saved_tensors]
     bw_inputs = bw.graph.find_nodes(op="placeholder")
     bw_saved = bw_inputs[parts.num_saved_symints:parts.num_saved_symints + parts.num_saved_tensors]
+    hooked = hooked_saved_values(parts, static)
+    if not any(hooked):
+        return dataclasses.replace(parts, saved_hooks_inlined=True)
+    chosen = [(node, bw_node) for node, bw_node, h in zip(saved, bw_saved, hooked) if h]
     packed_all = []
-    for node, bw_node in zip(saved, bw_saved):
+    for node, bw_node in chosen:
         with _tracing_hook(fw, bw, node):
             packed_all.append(_inline_pack(fw.graph, node, pack))
     # all new placeholders first, so that the unpack code's names never collide
     new_inputs = [_add_placeholders(bw.graph, bw_node, packed)
-                  for bw_node, (packed, _) in zip(bw_saved, packed_all)]
+                  for (_, bw_node), (packed, _) in zip(chosen, packed_all)]
     anchor = next(n for n in bw.graph.nodes if n.op != "placeholder")
-    for node, bw_node, inputs, (packed, leaves_spec) in zip(saved, bw_saved, new_inputs,
-                                                            packed_all):
+    for (node, bw_node), inputs, (packed, leaves_spec) in zip(chosen, new_inputs, packed_all):
         with _tracing_hook(fw, bw, node):
             _inline_unpack(bw.graph, bw_node, inputs, leaves_spec, unpack, anchor)
-    new_saved = [p for packed, _ in packed_all for p in packed]
-    new_descs = [Saved(p.name) for p in new_saved]
+    packed_of = {node: packed for (node, _), (packed, _) in zip(chosen, packed_all)}
+    new_saved: list[fx.Node] = []
+    new_descs: list = []
+    for node, desc, h in zip(saved, out_descs[first_saved:], hooked):
+        if h:
+            new_saved += packed_of[node]
+            new_descs += [Saved(p.name) for p in packed_of[node]]
+        else:
+            new_saved.append(node)
+            new_descs.append(desc)
     end = first_saved + parts.num_saved_tensors
     fw_out.args = (tuple(outs[:first_saved] + new_saved + outs[end:]),)
     fw_out.meta[DESC] = tuple(out_descs[:first_saved] + new_descs + out_descs[end:])

@@ -56,7 +56,10 @@ not_callable = 3
 
 
 def recompute_mm_policy():
-    """A MemoryPolicy for ``aotgrad explain --policy``: recompute every matmul."""
+    """A MemoryPolicy for ``aotgrad explain --policy``: recompute every matmul
+    and the activation between them (else the activation is saved, since the
+    backward's matmul reads it: Note [Recompute bans], and no matmul is needed)."""
     import aotgrad
 
-    return aotgrad.MemoryPolicy(recompute=[torch.ops.aten.mm, torch.ops.aten.addmm])
+    return aotgrad.MemoryPolicy(recompute=[torch.ops.aten.mm, torch.ops.aten.addmm,
+                                           torch.ops.aten.tanh])

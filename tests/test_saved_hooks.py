@@ -42,6 +42,8 @@ class TestSavedTensorHooks(unittest.TestCase):
         calls.update(pack=0, unpack=0)
         contexts.clear()
 
+    # eager packs every saved tensor, inputs too: the "all" filtering mode
+    @aotgrad.config.patch(saved_tensors_hooks_filtering_mode="all")
     def test_inlined_and_equal_to_eager_with_hooks(self):
         rec = GraphRecorder()
         f = aotgrad.aot_function(fn, rec)
@@ -89,6 +91,80 @@ class TestSavedTensorHooks(unittest.TestCase):
         plain, hooked = rec.graphs["forward"]
         self.assertNotIn("float16", plain.code)
         self.assertIn("float16", hooked.code)
+
+
+def _neg(x):
+    return x.neg()
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return ((x @ self.w).relu() * x.sum()).sum()
+
+
+class TestFilteringMode(unittest.TestCase):
+    """config.saved_tensors_hooks_filtering_mode, against torch's AOTAutograd
+    (which inlines hooks given as GraphModules) and eager."""
+
+    def hooked(self, lib, cfg, mode, make):
+        graphs = []
+        comp = lib.make_boxed_compiler(lambda gm, i: (graphs.append(gm), gm)[1])
+        f, args = make(lib, comp)
+        pack = unpack = torch.fx.symbolic_trace(_neg)   # exact: hooks that change nothing
+        with cfg.patch(saved_tensors_hooks_filtering_mode=mode), \
+                torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = f(*args)
+        out.backward()
+        fw = graphs[0]
+        grads = [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        return sum(1 for n in fw.graph.nodes if n.target is torch.ops.aten.neg.default), \
+            fw, out, grads
+
+    def test_modes_match_torch(self):
+        import functorch.compile as reference
+        import torch._functorch.config as reference_config
+
+        def make(lib, comp):
+            return lib.aot_function(fn, comp, comp), inputs()
+
+        x, w, idx = inputs()
+        eager = fn(x, w, idx)
+        eager.backward()
+        counts = {}
+        for mode in ("donated", "no_static", "all"):
+            ours, _, out, grads = self.hooked(aotgrad, aotgrad.config, mode, make)
+            theirs, *_ = self.hooked(reference, reference_config, mode, make)
+            self.assertEqual(ours, theirs, mode)
+            counts[mode] = ours
+            torch.testing.assert_close(out, eager)
+            torch.testing.assert_close(grads, [x.grad, w.grad])
+        # the inputs x, w, idx are saved too: only "donated" leaves them alone
+        self.assertEqual(counts["all"] - counts["donated"], 3)
+        self.assertEqual(counts["no_static"], counts["all"])  # no parameters here
+
+    def test_no_static_spares_parameters(self):
+        def make(lib, comp):
+            torch.manual_seed(0)
+            return lib.aot_module(Mlp(), comp, comp), [torch.randn(4, 4, requires_grad=True)]
+
+        _, fw, *_ = self.hooked(aotgrad, aotgrad.config, "no_static", make)
+        saved = fw.graph.output_node().args[0][1:]
+        names = {n.name for n in saved}
+        self.assertIn("primals_1", names)       # the parameter, not hooked
+        self.assertNotIn("primals_2", names)    # the input x, hooked
+        _, fw, *_ = self.hooked(aotgrad, aotgrad.config, "all", make)
+        self.assertFalse({"primals_1", "primals_2"} & {n.name for n in fw.graph.output_node().args[0][1:]})
+
+    def test_unknown_mode(self):
+        f = aotgrad.aot_function(fn, aotgrad.nop)
+        with aotgrad.config.patch(saved_tensors_hooks_filtering_mode="some"), \
+                torch.autograd.graph.saved_tensors_hooks(pack_fp16, unpack_fp16), \
+                self.assertRaisesRegex(ValueError, "filtering_mode must be one of"):
+            f(*inputs())
 
 
 if __name__ == "__main__":
