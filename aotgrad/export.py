@@ -463,12 +463,10 @@ def _loss_checks(fn: Callable, loss_index: int | None) -> Callable:
         if not loss.requires_grad:
             raise RuntimeError(f"The output at index {loss_index} was marked as the loss, "
                                "but it does not require gradients")
-        if loss.numel() != 1 or loss.dim() != 0:
+        if loss.numel() != 1:
             raise RuntimeError(
                 f"We require the output marked as the loss (at index {loss_index}) to be a "
-                f"scalar, but it has shape {loss.shape}" +
-                (" (aotgrad: a 0-dim tensor; use .reshape(()) or .sum())"
-                 if loss.numel() == 1 else ""))
+                f"scalar, but it has shape {loss.shape}")
         return out
 
     return step

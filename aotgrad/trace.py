@@ -395,7 +395,7 @@ def _differentiated(sig: Signature, loss_index: int | None) -> list[int]:
     if loss_index is None:
         return [k for k, m in enumerate(sig.tangent_mask) if m]
     loss = sig.outputs[loss_index]
-    if len(loss.shape) != 0 or not loss.requires_grad:
+    if any(d != 1 for d in loss.shape) or not loss.requires_grad:  # one element, as () or [1]
         raise ValueError(
             f"aotgrad: output {loss_index} is not a scalar that requires grad (shape "
             f"{list(loss.shape)}, requires_grad={loss.requires_grad}); the loss must be one")

@@ -272,6 +272,29 @@ def test_module_joint_loss_output_names_the_loss():
     assert_close(loss, ConvBatchnormRelu().train()(x)[0].detach())
 
 
+def test_module_joint_with_a_one_element_loss():
+    # torch takes any loss of one element, () or [1]
+    class OneElement(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return (self.lin(x).sum().view(1),)
+
+    torch.manual_seed(0)
+    mod, x = OneElement(), torch.randn(2, 3)
+    gm, sig = aot_export_module(mod, [x], trace_joint=True, output_loss_index=0)
+    _, sig_t = torch_aot.aot_export_module(mod, [x], trace_joint=True, output_loss_index=0)
+    assert list(sig.backward_signature.gradients_to_parameters.values()) == \
+        list(sig_t.backward_signature.gradients_to_parameters.values())
+    outs = _run_module_graph(gm, mod, [x])
+    mod(x)[0].sum().backward()
+    names = [n.name for n in gm.graph.output_node().args[0]]
+    for out_name, fqn in sig.backward_signature.gradients_to_parameters.items():
+        assert_close(outs[names.index(out_name)], mod.get_parameter(fqn).grad)
+
+
 def test_module_mutated_parameter_in_inference_graph():
     mod = TestMod(_mutate_param)
     x = torch.randn(2)
