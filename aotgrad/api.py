@@ -191,7 +191,7 @@ class AOTFunction:
             alias_key = (key, aliased.groups)
             run = self._compiled.get(alias_key)
             if run is None:
-                run = self._compile(leaves, in_spec, alias_key, aliased.groups)
+                run = self._compile(leaves, in_spec, alias_key, aliased)
             return run(leaves)
 
     def fast_function(self, key: tuple, run: Callable[[list], Any], leaves: list,
@@ -243,7 +243,7 @@ class AOTFunction:
         return run(leaves)
 
     def _compile(self, leaves: list, in_spec: Any, key: tuple,
-                 alias_groups: tuple | None = None) -> Callable[[list], Any]:
+                 aliased: AliasedMutatedInputs | None = None) -> Callable[[list], Any]:
         if len(self._compiled) >= config.cache_size_limit:
             raise RuntimeError(
                 f"aotgrad: {self.__name__} was compiled for {len(self._compiled)} different "
@@ -251,10 +251,10 @@ class AOTFunction:
                 "(aotgrad.config.cache_size_limit). Use dynamic=True for varying shapes, or "
                 "raise the limit.")
         report = CompileReport()
-        if alias_groups is None:
+        if aliased is None:
             run = compile_call(self.fn, self.options, leaves, in_spec, report)
         else:
-            run = compile_rebased(self.fn, self.options, leaves, in_spec, alias_groups, report)
+            run = compile_rebased(self.fn, self.options, leaves, in_spec, aliased, report)
         self.last_report = report
         self._compiled[key] = run
         return run

@@ -27,7 +27,8 @@ from .fakes import fakes_from_reals
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
-from .rebase import RebasedFunction, plan_rebasing, rebased_inputs, rebased_runtime
+from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebased_inputs,
+                     rebased_runtime)
 from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
 from .saved_hooks import inline_hooks
@@ -280,14 +281,14 @@ def _with_shape_guard(run: Callable[[list], Any], t: Traced) -> Callable[[list],
 
 
 def compile_rebased(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
-                    groups: tuple[tuple[int, ...], ...],
+                    aliased: AliasedMutatedInputs,
                     report: CompileReport | None = None) -> Callable[[list], Any]:
-    """Compile ``fn`` for calls whose graph inputs alias as ``groups`` say
-    (rebase.py: the aliased inputs become one synthetic base)."""
+    """Compile ``fn`` for calls whose graph inputs alias as ``aliased.groups``
+    say (rebase.py: the aliased inputs become one synthetic base)."""
     report = report if report is not None else CompileReport()
     flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
     graph_inputs = select_graph_inputs(flat, leaves)
-    plan = plan_rebasing(graph_inputs, groups)
+    plan = plan_rebasing(graph_inputs, aliased.groups, aliased.mutated)
     rebased = RebasedFunction(make_flat_fn(fn, flat), plan, len(graph_inputs))
     inner_leaves = rebased_inputs(plan, graph_inputs)
     inner_spec = _torch.pytree.tree_flatten((tuple(inner_leaves), {}))[1]

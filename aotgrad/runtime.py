@@ -633,8 +633,12 @@ def _alias_check(src: _Source, sig: Signature, num_params_buffers: int) -> None:
     positions = tuple(k for k, i in enumerate(candidates) if sig.inputs[i].mutated)
     src(f"if len(set(ptrs)) != {len(candidates)} and "
         f"{src.bind(_mutated_aliased, 'mutated_aliased')}(ptrs, {positions}):")
-    src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}("
-        f"{src.bind(alias_groups, 'alias_groups')}([{_names('i', range(len(sig.inputs)))}]))", 2)
+    # Note [Only overlapping inputs are merged] (rebase.py)
+    mutated_set = src.bind(frozenset(mutated), "mutated")
+    src(f"groups = {src.bind(alias_groups, 'alias_groups')}("
+        f"[{_names('i', range(len(sig.inputs)))}], {mutated_set})", 2)
+    src("if groups:", 2)
+    src(f"raise {src.bind(AliasedMutatedInputs, 'Aliased')}(groups, {mutated_set})", 3)
 
 
 def _mutated_aliased(ptrs: list, mutated: tuple[int, ...]) -> bool:

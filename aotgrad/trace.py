@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -256,6 +257,7 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
     strip_tags(gm)
     _flatten_codegen(gm)
     drop_detaches(gm)
+    drop_unused_views(gm)
     _annotate(gm, [Primal(i) for i in range(len(plain_inputs))], _output_descs(sig))
     boundary = subclass.Boundary(sig.input_layouts, sig.graph_output_layouts) \
         if sig.has_subclasses else None
@@ -631,6 +633,30 @@ def drop_detaches(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         changed = True
+    if changed:
+        gm.recompile()
+
+
+def drop_unused_views(gm: fx.GraphModule) -> None:
+    """Remove view ops (and their items) whose results nothing reads.
+
+    Functionalization replays a view after each mutation of its base, read
+    or not; a synthetic base's members are sliced before the program runs
+    (rebase.py).  In a joint graph the partitioner keeps only what is
+    needed; an inference graph is compiled as traced, so it is swept here::
+
+        as_strided = as_strided(arg0_1, [2, 2], [2, 1], 0);  as_strided = None   # dropped
+    """
+    graph = gm.graph
+    changed = False
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        target = node.target
+        if is_view_op(target) or (target is operator.getitem and isinstance(node.args[0], fx.Node)
+                                  and is_view_op(node.args[0].target)):
+            graph.erase_node(node)
+            changed = True
     if changed:
         gm.recompile()
 

@@ -416,9 +416,61 @@ class TestAliasedInputs(MutationTestCase):
 
     def test_unrelated_aliases_are_refused_clearly(self):
         base = torch.arange(4.0)
-        a, b = base[:2], base.detach()[2:]
+        a, b = base[:3], base.detach()[1:]
         with self.assertRaisesRegex(RuntimeError, "not views of one common tensor"):
             aot_function(lambda a, b: a.add_(1) + b, nop)(a, b)
+
+    def test_disjoint_aliases_need_no_synthetic_base(self):
+        # Note [Only overlapping inputs are merged] (rebase.py): same storage,
+        # no shared byte: one program, as for unaliased inputs, and torch's graph
+        from functorch.compile import aot_function as torch_aot_function
+
+        def f(a, b):
+            a.add_(1)
+            return a + b
+
+        graphs = {"ours": [], "torch": []}
+        for name, aot in (("ours", aot_function), ("torch", torch_aot_function)):
+            g = aot(f, lambda gm, _, name=name: (graphs[name].append(gm.code), gm)[1],
+                    lambda gm, _: gm)
+            for make in (lambda x: (x[:2], x.detach()[2:]), lambda x: (x[:2], x[2:]),
+                         lambda x: (torch.ones(2), torch.ones(2))):
+                got_base, want_base = torch.arange(4.0), torch.arange(4.0)
+                torch.testing.assert_close(g(*make(got_base)), f(*make(want_base)))
+                torch.testing.assert_close(got_base, want_base)
+        self.assertEqual(graphs["ours"][0], graphs["torch"][0])
+        # no program of a synthetic base (its graph would take one input)
+        self.assertTrue(all("arg1_1" in code for code in graphs["ours"]))
+
+    def test_synthetic_base_graphs_read_as_torchs(self):
+        from functorch.compile import aot_function as torch_aot_function
+
+        def base(rg=True):
+            return torch.ones(4, requires_grad=rg).add(1)
+
+        cases = [
+            (lambda a, b: (a.add_(1), a + b)[1], lambda x: [x[:2], x[1:3]]),
+            (lambda a, b: (a.mul_(2), b.t_(), a.mul(b))[2],
+             lambda x: [x.view(2, 2)[0], x.view(2, 2)[0]]),
+            (lambda a, b, c, d: (b.add_(1), d.unsqueeze_(0), a + c + d)[2],
+             lambda x: [x[:2], x[1:], x[1:3].detach().clone(), x[:2]]),
+            (lambda u, a, b: (a.add_(1), u * 2 + a.sum() + b.sum())[1],
+             lambda x: [torch.ones(2, requires_grad=True), x[:3], x[1:]]),
+        ]
+        for f, make in cases:
+            texts, results = [], []
+            for aot in (aot_function, torch_aot_function):
+                graphs = []
+                g = aot(f, lambda gm, _: (graphs.append(gm.code), gm)[1], lambda gm, _: gm)
+                x = base()
+                out = g(*make(x))
+                results.append((out.detach(), x.detach().clone()))
+                texts.append(graphs[-1])
+            self.assertEqual(texts[0], texts[1])
+            x = base()
+            want = f(*make(x))
+            torch.testing.assert_close(results[0][0], want.detach())
+            torch.testing.assert_close(results[0][1], x.detach())
 
 
 class TestModulesAndFunctions(MutationTestCase):
