@@ -537,7 +537,7 @@ def _subclass_tangents(ctx: Any, tangents: list, layouts: list, diff: tuple) -> 
                 missing.append(len(plain))
                 plain.append(torch.zeros(shape, dtype=dtype, device=device))
         else:
-            subclass.check_tangent(t, layouts[j], diff[j])
+            t = subclass.coerce_tangent(t, layouts[j], diff[j])
             plain.extend(p.contiguous() for p in subclass.flatten_all([t]))
     return plain, tuple(missing)
 

@@ -21,8 +21,9 @@ The traced program rebuilds its subclass inputs from the graph's plain
 placeholders and flattens its subclass outputs (trace.py); the runtime does the
 same around the compiled graphs (runtime.py), so autograd sees the subclass
 tensors, as in eager, and the compiled graphs see plain ones.  A tangent that
-arrives at the backward with another layout than the one traced raises
-(``check_tangent``): the backward graph was traced for that layout.
+arrives at the backward with another layout than the one traced is coerced
+to it by its own ``__coerce_same_metadata_as_tangent__`` where it has one,
+else raises (``coerce_tangent``): the backward graph was traced for that layout.
 """
 
 from __future__ import annotations
@@ -268,14 +269,36 @@ class TangentLayoutMismatch(RuntimeError):
     pass
 
 
-def check_tangent(t: torch.Tensor, expected: Layout, position: int) -> None:
+def _same_structure(t: torch.Tensor, expected: Layout) -> bool:
+    got = layout_of(t)
+    return (None if got is None else got.structure()) == \
+        (None if expected is None else expected.structure())
+
+
+def coerce_tangent(t: torch.Tensor, expected: Layout, position: int) -> torch.Tensor:
     """Note [Subclasses at the boundary]: the backward graph was traced for
     tangents with the layout of the forward output; another one cannot be
-    flattened into its inputs."""
+    flattened into its inputs.  A subclass gradient may say how to become
+    one like the output (``__coerce_same_metadata_as_tangent__(meta,
+    type)``, the protocol PyTorch's AOTAutograd calls: a ``DTensor`` to the
+    output's placements, a wrapper to its inner tensor); else the error says
+    what the gradient should be."""
+    if _same_structure(t, expected):
+        return t
+    coerce = getattr(t, "__coerce_same_metadata_as_tangent__", None)
+    if coerce is not None and is_subclass(t):
+        want_type = torch.Tensor if expected is None else expected.cls
+        want_meta = None if expected is None else expected.meta
+        # the one-argument form, for subclasses that only change their own metadata
+        coerced = coerce(want_meta) if type(t) is want_type else coerce(want_meta, want_type)
+        if coerced is not None and _same_structure(coerced, expected):
+            return coerced
+    _raise_tangent_mismatch(t, expected, position)
+    return t
+
+
+def _raise_tangent_mismatch(t: torch.Tensor, expected: Layout, position: int) -> None:
     got = layout_of(t)
-    if (None if got is None else got.structure()) == \
-            (None if expected is None else expected.structure()):
-        return
     want = "a plain tensor" if expected is None else expected.describe()
     have = "a plain tensor" if got is None else got.describe()
     raise TangentLayoutMismatch(

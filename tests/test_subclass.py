@@ -257,6 +257,35 @@ class TestSubclassMutation(SubclassTestCase):
             aot_function(f, nop)(x[0], x[0])
 
 
+class TestTangentCoercion(SubclassTestCase):
+    def test_a_gradient_that_coerces_itself_to_the_outputs_layout(self):
+        # Note [Subclasses at the boundary]: a wrapper gradient at a TwoTensor
+        # output becomes one by __coerce_same_metadata_as_tangent__, as torch's
+        from functorch.compile import aot_function as torch_aot_function
+        from functorch.compile import nop as torch_nop
+        from torch.testing._internal.subclasses import WrapperSubclass
+
+        def f(x):
+            return (x * 2).sin()
+
+        a = torch.randn(3, 4)
+        grads = []
+        for compiled in (aot_function(f, nop), torch_aot_function(f, torch_nop)):
+            x = TwoTensor(a, a.clone()).requires_grad_()
+            compiled(x).backward(WrapperSubclass(torch.full((3, 4), 0.5)))
+            grads.append(x.grad)
+        for g in grads:
+            self.assertIs(type(g), TwoTensor)
+            torch.testing.assert_close(g.a, (a * 2).cos())
+            torch.testing.assert_close(g.b, (a * 2).cos())
+
+    def test_a_gradient_that_cannot_be_coerced_is_refused_clearly(self):
+        x = two(3, 4)
+        out = aot_function(lambda x: (x * 2).sin(), nop)(x)
+        with self.assertRaisesRegex(RuntimeError, "the gradient of output 0 is a plain tensor"):
+            out.backward(torch.randn(3, 4))
+
+
 class TestSubclassBackend(SubclassTestCase):
     def test_torch_compile_backend_with_subclass_inputs(self):
         torch._dynamo.reset()
