@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz seed purity clean
+.PHONY: demo test fuzz seed purity clean sweep
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +36,10 @@ N ?= 10000
 SEED ?=
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_programs.py --count $(N) $(if $(SEED),--seed $(SEED)) --debug-assert
+
+# Every OpInfo (op_db, hop_db) and ModuleInfo (module_db), static and dynamic=True,
+# through aotgrad and PyTorch's own AOTAutograd side by side: a table of the
+# differences (tests/sweep.py; tests/test_sweep.py runs a fixed slice)
+SWEEP_JSON ?= sweep.json
+sweep: $(STAMP)
+	$(BIN)/python tests/sweep.py --ops --modules --impl both --dynamic --json $(SWEEP_JSON)

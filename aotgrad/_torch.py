@@ -593,6 +593,8 @@ class EagerChecks(TorchDispatchMode):
     in-place op writing to a tensor whose elements overlap (e.g. an expand),
     or to a view of an input that is a leaf requiring grad (``leaf_storages``)."""
 
+    supports_higher_order_operators = True  # they pass through (their ops are checked inside)
+
     def __init__(self, leaf_storages=()):
         super().__init__()
         self.leaf_storages = set(leaf_storages)
@@ -740,6 +742,15 @@ def mark_propagated_dynamic(t: torch.Tensor, dims: set[int]) -> None:
     of the next one."""
     old = getattr(t, "_dynamo_propagated_dynamic_indices", None)
     t._dynamo_propagated_dynamic_indices = dims | old if old else set(dims)  # type: ignore
+
+
+def fresh_unbacked_ignored(mode: Any) -> Any:
+    """A context in which sizes made from data (``.item()``, ``nonzero``)
+    need not be bound to a graph node: the analysis run (which makes no
+    graph) may leave such symbols behind, which the trace after it would
+    otherwise find pending."""
+    env = getattr(mode, "shape_env", None)
+    return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
 
 
 def tensor_guard(examples: list) -> Any:

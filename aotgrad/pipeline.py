@@ -123,7 +123,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
             sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
                                             loss_index)
             if sig is None:
-                with stage("analyze"):
+                with stage("analyze"), _torch.fresh_unbacked_ignored(fake_mode):
                     sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
                                   keep_input_mutations=options.keep_inference_input_mutations)
             report.signature = sig

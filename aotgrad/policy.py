@@ -96,6 +96,8 @@ def strip_tags(gm: fx.GraphModule) -> None:
 class CheckpointRegionMarker(TorchDispatchMode):
     """Marks the nodes traced inside a plain checkpoint region (Note [Checkpoint regions])."""
 
+    supports_higher_order_operators = True  # they pass through like any op
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "prim":  # metadata queries (prim::device), asked by C++
             return func(*args, **(kwargs or {}))  # code that an exception cannot cross

@@ -45,6 +45,26 @@ decomposition, traced; a CompositeImplicitAutograd op that reaches the tracer
 (autograd did not decompose it, as under ``no_grad`` for some ops) is
 decomposed when the device has no kernel of its own.
 
+Note [Effect tokens]
+~~~~~~~~~~~~~~~~~~~
+Functionalization orders ops with a side effect (``aten._print``, the error
+check of linalg ops, ``aten._linalg_check_errors``, custom ops registered
+with an effect) by threading a token through them: it runs
+``with_effects(token, op, *args) -> (new token, *results)``, a higher-order
+op.  The first time it meets an effect it makes the token itself, and under
+a proxy mode it asks that mode's tracer for a graph input for it
+(``create_proxy("placeholder", "tangents_token")``) that aotgrad's
+signature does not have.  The graphs aotgrad makes are not reordered by
+anything that needs the tokens (the partitioner keeps the order of the
+joint graph), so the tracer records ``op(*args)`` itself, where the effect
+happened: ``Node.is_impure`` is true for it, so neither dead-code
+elimination nor the partitioner drops it (the forward keeps the impure ops
+that need no tangent).  Tokens are tracked by one node that is never put in
+the graph and that no recorded node uses.  (A ``with_effects`` node would
+not do: its token result is unused and fx deems the higher-order op pure,
+so the joint graph's dead-code elimination dropped the error check.)  Other
+higher-order ops go to make_fx.
+
 Note [Straight to the fake mode]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Once the tracer has recorded an op it must run it on the fake tensors.
@@ -99,13 +119,32 @@ _SIZE_QUERIES = frozenset({_torch.aten.size.default, _torch.aten.stride.default,
 
 class _Tracked:
     """What torch's code reads of a make_fx tracer: ``tracer.graph`` and
-    ``tracer.tensor_tracker[t].proxy.node`` (Note [A light tracer])."""
+    ``tracer.tensor_tracker[t].proxy.node`` (Note [A light tracer]); and
+    what functionalization asks of it for an effect token (Note [Effect
+    tokens]): ``create_proxy`` and ``tensor_tracker[t] = ...``."""
 
     def __init__(self, node_of: dict[int, fx.Node], graph: fx.Graph):
         self.graph = graph
         self.tensor_tracker = self
         self.node_of = node_of
         self.enable_thunkify = False
+        self.track: Callable[[torch.Tensor, fx.Node], None] | None = None
+        self.recorder: "_Recorder | None" = None
+        self.token = fx.Node(graph, "token", "call_function", _torch.aten._make_dep_token.default,
+                             (), {})  # Note [Effect tokens]: never in the graph
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict,
+                     name: str | None = None, *rest: Any, **more: Any) -> fx.Proxy:
+        """Note [Effect tokens]: the one proxy torch's code makes itself under
+        the tracer, for a token functionalization meets for the first time
+        (``tangents_token``): a node outside the graph, which no recorded
+        node uses."""
+        if kind != "placeholder" or not str(target).endswith("token") or args or kwargs:
+            self.recorder.refuse(f"a proxy made by torch's code ({kind} {target})")
+        return fx.Proxy(self.token, self)
+
+    def __setitem__(self, t: torch.Tensor, tracked: Any) -> None:
+        self.track(t, tracked.proxy.node)
 
     def __getitem__(self, t: torch.Tensor) -> "_Entry":
         return _Entry(self.node_of[id(t)])
@@ -135,6 +174,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         self.graph = fx.Graph()
         self.node_of: dict[int, fx.Node] = {}
         super().__init__(_Tracked(self.node_of, self.graph), "real")  # torch 2.11's arguments
+        self.tracer.track, self.tracer.recorder = self._track, self
         self.fake_mode = fake_mode
         self.decompositions = decompositions or {}
         self._last_input: fx.Node | None = None
@@ -274,8 +314,40 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             return self._to_fake(func, types, args, kwargs)
         return func(*args, **kwargs)
 
+    #: higher-order ops come to ``__torch_dispatch__`` (Note [Effect tokens])
+    supports_higher_order_operators = True
+
+    def _higher_order(self, func, types, args, kwargs) -> Any:
+        """Note [Effect tokens]: ``with_effects(token, op, *args)`` is recorded
+        as ``op(*args)``; other higher-order ops (their bodies are graphs) go
+        to make_fx."""
+        if self.refused:
+            return func(*args, **kwargs)
+        if func is not torch.ops.higher_order.with_effects or \
+                not isinstance(args[1], _torch.OpOverload):
+            self.refuse(f"the higher-order op {func.name()}")
+        op = args[1]
+        node_args, node_kwargs = self.arg(args[2:]), self.arg(kwargs)
+        out = func(*args, **kwargs)  # the fake mode's rule: the tracer's mode is unset
+        self._track(out[0], self.tracer.token)
+        results = out[1:]
+        if len(op._schema.returns) == 1 and isinstance(results[0], torch.Tensor):
+            self._track(results[0], self._node(op, node_args, node_kwargs, results[0]))
+            return out
+        node = self._node(op, node_args, node_kwargs, None if not op._schema.returns
+                          else tuple(results))
+        for i, o in enumerate(results):
+            if isinstance(o, torch.Tensor):
+                item = _torch.add_node(self.graph, "call_function", operator.getitem,
+                                       (node, i), {}, name="getitem")
+                item.meta["val"] = self.checked(o)
+                self._track(o, item)
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, _torch.HigherOrderOperator):
+            return self._higher_order(func, types, args, kwargs)
         if self.refused or func.namespace == "prim":
             # refused: the run goes on untraced (unwinding, or a user except);
             # prim: metadata queries (prim::device) asked by C++ code, which
@@ -322,7 +394,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     def _node(self, func, args, kwargs, out) -> fx.Node:
         name = self._names.get(func)
         if name is None:
-            name = self._names[func] = self.graph._target_to_str(func.overloadpacket)
+            name = self._names[func] = self.graph._target_to_str(
+                getattr(func, "overloadpacket", func))
         node = _torch.add_node(self.graph, "call_function", func, args, kwargs, name=name)
         node.meta["val"] = self.checked(out) if isinstance(out, torch.Tensor) else out
         return node
@@ -413,6 +486,11 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
         stack.enter_context(_torch.enable_python_dispatcher())
         stack.enter_context(_torch.autocast_cache_disabled())
         stack.enter_context(recorder)
+        if fake_mode.shape_env is not None:
+            # an op making an unbacked symbol (nonzero, item) is refused, and
+            # the run goes on untraced: make_fx, tracing next in the same
+            # ShapeEnv, must not find the symbol pending
+            stack.enter_context(fake_mode.shape_env.ignore_fresh_unbacked_symbols())
         result = fn(*args)
     if recorder.refused:
         raise recorder.refused[0](recorder.refused[1])
@@ -459,5 +537,50 @@ def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
     _torch.bump_counter("aotgrad", "traced_by_make_fx")
     with _torch.lazy_graph_modules():
         gm = _torch.make_fx(fn, decomposition_table=decompositions)(*args)
+    inline_effects(gm.graph)
     gm.meta[TRACER_META] = f"make_fx ({reason})"
     return gm
+
+
+def inline_effects(graph: fx.Graph) -> None:
+    """Note [Effect tokens] for a graph make_fx traced: its token inputs
+    (``tangents_token``) go, and ``with_effects(token, op, *args)`` becomes
+    ``op(*args)``, as the light tracer records it::
+
+        with_effects = with_effects(tangents_token, aten._linalg_check_errors, getitem_1, 'linalg.inv')
+        getitem_2 = with_effects[0];  getitem_3 = with_effects[1]
+
+    becomes ``_linalg_check_errors = aten._linalg_check_errors(getitem_1, 'linalg.inv')``."""
+    tokens = [n for n in graph.nodes if n.op == "placeholder" and
+              n.name.startswith("tangents_token")]
+    if not tokens:
+        return
+    effects = [n for n in graph.nodes if n.op == "call_function" and
+               n.target is torch.ops.higher_order.with_effects]
+    if not all(isinstance(n.args[1], _torch.OpOverload) and
+               all(u.target is operator.getitem for u in n.users) for n in effects):
+        return  # not what functionalization makes: left as it is (the signature check says)
+    dead = set(tokens) | set(effects)
+    for n in effects:
+        op = n.args[1]
+        with graph.inserting_before(n):
+            new = _torch.add_node(graph, "call_function", op, tuple(n.args[2:]), dict(n.kwargs),
+                                  name=graph._target_to_str(op.overloadpacket))
+        val = n.meta.get("val")
+        single = len(op._schema.returns) <= 1
+        if isinstance(val, (list, tuple)):
+            new.meta["val"] = val[1] if single else tuple(val[1:])
+        for user in list(n.users):
+            i = user.args[1]
+            if i == 0:  # the new token: it only feeds later effects
+                dead.add(user)
+            elif single:
+                user.replace_all_uses_with(new)
+                dead.add(user)
+            else:
+                user.args = (new, i - 1)
+    if any(u not in dead for n in dead for u in n.users):
+        raise AssertionError("an effect token is used by more than the effects")
+    for n in reversed(list(graph.nodes)):
+        if n in dead:
+            graph.erase_node(n)

@@ -775,3 +775,86 @@ def test_tensors_that_are_not_plain_go_through_from_tensor(monkeypatch):
     assert made == []
     fakes_from_reals(mode, [torch.randn(2)], static=True)
     assert len(made) == 1
+
+
+# ---------------------------------------------------------------- Note [Effect tokens]
+
+EFFECTFUL = {
+    "inv": lambda x: torch.linalg.inv(x),
+    "cholesky": lambda x: torch.linalg.cholesky(x @ x.mT + torch.eye(3)),
+    "solve": lambda x: torch.linalg.solve(x, x.sum(1, keepdim=True)),
+    "tensorinv": lambda x: torch.linalg.tensorinv(x.reshape(3, 3), ind=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTFUL))
+def test_ops_with_an_effect_take_the_light_tracer(name):
+    x = torch.randn(3, 3) + 3 * torch.eye(3)
+    assert _compiled_matches_eager(EFFECTFUL[name], x) == 0
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_effect_stays_in_the_graph(grad):
+    """The error check of linalg.inv runs in the compiled forward, training
+    or not (a with_effects node would be dropped by dead-code elimination)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = aotgrad.aot_function(lambda x: torch.linalg.inv(x), keep, aotgrad.nop)
+    compiled(torch.randn(3, 3, requires_grad=grad))
+    targets = [n.target for n in graphs[0].graph.nodes]
+    assert torch.ops.aten._linalg_check_errors.default in targets
+    assert torch.ops.aten._make_dep_token.default not in targets
+    with pytest.raises(torch.linalg.LinAlgError, match="linalg.inv"):
+        compiled(torch.zeros(3, 3, requires_grad=grad))
+
+
+def test_effects_traced_by_make_fx_lose_their_tokens():
+    """dynamic=True: make_fx traces, with a token input of its own; the
+    graph is rewritten as the light tracer records it (Note [Effect tokens])."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    before = counters["aotgrad"]["traced_by_make_fx"]
+    fn = EFFECTFUL["solve"]
+    compiled = aotgrad.aot_function(fn, keep, aotgrad.nop, dynamic=True)
+    for n in (3, 5):
+        x = (torch.randn(n, n) + 3 * torch.eye(n)).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out, ref = compiled(x), fn(x2)
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+    assert counters["aotgrad"]["traced_by_make_fx"] > before
+    names = [n.name for n in graphs[0].graph.nodes]
+    assert not [x for x in names if "token" in x or "with_effects" in x], names
+    assert "_linalg_check_errors" in names
+    with pytest.raises(torch.linalg.LinAlgError):
+        compiled(torch.zeros(4, 4, requires_grad=True))
+
+
+def test_a_print_runs_at_every_call(capfd):
+    def fn(x):
+        torch.ops.aten._print("effect")
+        return x.sin()
+    compiled = aotgrad.aot_function(fn, aotgrad.nop)
+    capfd.readouterr()
+    for _ in range(2):
+        compiled(torch.randn(3, requires_grad=True)).sum().backward()
+    assert capfd.readouterr().out.count("effect") == 2
+
+
+def test_other_higher_order_ops_go_to_make_fx():
+    mode = FakeTensorMode()
+    x = mode.from_tensor(torch.randn(3))
+    cond = torch.ops.higher_order.cond
+    with pytest.raises(NeedsMakeFx, match="higher-order op cond"):
+        record(lambda t: [cond(t.sum() > 0, lambda u: u.sin(), lambda u: u.cos(), (t,))],
+               [x], ["arg0_1"], None)
