@@ -744,6 +744,10 @@ def mark_propagated_dynamic(t: torch.Tensor, dims: set[int]) -> None:
     t._dynamo_propagated_dynamic_indices = dims | old if old else set(dims)  # type: ignore
 
 
+import torch.fx.traceback as fx_traceback  # noqa: E402  (Note [Node metadata], node_meta.py)
+from torch.fx.proxy import _COPY_META_FIELDS as COPIED_META_FIELDS  # noqa: E402
+
+
 def fresh_unbacked_ignored(mode: Any) -> Any:
     """A context in which sizes made from data (``.item()``, ``nonzero``)
     need not be bound to a graph node: the analysis run (which makes no

@@ -9,13 +9,14 @@ again (see Note [Guard key]).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from . import config
+from . import _torch, config, node_meta
 from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
                      module_call_is_plain, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
@@ -418,17 +419,21 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
     lifted = [t for _, t in named]
     num = len(lifted)
 
+    # Note [Node metadata] (node_meta.py): dynamo's graph, run node by node
+    with_meta = num == 0 and isinstance(mod, torch.fx.GraphModule) and node_meta.has_user_meta(mod)
+
     def flat_fn(*all_inputs: Any) -> Any:
         if num == 0:
-            return mod(*all_inputs)
+            return node_meta.run_preserving(mod, all_inputs) if with_meta else mod(*all_inputs)
         state = dict(zip(names, all_inputs[:num]))
         return torch.func.functional_call(mod, state, tuple(all_inputs[num:]), tie_weights=False)
 
     leaves = lifted + list(example_inputs)
     in_spec = pytree.tree_flatten((tuple(leaves), {}))[1]
     options = dataclasses.replace(options, num_params_buffers=num)
-    run = compile_with_cache(flat_fn, mod, options, leaves, in_spec,
-                             report if report is not None else CompileReport())
+    with _torch.fx_traceback.preserve_node_meta() if with_meta else contextlib.nullcontext():
+        run = compile_with_cache(flat_fn, mod, options, leaves, in_spec,
+                                 report if report is not None else CompileReport())
 
     like_example = _call_check(example_inputs, torch.is_grad_enabled(), caller_guards)
     guarded: list[AOTFunction] = []  # Note [Calls unlike the example]: made when first needed

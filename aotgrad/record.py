@@ -91,7 +91,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, fakes
+from . import _torch, fakes, node_meta
 
 
 _log = logging.getLogger(__name__)
@@ -338,10 +338,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
                           else tuple(results))
         for i, o in enumerate(results):
             if isinstance(o, torch.Tensor):
-                item = _torch.add_node(self.graph, "call_function", operator.getitem,
-                                       (node, i), {}, name="getitem")
-                item.meta["val"] = self.checked(o)
-                self._track(o, item)
+                self._track(o, self._item(node, i, o))
         return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -381,10 +378,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
             node = self._node(func, node_args, node_kwargs, out)
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    item = _torch.add_node(self.graph, "call_function", operator.getitem,
-                                           (node, i), {}, name="getitem")
-                    item.meta["val"] = self.checked(o)
-                    self._track(o, item)
+                    self._track(o, self._item(node, i, o))
         elif out is None:
             self._node(func, node_args, node_kwargs, None)
         elif isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -398,7 +392,17 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
                 getattr(func, "overloadpacket", func))
         node = _torch.add_node(self.graph, "call_function", func, args, kwargs, name=name)
         node.meta["val"] = self.checked(out) if isinstance(out, torch.Tensor) else out
+        if node_meta.preserving():  # Note [Node metadata] (node_meta.py)
+            node_meta.copy_current(node)
         return node
+
+    def _item(self, node: fx.Node, i: int, value: torch.Tensor) -> fx.Node:
+        item = _torch.add_node(self.graph, "call_function", operator.getitem, (node, i), {},
+                               name="getitem")
+        item.meta["val"] = self.checked(value)
+        if node_meta.preserving():
+            node_meta.copy_current(item)
+        return item
 
     def checked(self, t: torch.Tensor) -> torch.Tensor:
         if t._has_symbolic_sizes_strides and (

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, config, subclass
+from . import _torch, config, node_meta, subclass
 from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_bases,
                       run_checked)
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
@@ -469,6 +469,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                          functional=known.functional)
     tangents = tangents or late_tangents
     sig = known.sig
+    if node_meta.preserving():
+        node_meta.copy_forward_to_backward(gm)
     strip_tags(gm)
     out_descs = _output_descs(sig)
     num_fwd = len(out_descs)
@@ -569,16 +571,18 @@ def _differentiate(outputs: list, wrt: list, tangents: list, poisoned: dict[int,
     ``poisoned`` (tangent index -> message) and the runtime raises the same
     error if such an output ever receives a gradient."""
     try:
-        return list(torch.autograd.grad(outputs, wrt, tangents or None, allow_unused=True,
-                                        retain_graph=True))
+        with node_meta.backward_marks(outputs):  # Note [Node metadata]
+            return list(torch.autograd.grad(outputs, wrt, tangents or None, allow_unused=True,
+                                            retain_graph=True))
     except RuntimeError as e:
         if not any(m in str(e) for m in _LATE_AUTOGRAD_ERRORS):
             raise
     total: list = [None] * len(wrt)
     for j, out in enumerate(outputs):
         try:
-            grads = torch.autograd.grad([out], wrt, [tangents[j]] if tangents else None,
-                                        allow_unused=True, retain_graph=True)
+            with node_meta.backward_marks([out]):
+                grads = torch.autograd.grad([out], wrt, [tangents[j]] if tangents else None,
+                                            allow_unused=True, retain_graph=True)
         except RuntimeError as e:
             if not any(m in str(e) for m in _LATE_AUTOGRAD_ERRORS):
                 raise
