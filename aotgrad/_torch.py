@@ -624,24 +624,6 @@ class EagerChecks(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__["data"]  # its __set__: a new object per access
-
-
-class NoDataAssignment(torch.overrides.TorchFunctionMode):
-    """Refuses ``t.data = u`` in the program: functionalization (torch's, and
-    so torch's AOTAutograd) would go on reading the tensor's old value, a
-    silently wrong result, so it is an error here."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__self__", None) is _DATA_DESCRIPTOR and func.__name__ == "__set__":
-            raise RuntimeError(
-                "aotgrad: the program assigns a tensor's .data (t.data = u); a compiled "
-                "program cannot follow that (it would go on using the old values). Use "
-                "t.copy_(u) under torch.no_grad() to change the values, or make u a tensor of "
-                "its own.")
-        return func(*args, **(kwargs or {}))
-
-
 # ---------------------------------------------------------------- autocast
 
 @functools.cache
@@ -736,25 +718,8 @@ def aot_graph_name_in_tracing_context(names: list[str]):
         ctx.aot_graph_name = old
 
 
-def mark_propagated_dynamic(t: torch.Tensor, dims: set[int]) -> None:
-    """Note [Dynamic dims of outputs] (outputs.py): dynamo's unguarded mark
-    of dims found dynamic by a compiled graph, read when ``t`` is an input
-    of the next one."""
-    old = getattr(t, "_dynamo_propagated_dynamic_indices", None)
-    t._dynamo_propagated_dynamic_indices = dims | old if old else set(dims)  # type: ignore
-
-
 import torch.fx.traceback as fx_traceback  # noqa: E402  (Note [Node metadata], node_meta.py)
 from torch.fx.proxy import _COPY_META_FIELDS as COPIED_META_FIELDS  # noqa: E402
-
-
-def fresh_unbacked_ignored(mode: Any) -> Any:
-    """A context in which sizes made from data (``.item()``, ``nonzero``)
-    need not be bound to a graph node: the analysis run (which makes no
-    graph) may leave such symbols behind, which the trace after it would
-    otherwise find pending."""
-    env = getattr(mode, "shape_env", None)
-    return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
 
 
 def tensor_guard(examples: list) -> Any:
@@ -823,19 +788,6 @@ def dispatched_calls(fn: Any, args: list, stand_in: tuple | None = None) -> list
 
 
 # ---------------------------------------------------------------- nn.Module hooks
-
-from torch.nn.modules import module as _nn_module  # noqa: E402  (its global hook tables)
-
-def module_call_is_plain(module: torch.nn.Module) -> bool:
-    """Would ``module(...)`` just call ``module.forward``: no forward or
-    backward hooks (its own or global), no ``module.compile()``, no JIT trace?"""
-    m = _nn_module
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
-                module._backward_pre_hooks or m._global_forward_hooks or
-                m._global_forward_pre_hooks or m._global_backward_hooks or
-                m._global_backward_pre_hooks or module._compiled_call_impl is not None or
-                torch._C._get_tracing_state())
-
 
 # ---------------------------------------------------------------- RNG replay (rng.py)
 

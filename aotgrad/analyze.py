@@ -199,7 +199,7 @@ def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: lis
         checks = _torch.EagerChecks(
             _torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
             if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad)
-    with checks, _torch.NoDataAssignment():
+    with checks, NoDataAssignment():
         return flat_fn(*f_inputs)
 
 
@@ -590,3 +590,23 @@ def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
             return True
         stack.extend(f for f, _ in fn.next_functions)
     return False
+
+
+# ---------------------------------------------------------------- .data assignment
+
+_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__["data"]  # its __set__: a new object per access
+
+
+class NoDataAssignment(torch.overrides.TorchFunctionMode):
+    """Refuses ``t.data = u`` in the program: functionalization (torch's, and
+    so torch's AOTAutograd) would go on reading the tensor's old value, a
+    silently wrong result, so it is an error here."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__self__", None) is _DATA_DESCRIPTOR and func.__name__ == "__set__":
+            raise RuntimeError(
+                "aotgrad: the program assigns a tensor's .data (t.data = u); a compiled "
+                "program cannot follow that (it would go on using the old values). Use "
+                "t.copy_(u) under torch.no_grad() to change the values, or make u a tensor of "
+                "its own.")
+        return func(*args, **(kwargs or {}))

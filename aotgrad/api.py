@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import _torch, config, node_meta
 from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
-                     module_call_is_plain, pytree, tensor_guard, top_saved_tensor_hooks)
+                     pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
 from .compile import Compiler, logged
 from .partition import default_partition
@@ -27,6 +27,8 @@ from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_
 from .rebase import AliasedMutatedInputs
 from .runtime import MISS
 from .subclass import hashable, layout_key
+
+from torch.nn.modules import module as _nn_module  # noqa: E402  (its global hook tables)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -505,3 +507,15 @@ def _call_check(example_inputs: list, grad_enabled: bool,
 # the names functorch users know
 compiled_function = aot_function
 compiled_module = aot_module
+
+
+
+def module_call_is_plain(module: torch.nn.Module) -> bool:
+    """Would ``module(...)`` just call ``module.forward``: no forward or
+    backward hooks (its own or global), no ``module.compile()``, no JIT trace?"""
+    m = _nn_module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
+                module._backward_pre_hooks or m._global_forward_hooks or
+                m._global_forward_pre_hooks or m._global_backward_hooks or
+                m._global_backward_pre_hooks or module._compiled_call_impl is not None or
+                torch._C._get_tracing_state())

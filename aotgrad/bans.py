@@ -56,20 +56,13 @@ NO_DISTANCE_LIMIT = 1000
 REDUCTION_RATIO = 4
 
 
-def _bytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return 0
-    from .mincut import tensor_bytes
-    return tensor_bytes(node) or 0
-
-
 def recompute_bans(graph_nodes: list[fx.Node], fwd: set[fx.Node],
-                   candidates: Iterable[fx.Node],
-                   fusible: Callable[[fx.Node], bool]) -> set[fx.Node]:
+                   candidates: Iterable[fx.Node], fusible: Callable[[fx.Node], bool],
+                   nbytes: Callable[[fx.Node], int | None]) -> set[fx.Node]:
     """The nodes among ``candidates`` (cheap forward nodes) that the options
     ban from being recomputed (Note [Recompute bans]).  ``fusible(n)``: may
-    ``n`` join a fusion with its neighbours."""
+    ``n`` join a fusion with its neighbours; ``nbytes(n)``: the bytes of a
+    tensor node (None when unknown)."""
     candidates = {n for n in candidates if _bannable(n)}
     if not candidates:
         return set()
@@ -83,7 +76,7 @@ def recompute_bans(graph_nodes: list[fx.Node], fwd: set[fx.Node],
 
     banned: set[fx.Node] = set()
     if config.ban_recompute_reductions:
-        banned |= {n for n in candidates if _shrinks(n)}
+        banned |= {n for n in candidates if _shrinks(n, nbytes)}
     if config.ban_recompute_materialized_backward and not aggressive:
         banned |= {n for n in candidates if _materialized_backward(n, fwd, fuses)}
     if not aggressive and config.max_dist_from_bw < NO_DISTANCE_LIMIT:
@@ -102,9 +95,11 @@ def _bannable(n: fx.Node) -> bool:
         not is_view_op(n.target)
 
 
-def _shrinks(n: fx.Node) -> bool:
-    inputs = sum(_bytes(a) for a in n.all_input_nodes)
-    return _bytes(n) * REDUCTION_RATIO < inputs
+def _shrinks(n: fx.Node, nbytes: Callable[[fx.Node], int | None]) -> bool:
+    def size(a: fx.Node) -> int:
+        return (nbytes(a) or 0) if isinstance(a.meta.get("val"), torch.Tensor) else 0
+
+    return size(n) * REDUCTION_RATIO < sum(size(a) for a in n.all_input_nodes)
 
 
 def _materialized_backward(node: fx.Node, fwd: set[fx.Node], fuses) -> bool:

@@ -432,7 +432,7 @@ class RematProblem:
         # out of the backward become COSTLY (a budget may still recompute them)
         cheap = [n for n in self.graph_nodes if n in fwd and n not in primals
                  and role_of(n) is NodeRole.CHEAP]
-        banned = recompute_bans(self.graph_nodes, fwd, cheap, is_fusible)
+        banned = recompute_bans(self.graph_nodes, fwd, cheap, is_fusible, tensor_bytes)
 
         def role_in_fwd(n: fx.Node) -> NodeRole:
             if n not in role:

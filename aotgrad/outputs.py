@@ -73,7 +73,7 @@ class Assembler:
 
     def _mark_dynamic_dims(self) -> None:
         """Note [Dynamic dims of outputs]: an output whose sizes are symbolic
-        in the graph is marked so (``_torch.mark_propagated_dynamic``): when it
+        in the graph is marked so (``mark_propagated_dynamic``): when it
         feeds the next compiled graph (after a graph break), dynamo treats
         those dims as dynamic at once instead of specializing them and
         recompiling when they change.  The mark is not guarded on."""
@@ -84,7 +84,7 @@ class Assembler:
                 continue
             dims = {k for k, d in enumerate(info.shape) if not isinstance(d, int)}
             if dims:
-                src(f"{src.bind(_torch.mark_propagated_dynamic, 'mark_dynamic')}(u{i}, {dims!r})")
+                src(f"{src.bind(mark_propagated_dynamic, 'mark_dynamic')}(u{i}, {dims!r})")
 
     def _rebuild(self, i: int) -> None:
         info, src = self.sig.outputs[i], self.src
@@ -179,3 +179,11 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return subclass.storage_ptr(a) == subclass.storage_ptr(b)
+
+
+def mark_propagated_dynamic(t: torch.Tensor, dims: set[int]) -> None:
+    """Note [Dynamic dims of outputs] (outputs.py): dynamo's unguarded mark
+    of dims found dynamic by a compiled graph, read when ``t`` is an input
+    of the next one."""
+    old = getattr(t, "_dynamo_propagated_dynamic_indices", None)
+    t._dynamo_propagated_dynamic_indices = dims | old if old else set(dims)  # type: ignore

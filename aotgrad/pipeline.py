@@ -123,7 +123,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
             sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
                                             loss_index)
             if sig is None:
-                with stage("analyze"), _torch.fresh_unbacked_ignored(fake_mode):
+                with stage("analyze"), fresh_unbacked_ignored(fake_mode):
                     sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
                                   keep_input_mutations=options.keep_inference_input_mutations)
             report.signature = sig
@@ -301,3 +301,12 @@ def _split_joint_inputs(traced: TracedGraph) -> list[list]:
     n = sum(1 for n in traced.gm.graph.find_nodes(op="placeholder")
             if isinstance(n.meta.get(DESC), Primal))
     return [list(traced.example_inputs[:n]), list(traced.example_inputs[n:])]
+
+
+def fresh_unbacked_ignored(mode: Any) -> Any:
+    """A context in which sizes made from data (``.item()``, ``nonzero``)
+    need not be bound to a graph node: the analysis run (which makes no
+    graph) may leave such symbols behind, which the trace after it would
+    otherwise find pending."""
+    env = getattr(mode, "shape_env", None)
+    return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
