@@ -545,10 +545,19 @@ def current_trace_graph() -> torch.fx.Graph | None:
     return mode.tracer.graph if mode is not None else None
 
 
-def fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fake tensor like ``val`` (same mode) on ``device``."""
-    with val.fake_mode:
-        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
+def read_recorded(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Under make_fx in real mode: the value ``func`` reads from real tensors,
+    recorded as a node (make_fx itself refuses reads: Note [Values read while
+    tracing], values.py)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_slot
+
+    tracer = current_proxy_mode().tracer
+    proxied = pytree.tree_map_only(torch.Tensor, lambda t: get_proxy_slot(t, tracer).proxy,
+                                   (args, kwargs))
+    with no_dispatch():
+        out = func(*args, **kwargs)
+    tracer.create_proxy("call_function", func, *proxied)
+    return out
 
 
 def selective_checkpoint_mark():
@@ -738,17 +747,6 @@ def tensor_guard(examples: list) -> Any:
 VariableFunctions = torch._C._VariableFunctions
 TensorBase = torch._C.TensorBase
 torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
-
-
-def is_builtin(fn: Any) -> bool:
-    """A binding written in C++ (not a Python wrapper around one)."""
-    return type(fn).__name__ in ("builtin_function_or_method", "method_descriptor")
-
-
-def meta_like(val: torch.Tensor) -> torch.Tensor:
-    """A meta tensor with ``val``'s static metadata (raises if symbolic)."""
-    return torch.empty_strided([int(d) for d in val.shape], [int(d) for d in val.stride()],
-                               dtype=val.dtype, device="meta")
 
 
 class _NotOnlyTheStandIn(Exception):

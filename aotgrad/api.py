@@ -22,10 +22,11 @@ from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_
 from .codegen import Namespace, make_function
 from .compile import Compiler, logged
 from .partition import default_partition
-from .pipeline import (CompileOptions, CompileReport, ShapeGuardFailed, compile_call,
+from .pipeline import (CompileOptions, CompileReport, compile_call,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs
 from .runtime import MISS
+from .values import GuardFailed
 from .subclass import hashable, layout_key
 
 from torch.nn.modules import module as _nn_module  # noqa: E402  (its global hook tables)
@@ -188,7 +189,7 @@ class AOTFunction:
     def run(self, run: Callable[[list], Any], leaves: list, in_spec: Any, key: tuple) -> Any:
         try:
             return run(leaves)
-        except ShapeGuardFailed:  # Note [Shape guards] (pipeline.py)
+        except GuardFailed:  # Note [Shape guards] (pipeline.py), Note [Values read while tracing]
             return self._call_shape_variant(key, leaves, in_spec)
         except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
             alias_key = (key, aliased.groups)
@@ -239,7 +240,7 @@ class AOTFunction:
         for run in variants:
             try:
                 return run(leaves)
-            except ShapeGuardFailed:
+            except GuardFailed:
                 continue
         run = self._compile(leaves, in_spec, (key, "shapes", len(variants)))
         variants.append(run)
@@ -451,8 +452,8 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
             return general(leaves)
         try:
             return run(leaves)
-        except AliasedMutatedInputs:  # Note [Aliased mutated inputs]
-            return general(leaves)
+        except (AliasedMutatedInputs, GuardFailed):  # Note [Aliased mutated inputs],
+            return general(leaves)                   # Note [Values read while tracing]
 
     if isinstance(mod, nn.Module):
         forward.zero_grad = mod.zero_grad  # type: ignore[attr-defined]

@@ -410,9 +410,9 @@ def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: l
             _torch.bump_counter("aot_autograd", "autograd_cache_hit")
             return run
         _torch.bump_counter("aot_autograd", "autograd_cache_miss")
-    t = trace_call(fn, options, leaves, in_spec, report)
+    t = trace_call(fn, options, leaves, in_spec, report, specialise=True)
     run = compile_traced(t, options, report)
-    if key is not None:
+    if key is not None and t.reads is None:  # a value guard is not in the cache's entry
         if AOTAutogradCache.save(key, run, _entry_for(t, report)):
             _torch.bump_counter("aot_autograd", "autograd_cache_saved")
     return run

@@ -208,14 +208,14 @@ def verified_binding(node: "fx.Node | _Rewrite") -> Binding | None:
 def _check_binding(target: Any, args: tuple, val: Any) -> Binding | None:
     name = target._schema.name.split("::")[1]
     fn = getattr(_torch.VariableFunctions, name, None) or getattr(_torch.TensorBase, name, None)
-    if fn is None or not _torch.is_builtin(fn):
+    if fn is None or not _is_builtin(fn):
         return None
 
     def meta(value: Any) -> Any:
         if isinstance(value, fx.Node):
             value = value.meta["val"]
         if isinstance(value, torch.Tensor):
-            return _torch.meta_like(value)
+            return _meta_like(value)
         if isinstance(value, (list, tuple)):
             return type(value)(meta(v) for v in value)
         return value
@@ -668,3 +668,14 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
     fn.__aotgrad_bindings__ = used_bindings  # type: ignore[attr-defined]
     fn.__aotgrad_updated__ = updated  # type: ignore[attr-defined]
     return fn
+
+
+def _is_builtin(fn: Any) -> bool:
+    """A binding written in C++ (not a Python wrapper around one)."""
+    return type(fn).__name__ in ("builtin_function_or_method", "method_descriptor")
+
+
+def _meta_like(val: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``val``'s static metadata (raises if symbolic)."""
+    return torch.empty_strided([int(d) for d in val.shape], [int(d) for d in val.stride()],
+                               dtype=val.dtype, device="meta")

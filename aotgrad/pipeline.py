@@ -33,6 +33,8 @@ from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
 from .saved_hooks import inline_hooks
 from .views import alias_plans
+from .values import (AnsweredFunction, GuardFailed, ValueReads, copy_for_eager,
+                     record_reads, rng_kept, value_guarded)
 from .record import TRACER_META, NeedsMakeFx
 from .trace import SecondPass, TracedGraph, analyze_and_trace, one_pass_possible, trace
 
@@ -104,58 +106,103 @@ class Traced:
     graph: TracedGraph
     fake_mode: Any
     fake_inputs: list
+    reads: ValueReads | None = None   # Note [Values read while tracing]
 
 
 def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
                report: CompileReport, *, loss_index: int | None = None,
-               require_grad: bool | None = None) -> Traced:
-    """flatten -> analyze -> trace (also the first half of export)."""
+               require_grad: bool | None = None, specialise: bool = False) -> Traced:
+    """flatten -> analyze -> trace (also the first half of export).
+    ``specialise``: a program that reads its tensors' values is traced for
+    the values its real inputs give, and guarded (Note [Values read while
+    tracing], values.py)."""
     stage = functools.partial(_timed, report)
     grad_enabled = torch.is_grad_enabled() if require_grad is None else require_grad
     with stage("flatten"):
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
-        fake_mode, fakes = fake_inputs_for(select_graph_inputs(flat, leaves), options.dynamic)
+        graph_inputs = select_graph_inputs(flat, leaves)
+        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
+    attempt = functools.partial(_trace, options=options, stage=stage, report=report,
+                                grad_enabled=grad_enabled, loss_index=loss_index)
     try:
-        with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
-                _torch.hide_saved_tensor_hooks():
-            report.stage_seconds.setdefault("analyze", 0.0)  # 0 when done in one pass
-            sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
-                                            loss_index)
-            if sig is None:
-                with stage("analyze"), fresh_unbacked_ignored(fake_mode):
-                    sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
-                                  keep_input_mutations=options.keep_inference_input_mutations)
-            report.signature = sig
-            runs = "one run of the program" if traced is not None else \
-                "two runs of the program (analysis, then the trace)"
-            with stage("trace"):
-                if traced is None:
-                    traced = trace(flat_fn, fakes, sig, options.decompositions,
-                                   loss_index=loss_index, tracer=tracer)
-                check_graph(traced.gm)
-            report.traced = traced
-            report.tracing = f"{runs}, by {traced.gm.meta.get(TRACER_META, 'make_fx')}"
+        sig, traced = attempt(flat_fn, fake_mode, fakes)
+        return Traced(flat, sig, traced, fake_mode, fakes)
     except Exception as error:
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)
-        if _torch.is_captured_tensor_error(error):
-            raise RuntimeError(
-                "aotgrad: the program uses a tensor that is not one of its inputs (one "
-                "captured from an enclosing scope, a global, or an attribute of an object "
-                "that is not the compiled module). Tracing cannot see its values, and a "
-                "gradient could not reach it. Pass it as an argument, or make it a parameter "
-                "or buffer of the module given to aot_module.") from error
-        if isinstance(error, _torch.data_dependence_errors()):
-            raise RuntimeError(
-                "aotgrad: the program's graph depends on the values in its tensors "
-                "(.item(), .tolist(), nonzero(), boolean-mask indexing, or Python control "
-                "flow on a tensor such as `if x.sum() > 0`). aotgrad traces ahead of time, "
-                "on tensors that have no values, so it cannot compile that part. Move the "
-                "value-dependent code out of the compiled function, or use torch.compile, "
-                f"which splits the program there. (Tracer: {type(error).__name__})") from error
+        reads = _reads_for(error, flat_fn, graph_inputs, grad_enabled) if specialise else None
+        if reads is None:
+            _raise_explained(error)
+            raise
+    fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
+    try:
+        sig, traced = attempt(AnsweredFunction(fn, flat, reads), fake_mode, fakes)
+    except Exception as error:
+        _raise_explained(error)
         raise
-    return Traced(flat, sig, traced, fake_mode, fakes)
+    return Traced(flat, sig, traced, fake_mode, fakes, reads)
+
+
+def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOptions, stage,
+           report: CompileReport, grad_enabled: bool,
+           loss_index: int | None) -> tuple[Signature, TracedGraph]:
+    with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
+            _torch.hide_saved_tensor_hooks():
+        report.stage_seconds.setdefault("analyze", 0.0)  # 0 when done in one pass
+        sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
+                                        loss_index)
+        if sig is None:
+            with stage("analyze"), fresh_unbacked_ignored(fake_mode):
+                sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
+                              keep_input_mutations=options.keep_inference_input_mutations)
+        report.signature = sig
+        runs = "one run of the program" if traced is not None else \
+            "two runs of the program (analysis, then the trace)"
+        with stage("trace"):
+            if traced is None:
+                traced = trace(flat_fn, fakes, sig, options.decompositions,
+                               loss_index=loss_index, tracer=tracer)
+            check_graph(traced.gm)
+        report.traced = traced
+        report.tracing = f"{runs}, by {traced.gm.meta.get(TRACER_META, 'make_fx')}"
+    return sig, traced
+
+
+def _reads_for(error: Exception, flat_fn: Callable, graph_inputs: list,
+               grad_enabled: bool) -> ValueReads | None:
+    """Note [Values read while tracing]: the reads of a program whose trace
+    stopped at a data-dependent value, when its inputs are real; else None."""
+    if not isinstance(error, _torch.data_dependence_errors()) or \
+            any(subclass.is_fake(x) or subclass.is_subclass(x) for x in graph_inputs
+                if isinstance(x, torch.Tensor)) or \
+            not all(isinstance(x, torch.Tensor) for x in graph_inputs):
+        return None
+    try:
+        return record_reads(flat_fn, graph_inputs, grad_enabled)
+    except ValueError:
+        raise
+    except Exception:
+        return None
+
+
+def _raise_explained(error: Exception) -> None:
+    """Raise aotgrad's clear error for a tracing failure it recognises."""
+    if _torch.is_captured_tensor_error(error):
+        raise RuntimeError(
+            "aotgrad: the program uses a tensor that is not one of its inputs (one "
+            "captured from an enclosing scope, a global, or an attribute of an object "
+            "that is not the compiled module). Tracing cannot see its values, and a "
+            "gradient could not reach it. Pass it as an argument, or make it a parameter "
+            "or buffer of the module given to aot_module.") from error
+    if isinstance(error, _torch.data_dependence_errors()):
+        raise RuntimeError(
+            "aotgrad: the program's graph depends on the values in its tensors "
+            "(.item(), .tolist(), nonzero(), boolean-mask indexing, or Python control "
+            "flow on a tensor such as `if x.sum() > 0`). aotgrad traces ahead of time, "
+            "on tensors that have no values, so it cannot compile that part. Move the "
+            "value-dependent code out of the compiled function, or use torch.compile, "
+            f"which splits the program there. (Tracer: {type(error).__name__})") from error
 
 
 def _one_pass(flat_fn, fakes: list, options: CompileOptions, stage, grad_enabled: bool,
@@ -185,33 +232,20 @@ def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception
     the inputs are fake), and the caller re-raises the tracing error."""
     if any(subclass.is_fake(x) for x in leaves):
         return
-    copies = [_copy_for_eager(x) for x in leaves]
+    copies = [copy_for_eager(x) for x in leaves]
     args, kwargs = _torch.pytree.tree_unflatten(copies, in_spec)
     try:
-        fn(*args, **kwargs)
+        with rng_kept(copies):
+            fn(*args, **kwargs)
     except Exception as eager_error:
         raise eager_error from error
-
-
-def _copy_for_eager(x: Any) -> Any:
-    """A copy with the same strides (whether a view is possible depends on them)."""
-    if not isinstance(x, torch.Tensor):
-        return x
-    if subclass.is_subclass(x):
-        return x.detach().clone().requires_grad_(x.requires_grad) if x.is_leaf else x.clone()
-    copy = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
-    if x.is_leaf:
-        with torch.no_grad():
-            copy.copy_(x)
-        return copy.requires_grad_(x.requires_grad)
-    return copy.copy_(x)
 
 
 def compile_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
                  report: CompileReport | None = None) -> Callable[[list], Any]:
     """Compile ``fn`` for calls whose flat leaves look like ``leaves``."""
     report = report if report is not None else CompileReport()
-    t = trace_call(fn, options, leaves, in_spec, report)
+    t = trace_call(fn, options, leaves, in_spec, report, specialise=True)
     return compile_traced(t, options, report)
 
 
@@ -256,10 +290,12 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
                             traced.backward_writes)
         if options.dynamic:
             run = _with_shape_guard(run, t)
+        if t.reads is not None:
+            run = value_guarded(run, t.reads, t.flat.graph_leaf)
     return run
 
 
-class ShapeGuardFailed(Exception):
+class ShapeGuardFailed(GuardFailed):
     """The call's sizes break an assumption a dynamic-shape trace made."""
 
 

@@ -270,7 +270,7 @@ def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence
             after = placeholders[-1] if v.op == "placeholder" else v
             with fw_gm.graph.inserting_after(after):
                 cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
-            cpu.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
+            cpu.meta["val"] = _fake_on_device(val, torch.device("cpu"))
             values[k] = cpu
     out.args = (tuple(values),)
     fw_gm.recompile()
@@ -286,5 +286,11 @@ def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence
                                                  (p, val.device))
             back.meta["val"] = val
             p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-            p.meta["val"] = _torch.fake_on_device(val, torch.device("cpu"))
+            p.meta["val"] = _fake_on_device(val, torch.device("cpu"))
     bw_gm.recompile()
+
+
+def _fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor like ``val`` (same mode) on ``device``."""
+    with val.fake_mode:
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)

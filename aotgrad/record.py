@@ -191,6 +191,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         # Note [Straight to the fake mode]
         self._to_fake = fakes.memoized(_torch.fake_dispatcher(fake_mode), fake_mode)
         self._direct: dict[Any, bool] = {}  # op -> whether it may go straight there
+        self._outer: Any = None  # the op being decomposed by a table's rule
 
     def refuse(self, reason: str, error: type[Exception] = NeedsMakeFx):
         """Give the program to make_fx, or to a functionalized trace
@@ -357,8 +358,14 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         if self.check_functional and not self._is_functional(func):
             return self._functionalized(func, types, args, kwargs)
         if func in self.decompositions:
-            with self:
-                r = self.decompositions[func](*args, **kwargs)
+            # Note [Node metadata]: the nodes of a decomposition keep the op
+            # it replaces as ``original_aten``, as make_fx's do
+            outer, self._outer = self._outer, self._outer or func
+            try:
+                with self:
+                    r = self.decompositions[func](*args, **kwargs)
+            finally:
+                self._outer = outer
             if r is not NotImplemented:  # some decline (inductor's mm on small sizes)
                 return r
         if self._should_decompose(func, args):
@@ -394,6 +401,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         node.meta["val"] = self.checked(out) if isinstance(out, torch.Tensor) else out
         if node_meta.preserving():  # Note [Node metadata] (node_meta.py)
             node_meta.copy_current(node)
+            node.meta["original_aten"] = self._outer or func
         return node
 
     def _item(self, node: fx.Node, i: int, value: torch.Tensor) -> fx.Node:
@@ -402,6 +410,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         item.meta["val"] = self.checked(value)
         if node_meta.preserving():
             node_meta.copy_current(item)
+            item.meta["original_aten"] = self._outer or node.target
         return item
 
     def checked(self, t: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,8 @@ def _by_target(gm):
         modules = n.meta.get("nn_module_stack") or n.meta.get("fwd_nn_module_stack") or {}
         found.setdefault(n.target, (stack.strip().splitlines()[-2].strip() if stack else None,
                                     [path for path, _ in modules.values()],
-                                    bool(n.meta.get("autograd_backward"))))
+                                    bool(n.meta.get("autograd_backward")),
+                                    str(n.meta.get("original_aten"))))
     return found
 
 
@@ -62,8 +63,9 @@ def test_forward_and_backward_nodes_keep_the_users_lines():
         assert mine and set(mine) <= set(ref), (kind, set(mine) - set(ref))
         for target, meta in mine.items():
             assert meta == ref[target], (kind, target, meta, ref[target])
+        assert any(meta[3] != "None" for meta in mine.values())  # original_aten is set
     # the lines are the program's: the linear layer's and the relu's
-    lines = {line for line, _, _ in _by_target(ours["bw"]).values()}
+    lines = {line for line, *_ in _by_target(ours["bw"]).values()}
     assert "y = self.lin(x)" in lines and "return y.relu().sum()" in lines
     # each backward node knows the forward op it differentiates
     forward = {n.meta.get("seq_nr") for n in ours["fw"].graph.nodes if n.op == "call_function"}
