@@ -13,8 +13,10 @@ compiler, and wraps the results in a runtime that behaves like eager PyTorch.
 * the forward graph takes the primals ``primals_1 ... primals_N`` and returns
   ``(*mutated_input_values, *user_outputs, *saved_tensors, *saved_symints)``;
 * the backward graph takes ``(*saved_symints, *saved_tensors, *tangents)`` —
-  tangents are named ``tangents_1 ...``, one per differentiable output, and are
-  contiguous — and returns one gradient (or ``None``) per primal;
+  tangents are named ``tangents_1 ...``, one per differentiable output, laid
+  out as the output is (Note [Tangent strides], tangents.py:
+  ``config.guess_tangent_strides_as_outputs``) — and returns one gradient
+  (or ``None``) per primal;
 * the inference graph takes ``arg0_1 ...`` and returns
   ``(*mutated_input_values, *user_outputs)``;
 * compiled graphs are always called *boxed*: with one list they may clear.

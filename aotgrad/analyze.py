@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _torch, subclass
+from . import _torch, subclass, tangents
 from .flatten import FlatFunction
 from .record import NotFunctional, functionalizing_itself
 from .subclass import Layout
@@ -149,6 +149,9 @@ class Signature:
     input_layouts: tuple[Layout, ...] = ()
     graph_output_layouts: tuple[Layout, ...] = ()
     graph_output_plain_meta: tuple[tuple[tuple, ...], ...] = ()
+    # Note [Tangent strides] (tangents.py): per graph output, the layout its
+    # tangent is traced in, one per plain tensor (none for a symbolic int)
+    tangent_layouts: tuple[tuple[tangents.TangentLayout, ...], ...] = ()
 
     @property
     def has_subclasses(self) -> bool:
@@ -260,6 +263,11 @@ def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, 
                        graph_output_plain_meta=plain_meta)
     else:
         layouts = {}
+    tangent_layouts = tuple(
+        () if not isinstance(v, torch.Tensor) else
+        (tangents.guess(v),) if layout is None else
+        tuple(tangents.guess(p, of_subclass=True) for p in subclass.flatten_all([v]))
+        for v, layout in zip(graph_values, out_layouts))
     needs_autograd = grad_enabled and (
         any(x.mutation_needs_grad for x in inputs) or
         any(o.kind.through_autograd and o.requires_grad and not o.no_grad_view
@@ -268,7 +276,7 @@ def describe(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: list, 
     base_views = tuple(next(k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)
                             and o._is_view() and o._base is b) for b in bases)
     return Signature(inputs, output_infos, flat_fn.out_spec, needs_autograd, len(bases), base_rg,
-                     meta, base_views, **layouts)
+                     meta, base_views, **layouts, tangent_layouts=tangent_layouts)
 
 
 def _cut_by_no_grad(outs: list, infos: list[OutputInfo], bases: list,

@@ -163,9 +163,11 @@ enable_remote_autograd_cache: bool | None = (
 
 # Buffers the backward may overwrite (it is then single use).
 donated_buffer: bool = True
-# Tangents are assumed to have their outputs' strides (else: contiguous).
+# Tangents are traced with their outputs' strides, and gradients given so
+# (else: contiguous in the output's memory format): Note [Tangent strides].
 guess_tangent_strides_as_outputs: bool = True
-# Effect tokens of effectful ops as graph inputs/outputs, or made in the graph.
+# The effect token of an exported graph is made in the graph, not an input
+# and output of it: Note [Effect tokens in export].
 unlift_effect_tokens: bool = False
 # Custom ops returning views of their inputs: check at first call, and raise.
 check_custom_op_aliasing: bool = True

@@ -65,10 +65,17 @@ class MutatedTangent:
 
 
 @dataclass(frozen=True)
+class EffectToken:
+    """The effect token of an exported graph, lifted to an input and an output
+    (Note [Effect tokens in export], tokens.py)."""
+    index: int
+
+
+@dataclass(frozen=True)
 class Saved:
     """A value the forward keeps for the backward (tensor or symbolic int)."""
     name: str
 
 
 Descriptor = (Primal | Tangent | UserOutput | MutatedInput | IntermediateBase | Grad |
-              MutatedInBackward | MutatedTangent | Saved)
+              MutatedInBackward | MutatedTangent | EffectToken | Saved)

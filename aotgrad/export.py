@@ -37,6 +37,7 @@ valid for inputs like ``args``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,11 +45,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import _torch, config, subclass
+from . import _torch, config, subclass, tokens
 from ._torch import pytree
 from .analyze import OutputKind, Signature
 from .compile import nop
-from .descriptors import DESC, Grad, MutatedInput, Primal, Tangent, UserOutput
+from .descriptors import DESC, EffectToken, Grad, MutatedInput, Primal, Tangent, UserOutput
 from .pipeline import CompileOptions, CompileReport, Traced, trace_call
 
 
@@ -63,8 +64,11 @@ class BackwardSignature:
 @dataclass(frozen=True)
 class GraphSignature:
     """How an exported module graph's inputs and outputs map to the module
-    (the fields and their order are torch's).  aotgrad graphs thread no effect
-    tokens: ``input_tokens`` and ``output_tokens`` are always empty."""
+    (the fields and their order are torch's).  ``input_tokens`` and
+    ``output_tokens``: the effect token placeholder and output of a graph
+    running effectful ops (``aten._print``, linalg's error checks), empty
+    when it runs none or under ``config.unlift_effect_tokens`` (Note [Effect
+    tokens in export], tokens.py)."""
     parameters: list[str]
     buffers: list[str]
     user_inputs: list[str]                       # placeholder names
@@ -231,20 +235,28 @@ def check_exportable(e: Exported, trace_joint: bool) -> None:
 
 def rebuild(gm: fx.GraphModule, inputs: Sequence[tuple[str, fx.Node | None, Any]],
             outputs: Sequence[Any], *, class_name: str, out_descs: Sequence[Any] | None = None,
-            pytree_io: tuple[list[str], Any, Any] | None = None) -> fx.GraphModule:
+            pytree_io: tuple[list[str], Any, Any] | None = None,
+            token: tuple[bool, str] | None = None) -> fx.GraphModule:
     """A new GraphModule over a copy of ``gm``'s nodes with placeholders
     ``inputs`` (name, the placeholder of ``gm`` it replaces or None, its
     descriptor) and outputs ``outputs`` (nodes of ``gm`` or constants).
     ``pytree_io`` (argument names, in_spec, out_spec): a pytree calling
-    convention, as make_fx gives functions of pytrees."""
+    convention, as make_fx gives functions of pytrees.  ``token`` (lifted,
+    placeholder name): effectful ops chained through an effect token (Note
+    [Effect tokens in export], tokens.py); the specs must count it."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    chain = tokens.Chain(graph, lifted=token[0], name=token[1], val=tokens.token_value(gm)) \
+        if token is not None else None
     for name, old, desc in inputs:
         node = graph.placeholder(name)
         if old is not None:
             node.meta.update(old.meta)
             env[old] = node
         node.meta[DESC] = desc
+    if chain is not None:
+        chain.begin()
+    results: dict[fx.Node, list[fx.Node]] = {}  # effectful ops of several results
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if node not in env and node.users:
@@ -253,8 +265,24 @@ def rebuild(gm: fx.GraphModule, inputs: Sequence[tuple[str, fx.Node | None, Any]
             continue
         if node.op == "output":
             continue
+        if chain is not None and tokens.is_effect(node):
+            items = chain.effect(node, fx.map_arg(node.args, env.__getitem__),
+                                 fx.map_arg(node.kwargs, env.__getitem__))
+            if len(node.target._schema.returns) == 1:
+                env[node] = items[0]
+            else:
+                results[node] = items
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
+                node.args[0] in results:
+            env[node] = results[node.args[0]][node.args[1]]
+            continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     values = [env[o] if isinstance(o, fx.Node) else o for o in outputs]
+    if chain is not None:
+        values = chain.end(values)
+        if out_descs is not None:
+            out_descs = [EffectToken(0), *out_descs] if token[0] else out_descs
     # make_fx's pytree graphs return a list, its flat ones a tuple
     out = graph.output(values if pytree_io is not None else tuple(values))
     if out_descs is not None:
@@ -318,11 +346,14 @@ def graph_parts(e: Exported) -> GraphParts:
 
 
 def _pytree_joint(e: Exported, parts: GraphParts, class_name: str,
-                  extra_tangent: bool = False) -> fx.GraphModule:
+                  extra_tangent: bool = False, lift_tokens: bool = False) -> fx.GraphModule:
     """The joint as torch's export gives it: ``(primals, tangents) ->
-    ((*mutated, *outs, *intermediate_bases), (*grads))``, a primal per leaf."""
+    ((*mutated, *outs, *intermediate_bases), (*grads))``, a primal per leaf.
+    ``lift_tokens``: effectful ops chained through a token, the first primal
+    and the first forward output (Note [Effect tokens in export])."""
     gm = e.traced.graph.gm
-    inputs = [(f"primals_{k + 1}", node, Primal(k))
+    shift = 1 if lift_tokens and tokens.has_effects(gm) else 0
+    inputs = [(f"primals_{k + 1 + shift}", node, Primal(k))
               for k, node in enumerate(parts.leaf_placeholder)]
     tangents = list(parts.tangents)
     inputs += [(f"tangents_{j + 1}", node, Tangent(j)) for j, node in enumerate(tangents)]
@@ -331,14 +362,16 @@ def _pytree_joint(e: Exported, parts: GraphParts, class_name: str,
         tangents = [None]
     fwd = [v for _, v in parts.mutated] + list(parts.user_outputs) + parts.intermediate_bases
     grads = list(parts.grads)
-    in_spec = pytree.tree_flatten((list(range(len(parts.leaf_placeholder))),
+    in_spec = pytree.tree_flatten((list(range(len(parts.leaf_placeholder) + shift)),
                                    list(range(len(tangents)))))[1]
-    out_spec = pytree.tree_flatten((tuple(range(len(fwd))), tuple(range(len(grads)))))[1]
+    out_spec = pytree.tree_flatten((tuple(range(len(fwd) + shift)),
+                                    tuple(range(len(grads)))))[1]
     descs = [MutatedInput(k) for k, _ in parts.mutated] + \
         [UserOutput(i) for i in range(len(parts.user_outputs))] + \
         [None] * len(parts.intermediate_bases) + [Grad(k) for k in range(len(grads))]
     out = rebuild(gm, inputs, fwd + grads, class_name=class_name, out_descs=descs,
-                  pytree_io=(["primals", "tangents"], in_spec, out_spec))
+                  pytree_io=(["primals", "tangents"], in_spec, out_spec),
+                  token=(True, "primals_1") if shift else None)
     if extra_tangent:  # its example value: the loss's (a scalar: the graph's ones_like)
         loss_val = next(v.meta.get("val") for v, d in zip(fwd, descs)
                         if isinstance(v, fx.Node) and isinstance(d, UserOutput) and
@@ -348,9 +381,13 @@ def _pytree_joint(e: Exported, parts: GraphParts, class_name: str,
 
 
 def _flat_graph(e: Exported, parts: GraphParts, class_name: str, *, prefix: str = "arg",
-                grads: bool = False) -> fx.GraphModule:
-    """Placeholders ``arg{k}_1`` per leaf; ``(*mutated, *outs[, *grads that exist])``."""
-    inputs = [(f"{prefix}{k}_1", node, Primal(k))
+                grads: bool = False, lift_tokens: bool | None = None) -> fx.GraphModule:
+    """Placeholders ``arg{k}_1`` per leaf; ``(*mutated, *outs[, *grads that exist])``.
+    ``lift_tokens`` (None: effectful ops left as they are): Note [Effect tokens
+    in export], the token a graph input and output (True) or made in the graph."""
+    gm = e.traced.graph.gm
+    shift = 1 if lift_tokens is not None and tokens.has_effects(gm) else 0
+    inputs = [(f"{prefix}{k + shift}_1", node, Primal(k))
               for k, node in enumerate(parts.leaf_placeholder)]
     outs = [v for _, v in parts.mutated] + list(parts.user_outputs)
     descs = [MutatedInput(k) for k, _ in parts.mutated] + \
@@ -359,7 +396,8 @@ def _flat_graph(e: Exported, parts: GraphParts, class_name: str, *, prefix: str 
         kept = [(k, g) for k, g in enumerate(parts.grads) if g is not None]
         outs += [g for _, g in kept]
         descs += [Grad(k) for k, _ in kept]
-    return rebuild(e.traced.graph.gm, inputs, outs, class_name=class_name, out_descs=descs)
+    return rebuild(gm, inputs, outs, class_name=class_name, out_descs=descs,
+                   token=(lift_tokens, f"{prefix}0_1") if shift else None)
 
 
 # ---------------------------------------------------------------- pre_dispatch
@@ -389,14 +427,17 @@ def _pre_dispatch_graph(e: Exported, fn: Callable, decompositions: Mapping | Non
     with _torch.tracing_context(t.fake_mode), _torch.enable_python_dispatcher():
         traced = _torch.make_fx(program, decomposition_table=decompositions,
                                 pre_dispatch=True)(*t.fake_inputs)
+    tokens.inline(traced)  # Note [Effect tokens in export]: threaded again below
+    shift = 1 if tokens.has_effects(traced) else 0
     placeholders = traced.graph.find_nodes(op="placeholder")
     out_values = list(traced.graph.output_node().args[0])
     leaf_of_slot = {s: k for k, s in enumerate(flat.leaf_slot) if s >= 0}
-    inputs = [(f"arg{k}_1", placeholders[s] if s >= 0 else None, Primal(k))
+    inputs = [(f"arg{k + shift}_1", placeholders[s] if s >= 0 else None, Primal(k))
               for k, s in enumerate(flat.leaf_slot)]
     descs = [MutatedInput(leaf_of_slot[i]) for i in mutated] + \
         [UserOutput(i) for i in range(len(sig.outputs))]
-    return rebuild(traced, inputs, out_values, class_name="<lambda>", out_descs=descs)
+    return rebuild(traced, inputs, out_values, class_name="<lambda>", out_descs=descs,
+                   token=(_lift_tokens(), "arg0_1") if shift else None)
 
 
 class _FlatCall:
@@ -502,13 +543,22 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], *,
     parts = graph_parts(e)
     if trace_joint:
         _check_every_grad(e, parts)
-        gm = _flat_graph(e, parts, "<lambda>", grads=True)
+        gm = _flat_graph(e, parts, "<lambda>", grads=True, lift_tokens=_lift_tokens())
     elif pre_dispatch:
         gm = _pre_dispatch_graph(e, fn, decompositions)
     else:
-        gm = _flat_graph(e, parts, "<lambda>")
+        gm = _flat_graph(e, parts, "<lambda>", lift_tokens=_lift_tokens())
     return gm, _graph_signature(gm, e, list(params), list(buffers), trace_joint,
                                 output_loss_index)
+
+
+def _lift_tokens() -> bool:
+    """Note [Effect tokens in export]: tokens of the graphs torch would unlift
+    are lifted unless ``config.unlift_effect_tokens``.  (torch unlifts them
+    where it partitions or compiles: never in an exported joint of
+    ``aot_export_joint_simple`` or ``aot_export_function``, whose tokens
+    stay lifted.)"""
+    return not config.unlift_effect_tokens
 
 
 def _check_every_grad(e: Exported, parts: GraphParts) -> None:
@@ -524,7 +574,9 @@ def _check_every_grad(e: Exported, parts: GraphParts) -> None:
 
 def _graph_signature(gm: fx.GraphModule, e: Exported, params: list[str], buffers: list[str],
                      trace_joint: bool, loss_index: int | None) -> GraphSignature:
-    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    input_tokens = [n.name for n in placeholders if isinstance(n.meta.get(DESC), EffectToken)]
+    names = [n.name for n in placeholders if not isinstance(n.meta.get(DESC), EffectToken)]
     out_node = gm.graph.output_node()
     outs = list(out_node.args[0])
     descs = out_node.meta[DESC]
@@ -532,10 +584,13 @@ def _graph_signature(gm: fx.GraphModule, e: Exported, params: list[str], buffers
     fqn = {k: name for k, name in enumerate([*params, *buffers])}
     buffers_to_mutate, parameters_to_mutate, inputs_to_mutate = {}, {}, {}
     user_outputs: list[str | None] = []
+    output_tokens: list[str] = []
     grads_to_params, grads_to_inputs = {}, {}
     for value, desc in zip(outs, descs):
         name = value.name if isinstance(value, fx.Node) else None
-        if isinstance(desc, MutatedInput):
+        if isinstance(desc, EffectToken):
+            output_tokens.append(name)
+        elif isinstance(desc, MutatedInput):
             k = desc.index
             target = parameters_to_mutate if k < n_p else \
                 buffers_to_mutate if k < n_p + n_b else inputs_to_mutate
@@ -561,7 +616,7 @@ def _graph_signature(gm: fx.GraphModule, e: Exported, params: list[str], buffers
         inputs_to_buffers=dict(zip(names[n_p:n_p + n_b], buffers)),
         buffers_to_mutate=buffers_to_mutate, parameters_to_mutate=parameters_to_mutate,
         user_inputs_to_mutate=inputs_to_mutate, in_spec=e.in_spec, out_spec=out_spec,
-        backward_signature=backward)
+        backward_signature=backward, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 # ---------------------------------------------------------------- aot_export_joint_simple
@@ -599,8 +654,8 @@ def aot_export_joint_simple(func: Callable, args: Sequence[Any], *, trace_joint:
                            f"pytrees. out_spec={out_spec}")
     parts = graph_parts(e)
     if e.traced.graph.is_joint:
-        return _pytree_joint(e, parts, "inner_f")
-    return _flat_graph(e, parts, "<lambda>")
+        return _pytree_joint(e, parts, "inner_f", lift_tokens=True)
+    return _flat_graph(e, parts, "<lambda>", lift_tokens=_lift_tokens())
 
 
 # ---------------------------------------------------------------- aot_export_function
@@ -636,9 +691,10 @@ def aot_export_function(func: Callable, args: Sequence[Any], *,
     if pre_dispatch:
         gm = _pre_dispatch_graph(e, func, decompositions)
     elif t.graph.is_joint:
-        gm = _pytree_joint(e, graph_parts(e), "inner_f", extra_tangent=no_tangents)
+        gm = _pytree_joint(e, graph_parts(e), "inner_f", extra_tangent=no_tangents,
+                           lift_tokens=True)
     else:
-        gm = _flat_graph(e, graph_parts(e), "<lambda>")
+        gm = _flat_graph(e, graph_parts(e), "<lambda>", lift_tokens=_lift_tokens())
     return gm, t.signature, e.in_spec, t.signature.out_spec
 
 

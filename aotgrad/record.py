@@ -512,14 +512,16 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     return _torch.lazy_graph_module(torch.nn.Module(), recorder.graph)
 
 
-def add_placeholders(names: Sequence[str], metas: Sequence[tuple]) -> list[torch.Tensor]:
+def add_placeholders(names: Sequence[str], metas: Sequence[tuple],
+                     strides: Sequence[Any] | None = None) -> list[torch.Tensor]:
     """New graph inputs of the trace in progress: fake tensors of the given
-    (shape, dtype, device), made outside the trace (Note [One pass], trace.py)."""
+    (shape, dtype, device) and ``strides`` (None: contiguous), made outside
+    the trace (Note [One pass], trace.py)."""
     mode = _torch.current_proxy_mode()
     if not isinstance(mode, _Recorder):
         raise NeedsMakeFx("inputs added during the trace")
-    values = [_torch.empty_fake(mode.fake_mode, shape, None, dtype, device)
-              for shape, dtype, device in metas]
+    values = [_torch.empty_fake(mode.fake_mode, shape, stride, dtype, device)
+              for (shape, dtype, device), stride in zip(metas, strides or [None] * len(metas))]
     for name, value in zip(names, values, strict=True):
         mode.placeholder(name, value)
     return values

@@ -73,7 +73,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import _torch, config, subclass
+from . import _torch, config, subclass, tangents as tangents_mod
 from .analyze import InputInfo, OutputKind, Signature
 from .codegen import Namespace, make_function, read_inputs
 from .compile import CompiledGraphs, repeated_outputs
@@ -216,15 +216,16 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
 
 # Note [Tangents as they come]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# The backward graph is traced with contiguous tangents, and a compiler may
-# rely on their strides (inductor does), so the runtime makes each incoming
-# gradient contiguous.  Eager autograd passes gradients on as they come; only
-# a view of one needs compatible strides, and some kernels read theirs as if
-# contiguous.  For graphs that ``nop`` runs, a tangent that reaches only ops
-# known to take any strides (Note [Ops that take any strides], codegen.py) is
-# passed as it comes (``codegen.stride_free_inputs``): the values are the
-# same, the gradients' strides follow eager's, and the call saves one
-# ``.contiguous()`` per tangent.
+# The backward graph is traced with tangents in a guessed layout (Note
+# [Tangent strides], tangents.py), and a compiler may rely on their strides
+# (inductor does), so the runtime gives each incoming gradient that layout
+# (a copy when it comes otherwise).  Eager autograd passes gradients on as
+# they come; only a view of one needs compatible strides, and some kernels
+# read theirs as if contiguous.  For graphs that ``nop`` runs, a tangent that
+# reaches only ops known to take any strides (Note [Ops that take any
+# strides], codegen.py) is passed as it comes (``codegen.stride_free_inputs``):
+# the values are the same, the gradients' strides follow eager's, and the
+# call saves one layout check (or copy) per tangent.
 
 
 def _offset_free(sig: Signature, compiled: CompiledGraphs) -> frozenset[int]:
@@ -402,28 +403,42 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         if w.of_tangent:
             bwd(f"given{w.index} = t{diff[w.index]}")
     tangents = _names("t", diff)
+    strided = [_tangent_layouts(sig, k) for k in diff]  # Note [Tangent strides]
     if boundary is not None:
         layouts = [boundary.outputs[k] for k in diff]
         bwd(f"tangents, missing = {bwd.bind(_subclass_tangents, 'subclass_tangents')}("
-            f"ctx, [{tangents}], {bwd.bind(layouts, 'tangent_layouts')}, {tuple(diff)!r})")
+            f"ctx, [{tangents}], {bwd.bind(layouts, 'tangent_layouts')}, {tuple(diff)!r}, "
+            f"{bwd.bind(strided, 'tangent_strides')})")
         tangents = "*tangents"
         bwd("num_tangents = len(tangents)")
     else:
         bwd("missing = ()")
         zeros = bwd.bind(torch.zeros, "zeros")
         for j, k in enumerate(diff):
+            free = j in compiled.stride_free_tangents  # Note [Tangents as they come]
+            layout = strided[j][0]
+            known_shape = meta[k][0] if meta and meta[k] is not None else None
+            plain = free or layout.is_contiguous_for(known_shape)
             bwd(f"if t{k} is None:")
             if static_meta:
                 shape, dtype, device = meta[k]
-                bwd(f"t{k} = {zeros}({shape!r}, dtype={bwd.bind(dtype, 'dtype')}, "
-                    f"device={bwd.bind(device, 'device')})", 2)
+                shape_dtype_device = (f"{shape!r}, dtype={bwd.bind(dtype, 'dtype')}, "
+                                      f"device={bwd.bind(device, 'device')}")
             else:
                 bwd(f"shape, dtype, device = ctx.diff_meta[{j}][0]", 2)
-                bwd(f"t{k} = {zeros}(shape, dtype=dtype, device=device)", 2)
+                shape_dtype_device = "shape, dtype=dtype, device=device"
+            if plain:
+                bwd(f"t{k} = {zeros}({shape_dtype_device})", 2)
+            else:  # Note [Tangent strides]: zeros laid out as the tangent was traced
+                bwd(f"t{k} = {bwd.bind(tangents_mod.zeros, 'zeros_as')}({shape_dtype_device}, "
+                    f"layout={bwd.bind(layout, 'layout')})", 2)
             bwd(f"missing += ({j},)", 2)
-            if j not in compiled.stride_free_tangents:  # Note [Tangents as they come]
+            if not free and layout.stride is not None and not plain:  # Note [Tangent strides]
+                bwd(f"elif t{k}.stride() != {layout.stride!r}:")
+                bwd(f"t{k} = {_coerce_source(bwd, k, layout, plain)}", 2)
+            elif not free:
                 bwd("else:")
-                bwd(f"t{k} = t{k}.contiguous()", 2)
+                bwd(f"t{k} = {_coerce_source(bwd, k, layout, plain)}", 2)
     saved = "*ctx.saved_tensors, " if compiled.num_saved_tensors else ""
     symints = "*ctx.symints, " if compiled.num_saved_symints else ""
     bwd(f"args = [{symints}{saved}{tangents}]")
@@ -526,20 +541,48 @@ def _diff_meta(outputs: list) -> list:
     return [[(p.shape, p.dtype, p.device) for p in subclass.flatten_all([t])] for t in outputs]
 
 
-def _subclass_tangents(ctx: Any, tangents: list, layouts: list, diff: tuple) -> tuple[list, tuple]:
+def _tangent_layouts(sig: Signature, k: int) -> tuple[tangents_mod.TangentLayout, ...]:
+    """Note [Tangent strides]: the traced layouts of graph output ``k``'s plain tangents."""
+    if k < len(sig.tangent_layouts) and sig.tangent_layouts[k]:
+        return sig.tangent_layouts[k]
+    return (tangents_mod.CONTIGUOUS,)  # a Signature made before tangent layouts
+
+
+def _coerce_source(src: _Source, k: int, layout: tangents_mod.TangentLayout,
+                   plain: bool) -> str:
+    """The expression giving gradient ``t{k}`` the layout its tangent was
+    traced in (Note [Tangent strides])."""
+    if plain:
+        return f"t{k}.contiguous()"
+    if layout.stride is not None:
+        return f"{src.bind(tangents_mod.restride, 'restride')}(t{k}, {layout.stride!r})"
+    return f"t{k}.contiguous(memory_format={src.bind(layout.format, 'memory_format')})"
+
+
+def _subclass_tangents(ctx: Any, tangents: list, layouts: list, diff: tuple,
+                       strided: list) -> tuple[list, tuple]:
     """The backward graph's plain tangents from (maybe subclass) gradients, and
-    the positions of the zeros made for missing ones."""
+    the positions of the zeros made for missing ones; each in the layout it
+    was traced in (Note [Tangent strides], per plain tensor)."""
     missing: list[int] = []
     plain: list = []
     for j, t in enumerate(tangents):
         if t is None:
-            for shape, dtype, device in ctx.diff_meta[j]:
+            for (shape, dtype, device), layout in zip(ctx.diff_meta[j], _cycle(strided[j])):
                 missing.append(len(plain))
-                plain.append(torch.zeros(shape, dtype=dtype, device=device))
+                plain.append(tangents_mod.zeros(shape, dtype, device, layout))
         else:
             t = subclass.coerce_tangent(t, layouts[j], diff[j])
-            plain.extend(p.contiguous() for p in subclass.flatten_all([t]))
+            plain.extend(tangents_mod.coerce(p, layout)
+                         for p, layout in zip(subclass.flatten_all([t]), _cycle(strided[j])))
     return plain, tuple(missing)
+
+
+def _cycle(layouts: tuple) -> Any:
+    """The layouts of a tangent's plain tensors (contiguous where unknown)."""
+    yield from layouts
+    while True:
+        yield tangents_mod.CONTIGUOUS
 
 
 def _drop_missing(grads: Sequence, missing: tuple, deps: tuple, num_tangents: int) -> list:

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, config, node_meta, subclass
+from . import _torch, config, node_meta, subclass, tangents
 from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_bases,
                       run_checked)
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
@@ -310,18 +310,27 @@ def _output_descs(sig: Signature) -> tuple:
 
 
 def example_tangents(sig: Signature, late: bool = False) -> list[torch.Tensor]:
-    """Tangents are traced contiguous; the runtime makes them contiguous too.
-    A subclass output's tangent is given as its plain tensors.  ``late``: made
-    during the one-pass trace and added to it as placeholders (Note [One pass])."""
+    """Tangents are traced in the layout Note [Tangent strides] (tangents.py)
+    guesses, and the runtime gives them so.  A subclass output's tangent is
+    given as its plain tensors.  ``late``: made during the one-pass trace and
+    added to it as placeholders (Note [One pass])."""
     if sig.has_subclasses:
         metas = [(shape, dtype, device)
                  for ms, needs in zip(sig.graph_output_plain_meta, sig.tangent_mask)
                  if needs for shape, dtype, device in ms]
     else:
         metas = [m for m, needs in zip(sig.graph_output_meta, sig.tangent_mask) if needs]
+    layouts = [layout for ls, needs in zip(sig.tangent_layouts, sig.tangent_mask)
+               if needs for layout in ls] if sig.tangent_layouts else []
+    if len(layouts) != len(metas):  # a Signature made before tangent layouts
+        layouts = [tangents.CONTIGUOUS] * len(metas)
     if late:
-        return add_placeholders([f"tangents_{k + 1}" for k in range(len(metas))], metas)
-    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in metas]
+        strides = [tangents.placeholder_strides(layout, shape)
+                   for layout, (shape, _, _) in zip(layouts, metas)]
+        return add_placeholders([f"tangents_{k + 1}" for k in range(len(metas))], metas,
+                                strides)
+    return [tangents.empty(layout, shape, dtype, device)
+            for layout, (shape, dtype, device) in zip(layouts, metas)]
 
 
 def _rebuild_tangents(sig: Signature, f_tangents: list) -> list:

@@ -508,5 +508,352 @@ def _(x):
 _twice.register_autograd(lambda ctx, g: g * 2)
 
 
+# ---------------------------------------------------------------- tangent strides
+
+
+def _torch_aot_function():
+    from functorch.compile import aot_function as torch_aot_function
+    return torch_aot_function
+
+
+def run_tangents(lib, fn, args, grads, as_given=False, **kwargs):
+    """``fn`` compiled by ``lib`` (aotgrad or torch), run forward and backward
+    with ``grads`` (None: that output gets no gradient) on copies of ``args``
+    (``as_given``: on ``args``); returns the tangent placeholders' strides of
+    the backward graph, the strides of the tangents the compiled backward
+    received, and the inputs' gradients.  The backward compiler is not
+    ``nop``: no tangent is passed on as it comes."""
+    traced, received = [], []
+
+    def bw(gm, example_inputs):
+        tangents = [n for n in gm.graph.find_nodes(op="placeholder") if "tangents" in n.name]
+        traced.append([tuple(n.meta["val"].stride()) for n in tangents])
+        count = len(tangents)
+
+        def run(args):
+            received.append([tuple(a.stride()) for a in args[len(args) - count:]])
+            return gm(*args)
+        run._boxed_call = True
+        return run
+
+    aot = aotgrad.aot_function if lib is aotgrad else _torch_aot_function()
+    f = aot(fn, aotgrad.nop if lib is aotgrad else _torch_nop(), bw, **kwargs)
+    if not as_given:
+        args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    outs = f(*args)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return traced[0], received[0], [a.grad for a in args if a.is_leaf and a.requires_grad]
+
+
+def _torch_nop():
+    from functorch.compile import nop
+    return nop
+
+
+def eager_grads(fn, args, grads):
+    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    outs = fn(*args)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return [a.grad for a in args if a.requires_grad]
+
+
+def gradients_like(shape):
+    """A gradient of ``shape`` laid out contiguous, transposed and channels last."""
+    g = torch.randn(shape)
+    out = {"contiguous": g, "transposed": g.mT.contiguous().mT if g.dim() >= 2 else g}
+    if g.dim() == 4:
+        out["channels_last"] = g.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+CONV_W = torch.randn(4, 3, 3, 3)
+IMG = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+MAT = torch.randn(3, 4, requires_grad=True)
+
+#: name -> (program, its inputs): outputs of other strides than contiguous
+TANGENT_PROGRAMS = {
+    "t": (lambda x: (x * 2).t(), [MAT]),
+    "permute": (lambda x: (x * 2).reshape(3, 2, 2).permute(2, 0, 1), [MAT]),
+    "slice_step": (lambda x: (x * 2)[:, ::2], [MAT]),
+    "expand": (lambda x: x.sum(0).expand(3, 4), [MAT]),
+    "conv_channels_last": (lambda x, w: torch.nn.functional.conv2d(x, w), [IMG, CONV_W]),
+}
+
+
+class TestTangentStrides(unittest.TestCase):
+    """config.guess_tangent_strides_as_outputs (Note [Tangent strides])."""
+
+    def test_placeholder_strides_as_torch(self):
+        for guess in (True, False):
+            for name, (fn, args) in TANGENT_PROGRAMS.items():
+                shape = fn(*args).shape
+                with self.subTest(guess=guess, program=name), \
+                        config.patch(guess_tangent_strides_as_outputs=guess), \
+                        torch_config().patch(guess_tangent_strides_as_outputs=guess):
+                    mine, _, _ = run_tangents(aotgrad, fn, args, [torch.randn(shape)])
+                    ref, _, _ = run_tangents(torch, fn, args, [torch.randn(shape)])
+                    self.assertEqual(mine, ref)
+        # what the option changes: the transposed output's tangent
+        fn, args = TANGENT_PROGRAMS["t"]
+        with config.patch(guess_tangent_strides_as_outputs=True):
+            self.assertEqual(run_tangents(aotgrad, fn, args, [torch.randn(4, 3)])[0], [(1, 4)])
+        with config.patch(guess_tangent_strides_as_outputs=False):
+            self.assertEqual(run_tangents(aotgrad, fn, args, [torch.randn(4, 3)])[0], [(3, 1)])
+
+    def test_gradients_given_in_the_traced_layout(self):
+        for guess in (True, False):
+            for name, (fn, args) in TANGENT_PROGRAMS.items():
+                for how, g in gradients_like(fn(*args).shape).items():
+                    with self.subTest(guess=guess, program=name, gradient=how), \
+                            config.patch(guess_tangent_strides_as_outputs=guess), \
+                            torch_config().patch(guess_tangent_strides_as_outputs=guess):
+                        traced, received, grads = run_tangents(aotgrad, fn, args, [g])
+                        _, ref_received, _ = run_tangents(torch, fn, args, [g])
+                        self.assertEqual(received, traced)       # restrided when it must be
+                        self.assertEqual(received, ref_received)
+                        expected = eager_grads(fn, args, [g])
+                        torch.testing.assert_close(grads, expected, rtol=0, atol=0)
+                        self.assertEqual([x.stride() for x in grads],
+                                         [x.stride() for x in expected])
+
+    def test_mutated_input_and_several_outputs_as_torch(self):
+        base = torch.randn(3, 4, requires_grad=True)
+
+        def mutates(a):
+            a.mul_(2)
+            return a.sum()
+
+        def two(x):
+            return (x * 2).t(), x.sin()
+
+        cases = [(mutates, lambda: [base.clone().t()], [torch.tensor(1.0)]),
+                 (two, lambda: [MAT.detach().clone().requires_grad_()],
+                  [torch.randn(4, 3), torch.randn(3, 4)])]
+        for guess in (True, False):
+            for fn, make, grads in cases:
+                with self.subTest(guess=guess, program=fn.__name__), \
+                        config.patch(guess_tangent_strides_as_outputs=guess), \
+                        torch_config().patch(guess_tangent_strides_as_outputs=guess):
+                    mine, _, _ = run_tangents(aotgrad, fn, make(), grads, as_given=True)
+                    ref, _, _ = run_tangents(torch, fn, make(), grads, as_given=True)
+                    self.assertEqual(mine, ref)
+
+    def test_missing_gradient_is_zeros_in_the_traced_layout(self):
+        def two(x):
+            return (x * 2).t(), (x.cos() * 3).t()
+
+        g = torch.randn(4, 3)
+        for guess in (True, False):
+            with self.subTest(guess=guess), config.patch(guess_tangent_strides_as_outputs=guess):
+                traced, received, grads = run_tangents(aotgrad, two, [MAT], [g, None])
+                self.assertEqual(received, traced)
+                torch.testing.assert_close(grads, eager_grads(two, [MAT], [g, None]))
+
+    def test_dynamic_and_subclass_outputs_as_torch(self):
+        from torch.testing._internal.two_tensor import TwoTensor
+
+        fn = TANGENT_PROGRAMS["t"][0]
+        sub = TwoTensor(torch.randn(3, 4), torch.randn(3, 4)).requires_grad_()
+        sub_grad = TwoTensor(torch.randn(4, 3), torch.randn(4, 3))
+        for guess in (True, False):
+            with config.patch(guess_tangent_strides_as_outputs=guess), \
+                    torch_config().patch(guess_tangent_strides_as_outputs=guess):
+                with self.subTest(guess=guess, case="dynamic"):
+                    g = torch.randn(4, 3)
+                    mine = run_tangents(aotgrad, fn, [MAT], [g], dynamic=True)
+                    ref = run_tangents(torch, fn, [MAT], [g], dynamic=True)
+                    self.assertEqual([str(s) for s in mine[0]], [str(s) for s in ref[0]])
+                    self.assertEqual(mine[1], ref[1])
+                    torch.testing.assert_close(mine[2], eager_grads(fn, [MAT], [g]))
+                with self.subTest(guess=guess, case="subclass"):
+                    mine = run_tangents(aotgrad, fn, [sub], [sub_grad])
+                    ref = run_tangents(torch, fn, [sub], [sub_grad])
+                    self.assertEqual(mine[:2], ref[:2])
+                    expected = eager_grads(fn, [sub], [sub_grad])[0]
+                    torch.testing.assert_close(mine[2][0].a, expected.a)
+                    torch.testing.assert_close(mine[2][0].b, expected.b)
+
+
+# ---------------------------------------------------------------- effect tokens
+
+
+_EFFECT_CALLS: list[str] = []
+
+
+@torch.library.custom_op("aotgrad_test::effect_two", mutates_args=())
+def _effect_two(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _EFFECT_CALLS.append("two")
+    return x + 1, x * 2
+
+
+@_effect_two.register_fake
+def _(x):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("aotgrad_test::effect_one", mutates_args=())
+def _effect_one(x: torch.Tensor) -> torch.Tensor:
+    _EFFECT_CALLS.append("one")
+    return x - 1
+
+
+@_effect_one.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _register_effects():
+    from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+    for op in (torch.ops.aotgrad_test.effect_two.default,
+               torch.ops.aotgrad_test.effect_one.default):
+        _register_effectful_op(op, _EffectType.ORDERED)
+
+
+_register_effects()
+
+
+class Prints(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.register_buffer("b", torch.zeros(3))
+
+    def forward(self, x):
+        torch.ops.aten._print("hello")
+        self.b.add_(1)
+        y = (x * self.w).sum()
+        torch.ops.aten._print("bye")
+        return (y,)
+
+
+class Inverts(torch.nn.Module):
+    def forward(self, x):
+        return (torch.linalg.inv(x),)
+
+
+class CustomEffects(torch.nn.Module):
+    def forward(self, x):
+        a, b = torch.ops.aotgrad_test.effect_two(x)
+        return (a + torch.ops.aotgrad_test.effect_one(b),)
+
+
+class Linear(torch.nn.Module):
+    def forward(self, x):
+        torch.ops.aten._print("hello")
+        return (torch.nn.functional.linear(x, x),)
+
+
+def _export_both(mod, args, **kwargs):
+    """aot_export_module by aotgrad and by torch: the graphs' code and the
+    signatures' token names."""
+    from torch._functorch.aot_autograd import aot_export_module as torch_export
+    out = []
+    for export in (aotgrad.aot_export_module, torch_export):
+        gm, sig = export(mod, args, trace_joint=False, **kwargs)
+        out.append((gm, gm.code, sig.input_tokens, sig.output_tokens))
+    return out
+
+
+class TestEffectTokens(unittest.TestCase):
+    """config.unlift_effect_tokens (Note [Effect tokens in export], tokens.py)."""
+
+    def test_export_module_as_torch(self):
+        cases = [("prints", Prints(), [torch.randn(3)], {}),
+                 ("linalg_check", Inverts(), [torch.randn(3, 3)], {}),
+                 ("custom_op_results", CustomEffects(), [torch.randn(3)], {}),
+                 ("pre_dispatch", Linear(), [torch.randn(3, 3)], {"pre_dispatch": True})]
+        for unlift in (False, True):
+            for name, mod, args, kwargs in cases:
+                with self.subTest(unlift=unlift, program=name), \
+                        config.patch(unlift_effect_tokens=unlift), \
+                        torch_config().patch(unlift_effect_tokens=unlift):
+                    (gm, code, ins, outs), (_, ref_code, ref_ins, ref_outs) = \
+                        _export_both(mod, args, **kwargs)
+                    self.assertEqual(code, ref_code)
+                    self.assertEqual((ins, outs), (ref_ins, ref_outs))
+                    self.assertEqual(len(ins), 0 if unlift else 1)
+                    self.assertEqual(sum(n.target is torch.ops.prims._make_token.default
+                                         for n in gm.graph.nodes), 1 if unlift else 0)
+
+    def test_exported_graphs_run_their_effects(self):
+        x = torch.randn(3)
+        for unlift in (False, True):
+            with self.subTest(unlift=unlift), config.patch(unlift_effect_tokens=unlift):
+                gm, sig = aotgrad.aot_export_module(CustomEffects(), [x], trace_joint=False)
+                tokens = [torch.empty(0)] * len(sig.input_tokens)
+                _EFFECT_CALLS.clear()
+                out = gm(*tokens, x)
+                self.assertEqual(_EFFECT_CALLS, ["two", "one"])
+                self.assertEqual(len(out), 1 + len(sig.output_tokens))
+                torch.testing.assert_close(out[-1], CustomEffects()(x)[0])
+                gm, sig = aotgrad.aot_export_module(Inverts(), [torch.randn(3, 3)],
+                                                    trace_joint=False)
+                tokens = [torch.empty(0)] * len(sig.input_tokens)
+                with self.assertRaisesRegex(RuntimeError, "singular"):
+                    gm(*tokens, torch.zeros(3, 3))      # the error check was kept
+
+    def test_joint_exports_keep_tokens_lifted_as_torch(self):
+        from torch._functorch.aot_autograd import aot_export_joint_simple as torch_joint
+
+        def f(x):
+            torch.ops.aten._print("hi")
+            return (x.sin(),)
+
+        for unlift in (False, True):
+            for joint in (False, True):
+                with self.subTest(unlift=unlift, joint=joint), \
+                        config.patch(unlift_effect_tokens=unlift), \
+                        torch_config().patch(unlift_effect_tokens=unlift):
+                    x = torch.randn(3, requires_grad=joint)
+                    mine = aotgrad.aot_export_joint_simple(f, [x], trace_joint=joint)
+                    ref = torch_joint(f, [x], trace_joint=joint)
+                    self.assertEqual(mine.code, ref.code)
+                    lifted = "make_token" not in mine.code
+                    self.assertEqual(lifted, joint or not unlift)
+
+    def test_module_joint_signature(self):
+        # torch 2.13 fails on this program (IndexError); aotgrad's signature
+        # names the token as in the inference graph
+        for unlift in (False, True):
+            with self.subTest(unlift=unlift), config.patch(unlift_effect_tokens=unlift):
+                gm, sig = aotgrad.aot_export_module(Prints(), [torch.randn(3)],
+                                                    trace_joint=True, output_loss_index=0)
+                placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+                outputs = [n.name for n in gm.graph.output_node().args[0]]
+                if unlift:
+                    self.assertEqual((sig.input_tokens, sig.output_tokens), ([], []))
+                    self.assertEqual(placeholders, ["arg1_1", "arg2_1", "arg3_1"])
+                else:
+                    self.assertEqual(sig.input_tokens, ["arg0_1"])
+                    self.assertEqual(sig.output_tokens, [outputs[0]])
+                    self.assertEqual(placeholders[0], "arg0_1")
+                self.assertEqual(sig.user_inputs, ["arg3_1"])
+                self.assertEqual(sig.inputs_to_parameters, {"arg1_1": "w"})
+                self.assertEqual(list(sig.backward_signature.gradients_to_parameters.values()),
+                                 ["w"])
+
+    def test_compiled_graphs_record_the_op_itself(self):
+        # Note [Effect tokens] (record.py): the graphs aot_function compiles
+        # carry no token under either value of the option
+        def f(x):
+            torch.ops.aten._print("hi")
+            return x.sin()
+
+        for unlift in (False, True):
+            with self.subTest(unlift=unlift), config.patch(unlift_effect_tokens=unlift):
+                graphs = []
+                comp = aotgrad.make_boxed_compiler(lambda gm, i: (graphs.append(gm), gm)[1])
+                x = torch.randn(3, requires_grad=True)
+                aotgrad.aot_function(f, comp, comp)(x).sum().backward()
+                targets = [n.target for n in graphs[0].graph.nodes]
+                self.assertIn(torch.ops.aten._print.default, targets)
+                self.assertNotIn(torch.ops.higher_order.with_effects, targets)
+                torch.testing.assert_close(x.grad, x.detach().cos())
+
+
 if __name__ == "__main__":
     unittest.main()
