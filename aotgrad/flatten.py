@@ -14,6 +14,11 @@ The user calls ``fn(*args, **kwargs)`` with pytrees.  This stage flattens
     leaves:       [2, None, t0, t1, t0]
     leaf_slot:    [-1, -1,   0,  1,  0]      (-1: constant)
     graph_leaf:   [2, 3]                     (graph input k = leaves[graph_leaf[k]])
+
+What ``fn`` returns is flattened the same way (``FlatFunction``); an output
+holding objects pytree cannot open (a dataclass, a Hugging Face cache) is
+opened by opened.py: its tensors become output leaves, and the output
+TreeSpec builds a new object per call (Note [Opened output objects]).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from . import _torch
 from ._torch import pytree
+from .opened import open_output
 
 
 @dataclass(frozen=True)
@@ -100,28 +106,20 @@ class FlatFunction:
         leaves = [graph_inputs[s] if s >= 0 else c for s, c in zip(flat.leaf_slot, flat.constants)]
         args, kwargs = pytree.tree_unflatten(leaves, flat.in_spec)
         out = self.fn(*args, **kwargs)
-        out_leaves, self.out_spec = pytree.tree_flatten(out)
+        out_leaves, out_spec = pytree.tree_flatten(out)
         for leaf in out_leaves:
             if not isinstance(leaf, _KNOWN_OUTPUT_TYPES):
-                _refuse_output(leaf)
+                # Note [Opened output objects] (opened.py)
+                opened = open_output(out, out_leaves)
+                if opened is not None:
+                    out_leaves, out_spec = opened
+                break
+        self.out_spec = out_spec
         return out_leaves
 
 
-# Note [Outputs of unknown types]: an output leaf that pytree cannot look
-# into (an unregistered dataclass, a cache object) is traced once, so the
-# compiled function would hand back that very object on every call, holding
-# the trace's fake tensors, cut from autograd.  Only values that hold no
-# tensor and never change pass as constants; anything else raises, as
-# PyTorch's AOTAutograd does.
+# Output leaves pytree gives that need no opening (Note [Opened output
+# objects], opened.py: any other leaf makes the whole output opened).
 _KNOWN_OUTPUT_TYPES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype,
                        torch.device, torch.layout, torch.memory_format, torch.SymInt,
                        torch.SymFloat, torch.SymBool, torch.ScriptObject)
-
-
-def _refuse_output(leaf: Any) -> None:
-    raise RuntimeError(
-        f"Found {type(leaf)} in output, which is not a known type. If this type holds "
-        "tensors, you need to register a pytree for it (aotgrad: the compiled function "
-        "would return the object made while tracing, holding no real tensors; register "
-        "the type with torch.utils._pytree.register_pytree_node or "
-        "register_dataclass, or return its tensors in a tuple or dict).")

@@ -113,13 +113,39 @@ class _Obj:
         self.t = t
 
 
+class _Dict(dict):
+    pass
+
+
 @pytest.mark.parametrize("make", [_Holder, _Obj, lambda t: [t + 1, {"o": _Obj(t)}]])
-def test_outputs_of_unknown_types_raise_as_torch_does(make):
-    # Note [Outputs of unknown types] (flatten.py): not the trace's fake tensors
+def test_outputs_of_unknown_types_are_opened(make):
+    # Note [Opened output objects] (opened.py): torch refuses them; aotgrad
+    # builds a new object per call holding the call's tensors
     from functorch.compile import aot_function as torch_aot_function, nop as torch_nop
 
     def f(x):
         return make(x * 2)
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="which is not a known type"):
+        torch_aot_function(f, torch_nop)(x)
+    compiled = aot_function(f, nop)
+    got, again, want = compiled(x), compiled(x), f(x)
+
+    def tensors(o):
+        return [o[0], o[1]["o"].t] if isinstance(o, list) else [o.t]
+
+    for g, w in zip(tensors(got), tensors(want), strict=True):
+        assert type(g) is torch.Tensor
+        torch.testing.assert_close(g, w)
+    assert type(got) is type(want) and got is not again
+
+
+def test_outputs_that_cannot_be_opened_raise_as_torch_does():
+    from functorch.compile import aot_function as torch_aot_function, nop as torch_nop
+
+    def f(x):
+        return _Dict(t=x * 2)  # a dict subclass pytree does not know: opaque
 
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(RuntimeError) as theirs:
