@@ -85,13 +85,6 @@ def tensor_metadata(val: torch.Tensor) -> Any:
     return _extract_tensor_metadata(val)
 
 
-def is_captured_tensor_error(error: Exception) -> bool:
-    """What the fake mode raises when an op gets a real tensor that was not
-    made fake: one the program captured rather than took as an input."""
-    return isinstance(error, AssertionError) and \
-        "Please convert all Tensors to FakeTensors first" in str(error)
-
-
 def is_wrapper_subclass(t: Any) -> bool:
     """A tensor subclass that flattens into inner tensors (TwoTensor, DTensor ...)."""
     return is_traceable_wrapper_subclass(t) and not isinstance(t, (FakeTensor, FunctionalTensor))
@@ -365,7 +358,8 @@ def is_sym_node(node: torch.fx.Node) -> bool:
 # ---------------------------------------------------------------- inductor / dynamo
 
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: bool = False,
-                     is_inference: bool = False):
+                     is_inference: bool = False, config_patches: dict | None = None,
+                     device_index: Any = None):
     """Compile one of aotgrad's ATen graphs with inductor's graph compiler.
 
     Calls ``torch._inductor.compile_fx.compile_fx_inner`` directly — never
@@ -377,6 +371,8 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
     Every tensor output keeps the stride it had when traced (the runtime and
     the user rely on eager's strides).
 
+    ``config_patches`` (inductor options, a mode's) hold while it compiles;
+    ``device_index``: the ``BoxedDeviceIndex`` a forward and its backward share.
     Returns inductor's ``OutputCode``, which is called boxed (``_boxed_call``).
     """
     from torch._dynamo import compiled_autograd
@@ -402,10 +398,33 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
         in_context = contextlib.nullcontext()  # dynamo's own context: keep it as is
     else:
         in_context = tracing(TracingContext(fake_mode))
+    from torch._inductor import config
+    from torch._inductor.utils import BoxedBool
+
     with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
-            compiled_autograd._disable():
+            compiled_autograd._disable(), config.patch(config_patches or {}):
+        # CUDA graphs (mode="reduce-overhead"): every input is copied into the
+        # graph's static buffers (none is assumed to keep its address)
         return compile_fx_inner(gm, example_inputs, is_backward=is_backward,
-                                is_inference=is_inference)
+                                is_inference=is_inference,
+                                cudagraphs=BoxedBool(config.triton.cudagraphs),
+                                static_input_idxs=[], boxed_forward_device_index=device_index)
+
+
+def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict, Any]:
+    """Inductor's settings for ``torch.compile(mode=, options=)`` (torch's
+    errors for an unknown mode or option), and a fresh ``BoxedDeviceIndex``."""
+    from torch._inductor import config, list_mode_options
+    from torch._inductor.cudagraph_utils import BoxedDeviceIndex
+
+    patches = dict(list_mode_options(mode or "default"))
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in config._config:   # the error torch.compile gives
+            raise RuntimeError(f"Unexpected optimization option {key}, known options are "
+                               f"{sorted(config.get_config_copy())}")
+        patches[name] = value
+    return patches, BoxedDeviceIndex(None)
 
 
 def inductor_decompositions() -> dict:
@@ -464,25 +483,6 @@ def bump_counter(group: str, name: str) -> None:
     from torch._dynamo.utils import counters
 
     counters[group][name] += 1
-
-
-def get_attr_path(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def set_attr_path(root: torch.nn.Module, path: str, value: Any) -> None:
-    """``root.a.b = value`` for ``path`` "a.b", making plain modules on the way."""
-    *parents, last = path.split(".")
-    for part in parents:
-        if not hasattr(root, part):
-            root.add_module(part, torch.nn.Module())
-        root = getattr(root, part)
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-        root.register_buffer(last, value)
-    else:
-        setattr(root, last, value)
 
 
 def propagate_fake_values(gm: torch.fx.GraphModule, fake_inputs) -> None:

@@ -392,18 +392,32 @@ def aot_module_simplified(mod: nn.Module | Callable, example_inputs: list,
                           decompositions: Mapping | None = None,
                           keep_inference_input_mutations: bool = False,
                           inference_compiler: Compiler | None = None,
-                          **_unused: Any) -> Callable:
+                          compiler_config_extra: Any = None,
+                          ignore_shape_env: bool = False,
+                          disable_functionalization: bool = False,
+                          pre_grad_passes: Callable | None = None,
+                          compile_region_name: str | None = None, *,
+                          _caller_guards: bool = False) -> Callable:
     """Compile now, for flat tensor inputs like ``example_inputs`` (maybe fake).
 
     The result takes the same flat list of tensors as positional arguments and
     returns a flat tuple/list as ``mod`` does.  It does no guarding of its own:
     the caller (torch.compile) guards.  Parameters and buffers of ``mod`` are
     lifted to graph inputs ahead of the user inputs.
+
+    Torch's other keywords: ``pre_grad_passes(gm, example_inputs) -> gm`` runs
+    on ``mod`` first.  ``compiler_config_extra``, ``ignore_shape_env`` and
+    ``compile_region_name`` are accepted and change nothing here (torch keeps
+    them with its cache entries' compiler settings, and aotgrad traces with
+    the example inputs' own fake mode); ``disable_functionalization`` is
+    ignored as in ``aot_function``.  Any other keyword is a TypeError.
     """
+    del compiler_config_extra, ignore_shape_env, disable_functionalization, compile_region_name
+    if pre_grad_passes is not None:
+        mod = pre_grad_passes(mod, list(example_inputs))
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions, 0,
                              keep_inference_input_mutations, inference_compiler, False)
-    return compile_simplified(mod, list(example_inputs), options,
-                              caller_guards=_unused.pop("_caller_guards", False))
+    return compile_simplified(mod, list(example_inputs), options, caller_guards=_caller_guards)
 
 
 def compile_simplified(mod: nn.Module | Callable, example_inputs: list,

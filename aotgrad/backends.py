@@ -9,26 +9,45 @@ partitions them and compiles each with the backend's compiler.  torch's own
 AOTAutograd is never involved: for ``inductor`` only inductor's *graph*
 compiler (``compile_fx_inner``) is used, see ``_torch.inductor_compile``.
 
-Keyword arguments (``functools.partial(aot_eager, partition_fn=...)``) go to
-``aot_module_simplified`` and override the backend's defaults.
+Defaults are those of torch's backends of the same names: the min-cut
+partitioner (so ``config.activation_memory_budget`` applies) and
+``keep_inference_input_mutations=True``.  Keyword arguments
+(``functools.partial(aot_eager, partition_fn=...)``) go to
+``aot_module_simplified`` and override them; an unknown one is a TypeError.
+``torch.compile(mode=, options=)`` reach ``inductor`` as inductor settings
+(``"reduce-overhead"``: CUDA graph trees, ``"max-autotune"`` ...); ``aot_eager``
+ignores them with a warning, as torch's does.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
 from . import _torch
 from .api import aot_module_simplified
+from .budget import min_cut_rematerialization_partition
 from .compile import nop
 
 __all__ = ["aot_eager", "inductor"]
 
+_log = logging.getLogger(__name__)
 
-def aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+_TORCH_DEFAULTS = {"partition_fn": min_cut_rematerialization_partition,
+                   "keep_inference_input_mutations": True}
+
+
+def aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+              options: dict | None = None, **kwargs: Any) -> Callable:
     """Trace and partition with aotgrad, run the ATen graphs as Python (``nop``)."""
+    if mode is not None or options is not None:
+        _log.warning("aotgrad's aot_eager backend ignores mode=%r and options=%r (they are "
+                     "inductor's settings)", mode, options)
     settings: dict[str, Any] = {
+        **_TORCH_DEFAULTS,
         "fw_compiler": nop,
         "bw_compiler": nop,
         "inference_compiler": nop,
@@ -38,28 +57,22 @@ def aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) 
     return aot_module_simplified(gm, example_inputs, **settings, _caller_guards=True)
 
 
-def _inductor_forward(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    return _torch.inductor_compile(gm, example_inputs, is_backward=False)
-
-
-def _inductor_backward(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    return _torch.inductor_compile(gm, example_inputs, is_backward=True)
-
-
-def _inductor_inference(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    return _torch.inductor_compile(gm, example_inputs, is_inference=True)
-
-
-def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+             options: dict | None = None, **kwargs: Any) -> Callable:
     """Trace and partition with aotgrad, compile each ATen graph with inductor.
 
     Graphs are traced with inductor's decomposition table (as inductor
-    expects); pass ``decompositions=`` to change it.
+    expects); pass ``decompositions=`` to change it.  ``mode`` / ``options``
+    are ``torch.compile``'s, applied while inductor compiles each graph.
     """
+    patches, device_index = _torch.inductor_mode_options(mode, options)
+    compile_graph = functools.partial(_torch.inductor_compile, config_patches=patches,
+                                      device_index=device_index)
     settings: dict[str, Any] = {
-        "fw_compiler": _inductor_forward,
-        "bw_compiler": _inductor_backward,
-        "inference_compiler": _inductor_inference,
+        **_TORCH_DEFAULTS,
+        "fw_compiler": functools.partial(compile_graph, is_backward=False),
+        "bw_compiler": functools.partial(compile_graph, is_backward=True),
+        "inference_compiler": functools.partial(compile_graph, is_inference=True),
         "decompositions": _torch.inductor_decompositions(),
     }
     settings.update(kwargs)

@@ -44,7 +44,7 @@ from .descriptors import DESC
 from .flatten import FlatInputs
 from .partition import Partitioned
 from .pipeline import CompileOptions, CompileReport, Traced, compile_traced, trace_call
-from .codegen import INPUT_UPDATES_META
+from .codegen import INPUT_UPDATES_META, get_attr_path
 from .runtime import build_runtime, input_updates
 from .views import alias_plans
 
@@ -147,7 +147,7 @@ class PickledGraph:
 
         nodes = tuple((n.op, n.name, enc(n.target), enc(n.args), enc(n.kwargs),
                        val(n.meta.get("val")), n.meta.get(DESC)) for n in gm.graph.nodes)
-        attrs = {n.target: _torch.get_attr_path(gm, n.target)
+        attrs = {n.target: get_attr_path(gm, n.target)
                  for n in gm.graph.nodes if n.op == "get_attr"}
         return PickledGraph(nodes, attrs)
 
@@ -183,7 +183,7 @@ class PickledGraph:
                 node.meta[DESC] = desc
         root = torch.nn.Module()
         for path, value in self.attrs.items():
-            _torch.set_attr_path(root, path, value)
+            _set_attr_path(root, path, value)
         return _torch.lazy_graph_module(root, graph)
 
 
@@ -416,3 +416,16 @@ def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: l
         if AOTAutogradCache.save(key, run, _entry_for(t, report)):
             _torch.bump_counter("aot_autograd", "autograd_cache_saved")
     return run
+
+
+def _set_attr_path(root: torch.nn.Module, path: str, value: Any) -> None:
+    """``root.a.b = value`` for ``path`` "a.b", making plain modules on the way."""
+    *parents, last = path.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, torch.nn.Module())
+        root = getattr(root, part)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        root.register_buffer(last, value)
+    else:
+        setattr(root, last, value)

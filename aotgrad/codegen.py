@@ -632,7 +632,7 @@ def _graph_function(gm: fx.GraphModule, bindings: bool) -> Callable[[list], Any]
         if node.op == "placeholder" or node in items:
             continue
         if node.op == "get_attr":
-            obj = _torch.get_attr_path(gm, node.target)
+            obj = get_attr_path(gm, node.target)
             lines.append(f"    {node.name} = {ns.bind(obj, 'attr')}")
         elif node in skipped:
             continue
@@ -679,3 +679,9 @@ def _meta_like(val: torch.Tensor) -> torch.Tensor:
     """A meta tensor with ``val``'s static metadata (raises if symbolic)."""
     return torch.empty_strided([int(d) for d in val.shape], [int(d) for d in val.stride()],
                                dtype=val.dtype, device="meta")
+
+
+def get_attr_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root

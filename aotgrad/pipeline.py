@@ -188,7 +188,7 @@ def _reads_for(error: Exception, flat_fn: Callable, graph_inputs: list,
 
 def _raise_explained(error: Exception) -> None:
     """Raise aotgrad's clear error for a tracing failure it recognises."""
-    if _torch.is_captured_tensor_error(error):
+    if _is_captured_tensor_error(error):
         raise RuntimeError(
             "aotgrad: the program uses a tensor that is not one of its inputs (one "
             "captured from an enclosing scope, a global, or an attribute of an object "
@@ -346,3 +346,10 @@ def fresh_unbacked_ignored(mode: Any) -> Any:
     otherwise find pending."""
     env = getattr(mode, "shape_env", None)
     return env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext()
+
+
+def _is_captured_tensor_error(error: Exception) -> bool:
+    """What the fake mode raises when an op gets a real tensor that was not
+    made fake: one the program captured rather than took as an input."""
+    return isinstance(error, AssertionError) and \
+        "Please convert all Tensors to FakeTensors first" in str(error)

@@ -1,0 +1,174 @@
+"""The backends' settings (issue 18, item 3): torch's defaults (min-cut,
+inference input mutations kept), torch.compile's mode= / options= reaching
+inductor, and unknown keywords refused; compared with torch's own backends."""
+
+import functools
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.backends.common import aot_autograd
+from torch.testing import assert_close
+
+import aotgrad
+import aotgrad.backends as backends
+from aotgrad import _torch
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.b(self.a(x).sin().cos().sin()).cos().sum()
+
+
+def _saved(backend_for, **config):
+    """The number of values the backward takes (saved tensors and sizes)."""
+    torch._dynamo.reset()
+    graphs = {}
+
+    def keep(gm, example_inputs):
+        graphs["bw"] = gm
+        return aotgrad.nop(gm, example_inputs)
+
+    torch.manual_seed(0)
+    net, x = MLP(), torch.randn(4, 8, requires_grad=True)
+    with aotgrad.config.patch(**config), torch._functorch.config.patch(**config):
+        out = torch.compile(net, backend=backend_for(keep))(x)
+    out.backward()
+    assert_close(out, MLP.forward(net, x))
+    names = [n.name for n in graphs["bw"].graph.find_nodes(op="placeholder")]
+    return sum(not n.startswith("tangents") for n in names)
+
+
+def test_aot_eager_saves_what_torchs_aot_eager_saves():
+    from functorch.compile import min_cut_rematerialization_partition as torch_min_cut
+
+    ours = _saved(lambda keep: functools.partial(backends.aot_eager, bw_compiler=keep))
+    theirs = _saved(lambda keep: aot_autograd(fw_compiler=aotgrad.nop, bw_compiler=keep,
+                                              partition_fn=torch_min_cut,
+                                              keep_inference_input_mutations=True))
+    default = _saved(lambda keep: functools.partial(
+        backends.aot_eager, bw_compiler=keep, partition_fn=aotgrad.default_partition))
+    assert ours == theirs < default
+
+
+def test_activation_memory_budget_applies_under_torch_compile():
+    full = _saved(lambda keep: functools.partial(backends.aot_eager, bw_compiler=keep))
+    none = _saved(lambda keep: functools.partial(backends.aot_eager, bw_compiler=keep),
+                  activation_memory_budget=0.0)
+    assert none < full
+
+
+def test_inference_input_mutations_stay_in_the_graph():
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    def f(buf, x):
+        buf.add_(1)
+        return x * 2
+
+    torch._dynamo.reset()
+    buf, x = torch.zeros(3), torch.ones(3)
+    out = torch.compile(f, backend=functools.partial(backends.aot_eager, fw_compiler=keep,
+                                                     inference_compiler=keep))(buf, x)
+    assert_close(out, x * 2)
+    assert_close(buf, torch.ones(3))
+    assert any(n.target is torch.ops.aten.copy_.default for n in graphs[0].graph.nodes)
+
+
+@pytest.fixture
+def inductor_calls(monkeypatch):
+    calls = []
+    real = _torch.inductor_compile
+
+    def spy(gm, example_inputs, **kwargs):
+        calls.append(kwargs)
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(_torch, "inductor_compile", spy)
+    return calls
+
+
+def test_mode_and_options_reach_inductor(inductor_calls):
+    def f(x):
+        return x.sin() * 2
+
+    x = torch.randn(8)
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backends.inductor, mode="max-autotune-no-cudagraphs")(x)
+    assert_close(out, f(x))
+    assert inductor_calls[-1]["config_patches"]["max_autotune"] is True
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backends.inductor,
+                        options={"epilogue_fusion": False, "debug_index_asserts": True})(x)
+    assert_close(out, f(x))
+    assert inductor_calls[-1]["config_patches"] == {"epilogue_fusion": False,
+                                                   "debug_index_asserts": True}
+
+
+def test_unknown_settings_are_refused():
+    x = torch.randn(3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="Unexpected optimization option no_such_option"):
+        torch.compile(torch.sin, backend=backends.inductor, options={"no_such_option": 1})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="Unrecognized mode"):
+        torch.compile(torch.sin, backend=backends.inductor, mode="fastest-please")(x)
+    gm = torch.fx.symbolic_trace(lambda x: x.sin())
+    with pytest.raises(TypeError, match="parition_fn"):
+        aotgrad.aot_module_simplified(gm, [x], aotgrad.nop, parition_fn=aotgrad.default_partition)
+    with pytest.raises(TypeError):
+        backends.aot_eager(gm, [x], fw_compilr=aotgrad.nop)
+
+
+def test_aot_eager_warns_that_it_ignores_mode(caplog):
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="aotgrad.backends"):
+        out = torch.compile(torch.sin, backend=backends.aot_eager,
+                            options={"max_autotune": True})(torch.ones(2))
+    assert_close(out, torch.ones(2).sin())
+    assert "ignores mode" in caplog.text
+
+
+def test_pre_grad_passes_run_first():
+    seen = []
+
+    def mark(gm, example_inputs):
+        seen.append(len(example_inputs))
+        return gm
+
+    gm = torch.fx.symbolic_trace(lambda x: (x.sin(),))
+    compiled = aotgrad.aot_module_simplified(gm, [torch.randn(3)], aotgrad.nop,
+                                             pre_grad_passes=mark)
+    x = torch.randn(3)
+    assert_close(compiled(x)[0], x.sin())
+    assert seen == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_gives_cuda_graph_trees():
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, ref_net = MLP().cuda(), MLP().cuda()
+    ref_net.load_state_dict(net.state_dict())
+    compiled = torch.compile(net, backend=backends.inductor, mode="reduce-overhead")
+    for step in range(3):
+        x = torch.randn(4, 8, device="cuda", requires_grad=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x)
+        out.backward()
+        ref = ref_net(x.detach())
+        ref.backward()
+        assert_close(out, ref)
+        for p, q in zip(net.parameters(), ref_net.parameters()):
+            assert_close(p.grad, q.grad)
+    assert cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager is not None
