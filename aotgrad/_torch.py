@@ -16,6 +16,7 @@ import contextlib
 import functools
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -403,8 +404,7 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
 
     with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
             compiled_autograd._disable(), config.patch(config_patches or {}):
-        # CUDA graphs (mode="reduce-overhead"): every input is copied into the
-        # graph's static buffers (none is assumed to keep its address)
+        # CUDA graphs (mode="reduce-overhead"): no input is assumed to keep its address
         return compile_fx_inner(gm, example_inputs, is_backward=is_backward,
                                 is_inference=is_inference,
                                 cudagraphs=BoxedBool(config.triton.cudagraphs),
@@ -412,8 +412,8 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
 
 
 def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict, Any]:
-    """Inductor's settings for ``torch.compile(mode=, options=)`` (torch's
-    errors for an unknown mode or option), and a fresh ``BoxedDeviceIndex``."""
+    """Inductor's settings for ``torch.compile(mode=, options=)`` (torch's errors
+    for unknown ones; freezing off, with a warning), and a ``BoxedDeviceIndex``."""
     from torch._inductor import config, list_mode_options
     from torch._inductor.cudagraph_utils import BoxedDeviceIndex
 
@@ -424,6 +424,10 @@ def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict,
             raise RuntimeError(f"Unexpected optimization option {key}, known options are "
                                f"{sorted(config.get_config_copy())}")
         patches[name] = value
+    if patches.get("freezing", config.freezing):  # torch's freeze() needs its AOTAutograd
+        warnings.warn("aotgrad.backends.inductor does not freeze parameters (inductor's "
+                      "freezing pass needs torch's AOTAutograd); they stay graph inputs")
+        patches["freezing"] = False
     return patches, BoxedDeviceIndex(None)
 
 

@@ -277,7 +277,7 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
             compiled = compile_joint(parts, options.fw_compiler,
                                      options.bw_compiler or options.fw_compiler)
         else:
-            compiled = compile_inference(traced.gm, t.fake_inputs,
+            compiled = compile_inference(traced.gm, list(traced.example_inputs),
                                          options.inference_compiler or options.fw_compiler,
                                          traced.num_fwd_outputs)
     report.compiled = compiled

@@ -2,6 +2,7 @@
 inference input mutations kept), torch.compile's mode= / options= reaching
 inductor, and unknown keywords refused; compared with torch's own backends."""
 
+import contextlib
 import functools
 import logging
 
@@ -172,3 +173,28 @@ def test_reduce_overhead_gives_cuda_graph_trees():
         for p, q in zip(net.parameters(), ref_net.parameters()):
             assert_close(p.grad, q.grad)
     assert cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager is not None
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_inductor_with_subclass_parameters(freezing, grad):
+    # was: the inference graph compiled with the subclass (not its inner
+    # tensors) as example inputs; freezing is not applied, with a warning
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(TwoTensor(torch.randn(4, 4), torch.randn(4, 4)),
+                                  requires_grad=grad)
+
+        def forward(self, x):
+            return x @ self.w
+
+    m, x = M().eval(), torch.randn(2, 4)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing), \
+            pytest.warns(UserWarning, match="does not freeze") if freezing else \
+            contextlib.nullcontext():
+        out = torch.compile(m, backend=backends.inductor)(x)
+    assert_close(out, m(x))
