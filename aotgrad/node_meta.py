@@ -84,13 +84,15 @@ def backward_marks(outputs: Iterable[Any]):
         held.append(fn)
         stack.extend(f for f, _ in fn.next_functions)
 
+        # the "autograd_backward" mark is written directly: torch 2.11's
+        # fx.traceback has no _mark_autograd_backward (2.13 writes the same key)
         def pre(grad_outputs, seq_nr=fn._sequence_nr()):
             tb.set_grad_fn_seq_nr(seq_nr)
-            tb._mark_autograd_backward()
+            tb.current_meta["autograd_backward"] = True
 
         def post(grad_inputs, grad_outputs):
             tb.reset_grad_fn_seq_nr()
-            tb._reset_autograd_backward()
+            tb.current_meta.pop("autograd_backward", None)
 
         handles.append(fn.register_prehook(pre))
         handles.append(fn.register_hook(post))
