@@ -9,7 +9,9 @@ compiler, and wraps the results in a runtime that behaves like eager PyTorch.
 
 * graph inputs are the call's tensors, flattened from its pytrees (for modules:
   parameters, then buffers, then user tensors); a tensor passed twice is one
-  input; non-tensor leaves are constants baked into the graph;
+  input; non-tensor leaves are constants baked into the graph (an object of a
+  type pytree does not open too: what the program writes into it is replayed
+  on each call, Note [Objects passed in], objects.py);
 * the forward graph takes the primals ``primals_1 ... primals_N`` and returns
   ``(*mutated_input_values, *user_outputs, *saved_tensors, *saved_symints)``;
 * the backward graph takes ``(*saved_symints, *saved_tensors, *tangents)`` —

@@ -91,14 +91,15 @@ def is_wrapper_subclass(t: Any) -> bool:
     return is_traceable_wrapper_subclass(t) and not isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-def new_fake_mode(dynamic: bool) -> FakeTensorMode:
+def new_fake_mode(dynamic: bool, shape_env: bool = False) -> FakeTensorMode:
     """A fresh fake mode; with ``dynamic`` its sizes are symbolic.  A static
     mode has no ShapeEnv (as torch's static tracing): with one, every fake op
-    also enters and leaves the env's guard suppression (~2% of a compile).
-    Note [A fake mode without its birth stack]."""
+    also enters and leaves the env's guard suppression (~2% of a compile);
+    ``shape_env``: it has one all the same (Note [Fake rules that need a
+    ShapeEnv], hops.py).  Note [A fake mode without its birth stack]."""
     with _no_stack_capture():
-        if dynamic:
-            return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False,
+        if dynamic or shape_env:
+            return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=not dynamic,
                                   allow_non_fake_inputs=False)
         return FakeTensorMode()
 
@@ -347,9 +348,34 @@ def live_storage_key(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def tracing_context(fake_mode: FakeTensorMode):
-    """Enter fake mode and the Python dispatcher (for symbolic decompositions)."""
-    with fake_mode, enable_python_dispatcher():
+    """Enter fake mode and the Python dispatcher (for symbolic decompositions),
+    with aotgrad's own fake kernels for that mode (Note [Own fake kernels], fakes.py)."""
+    with fake_mode, enable_python_dispatcher(), own_fake_kernels(fake_mode):
         yield
+
+
+FAKE_KERNELS: dict = {}  # op -> kernel(mode, *args, **kwargs): a result, or NotImplemented
+
+
+@contextlib.contextmanager
+def own_fake_kernels(mode: FakeTensorMode):
+    """Note [Own fake kernels] (fakes.py): ``mode`` answers the ops of
+    ``FAKE_KERNELS`` by aotgrad's kernel (else as before) while the context lasts."""
+    if not FAKE_KERNELS or type(mode) is not FakeTensorMode or "dispatch" in vars(mode):
+        yield
+        return
+    plain, kernels = mode.dispatch, FAKE_KERNELS
+
+    def dispatch(func, types, args, kwargs):
+        kernel = kernels.get(func)
+        out = NotImplemented if kernel is None else kernel(mode, *args, **kwargs)
+        return plain(func, types, args, kwargs) if out is NotImplemented else out
+
+    mode.dispatch = dispatch
+    try:
+        yield
+    finally:
+        del mode.dispatch
 
 
 def is_sym_node(node: torch.fx.Node) -> bool:
@@ -381,6 +407,7 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.virtualized import V
 
+    donated = gm.meta.get(DONATED_INPUTS_META) if is_backward else None
     gm = _copy_graph_module(gm)
     output = next(iter(reversed(gm.graph.nodes)))
     outs = output.args[0]
@@ -404,11 +431,27 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
 
     with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
             compiled_autograd._disable(), config.patch(config_patches or {}):
-        # CUDA graphs (mode="reduce-overhead"): no input is assumed to keep its address
-        return compile_fx_inner(gm, example_inputs, is_backward=is_backward,
-                                is_inference=is_inference,
-                                cudagraphs=BoxedBool(config.triton.cudagraphs),
-                                static_input_idxs=[], boxed_forward_device_index=device_index)
+        context = TracingContext.get()
+        before = context.fw_metadata
+        if donated is not None:  # Note [Donated buffers] (compile.py): what inductor reads
+            context.fw_metadata = donated
+        try:  # CUDA graphs (mode="reduce-overhead"): no input is assumed to keep its address
+            out = compile_fx_inner(gm, example_inputs, is_backward=is_backward,
+                                   is_inference=is_inference,
+                                   cudagraphs=BoxedBool(config.triton.cudagraphs),
+                                   static_input_idxs=[], boxed_forward_device_index=device_index)
+        finally:
+            context.fw_metadata = before
+        out.donates_inputs = donated is not None
+        return out
+
+
+DONATED_INPUTS_META = "aotgrad_donated_inputs"
+
+
+def keeps_graph() -> bool:
+    """Whether the running backward was called with retain_graph (or create_graph)."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict, Any]:
@@ -448,15 +491,31 @@ def lazy_graph_module(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
 
 
 @contextlib.contextmanager
-def autocast_cache_disabled():
-    """Autocast's cache of cast weights kept off while tracing: a cast made of a
-    fake tensor must not be handed to a later real call."""
-    enabled = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
+def functorch_layers_restored():
+    """Note [Layers a failed run leaves] (hops.py): functorch's layer stack
+    and the dispatch-key sets as they were before, once the body is done."""
+    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
     try:
-        yield
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                             torch._C._dispatch_tls_local_exclude_set()):
+            yield
     finally:
-        torch.set_autocast_cache_enabled(enabled)
+        torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+
+
+def in_hop_compile() -> bool:
+    """Whether dynamo compiles or runs a higher-order op's eager call (hops.py)."""
+    from torch._higher_order_ops.utils import _in_hop_compile
+
+    return _in_hop_compile()
+
+
+def fake_rules_of_hops() -> frozenset:
+    """The code of the higher-order ops' rules for fake modes (hops.py)."""
+    from torch._ops import _higher_order_ops
+
+    return frozenset(getattr(op.python_key_table.get(FakeTensorMode), "__code__", None)
+                     for op in list(_higher_order_ops.values())) - {None}
 
 
 def lazy_graph_modules():
@@ -473,11 +532,6 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     return torch.fx.GraphModule(gm, graph)
-
-
-def dynamo_fake_mode(example_inputs) -> FakeTensorMode | None:
-    """The fake mode dynamo traced with, if it handed us fake tensors."""
-    return detect_fake_mode(list(example_inputs))
 
 
 # ---------------------------------------------------------------- counters and meta
@@ -597,51 +651,10 @@ def unsafe_view(t: torch.Tensor) -> torch.Tensor:
     return aten._unsafe_view(t, t.shape)
 
 
-# ---------------------------------------------------------------- eager checks during analysis
-
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-
-class EagerChecks(TorchDispatchMode):
-    """Raises the errors eager raises that functionalization does not: an
-    in-place op writing to a tensor whose elements overlap (e.g. an expand),
-    or to a view of an input that is a leaf requiring grad (``leaf_storages``)."""
-
-    supports_higher_order_operators = True  # they pass through (their ops are checked inside)
-
-    def __init__(self, leaf_storages=()):
-        super().__init__()
-        self.leaf_storages = set(leaf_storages)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        schema = getattr(func, "_schema", None)
-        if schema is not None and schema.arguments and args and \
-                isinstance(args[0], torch.Tensor):
-            alias = schema.arguments[0].alias_info
-            if alias is not None and alias.is_write and self.leaf_storages and \
-                    torch.is_grad_enabled() and args[0].requires_grad and \
-                    args[0]._is_view() and storage_of(args[0]) in self.leaf_storages:
-                # (an autograd view: x.detach() shares the storage but is no view)
-                raise RuntimeError("a view of a leaf Variable that requires grad is being used "
-                                   "in an in-place operation.")
-            if alias is not None and alias.is_write and \
-                    torch.Tag.inplace_view not in func.tags and \
-                    torch._debug_has_internal_overlap(args[0]) == 1:
-                # eager's error (fills excepted, which eager allows but which
-                # functionalization cannot write back: an error, not a wrong value)
-                raise RuntimeError(
-                    "unsupported operation: some elements of the input tensor and the "
-                    "written-to tensor refer to a single memory location. Please clone() the "
-                    "tensor before performing the operation. (aotgrad: in-place writes, "
-                    "fills included, into a tensor whose elements overlap, e.g. an expand(), "
-                    "cannot be compiled.)")
-        return func(*args, **(kwargs or {}))
-
-
 # ---------------------------------------------------------------- autocast
 
 @functools.cache
-def _autocast_devices() -> tuple[str, ...]:
+def autocast_devices() -> tuple[str, ...]:
     return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
@@ -649,11 +662,11 @@ def autocast_state() -> tuple:
     """Whether autocast is on, per device type (part of the guard key)."""
     if not any_autocast_enabled():
         return _AUTOCAST_OFF
-    return tuple(torch.is_autocast_enabled(d) for d in _autocast_devices())
+    return tuple(torch.is_autocast_enabled(d) for d in autocast_devices())
 
 
 any_autocast_enabled = torch._C._is_any_autocast_enabled
-_AUTOCAST_OFF = tuple(False for _ in _autocast_devices())
+_AUTOCAST_OFF = tuple(False for _ in autocast_devices())
 
 def spec_children(spec: Any) -> list:
     """The child TreeSpecs of a pytree spec (the accessor was renamed in 2.13)."""
@@ -673,24 +686,6 @@ functorch_transforms_active = torch._C._are_functorch_transforms_active
 
 # grad mode without a context manager object (for generated code)
 set_grad_enabled = torch._C._set_grad_enabled
-
-
-@contextlib.contextmanager
-def backward_autocast(setting):
-    """The autocast state the backward is traced under (config.backward_pass_autocast):
-    "same_as_forward" (leave it), "off", or a list of torch.amp.autocast kwargs."""
-    with contextlib.ExitStack() as stack:
-        if setting == "off":
-            for device in _autocast_devices():
-                stack.enter_context(torch.amp.autocast(device, enabled=False))
-        elif isinstance(setting, (list, tuple)):
-            for kwargs in setting:
-                stack.enter_context(torch.amp.autocast(**kwargs))
-        elif setting != "same_as_forward":
-            raise ValueError(
-                f"aotgrad.config.backward_pass_autocast must be 'same_as_forward', 'off' or a "
-                f"list of torch.amp.autocast keyword dicts, not {setting!r}")
-        yield
 
 
 def autocast_disabled():

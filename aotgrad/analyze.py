@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _torch, subclass, tangents
+from . import _torch, hops, subclass, tangents
 from .flatten import FlatFunction
 from .record import NotFunctional, functionalizing_itself
 from .subclass import Layout
@@ -185,7 +185,8 @@ class Signature:
 def analyze(flat_fn: FlatFunction, fake_inputs: Sequence[Any], *, grad_enabled: bool,
             keep_input_mutations: bool) -> Signature:
     """Run ``flat_fn`` on fake inputs under functionalization; describe it."""
-    with _torch.functional_mode():
+    # Note [Layers a failed run leaves] (hops.py)
+    with _torch.functorch_layers_restored(), _torch.functional_mode():
         f_inputs = [subclass.to_functional(x, detach_inner=False) for x in fake_inputs]
         history = [getattr(fx, "grad_fn", None) for fx in f_inputs]
         outs = run_checked(flat_fn, fake_inputs, f_inputs)
@@ -199,7 +200,7 @@ def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: lis
     if functionalizing_itself():
         checks: Any = contextlib.nullcontext()
     else:
-        checks = _torch.EagerChecks(
+        checks = EagerChecks(
             _torch.storage_of(fx) for x, fx in zip(fake_inputs, f_inputs)
             if isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad)
     with checks, NoDataAssignment():
@@ -210,7 +211,7 @@ def run_checked(flat_fn: FlatFunction, fake_inputs: Sequence[Any], f_inputs: lis
 # ~~~~~~~~~~~~~~~~~~~~~
 # Functionalization hides from autograd and the kernels what they check in
 # eager: which tensors are views of which (of a leaf that requires grad, say)
-# and which overlap in memory.  So under it ``_torch.EagerChecks`` raises
+# and which overlap in memory.  So under it ``EagerChecks`` raises
 # their errors: an in-place write to a view of such a leaf, or into memory
 # that overlaps.  A trace without it (Note [Functional already], trace.py)
 # needs no such mode.  It records a mutation only when nothing else in the
@@ -598,6 +599,47 @@ def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
             return True
         stack.extend(f for f, _ in fn.next_functions)
     return False
+
+
+# ---------------------------------------------------------------- eager checks
+
+class EagerChecks(_torch.TorchDispatchMode):
+    """Raises the errors eager raises that functionalization does not: an
+    in-place op writing to a tensor whose elements overlap (e.g. an expand),
+    or to a view of an input that is a leaf requiring grad (``leaf_storages``)."""
+
+    supports_higher_order_operators = True  # they pass through (their ops are checked inside)
+
+    ignore_compile_internals = hops.transparent_to_hop_compiles  # Note [Dynamo under
+                                                                 # aotgrad's modes] (hops.py)
+
+    def __init__(self, leaf_storages=()):
+        super().__init__()
+        self.leaf_storages = set(leaf_storages)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.arguments and args and \
+                isinstance(args[0], torch.Tensor):
+            alias = schema.arguments[0].alias_info
+            if alias is not None and alias.is_write and self.leaf_storages and \
+                    torch.is_grad_enabled() and args[0].requires_grad and \
+                    args[0]._is_view() and _torch.storage_of(args[0]) in self.leaf_storages:
+                # (an autograd view: x.detach() shares the storage but is no view)
+                raise RuntimeError("a view of a leaf Variable that requires grad is being used "
+                                   "in an in-place operation.")
+            if alias is not None and alias.is_write and \
+                    torch.Tag.inplace_view not in func.tags and \
+                    torch._debug_has_internal_overlap(args[0]) == 1:
+                # eager's error (fills excepted, which eager allows but which
+                # functionalization cannot write back: an error, not a wrong value)
+                raise RuntimeError(
+                    "unsupported operation: some elements of the input tensor and the "
+                    "written-to tensor refer to a single memory location. Please clone() the "
+                    "tensor before performing the operation. (aotgrad: in-place writes, "
+                    "fills included, into a tensor whose elements overlap, e.g. an expand(), "
+                    "cannot be compiled.)")
+        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- .data assignment

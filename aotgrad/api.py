@@ -28,11 +28,14 @@ from .rebase import AliasedMutatedInputs
 from .runtime import MISS
 from .values import GuardFailed
 from .subclass import hashable, layout_key
+from .objects import state_key
+from .opened import Deferred, is_plain_object
 
 from torch.nn.modules import module as _nn_module  # noqa: E402  (its global hook tables)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+_VALUE_TYPES = frozenset({type(None), bool, int, float, str, torch.dtype, torch.device})
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -47,11 +50,13 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     requires_grad, and for a subclass its layout (types and flatten metadata
     of the subclass tree); constants: their value; plus which leaves are the same
     tensor object, the input tree structure, the grad mode, saved-tensor
-    hooks, autocast and the default dtype.
+    hooks, autocast and the default dtype.  Objects passed in: their state
+    (Note [Objects passed in], objects.py).
     """
     parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state(),
                    torch.get_default_dtype()]
     tensor_ids = []
+    passed = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             tensor_ids.append(id(leaf))
@@ -61,8 +66,13 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
                 parts.append(_tensor_key(leaf))
             if type(leaf) not in _PLAIN_TENSOR_TYPES:  # its subclass tree and metadata
                 parts.append(layout_key(leaf))
+        elif type(leaf) not in _VALUE_TYPES and is_plain_object(leaf):
+            passed.append(leaf)  # Note [Objects passed in]: by state, below
+            parts.append(type(leaf))
         else:
             parts.append((type(leaf), hashable(leaf)))
+    if passed:
+        parts.append(state_key(passed))
     if len(set(tensor_ids)) != len(tensor_ids):
         first: dict[int, int] = {}
         parts.append(tuple(first.setdefault(i, k) for k, i in enumerate(tensor_ids)))
@@ -188,15 +198,17 @@ class AOTFunction:
 
     def run(self, run: Callable[[list], Any], leaves: list, in_spec: Any, key: tuple) -> Any:
         try:
-            return run(leaves)
+            out = run(leaves)
         except GuardFailed:  # Note [Shape guards] (pipeline.py), Note [Values read while tracing]
-            return self._call_shape_variant(key, leaves, in_spec)
+            out = self._call_shape_variant(key, leaves, in_spec)
         except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
             alias_key = (key, aliased.groups)
             run = self._compiled.get(alias_key)
             if run is None:
                 run = self._compile(leaves, in_spec, alias_key, aliased)
-            return run(leaves)
+            out = run(leaves)
+        # Note [Objects passed in] (objects.py): built with the call's objects
+        return out.finish(leaves) if type(out) is Deferred else out
 
     def fast_function(self, key: tuple, run: Callable[[list], Any], leaves: list,
                       exprs: list[str], extra_guard: str, namespace: dict | None = None, *,
@@ -374,6 +386,7 @@ def _functional_call(mod: nn.Module) -> Callable:
                                           tie_weights=False)
 
     call.__name__ = type(mod).__name__
+    call.aotgrad_leading_args = 3  # type: ignore[attr-defined]  # params, buffers, modes
     return call
 
 
@@ -465,9 +478,11 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
         if not like_example(runtime_args):
             return general(leaves)
         try:
-            return run(leaves)
+            out = run(leaves)
         except (AliasedMutatedInputs, GuardFailed):  # Note [Aliased mutated inputs],
             return general(leaves)                   # Note [Values read while tracing]
+        # Note [Objects passed in] (objects.py): built with the call's objects
+        return out.finish(leaves) if type(out) is Deferred else out
 
     if isinstance(mod, nn.Module):
         forward.zero_grad = mod.zero_grad  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, config
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
 from .partition import Partitioned
 from .views import is_view_op
@@ -155,6 +155,9 @@ class CompiledGraphs:
     # forward (or inference) outputs the compiled graph computed into their
     # input already: no write-back (Note [Updates in place], runtime.py)
     updated_in_place: frozenset[int] = frozenset()
+    # when the backward may write over saved values: () -> a backward that
+    # does not, for backward(retain_graph=True) (Note [Donated buffers])
+    keeping_backward: Callable[[], Callable] | None = None
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -236,6 +239,66 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                           updated_in_place=getattr(fn, "updated_in_place", frozenset()))
 
 
+# Note [Donated buffers]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# With config.donated_buffer (torch's default), the backward compiler may
+# reuse the memory of saved values it has read for its own temporaries
+# (inductor's DonatedBuffer): the backward graph's meta lists those inputs.
+# Only values nothing else can see are listed: made by the forward, not an
+# input, not sharing storage with an output, an input, another saved value
+# or a gradient, and not saved through inlined saved-tensor hooks.  A backward so compiled
+# cannot run twice over the same saved values: a backward called with
+# retain_graph (or create_graph) runs a second compilation of the graph that
+# donates nothing, made at its first such call.  (Torch compiles the backward
+# at its first call, donating unless that call keeps the graph, and raises if
+# a later call keeps it: aotgrad takes every program torch takes, and those.)
+def donated_inputs(parts: Partitioned) -> list[int]:
+    """The backward inputs (indices) its compiler may overwrite."""
+    if not config.donated_buffer or parts.saved_hooks_inlined:
+        return []
+    outs = list(parts.fw_gm.graph.output_node().args[0])
+    start = parts.num_fwd_outputs
+    saved = outs[start:start + parts.num_saved_tensors]
+    seen = list(parts.fw_gm.graph.find_nodes(op="placeholder")) + outs[:start] + saved
+
+    def storage(n: Any) -> Any:
+        v = n.meta.get("val") if isinstance(n, fx.Node) else None
+        return _torch.storage_of(v) if isinstance(v, torch.Tensor) and \
+            v.layout == torch.strided and not _torch.is_wrapper_subclass(v) else None
+
+    counts: dict[Any, int] = {}
+    for n in seen:
+        if (st := storage(n)) is not None:
+            counts[st] = counts.get(st, 0) + 1
+    bw_inputs = list(parts.bw_gm.graph.find_nodes(op="placeholder"))
+    returned = {storage(n) for n in parts.bw_gm.graph.output_node().args[0]} - {None}
+    return [k for i, n in enumerate(saved)
+            if isinstance(n, fx.Node) and n.op == "call_function" and
+            (st := storage(n)) is not None and counts[st] == 1 and
+            storage(bw_inputs[k := parts.num_saved_symints + i]) not in returned]
+
+
+def _compiled_when_needed(program: int, bw_gm: fx.GraphModule,
+                          bw_compiler: Compiler) -> Callable[[], Callable]:
+    made: list[Callable] = []
+
+    def get() -> Callable:
+        if not made:
+            with compiling("backward", program):
+                made.append(ensure_boxed(bw_compiler(bw_gm, placeholder_values(bw_gm))))
+        return made[0]
+
+    return get
+
+
+class _Donated:
+    """Stands for torch's forward metadata, of which inductor reads only this."""
+
+    def __init__(self, indices: list[int]):
+        self.bw_donated_idxs = indices
+        self.static_input_indices: list[int] = []
+
+
 def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compiler) -> CompiledGraphs:
     """Compile the forward, then the backward, eagerly (not on first backward).
 
@@ -248,7 +311,15 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
         fw = ensure_boxed(fw_compiler(fw_gm, placeholder_values(fw_gm)))
     with compiling("backward", program):
         bw_gm = _with_tensor_meta(parts.bw_gm, bw_compiler)
-        bw = ensure_boxed(bw_compiler(bw_gm, placeholder_values(bw_gm)))
+        donated = donated_inputs(parts)
+        if donated:
+            bw_gm.meta[_torch.DONATED_INPUTS_META] = _Donated(donated)
+        bw = bw_compiler(bw_gm, placeholder_values(bw_gm))
+        keeping = None
+        if getattr(bw, "donates_inputs", False):   # Note [Donated buffers]
+            del bw_gm.meta[_torch.DONATED_INPUTS_META]
+            keeping = _compiled_when_needed(program, bw_gm, bw_compiler)
+        bw = ensure_boxed(bw)
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
@@ -257,4 +328,5 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           offset_free=getattr(fw, "offset_free", False) and
                           getattr(bw, "offset_free", False),
                           stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw),
-                          updated_in_place=getattr(fw, "updated_in_place", frozenset()))
+                          updated_in_place=getattr(fw, "updated_in_place", frozenset()),
+                          keeping_backward=keeping)

@@ -50,6 +50,7 @@ from ._torch import pytree
 from .analyze import OutputKind, Signature
 from .compile import nop
 from .descriptors import DESC, EffectToken, Grad, MutatedInput, Primal, Tangent, UserOutput
+from .opened import _Opened
 from .pipeline import CompileOptions, CompileReport, Traced, trace_call
 
 
@@ -154,6 +155,13 @@ def trace_for_export(fn: Callable, args: Sequence[Any], kwargs: Mapping | None, 
             raise RuntimeError(_GRAD_INPUT_MUTATED + "\n\n" + _GRAD_INPUT_MUTATED_HINT) \
                 from error
         raise
+    spec = t.signature.out_spec
+    if spec.type is _Opened and spec.context.uses_inputs:  # Note [Objects passed in]
+        raise RuntimeError(
+            "aotgrad: the exported function writes into an object passed in (or returns one): "
+            "an exported graph cannot replay that (Note [Objects passed in], objects.py). "
+            "Pass the object's tensors as arguments and return the new ones, or compile the "
+            "function with aot_function / aot_module.")
     e = Exported(t, leaves, in_spec, dupes)
     check_exportable(e, trace_joint)
     return e
@@ -646,6 +654,13 @@ def aot_export_joint_simple(func: Callable, args: Sequence[Any], *, trace_joint:
                            f"pytrees. in_spec={in_spec} (aotgrad: flatten them, or use "
                            "aot_export_function.)")
     out_spec = sig.out_spec
+    if out_spec.type is _Opened:  # an object pytree does not open, somewhere in the output
+        raise RuntimeError(
+            f"Found {out_spec.context.unknown} in output, which is not a known type. If this "
+            "type holds tensors, you need to register a pytree for it. (aotgrad: "
+            "aot_export_joint_simple exports a graph whose outputs are a list or tuple of "
+            "tensors; return the object's tensors instead, or compile the function with "
+            "aot_function, which builds such objects on each call.)")
     if out_spec.is_leaf():
         raise RuntimeError("aot_export_joint_simple requires outputs to be a single "
                            f"list/tuple. out_spec={out_spec} (aotgrad: return `(out,)`.)")

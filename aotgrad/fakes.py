@@ -5,6 +5,8 @@
   whose fakes need none of ``from_tensor``'s generality.
 * The results of the ops the light tracer records: Note [A memo of fake
   results] (``memoized``).
+* aotgrad's own fake kernels, for its traces only: Note [Own fake kernels]
+  (``_grouped_mm`` on CPU).
 """
 
 from __future__ import annotations
@@ -279,3 +281,65 @@ def _check_rebuilt(func: Any, mine: Any, theirs: Any, tensors: list) -> None:
     if describe(mine) != describe(theirs):
         raise AssertionError(f"aotgrad's memo of fake results rebuilt {func} as "
                              f"{describe(mine)}; the fake mode makes {describe(theirs)}")
+
+
+# ---------------------------------------------------------------- own fake kernels
+
+# Note [Own fake kernels]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# A few ops have a fake (meta) kernel in torch that does not describe what
+# their real kernel does on some device.  aotgrad gives those a fake kernel
+# of its own (``_torch.FAKE_KERNELS``), which the fake mode follows only while
+# aotgrad traces with it: ``_torch.tracing_context`` sets the mode's
+# ``dispatch`` to one that asks those kernels first, and puts it back after.
+# Nothing changes in torch's tables, so a user's own fake tensors (or
+# torch.compile's tracing before aotgrad gets the graph) still see torch's
+# kernels.  One of aotgrad's returns NotImplemented for anything it does not
+# describe exactly, which goes on to torch's kernel and its errors.  The graph
+# still calls the op itself: the values are the real kernel's.  (Fake
+# propagation outside aotgrad's tracing -- an inductor compile of the graph,
+# a graph loaded from the disk cache for a compiler other than nop -- uses
+# torch's kernels.)
+#
+# * ``aten._grouped_mm`` on CPU (the experts of transformers' MoE models:
+#   Mixtral, Qwen2-MoE, Qwen3-MoE).  torch 2.13's meta kernel mirrors the
+#   CUDA kernel: it demands bfloat16 (the CPU kernel computes float32,
+#   float16 and bfloat16) and, on a build without CUDA, makes its result
+#   contiguous, where the CPU kernel pads the last dimension's stride to 16
+#   bytes ((10, 6) float32 -> stride (8, 1)).  aotgrad's kernel gives the CPU
+#   kernel's result: its size by the op's four layouts, the dtype of its
+#   inputs, that padded stride (checked against the real kernel for the four
+#   layouts and three dtypes: tests/test_fake_kernels.py).
+
+def _grouped_mm_cpu(mode: Any, mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None,
+                    out_dtype: Any = None) -> Any:
+    """Note [Own fake kernels]: the result of ``aten._grouped_mm`` on CPU tensors."""
+    tensors = [t for t in (mat_a, mat_b, offs) if t is not None]
+    if bias is not None or not all(type(t) is _torch.FakeTensor and t.fake_mode is mode and
+                                   t.device.type == "cpu" for t in tensors) or \
+            mat_a.dtype != mat_b.dtype or mat_a.dtype not in _GROUPED_MM_DTYPES or \
+            out_dtype not in (None, mat_a.dtype):
+        return NotImplemented
+    dims = (mat_a.dim(), mat_b.dim())
+    if dims == (3, 3):
+        if offs is not None:
+            return NotImplemented
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(2)]   # one product per group
+    elif offs is None or offs.dim() != 1 or offs.dtype != torch.int32:
+        return NotImplemented
+    elif dims == (2, 3):
+        size = [mat_a.size(0), mat_b.size(2)]     # a's rows in groups, a matrix of b each
+    elif dims == (3, 2):
+        size = [mat_a.size(1), mat_b.size(1)]     # b's columns in groups
+    elif dims == (2, 2):
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]   # the contraction in groups
+    else:
+        return NotImplemented
+    per_row = 16 // mat_a.dtype.itemsize          # the last dim's stride: padded to 16 bytes
+    row = (size[-1] + per_row - 1) // per_row * per_row
+    stride = [size[1] * row, row, 1] if len(size) == 3 else [row, 1]
+    return _torch.empty_fake(mode, size, stride, mat_a.dtype, mat_a.device)
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_torch.FAKE_KERNELS[torch.ops.aten._grouped_mm.default] = _grouped_mm_cpu

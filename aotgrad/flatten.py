@@ -9,7 +9,12 @@ The user calls ``fn(*args, **kwargs)`` with pytrees.  This stage flattens
 * a tensor subclass (``TwoTensor``, ``DTensor`` ...) is one graph input here;
   the graphs get its plain inner tensors (Note [Subclasses at the boundary]);
 * every other leaf (ints, floats, None, strings ...) is a constant, baked
-  into the graph; the guard key holds its value, so a new value recompiles.
+  into the graph; the guard key holds its value, so a new value recompiles;
+* an object of a type pytree does not open (a Hugging Face cache, a plain
+  object) is a constant too, which the program may read and write: restored
+  after each run of the trace, its writes replayed on each call, refused when
+  the program computes with tensors it holds (Note [Objects passed in],
+  objects.py).
 
     leaves:       [2, None, t0, t1, t0]
     leaf_slot:    [-1, -1,   0,  1,  0]      (-1: constant)
@@ -28,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _torch
+from . import _torch, objects
 from ._torch import pytree
 from .opened import open_output
 
@@ -40,6 +45,7 @@ class FlatInputs:
     graph_leaf: tuple[int, ...]      # per graph input: the leaf it comes from
     constants: tuple[Any, ...]       # per leaf: its value when constant, else None
     num_params_buffers: int
+    object_leaves: tuple[int, ...] = ()   # objects passed in (Note [Objects passed in])
 
     @property
     def num_graph_inputs(self) -> int:
@@ -70,7 +76,7 @@ def flatten_inputs(leaves: list[Any], in_spec: Any, num_params_buffers: int = 0)
             leaf_slot.append(-1)
             constants.append(leaf)
     return FlatInputs(in_spec, tuple(leaf_slot), tuple(graph_leaf), tuple(constants),
-                      num_params_buffers)
+                      num_params_buffers, objects.object_leaves(constants))
 
 
 def _check_supported_tensor(t: torch.Tensor, position: int) -> None:
@@ -100,20 +106,38 @@ class FlatFunction:
         self.fn = fn
         self.flat = flat
         self.out_spec: Any = None
+        self.labels: list[str] = []
+        if flat.object_leaves:  # Note [Objects passed in] (objects.py)
+            self.labels = objects.leaf_labels(flat.in_spec, getattr(fn, "aotgrad_leading_args", 0))
 
     def __call__(self, *graph_inputs: Any) -> list[Any]:
         flat = self.flat
         leaves = [graph_inputs[s] if s >= 0 else c for s, c in zip(flat.leaf_slot, flat.constants)]
         args, kwargs = pytree.tree_unflatten(leaves, flat.in_spec)
-        out = self.fn(*args, **kwargs)
+        if not flat.object_leaves:
+            return self._flat_output(self.fn(*args, **kwargs), None)
+        snapshot = objects.Snapshot(leaves, flat.object_leaves, self.labels)
+        try:
+            try:
+                out = self.fn(*args, **kwargs)
+            except Exception as error:
+                explained = snapshot.explained(error)
+                if explained is error:
+                    raise
+                raise explained from error
+            return self._flat_output(out, snapshot.passed())
+        finally:
+            snapshot.restore()
+
+    def _flat_output(self, out: Any, passed: objects.Passed | None) -> list[Any]:
         out_leaves, out_spec = pytree.tree_flatten(out)
-        for leaf in out_leaves:
-            if not isinstance(leaf, _KNOWN_OUTPUT_TYPES):
-                # Note [Opened output objects] (opened.py)
-                opened = open_output(out, out_leaves)
-                if opened is not None:
-                    out_leaves, out_spec = opened
-                break
+        unknown = next((type(leaf) for leaf in out_leaves
+                        if not isinstance(leaf, _KNOWN_OUTPUT_TYPES)), None)
+        if passed is not None and passed.writes or unknown is not None:
+            # Note [Opened output objects] (opened.py)
+            opened = open_output(out, out_leaves, passed, unknown)
+            if opened is not None:
+                out_leaves, out_spec = opened
         self.out_spec = out_spec
         return out_leaves
 

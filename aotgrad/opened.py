@@ -31,6 +31,7 @@ import torch
 
 from . import _torch
 from ._torch import pytree
+from .state import MISSING, instance_dict, slot_descriptors, set_state
 
 # Note [Opened output objects]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -68,6 +69,9 @@ from ._torch import pytree
 #   one object shared by all calls;
 # * a shared object holding no tensor stays that very object (as in eager:
 #   ``out.config is model.config``); so do shared modules;
+# * an object passed in as an argument is the call's own (an INPUT node,
+#   found by walking the call's arguments), whatever the program wrote into
+#   it (Note [Objects passed in], objects.py);
 # * tuples, frozensets, sizes and functions holding only such values stay
 #   as they are.
 #
@@ -88,7 +92,7 @@ _HEAPTYPE = 1 << 9
 
 # node kinds
 LEAF, CONST, LIST, TUPLE, SIZE, DICT, SET, FROZENSET, OBJ, NODE, METHOD, BOUND, FUNC, OPAQUE, \
-    MODULE = range(15)
+    MODULE, INPUT = range(16)   # INPUT: an object passed in (Note [Objects passed in], objects.py)
 _MUTABLE = frozenset({LIST, DICT, SET, OBJ, NODE, OPAQUE, MODULE})   # identity matters
 _FROM_CHILDREN = frozenset({TUPLE, SIZE, FROZENSET, NODE, METHOD, BOUND})
 _VALUE_LIKE = frozenset({TUPLE, SIZE, FROZENSET, METHOD, BOUND})
@@ -124,25 +128,54 @@ class _Opened:
 
 pytree.register_pytree_node(
     _Opened, lambda o: (list(o.values), o.template),
-    lambda values, template: template.build(list(values)),
+    lambda values, template: template.unflatten(list(values)),
     serialized_type_name="aotgrad.opened._Opened")
+
+
+class Deferred:
+    """An output whose building needs the call's objects passed in (Note
+    [Objects passed in], objects.py): what the runtime returns for such a
+    program; the caller finishes it with the call's leaves."""
+
+    __slots__ = ("template", "values")
+
+    def __init__(self, template: "Template", values: list):
+        self.template, self.values = template, values
+
+    def finish(self, leaves: list) -> Any:
+        t = self.template
+        inputs = walk_roots([leaves[k] for k in t.object_leaves]).objs
+        return t.build(self.values, inputs)
 
 
 class Template:
     """How to build the user's output from its leaves (Note [Opened output objects]).
 
     ``nodes[i]`` is ``(kind, payload)``; children are node indices, so that a
-    node reached twice is built once."""
+    node reached twice is built once.  ``writes`` (Note [Objects passed in],
+    objects.py): ``(input node, parts)`` setting the state of an object passed
+    in, ``parts`` as ``get_state`` gives them with node indices for values;
+    ``object_leaves``: the call's leaves whose walk numbers the input nodes."""
 
-    __slots__ = ("nodes", "root", "num_leaves", "what")
+    __slots__ = ("nodes", "root", "num_leaves", "what", "writes", "object_leaves", "uses_inputs",
+                 "unknown")
 
-    def __init__(self, nodes: tuple, root: int, num_leaves: int, what: str):
+    def __init__(self, nodes: tuple, root: int, num_leaves: int, what: str,
+                 writes: tuple = (), object_leaves: tuple = (), uses_inputs: bool = False,
+                 unknown: type | None = None):
         self.nodes, self.root, self.num_leaves, self.what = nodes, root, num_leaves, what
+        self.writes, self.object_leaves = writes, object_leaves
+        self.uses_inputs = uses_inputs or bool(writes)
+        self.unknown = unknown  # the first output leaf of a type pytree does not open
 
     def __repr__(self) -> str:
-        return f"<opened {self.what}: {self.num_leaves} leaves>"
+        writes = f", {len(self.writes)} writes into objects passed in" if self.writes else ""
+        return f"<opened {self.what}: {self.num_leaves} leaves{writes}>"
 
-    def build(self, values: list) -> Any:
+    def unflatten(self, values: list) -> Any:
+        return Deferred(self, values) if self.uses_inputs else self.build(values)
+
+    def build(self, values: list, inputs: list | None = None) -> Any:
         nodes, made = self.nodes, {}
 
         def b(i: int) -> Any:
@@ -151,6 +184,8 @@ class Template:
                 return values[p]
             if kind == CONST:
                 return p
+            if kind == INPUT:
+                return inputs[p]
             if i in made:
                 return made[i]
             if kind == LIST:
@@ -189,7 +224,16 @@ class Template:
                 o = made[i] = getattr(b(owner), name)
             return o
 
-        return b(self.root)
+        out = b(self.root)
+        if self.writes:
+            states = [(inputs[target], [(tag, [(n, MISSING if v < 0 else b(v)) for n, v in data]
+                                         if tag in ("attrs", "slots") else
+                                         [(b(k), b(v)) for k, v in data] if tag == "map" else
+                                         [b(v) for v in data]) for tag, data in parts])
+                      for target, parts in self.writes]
+            for obj, parts in states:
+                set_state(obj, parts)
+        return out
 
 
 def _leaf_spec() -> Any:
@@ -197,25 +241,80 @@ def _leaf_spec() -> Any:
     return make() if make is not None else pytree.LeafSpec()
 
 
-def open_output(out: Any, out_leaves: list) -> tuple[list, Any] | None:
+def open_output(out: Any, out_leaves: list, passed: Any = None,
+                unknown: type | None = None) -> tuple[list, Any] | None:
     """The leaves and TreeSpec of ``out``, opened (the module docstring); None
-    when nothing in it needs rebuilding (pytree's leaves then stand)."""
-    walk = _Walk()
+    when nothing in it needs rebuilding (pytree's leaves then stand).
+    ``passed``: the objects passed in and what the program wrote into them
+    (``objects.Passed``, Note [Objects passed in]): those objects are the
+    call's own (INPUT nodes), the writes are replayed by the template."""
+    walk = _Walk(passed.known if passed is not None else None)
     root = walk.visit(out, None, "", pytree_level=True)
-    walk.find_shared(exclude={id(out_leaves)})
+    raw_writes = []
+    for target, label, parts in passed.writes if passed is not None else ():
+        raw_writes.append((target, [(tag, _visit_part(walk, tag, data, label))
+                                    for tag, data in parts]))
+    walk.find_shared(exclude={id(out_leaves)} | (passed.exclude if passed is not None else set()))
     plan = _Plan(walk)
-    nodes, leaves = plan.template_nodes(root)
-    if not plan.rebuilds_objects:
+    nodes, leaves, writes = plan.template_nodes(root, raw_writes)
+    if not plan.rebuilds_objects and not plan.uses_inputs and not writes:
         return None
-    template = Template(nodes, 0, len(leaves), type(out).__name__)
+    template = Template(nodes, 0, len(leaves), type(out).__name__, tuple(writes),
+                        passed.object_leaves if passed is not None else (), plan.uses_inputs,
+                        unknown)
     spec = pytree.TreeSpec(_Opened, template, [_leaf_spec() for _ in leaves])
     return leaves, spec
+
+
+def _visit_part(walk: "_Walk", tag: str, data: list, label: str) -> list:
+    """The nodes of one part of an object's new state (``get_state``)."""
+    if tag == "map":
+        return [(walk.visit_root(k, f"{label}<key {k!r}>"), walk.visit_root(v, f"{label}[{k!r}]"))
+                for k, v in data]
+    if tag in ("attrs", "slots"):
+        return [(n, -1 if v is MISSING else
+                 walk.visit_root(v, f"{label}.{n if tag == 'attrs' else n.__name__}"))
+                for n, v in data]
+    return [walk.visit_root(v, f"{label}[{k}]" if tag == "items" else f"{label}<item>")
+            for k, v in enumerate(data)]
+
+
+def walk_roots(roots: list, labels: list | None = None) -> "_Walk":
+    """The walk of objects passed in (no sharing analysis): its nodes, in a
+    fixed order for objects of the same structure (Note [Objects passed in]);
+    ``labels`` name the roots (``origin``)."""
+    w = _Walk()
+    w.roots = []
+    for k, r in enumerate(roots):
+        i = w.visit(r, None, "")
+        w.roots.append(i)
+        if labels is not None:
+            w.origin.setdefault(i, labels[k])
+    return w
+
+
+def is_plain_object(x: Any) -> bool:
+    """Whether the walk opens ``x`` as an object (OBJ): an instance of a class
+    defined in Python, whose whole state is its ``__dict__`` and slots."""
+    t = type(x)
+    if t in _VALUE_TYPES or isinstance(x, (torch.Tensor, torch.nn.Module, *_torch.sym_types)) \
+            or isinstance(x, _REFERENCE_TYPES) or t in _FUNCTION_TYPES \
+            or not pytree.tree_is_leaf(x):
+        return False
+    return _rebuildable(t) is not None
+
+
+_FUNCTION_TYPES = (types.FunctionType, types.MethodType, types.BuiltinMethodType,
+                   types.MethodWrapperType)
 
 
 class _Walk:
     """The objects reachable from an output, as a graph of nodes."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: dict[int, int] | None = None) -> None:
+        self.known = known or {}        # id -> node of the objects passed in (INPUT)
+        self.origin: dict[int, str] = {}  # write values: node -> where it was put
+        self.roots: list[int] = []        # walk_roots: the node of each root
         self.objs: list = []            # node -> object (kept alive, so ids stay unique)
         self.node_of: dict[int, int] = {}
         self.kind: list[int] = []
@@ -248,11 +347,22 @@ class _Walk:
             self.busy.discard(i)
         return i
 
+    def visit_root(self, x: Any, label: str) -> int:
+        new = id(x) not in self.node_of
+        i = self.visit(x, None, "")
+        if new:
+            self.origin[i] = label
+        return i
+
     def _set(self, i: int, kind: int, payload: Any, children: list[int]) -> None:
         self.kind[i], self.payload[i], self.children[i] = kind, payload, children
 
     def _classify(self, i: int, x: Any, pytree_level: bool) -> None:
         t = type(x)
+        k = self.known.get(id(x)) if self.known else None
+        if k is not None:
+            self.kind[i], self.payload[i] = INPUT, k  # the call's own object
+            return
         if isinstance(x, torch.Tensor) or isinstance(x, _torch.sym_types):
             self.kind[i] = LEAF
             return
@@ -293,7 +403,7 @@ class _Walk:
                                       for k, v in enumerate(values)])
         elif not pytree.tree_is_leaf(x):
             children, spec = pytree.tree_flatten(x, is_leaf=lambda y: y is not x)
-            d = _instance_dict(x)
+            d = instance_dict(x)
             if d is not None:
                 self.internal.add(id(d))
             ch = [self.visit(v, i, f"<{k}>", pytree_level) for k, v in enumerate(children)]
@@ -308,13 +418,13 @@ class _Walk:
     def _object(self, i: int, x: Any, t: type, new: Any) -> None:
         attrs = None
         children: list[int] = []
-        d = _instance_dict(x)
+        d = instance_dict(x)
         if d is not None:
             self.internal.add(id(d))
             attrs = [(name, self.visit(v, i, f".{name}")) for name, v in list(d.items())]
             children += [c for _, c in attrs]
         slots = []
-        for desc in _slot_descriptors(t):
+        for desc in slot_descriptors(t):
             try:
                 v = desc.__get__(x, t)
             except AttributeError:
@@ -362,14 +472,14 @@ class _Walk:
                     found.add(i)
         return found
 
-    def path(self, i: int) -> tuple[Any, str]:
-        """The output leaf pytree could not open that holds node ``i``, and the
-        path from it."""
+    def path(self, i: int) -> tuple[int, str]:
+        """The output leaf pytree could not open (or the write value) that
+        holds node ``i``, and the path from it."""
         steps = []
         while True:
             parent, step = self.parent[i]
             if parent is None or parent in self.pytree_level:
-                return self.objs[i], "".join(reversed(steps))
+                return i, "".join(reversed(steps))
             steps.append(step)
             i = parent
 
@@ -383,6 +493,7 @@ class _Plan:
         self.const: dict[int, bool] = {}
         self.has_leaf = self._has_leaf()
         self.rebuilds_objects = False
+        self.uses_inputs = False
 
     def _has_leaf(self) -> list[bool]:
         w = self.w
@@ -406,7 +517,7 @@ class _Plan:
         kind = w.kind[i]
         if kind == CONST:
             return True
-        if kind == LEAF or i in w.pytree_level:
+        if kind == LEAF or kind == INPUT or i in w.pytree_level:
             return False
         if i in self.const:
             return self.const[i]
@@ -440,8 +551,9 @@ class _Plan:
         self.const[i] = result
         return result
 
-    def template_nodes(self, root: int) -> tuple[tuple, list]:
-        """The Template's nodes (renumbered) and the leaves, in build order."""
+    def template_nodes(self, root: int, writes: list = ()) -> tuple[tuple, list, list]:
+        """The Template's nodes (renumbered), the leaves, in build order, and
+        the writes (parts of nodes renumbered)."""
         w = self.w
         index: dict[int, int] = {}
         nodes: list = []
@@ -460,6 +572,10 @@ class _Plan:
             if kind == LEAF:
                 nodes[j] = (LEAF, len(leaves))
                 leaves.append(w.objs[i])
+                return j
+            if kind == INPUT:
+                nodes[j] = (INPUT, w.payload[i])
+                self.uses_inputs = True
                 return j
             if i in w.cyclic and kind in _FROM_CHILDREN:
                 self._refuse(i, "a cycle goes through this immutable object")
@@ -488,13 +604,27 @@ class _Plan:
             return j
 
         emit(root)
-        return tuple(nodes), leaves
+        out_writes = [(target, tuple((tag, tuple((n, v if v < 0 else emit(v)) for n, v in data)
+                                      if tag in ("attrs", "slots") else
+                                      tuple((emit(k), emit(v)) for k, v in data) if tag == "map"
+                                      else tuple(emit(v) for v in data))
+                                     for tag, data in parts))
+                      for target, parts in writes]
+        return tuple(nodes), leaves, out_writes
 
     def _refuse(self, i: int, why: str) -> None:
-        top, path = self.w.path(i)
-        obj = self.w.objs[i]
-        where = f"{type(top).__name__}{path}" if path else type(top).__name__
+        top_node, path = self.w.path(i)
+        top, obj = self.w.objs[top_node], self.w.objs[i]
         what = f" ({type(obj).__module__}.{type(obj).__qualname__})" if path else ""
+        label = self.w.origin.get(top_node)
+        if label is not None:  # Note [Objects passed in] (objects.py)
+            raise RuntimeError(
+                f"aotgrad: the program writes into an object passed in: at {label}{path}"
+                f"{what}, {why}. aotgrad replays such writes on every call (new objects "
+                "made per call, tensors as outputs), but not this one. Pass the tensors as "
+                "arguments and return the new ones, or return a new object instead of "
+                "writing into the argument.")
+        where = f"{type(top).__name__}{path}" if path else type(top).__name__
         raise RuntimeError(
             f"Found {type(top)} in output, which is not a known type. If this type holds "
             "tensors, you need to register a pytree for it (aotgrad opens such objects and "
@@ -509,14 +639,6 @@ def _cell_full(cell: Any) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _instance_dict(x: Any) -> dict | None:
-    try:
-        d = object.__getattribute__(x, "__dict__")
-    except (AttributeError, TypeError):
-        return None
-    return d if type(d) is dict else None
 
 
 @functools.lru_cache(maxsize=512)
@@ -536,19 +658,3 @@ def _rebuildable(cls: type) -> Any:
         if own_new is not None and not isinstance(own_new, (staticmethod, types.FunctionType)):
             return None  # a C __new__ (pybind11, PyType_FromSpec)
     return new
-
-
-@functools.lru_cache(maxsize=512)
-def _slot_descriptors(cls: type) -> tuple:
-    out = []
-    for c in cls.__mro__:
-        names = c.__dict__.get("__slots__", ())
-        for name in (names,) if isinstance(names, str) else names:
-            if name in ("__dict__", "__weakref__"):
-                continue
-            if name.startswith("__") and not name.endswith("__"):
-                name = f"_{c.__name__.lstrip('_')}{name}"
-            desc = c.__dict__.get(name)
-            if isinstance(desc, types.MemberDescriptorType):
-                out.append(desc)
-    return tuple(out)

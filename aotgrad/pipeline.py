@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, subclass
+from . import _torch, hops, objects, subclass
 from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
@@ -82,17 +82,18 @@ def _timed(report: CompileReport, stage: str):
         secs[stage] = secs.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool):
+def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool, shape_env: bool = False):
     """Fake versions of the graph inputs, and their fake mode.
 
     Under torch.compile the fake mode is dynamo's (found on fake inputs or on
     the tracing context): real inputs are converted by it, which returns the
     very fake tensors dynamo traced with, symbolic sizes included.  Otherwise
-    a fresh mode is made, symbolic when ``dynamic``.
+    a fresh mode is made, symbolic when ``dynamic``, with a ShapeEnv when
+    ``shape_env`` (Note [Fake rules that need a ShapeEnv], hops.py).
     """
     mode = _torch.detect_fake_mode(list(graph_inputs))
     if mode is None:
-        mode = _torch.new_fake_mode(dynamic)
+        mode = _torch.new_fake_mode(dynamic, shape_env)
         return mode, fakes_from_reals(mode, graph_inputs, static=not dynamic)
     return mode, [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
                   else x for x in graph_inputs]
@@ -111,31 +112,36 @@ class Traced:
 
 def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
                report: CompileReport, *, loss_index: int | None = None,
-               require_grad: bool | None = None, specialise: bool = False) -> Traced:
+               require_grad: bool | None = None, specialise: bool = False,
+               shape_env: bool = False) -> Traced:
     """flatten -> analyze -> trace (also the first half of export).
     ``specialise``: a program that reads its tensors' values is traced for
     the values its real inputs give, and guarded (Note [Values read while
-    tracing], values.py)."""
+    tracing], values.py).  ``shape_env``: see ``fake_inputs_for``."""
     stage = functools.partial(_timed, report)
     grad_enabled = torch.is_grad_enabled() if require_grad is None else require_grad
     with stage("flatten"):
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
         graph_inputs = select_graph_inputs(flat, leaves)
-        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
+        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
     attempt = functools.partial(_trace, options=options, stage=stage, report=report,
                                 grad_enabled=grad_enabled, loss_index=loss_index)
     try:
         sig, traced = attempt(flat_fn, fake_mode, fakes)
         return Traced(flat, sig, traced, fake_mode, fakes)
     except Exception as error:
+        if not shape_env and _torch.detect_fake_mode(list(graph_inputs)) is None and \
+                hops.needs_shape_env(error, fake_mode):  # Note [Fake rules that need a ShapeEnv]
+            return trace_call(fn, options, leaves, in_spec, report, loss_index=loss_index,
+                              require_grad=require_grad, specialise=specialise, shape_env=True)
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)
         reads = _reads_for(error, flat_fn, graph_inputs, grad_enabled) if specialise else None
         if reads is None:
             _raise_explained(error)
             raise
-    fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic)
+    fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
     try:
         sig, traced = attempt(AnsweredFunction(fn, flat, reads), fake_mode, fakes)
     except Exception as error:
@@ -235,7 +241,8 @@ def raise_eager_error(fn: Callable, leaves: list, in_spec: Any, error: Exception
     copies = [copy_for_eager(x) for x in leaves]
     args, kwargs = _torch.pytree.tree_unflatten(copies, in_spec)
     try:
-        with rng_kept(copies):
+        with rng_kept(copies), objects.kept(copies), \
+                _torch.functorch_layers_restored():  # (hops.py)
             fn(*args, **kwargs)
     except Exception as eager_error:
         raise eager_error from error

@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _torch
+from . import _torch, hops
 from .descriptors import DESC, Grad
 from .partition import ancestors
 from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
@@ -97,6 +97,9 @@ class CheckpointRegionMarker(TorchDispatchMode):
     """Marks the nodes traced inside a plain checkpoint region (Note [Checkpoint regions])."""
 
     supports_higher_order_operators = True  # they pass through like any op
+
+    ignore_compile_internals = hops.transparent_to_hop_compiles  # Note [Dynamo under
+                                                                 # aotgrad's modes] (hops.py)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "prim":  # metadata queries (prim::device), asked by C++

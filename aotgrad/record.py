@@ -63,7 +63,7 @@ that need no tangent).  Tokens are tracked by one node that is never put in
 the graph and that no recorded node uses.  (A ``with_effects`` node would
 not do: its token result is unused and fx deems the higher-order op pure,
 so the joint graph's dead-code elimination dropped the error check.)  Other
-higher-order ops go to make_fx.
+higher-order ops go to make_fx (Note [Higher-order operators], hops.py).
 
 Note [Straight to the fake mode]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -91,7 +91,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, fakes, node_meta
+from . import _torch, fakes, hops, node_meta
 
 
 _log = logging.getLogger(__name__)
@@ -169,6 +169,10 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
     mode, so it sees the functional ops.  Torch code that looks for make_fx's
     mode (selective checkpointing, functionalization's view replay) finds this
     one and reads ``tracer`` (``_Tracked``)."""
+
+    #: to dynamo, an infra mode only while torch compiles a higher-order op's
+    #: call (Note [Dynamo under aotgrad's modes], hops.py)
+    is_infra_mode = hops.transparent_to_hop_compiles
 
     def __init__(self, fake_mode: Any, decompositions: Mapping | None, functional: bool):
         self.graph = fx.Graph()
@@ -495,9 +499,10 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     for name, value in zip(names, flat, strict=True):
         recorder.placeholder(name, value)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fake_mode)
+        stack.enter_context(_torch.functorch_layers_restored())  # Note [Layers a failed run
+        stack.enter_context(fake_mode)                           # leaves] (hops.py)
         stack.enter_context(_torch.enable_python_dispatcher())
-        stack.enter_context(_torch.autocast_cache_disabled())
+        stack.enter_context(autocast_cache_disabled())
         stack.enter_context(recorder)
         if fake_mode.shape_env is not None:
             # an op making an unbacked symbol (nonzero, item) is refused, and
@@ -510,6 +515,18 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     leaves = _torch.pytree.tree_leaves(result)
     recorder.graph.output(tuple(recorder.arg(v) for v in leaves))
     return _torch.lazy_graph_module(torch.nn.Module(), recorder.graph)
+
+
+@contextlib.contextmanager
+def autocast_cache_disabled():
+    """Autocast's cache of cast weights kept off while tracing: a cast made of a
+    fake tensor must not be handed to a later real call."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 def add_placeholders(names: Sequence[str], metas: Sequence[tuple],
@@ -550,7 +567,7 @@ def trace_graph(fn: Callable, args: Sequence[Any], names: Sequence[str],
             reason = str(e)
             _log.debug("traced by make_fx: %s", e)
     _torch.bump_counter("aotgrad", "traced_by_make_fx")
-    with _torch.lazy_graph_modules():
+    with _torch.lazy_graph_modules(), _torch.functorch_layers_restored():  # (hops.py)
         gm = _torch.make_fx(fn, decomposition_table=decompositions)(*args)
     inline_effects(gm.graph)
     gm.meta[TRACER_META] = f"make_fx ({reason})"

@@ -448,6 +448,10 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     # the only references to the saved values and tangents (ctx's are cleared
     # unless retain_graph), so each dies at its last use
     bw = bwd.bind(compiled.backward, "backward")
+    if compiled.keeping_backward is not None:  # Note [Donated buffers] (compile.py)
+        bwd(f"bw = {bwd.bind(compiled.keeping_backward, 'keeping_backward')}() if "
+            f"{bwd.bind(_torch.keeps_graph, 'keeps_graph')}() else {bw}")
+        bw = "bw"
     bwd("kept = None")
     bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")
     bwd(f"grads, kept = {bwd.bind(_backward_create_graph, 'create_graph')}(ctx, {bw}, args, "

@@ -448,7 +448,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             writes: list = []
             if diff and wrt:
                 watch = _BackwardWatch(known, f_args, sig, f_tangents)
-                with _torch.backward_autocast(config.backward_pass_autocast):
+                with _backward_autocast(config.backward_pass_autocast):
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
                 writes = watch.writes()
                 backward_writes[:] = [w for w, _ in writes]
@@ -651,14 +651,18 @@ def drop_detaches(gm: fx.GraphModule) -> None:
 
 
 def drop_unused_views(gm: fx.GraphModule) -> None:
-    """Remove view ops (and their items) whose results nothing reads.
+    """Remove view ops whose results nothing reads, and items nothing reads.
 
     Functionalization replays a view after each mutation of its base, read
     or not; a synthetic base's members are sliced before the program runs
-    (rebase.py).  In a joint graph the partitioner keeps only what is
-    needed; an inference graph is compiled as traced, so it is swept here::
+    (rebase.py); make_fx takes an item of every result of a multi-result op,
+    which a compiler may not have (inductor's flex_attention on CPU returns
+    fewer results than its fake rule).  In a joint graph the partitioner
+    keeps only what is needed; an inference graph is compiled as traced, so
+    it is swept here::
 
         as_strided = as_strided(arg0_1, [2, 2], [2, 1], 0);  as_strided = None   # dropped
+        getitem_4 = flex_attention[2];  getitem_4 = None                         # dropped
     """
     graph = gm.graph
     changed = False
@@ -666,8 +670,7 @@ def drop_unused_views(gm: fx.GraphModule) -> None:
         if node.op != "call_function" or node.users:
             continue
         target = node.target
-        if is_view_op(target) or (target is operator.getitem and isinstance(node.args[0], fx.Node)
-                                  and is_view_op(node.args[0].target)):
+        if is_view_op(target) or target is operator.getitem:
             graph.erase_node(node)
             changed = True
     if changed:
@@ -680,3 +683,21 @@ def _annotate(gm: fx.GraphModule, in_descs: list, out_descs: tuple) -> None:
     for node, desc in zip(placeholders, in_descs):
         node.meta[DESC] = desc
     gm.graph.output_node().meta[DESC] = out_descs
+
+
+@contextlib.contextmanager
+def _backward_autocast(setting):
+    """The autocast state the backward is traced under (config.backward_pass_autocast):
+    "same_as_forward" (leave it), "off", or a list of torch.amp.autocast kwargs."""
+    with contextlib.ExitStack() as stack:
+        if setting == "off":
+            for device in _torch.autocast_devices():
+                stack.enter_context(torch.amp.autocast(device, enabled=False))
+        elif isinstance(setting, (list, tuple)):
+            for kwargs in setting:
+                stack.enter_context(torch.amp.autocast(**kwargs))
+        elif setting != "same_as_forward":
+            raise ValueError(
+                f"aotgrad.config.backward_pass_autocast must be 'same_as_forward', 'off' or a "
+                f"list of torch.amp.autocast keyword dicts, not {setting!r}")
+        yield

@@ -199,3 +199,30 @@ def test_inductor_with_subclass_parameters(freezing, grad):
             contextlib.nullcontext():
         out = torch.compile(m, backend=backends.inductor)(x)
     assert_close(out, m(x))
+
+
+@pytest.mark.parametrize("donated", [True, False])
+def test_donated_buffers(monkeypatch, donated):
+    # Note [Donated buffers]: inductor may reuse saved values' memory in the
+    # backward; retain_graph=True still gives eager's gradients, twice
+    import torch._inductor.graph as inductor_graph
+
+    seen = []
+    real = inductor_graph.get_donated_idxs
+    monkeypatch.setattr(inductor_graph, "get_donated_idxs", lambda: seen.append(real()) or seen[-1])
+
+    def f(x, w):
+        return (x @ w).sin().cos().sum()
+
+    torch._dynamo.reset()
+    x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    ref, = torch.autograd.grad(f(x, w), x)
+    with aotgrad.config.patch(donated_buffer=donated), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        g = torch.compile(f, backend=backends.inductor)
+        out = g(x, w)
+        assert_close(torch.autograd.grad(out, x)[0], ref)
+        out = g(x, w)
+        for _ in range(2):
+            assert_close(torch.autograd.grad(out, x, retain_graph=True)[0], ref)
+    assert any(seen) == donated

@@ -397,6 +397,11 @@ def _api(impl, name):
 
 _shared = torch.randn(2)
 
+
+class _Holder:                   # a type pytree does not know
+    def __init__(self, **state):
+        self.__dict__.update(state)
+
 REFUSALS = {
     "metadata_mutation": (
         lambda I: _api(I, "aot_export_module")(TestMod(lambda p, x: (x.t_() * 2,)),
@@ -510,6 +515,16 @@ REFUSALS = {
         lambda I: _api(I, "aot_export_joint_simple")(lambda x: x * 2, [torch.randn(2)],
                                                      trace_joint=False),
         RuntimeError, "aot_export_joint_simple requires outputs to be a single list/tuple"),
+    # an object pytree does not open (aotgrad would open it: Note [Opened output objects])
+    "simple_object_output": (
+        lambda I: _api(I, "aot_export_joint_simple")(lambda x: _Holder(t=x * 2),
+                                                     [torch.randn(2, requires_grad=True)],
+                                                     trace_joint=True),
+        RuntimeError, "Found <class '.*_Holder'> in output, which is not a known type"),
+    "simple_object_in_a_tuple": (
+        lambda I: _api(I, "aot_export_joint_simple")(lambda x: (x * 3, _Holder(t=x * 2)),
+                                                     [torch.randn(2)], trace_joint=False),
+        RuntimeError, "Found <class '.*_Holder'> in output, which is not a known type"),
     "no_tangents_two_outputs": (
         lambda I: _api(I, "aot_export_function")(lambda x: (x.sin().sum(), x.cos()),
                                                  (torch.randn(2, requires_grad=True),),
@@ -703,3 +718,17 @@ def test_function_pre_dispatch():
     gm, *_ = aot_export_function(lambda x: (x @ x,), (x,), pre_dispatch=True)
     assert gm.code == gm_t.code
     assert_close(gm(x.detach())[0], x.detach() @ x.detach())
+
+
+def test_writes_into_objects_passed_in_are_refused():
+    # Note [Objects passed in]: an exported graph cannot replay them
+    def f(x, box):
+        box.t = x * 2
+        return (x + 1,)
+
+    box = _Holder()
+    for export in (lambda: aot_export_joint_simple(f, [torch.randn(2), box], trace_joint=False),
+                   lambda: aot_export_function(f, (torch.randn(2), box))):
+        with pytest.raises(RuntimeError, match="writes into an object passed in"):
+            export()
+        assert vars(box) == {}

@@ -481,12 +481,12 @@ def test_eager_errors_raised_by_either_trace(monkeypatch, fn, error, own):
     # checking mode; a trace without it leaves what could fail a check to one
     used = []
 
-    class Checks(aotgrad._torch.EagerChecks):
+    class Checks(aotgrad.analyze.EagerChecks):
         def __init__(self, *args):
             used.append(1)
             super().__init__(*args)
 
-    monkeypatch.setattr(aotgrad._torch, "EagerChecks", Checks)
+    monkeypatch.setattr(aotgrad.analyze, "EagerChecks", Checks)
     monkeypatch.setattr(aotgrad.trace, "OWN_FUNCTIONALIZATION", own)
     x = torch.randn(3, 3, requires_grad=True)
     if fn is not _fill_of_overlapping_memory:
@@ -499,7 +499,7 @@ def test_eager_errors_raised_by_either_trace(monkeypatch, fn, error, own):
 
 def test_no_checking_mode_when_the_tracer_functionalizes(monkeypatch):
     # Note [Eager's errors]: a mutation the tracer records itself needs no check
-    monkeypatch.setattr(aotgrad._torch, "EagerChecks", None)  # fails if used
+    monkeypatch.setattr(aotgrad.analyze, "EagerChecks", None)  # fails if used
 
     def fn(x, w):
         h = x @ w

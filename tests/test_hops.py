@@ -1,0 +1,164 @@
+"""Higher-order operators (issue 18, item 1) through aot_function and both
+torch.compile backends, static and dynamic, against eager: values and
+gradients."""
+
+import functools
+
+import pytest
+import torch
+from torch._higher_order_ops import map as hop_map, scan, while_loop
+from torch.testing import assert_close
+
+import aotgrad
+from aotgrad import backends
+
+
+def _cond(x):
+    return torch.cond(x.sum() > 0, lambda x: x.sin(), lambda x: x.cos() * 2, (x,))
+
+
+def _while(x):
+    return while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y * 2 + 1),
+                      (torch.tensor(0), x))[1]
+
+
+def _map(x):
+    # the extra argument is a fresh tensor: torch's map refuses arguments that
+    # alias each other (x[0] and the rows of x), in eager too
+    return hop_map(lambda row, w: row.sin() * w, x, x[0].clone())
+
+
+def _scan(x):
+    return scan(lambda c, r: (c + r, (c * r).sin()), x[0].clone(), x)[1]
+
+
+@torch.compiler.nested_compile_region
+def _block(x):
+    return x.sin() * 2 + 1
+
+
+def _invoke_subgraph(x):
+    return _block(_block(x)).cos()
+
+
+@torch.library.custom_op("aotgrad_test::add_into", mutates_args=("acc",))
+def _add_into(x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    acc.add_(x)
+    return x * 2
+
+
+@_add_into.register_fake
+def _(x, acc):
+    return torch.empty_like(x)
+
+
+def _auto_functionalized(x):
+    acc = torch.ones_like(x)
+    y = _add_into(x.detach(), acc)
+    return y + acc + x
+
+
+def _checkpointed(x):
+    return torch.utils.checkpoint.checkpoint(lambda x: x.sin().cos() * x, x,
+                                             use_reentrant=False)
+
+
+PROGRAMS = {
+    "cond": (_cond, True),
+    "while_loop": (_while, False),     # no derivative rule for while_loop (as in torch);
+                                       # static, torch's aot_function fails it (its fake rule
+                                       # needs a ShapeEnv): aotgrad traces it again with one
+    "map": (_map, True),
+    "scan": (_scan, True),
+    "invoke_subgraph": (_invoke_subgraph, True),
+    "auto_functionalized": (_auto_functionalized, True),
+    "checkpoint": (_checkpointed, True),
+}
+
+
+def _compiled(how, fn, dynamic):
+    if how == "aot_function":
+        return aotgrad.aot_function(fn, aotgrad.nop, dynamic=dynamic)
+    torch._dynamo.reset()
+    backend = backends.aot_eager if how == "aot_eager" else backends.inductor
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+
+
+def _check(compiled, fn, x, grad):
+    for sign in (1, -1):   # both branches of cond
+        inp = (sign * x).detach().requires_grad_(grad)
+        out, ref = compiled(inp), fn(inp)
+        assert_close(out, ref)
+        if grad:
+            g, = torch.autograd.grad(out.square().sum(), inp)
+            r, = torch.autograd.grad(ref.square().sum(), inp)
+            assert_close(g, r)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("how", ["aot_function", "aot_eager"])
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_higher_order_op(name, how, dynamic):
+    fn, grad = PROGRAMS[name]
+    torch.manual_seed(0)
+    _check(_compiled(how, fn, dynamic), fn, torch.randn(4, 3), grad)
+
+
+@pytest.mark.parametrize("name", ["cond", "scan", "invoke_subgraph", "auto_functionalized"])
+def test_higher_order_op_inductor(name):
+    fn, grad = PROGRAMS[name]
+    torch.manual_seed(0)
+    _check(_compiled("inductor", fn, False), fn, torch.randn(4, 3), grad)
+
+
+def test_inference_of_higher_order_ops():
+    for fn, _ in PROGRAMS.values():
+        x = torch.randn(4, 3)
+        with torch.no_grad():
+            assert_close(_compiled("aot_eager", fn, False)(x), fn(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
+@pytest.mark.parametrize("how", ["aot_eager", "inductor"])
+def test_flex_attention(how):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def fn(q):
+        return flex_attention(q, q, q, score_mod=lambda s, b, h, i, j: s + (i - j))
+
+    q = torch.randn(1, 2, 128, 16, device="cuda")
+    _check(_compiled(how, fn, False), fn, q, True)
+
+
+def test_flex_attention_inference_on_cpu():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def fn(q):
+        return flex_attention(q, q, q)
+
+    q = torch.randn(1, 2, 8, 4)
+    for how in ("aot_eager", "inductor"):
+        assert_close(_compiled(how, fn, False)(q), fn(q))
+
+
+def test_torch_compile_inside_the_program():
+    """Note [Dynamo under aotgrad's modes] (hops.py): a function the program
+    compiles itself is traced through, by the light tracer alone and under
+    functionalization (torch's aot_function fails both: an inductor kernel
+    run on fake tensors; make_fx, which a program with a higher-order op
+    needs, refuses dynamo's functions for torch and aotgrad alike)."""
+    torch._dynamo.reset()
+    # two functions: dynamo marks the code it skips (one code object, one test)
+    inner = torch.compile(lambda x: x.sin() * 2, backend="inductor")
+    other = torch.compile(lambda x: x.sin() * 3, backend="inductor")
+
+    def light(x):
+        return inner(x).cos()
+
+    def functionalized(x):
+        y = x * 1
+        y[0].add_(1)   # a mutation of a view: traced under functionalization
+        return other(y).cos()
+
+    for fn in (light, functionalized):
+        _check(aotgrad.aot_function(fn, aotgrad.nop), fn, torch.randn(4, 3), True)
