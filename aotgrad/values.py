@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, subclass
+from . import _torch, hops, subclass
 from .flatten import FlatFunction, FlatInputs
 
 _aten = _torch.aten
@@ -99,6 +99,11 @@ def rng_kept(tensors: Sequence[Any]) -> Any:
 
 class _Noting(_torch.TorchDispatchMode):
     """Notes each read and its value (step 1)."""
+
+    ignore_compile_internals = hops.transparent_to_hop_compiles  # Note [Dynamo under
+    # aotgrad's modes] (hops.py); higher-order ops pass through (a read inside
+    # one's body is not answered: it keeps the data-dependence error)
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -204,6 +209,11 @@ def value_guarded(run: Callable[[list], Any], reads: ValueReads,
 
 class _Answering(_torch.TorchDispatchMode):
     """Answers the k-th read with the k-th recorded value (step 2)."""
+
+    ignore_compile_internals = hops.transparent_to_hop_compiles  # Note [Dynamo under
+    # aotgrad's modes] (hops.py); higher-order ops pass through (a read inside
+    # one's body is not answered: it keeps the data-dependence error)
+    supports_higher_order_operators = True
 
     def __init__(self, reads: ValueReads) -> None:
         super().__init__()

@@ -180,3 +180,19 @@ def test_aot_module_simplified_with_real_inputs():
     for x in (torch.randn(2, 3), -torch.ones(2, 3) * 10, torch.ones(2, 3) * 10):
         (out,), (ref,) = compiled(x), m(x)
         torch.testing.assert_close(out, ref)
+
+
+def test_a_read_beside_a_higher_order_op():
+    # the modes of values.py let torch.cond's own compilation through (Note
+    # [Dynamo under aotgrad's modes], hops.py), and eager cond works after
+    def f(x):
+        y = torch.cond(x.sum() > 0, lambda x: (x.sin(),), lambda x: (x.cos(),), (x,))[0]
+        return y * x.max().item()
+
+    g = aot_function(f, nop)
+    for x in (torch.randn(4), -torch.rand(4), torch.rand(4)):
+        _check(g, f, x.requires_grad_())
+    x = torch.randn(4)
+    torch.testing.assert_close(torch.cond(x.sum() > 0, lambda x: (x.sin(),),
+                                          lambda x: (x.cos(),), (x,))[0],
+                               x.sin() if x.sum() > 0 else x.cos())
