@@ -84,15 +84,15 @@ def _compiled(how, fn, dynamic):
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
 
 
-def _check(compiled, fn, x, grad):
+def _check(compiled, fn, x, grad, **tolerance):
     for sign in (1, -1):   # both branches of cond
         inp = (sign * x).detach().requires_grad_(grad)
         out, ref = compiled(inp), fn(inp)
-        assert_close(out, ref)
+        assert_close(out, ref, **tolerance)
         if grad:
             g, = torch.autograd.grad(out.square().sum(), inp)
             r, = torch.autograd.grad(ref.square().sum(), inp)
-            assert_close(g, r)
+            assert_close(g, r, **tolerance)
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -127,18 +127,21 @@ def test_flex_attention(how):
         return flex_attention(q, q, q, score_mod=lambda s, b, h, i, j: s + (i - j))
 
     q = torch.randn(1, 2, 128, 16, device="cuda")
-    _check(_compiled(how, fn, False), fn, q, True)
+    # inductor's fused kernel sums in another order than eager's unfused one
+    tolerance = {"atol": 1e-3, "rtol": 1e-3} if how == "inductor" else {}
+    _check(_compiled(how, fn, False), fn, q, True, **tolerance)
 
 
 def test_flex_attention_inference_on_cpu():
     from torch.nn.attention.flex_attention import flex_attention
 
-    def fn(q):
-        return flex_attention(q, q, q)
+    def fn(q, k, v):   # three tensors: torch 2.11's inductor refuses one buffer for all
+        return flex_attention(q, k, v)
 
-    q = torch.randn(1, 2, 8, 4)
+    q, k, v = torch.randn(3, 1, 2, 8, 4).unbind(0)
+    q, k, v = q.clone(), k.clone(), v.clone()
     for how in ("aot_eager", "inductor"):
-        assert_close(_compiled(how, fn, False)(q), fn(q))
+        assert_close(_compiled(how, fn, False)(q, k, v), fn(q, k, v))
 
 
 def test_torch_compile_inside_the_program():
