@@ -33,7 +33,7 @@ from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
 from .saved_hooks import inline_hooks
 from .views import alias_plans
-from .values import (AnsweredFunction, GuardFailed, ValueReads, copy_for_eager,
+from .values import (AnsweredFunction, GuardFailed, RandomRead, ValueReads, copy_for_eager,
                      record_reads, rng_kept, value_guarded)
 from .record import TRACER_META, NeedsMakeFx
 from .trace import SecondPass, TracedGraph, analyze_and_trace, one_pass_possible, trace
@@ -186,7 +186,7 @@ def _reads_for(error: Exception, flat_fn: Callable, graph_inputs: list,
         return None
     try:
         return record_reads(flat_fn, graph_inputs, grad_enabled)
-    except ValueError:
+    except RandomRead:
         raise
     except Exception:
         return None

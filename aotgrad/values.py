@@ -55,6 +55,10 @@ READ_OPS = frozenset({_aten._local_scalar_dense.default, _aten.item.default,
                       _aten.equal.default, _aten.is_nonzero.default})
 
 
+class RandomRead(ValueError):
+    """A value read depends on random numbers: no specialisation can hold."""
+
+
 class GuardFailed(Exception):
     """The call breaks an assumption its compiled program was made under; it
     gets a compilation of its own (api.py)."""
@@ -161,7 +165,7 @@ def _guard_graph(gm: fx.GraphModule, reads: list[fx.Node]) -> tuple[fx.GraphModu
             raise RuntimeError(f"a value read depends on {n.target}, which writes in place")
         if isinstance(n.target, _torch.OpOverload) and \
                 torch.Tag.nondeterministic_seeded in n.target.tags:
-            raise ValueError(
+            raise RandomRead(
                 f"aotgrad: the program reads a value (.item(), torch.equal, `if tensor`) that "
                 f"depends on random numbers ({n.target}): it changes on every call, so no "
                 "compiled graph can be specialised on it. Move the read out of the compiled "
