@@ -201,6 +201,14 @@ def _raise_explained(error: Exception) -> None:
             "that is not the compiled module). Tracing cannot see its values, and a "
             "gradient could not reach it. Pass it as an argument, or make it a parameter "
             "or buffer of the module given to aot_module.") from error
+    if isinstance(error, ValueError) and str(error).startswith("Cannot view a tensor with shape"):
+        raise RuntimeError(
+            "aotgrad: tracing needed a view that its tensor's strides cannot give. This "
+            "happens when a view is taken before an in-place metadata change of its base "
+            "(t.transpose_(), t.t_(), t.unsqueeze_() ...) and autograd or functionalization "
+            "replays the view afterwards; PyTorch's AOTAutograd fails these programs too. Take "
+            "the view after the in-place change, or use the out-of-place op "
+            "(t = t.transpose(0, 1)).") from error
     if isinstance(error, _torch.data_dependence_errors()):
         raise RuntimeError(
             "aotgrad: the program's graph depends on the values in its tensors "

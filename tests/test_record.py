@@ -854,3 +854,19 @@ def test_other_higher_order_ops_go_to_make_fx():
     with pytest.raises(NeedsMakeFx, match="higher-order op cond"):
         record(lambda t: [cond(t.sum() > 0, lambda u: u.sin(), lambda u: u.cos(), (t,))],
                [x], ["arg0_1"], None)
+
+
+def test_a_view_before_a_metadata_change_gets_a_clear_error():
+    # found by the fuzzer: the backward replays v1's view after a's transpose_
+    # (PyTorch's AOTAutograd fails it with the same ValueError underneath)
+    def f(a):
+        v1 = a.view(1, 4, 1)
+        v1.add_(1)
+        v2 = v1.sin()
+        a.transpose_(0, 1)
+        return (v2,)
+
+    x = torch.randn(2, 2, requires_grad=True)
+    f(x.clone())  # fine in eager
+    with pytest.raises(RuntimeError, match="in-place metadata change of its base"):
+        aotgrad.aot_function(f, aotgrad.nop)(x.clone())
