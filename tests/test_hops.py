@@ -165,3 +165,23 @@ def test_torch_compile_inside_the_program():
 
     for fn in (light, functionalized):
         _check(aotgrad.aot_function(fn, aotgrad.nop), fn, torch.randn(4, 3), True)
+
+
+def test_invoke_subgraph_is_one_graph_for_every_call_site():
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return aotgrad.nop(gm, example_inputs)
+
+    torch._dynamo.reset()
+    backend = functools.partial(backends.aot_eager, fw_compiler=keep, bw_compiler=keep)
+    x = torch.randn(4, requires_grad=True)
+    out = torch.compile(_invoke_subgraph, backend=backend, fullgraph=True)(x)
+    assert_close(out, _invoke_subgraph(x))
+    g, = torch.autograd.grad(out.sum(), x)
+    assert_close(g, torch.autograd.grad(_invoke_subgraph(x).sum(), x)[0])
+    for gm in graphs:   # forward, then backward: two calls of one subgraph each
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and
+                 n.target is torch.ops.higher_order.invoke_subgraph]
+        assert len(calls) == 2 and len({n.args[0].target for n in calls}) == 1
