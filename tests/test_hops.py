@@ -58,6 +58,12 @@ def _auto_functionalized(x):
     return y + acc + x
 
 
+def _associative_scan(x):
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    return associative_scan(lambda a, b: a * b + a, x, dim=0, combine_mode="generic")
+
+
 def _checkpointed(x):
     return torch.utils.checkpoint.checkpoint(lambda x: x.sin().cos() * x, x,
                                              use_reentrant=False)
@@ -73,6 +79,7 @@ PROGRAMS = {
     "invoke_subgraph": (_invoke_subgraph, True),
     "auto_functionalized": (_auto_functionalized, True),
     "checkpoint": (_checkpointed, True),
+    "associative_scan": (_associative_scan, True),
 }
 
 
@@ -185,3 +192,14 @@ def test_invoke_subgraph_is_one_graph_for_every_call_site():
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and
                  n.target is torch.ops.higher_order.invoke_subgraph]
         assert len(calls) == 2 and len({n.args[0].target for n in calls}) == 1
+
+
+@pytest.mark.parametrize("how", ["aot_function", "aot_eager"])
+def test_out_dtype(how):
+    from torch._higher_order_ops.out_dtype import out_dtype
+
+    def fn(x):
+        return out_dtype(torch.ops.aten.mm.default, torch.int32, x, x.t())
+
+    x = torch.randint(-3, 3, (4, 3), dtype=torch.int8)
+    assert_close(_compiled(how, fn, False)(x), fn(x))
