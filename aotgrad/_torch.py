@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree  # noqa: F401  (re-exported)
 from torch._decomp import core_aten_decompositions, get_decompositions  # noqa: F401
-from torch._dispatch.python import enable_python_dispatcher  # noqa: F401
+from torch._dispatch.python import enable_python_dispatcher, no_python_dispatcher  # noqa: F401
 from torch._prims_common import suggest_memory_format  # noqa: F401  (tangents.py)
 from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorMode,  # noqa: F401
                                            in_kernel_invocation_manager)

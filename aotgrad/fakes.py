@@ -310,6 +310,10 @@ def _check_rebuilt(func: Any, mine: Any, theirs: Any, tensors: list) -> None:
 #   kernel's result: its size by the op's four layouts, the dtype of its
 #   inputs, that padded stride (checked against the real kernel for the four
 #   layouts and three dtypes: tests/test_fake_kernels.py).
+# * ``aten.view`` of a tensor with a zero stride (an expand): torch's fake
+#   rule makes some views eager refuses; aotgrad's asks the meta kernel,
+#   eager's own stride computation, and raises its error (the rest goes on
+#   to torch's rule).
 
 def _grouped_mm_cpu(mode: Any, mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None,
                     out_dtype: Any = None) -> Any:
@@ -343,3 +347,19 @@ def _grouped_mm_cpu(mode: Any, mat_a: Any, mat_b: Any, offs: Any = None, bias: A
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _torch.FAKE_KERNELS[torch.ops.aten._grouped_mm.default] = _grouped_mm_cpu
+
+
+def _view_checked(mode: Any, t: Any, shape: Any) -> Any:
+    """Note [Own fake kernels]: eager's error for a view its strides cannot
+    give, which torch's fake rule of ``view`` lets through (an expand viewed
+    across its broadcast dimension: (2, 1, 3) with strides (0, 3, 1) as
+    (1, 6) gets strides (0, 0), a tensor eager refuses to make)."""
+    sizes, strides = t.shape, t.stride()
+    if all(type(d) is int for d in (*sizes, *strides, *shape)) and 0 in strides:
+        # a real meta tensor and the C++ kernel, not another fake or Python rule
+        with _torch.no_dispatch(), _torch.no_python_dispatcher():
+            torch.empty_strided(sizes, strides, dtype=t.dtype, device="meta").view(shape)
+    return NotImplemented
+
+
+_torch.FAKE_KERNELS[torch.ops.aten.view.default] = _view_checked

@@ -133,3 +133,21 @@ def test_own_kernels_only_while_aotgrad_traces():
             pass
         assert "dispatch" in vars(mode)
     assert "dispatch" not in vars(mode)
+
+
+def test_a_view_eager_refuses_is_refused():
+    # Note [Own fake kernels]: torch's fake rule of view lets (2, 1, 3) with
+    # strides (0, 3, 1) become (1, 6) (strides (0, 0)); eager raises
+    def refused(a):
+        a.reshape(1, 3).expand(2, 1, 3).view(1, 6)
+        return (a * 2,)
+
+    def allowed(a):
+        return (a.reshape(1, 3).expand(2, 1, 3).view(2, 3) * 2,)
+
+    x = torch.randn(3)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        refused(x)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        aotgrad.aot_function(refused, aotgrad.nop)(x)
+    torch.testing.assert_close(aotgrad.aot_function(allowed, aotgrad.nop)(x), allowed(x))
