@@ -43,9 +43,8 @@ from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit,
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
 from .export_descriptors import (aot_compile_joint_with_descriptors,
                                  aot_export_joint_with_descriptors)
-from .budget import min_cut_rematerialization_partition
-from .partition import default_partition
-from .policy import MemoryPolicy, tag
+from .budget import MemoryPolicy, default_partition, min_cut_rematerialization_partition
+from .policy import tag
 from .saved_hooks import saved_tensor_hook_context
 
 __all__ = [

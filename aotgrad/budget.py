@@ -43,7 +43,8 @@ NP-hard refinement we leave for monotonicity and speed.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -52,10 +53,10 @@ from torch.utils.flop_counter import flop_registry
 from . import _torch, config
 from .mincut import Cut, NodeRole, RecomputePolicy, RematProblem, activation_bytes, \
     default_roles, is_cheap_to_recompute, min_cut_saved_values, size_hint, tensor_bytes
-from .partition import build_partition, eliminate_common_subexpressions, forward_nodes, \
-    gc_paused, joint_roles
+from .partition import TAG_META, backward_uses, build_partition, \
+    eliminate_common_subexpressions, forward_nodes, gc_paused, has_recompute_marks, joint_roles
 from .rng import replay_random_ops
-from .policy import MemoryPolicy, insert_offload, node_roles, offloaded
+from .policy import insert_offload, node_roles, offloaded
 
 MAX_SEARCH_STEPS = 32
 MAX_REFINE_STEPS = 4
@@ -201,6 +202,72 @@ def min_cut_rematerialization_partition(
     """
     return policy_partition(joint_gm, num_fwd_outputs, None, recompute_policy, memory_budget,
                             recompute_cost)
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """What to save, recompute or offload, by tag name or by op; also a partitioner.
+
+    ``save``: never recompute these (save them if the backward needs them);
+    ``recompute``: never save these (the backward recomputes them);
+    ``offload``: save these in CPU memory (pinned, copied without blocking on
+    CUDA) and copy them back at the start of the backward.  Entries are tag
+    names (``aotgrad.tag``) or ops (``torch.ops.aten.mm`` or an overload).
+    ``budget`` is a memory budget for the rest (Note [Memory budget]; default
+    ``config.activation_memory_budget``), with ``recompute_cost`` pricing
+    recomputation (default: a roofline estimate; ``budget.profiled_cost()``
+    times the ops).  Pass the policy as ``partition_fn``.
+    """
+    save: Sequence[Any] = ()
+    recompute: Sequence[Any] = ()
+    offload: Sequence[Any] = ()
+    budget: float | None = None
+    recompute_policy: RecomputePolicy = is_cheap_to_recompute
+    recompute_cost: Callable[[fx.Node], int] | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("save", "recompute", "offload"):
+            items = tuple(getattr(self, field))
+            for item in items:
+                if not isinstance(item, (str, _torch.OpOverload, _torch.OpOverloadPacket)):
+                    raise TypeError(
+                        f"aotgrad.MemoryPolicy: {field} entries are tag names or aten ops "
+                        f"(torch.ops.aten.mm), not {item!r}")
+            object.__setattr__(self, field, items)
+        both = (set(self.save) | set(self.offload)) & set(self.recompute)
+        if both:
+            raise ValueError(f"aotgrad.MemoryPolicy: {sorted(map(str, both))} is both kept "
+                             "(save/offload) and recomputed")
+
+    def choice(self, node: fx.Node) -> str | None:
+        """"offload", "recompute", "save" or None for this node."""
+        keys = set(node.meta.get(TAG_META, ()))
+        if isinstance(node.target, _torch.OpOverload):
+            keys |= {node.target, node.target.overloadpacket}
+        for name in ("offload", "recompute", "save"):
+            if keys.intersection(getattr(self, name)):
+                return name
+        return None
+
+    def __call__(self, joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+                 **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+        return policy_partition(joint_gm, num_fwd_outputs, self)
+
+
+def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
+                      **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Save every forward value the backward uses; recompute nothing — unless
+    the program marks values to recompute (checkpoint regions) or names them
+    (tags): then the min-cut partitioner honours the marks (Note [Checkpoint
+    regions], policy.py)."""
+    if has_recompute_marks(joint_gm):
+        return min_cut_rematerialization_partition(joint_gm, joint_inputs,
+                                                   num_fwd_outputs=num_fwd_outputs,
+                                                   memory_budget=1.0)
+    with gc_paused():
+        roles = joint_roles(joint_gm, num_fwd_outputs)
+        fwd = forward_nodes(roles)
+        return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))
 
 
 def policy_partition(joint_gm: fx.GraphModule, num_fwd_outputs: int,

@@ -45,8 +45,8 @@ from .api import AOTFunction, aot_function, aot_module
 from .compile import nop
 from .descriptors import DESC, Primal
 from .flatten import flatten_inputs
-from .partition import default_partition
-from .policy import MemoryPolicy
+from .budget import default_partition
+from .budget import MemoryPolicy
 from .pipeline import CompileReport
 
 STAGES = ("flatten", "analyze", "trace", "partition", "compile", "runtime")

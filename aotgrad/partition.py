@@ -39,6 +39,13 @@ from .views import is_view_op
 #: ``joint_gm.meta`` key: the Primal indices of parameters and buffers (the
 #: inputs whose lifetime is the model's, not the call's; set by the pipeline).
 STATIC_INPUTS_META = "aotgrad_static_inputs"
+# the marks of checkpoint regions and tags on joint-graph nodes (policy.py)
+TAG_META = "aotgrad_tag"
+RECOMPUTE_META = "recompute"
+
+
+def has_recompute_marks(gm: fx.GraphModule) -> bool:
+    return any(RECOMPUTE_META in n.meta or TAG_META in n.meta for n in gm.graph.nodes)
 
 
 def static_primals(gm: fx.GraphModule) -> frozenset[int]:
@@ -295,26 +302,6 @@ def gc_paused():
             gc.enable()
 
 
-def default_partition(joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
-                      **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Save every forward value the backward uses; recompute nothing — unless
-    the program marks values to recompute (checkpoint regions) or names them
-    (tags): then the min-cut partitioner honours the marks (Note [Checkpoint
-    regions], policy.py)."""
-    from .policy import has_recompute_marks
-
-    if has_recompute_marks(joint_gm):
-        from .budget import min_cut_rematerialization_partition
-
-        return min_cut_rematerialization_partition(joint_gm, joint_inputs,
-                                                   num_fwd_outputs=num_fwd_outputs,
-                                                   memory_budget=1.0)
-    with gc_paused():
-        roles = joint_roles(joint_gm, num_fwd_outputs)
-        fwd = forward_nodes(roles)
-        return build_partition(joint_gm, roles, backward_uses(joint_gm, roles, fwd))
-
-
 def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]) -> list[fx.Node]:
     """Forward nodes that the backward reads, in graph order."""
     bwd = ancestors(roles.bwd_outputs, stop=frozenset(fwd)) - fwd
@@ -417,8 +404,6 @@ def eliminate_common_subexpressions(gm: fx.GraphModule) -> int:
         before: sin = sin(primals_1); sin_1 = sin(primals_1); add = add(sin, sin_1)
         after:  sin = sin(primals_1); add = add(sin, sin)
     """
-    from .policy import RECOMPUTE_META, TAG_META
-
     graph = gm.graph
     out_storages = {_storage(n) for n in graph.output_node().all_input_nodes} - {None}
     impure = impure_calls(graph)

@@ -42,12 +42,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _torch, hops
 from .descriptors import DESC, Grad
-from .partition import ancestors
+from .partition import RECOMPUTE_META, TAG_META, ancestors, has_recompute_marks  # noqa: F401
 from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
     is_random_or_mutating
 
-TAG_META = "aotgrad_tag"
-RECOMPUTE_META = "recompute"
 
 # ---------------------------------------------------------------- tags
 
@@ -120,62 +118,7 @@ class CheckpointRegionMarker(TorchDispatchMode):
         return out
 
 
-def has_recompute_marks(gm: fx.GraphModule) -> bool:
-    return any(RECOMPUTE_META in n.meta or TAG_META in n.meta for n in gm.graph.nodes)
-
 # ---------------------------------------------------------------- policies
-
-
-@dataclass(frozen=True)
-class MemoryPolicy:
-    """What to save, recompute or offload, by tag name or by op; also a partitioner.
-
-    ``save``: never recompute these (save them if the backward needs them);
-    ``recompute``: never save these (the backward recomputes them);
-    ``offload``: save these in CPU memory (pinned, copied without blocking on
-    CUDA) and copy them back at the start of the backward.  Entries are tag
-    names (``aotgrad.tag``) or ops (``torch.ops.aten.mm`` or an overload).
-    ``budget`` is a memory budget for the rest (Note [Memory budget]; default
-    ``config.activation_memory_budget``), with ``recompute_cost`` pricing
-    recomputation (default: a roofline estimate; ``budget.profiled_cost()``
-    times the ops).  Pass the policy as ``partition_fn``.
-    """
-    save: Sequence[Any] = ()
-    recompute: Sequence[Any] = ()
-    offload: Sequence[Any] = ()
-    budget: float | None = None
-    recompute_policy: RecomputePolicy = is_cheap_to_recompute
-    recompute_cost: Callable[[fx.Node], int] | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("save", "recompute", "offload"):
-            items = tuple(getattr(self, field))
-            for item in items:
-                if not isinstance(item, (str, _torch.OpOverload, _torch.OpOverloadPacket)):
-                    raise TypeError(
-                        f"aotgrad.MemoryPolicy: {field} entries are tag names or aten ops "
-                        f"(torch.ops.aten.mm), not {item!r}")
-            object.__setattr__(self, field, items)
-        both = (set(self.save) | set(self.offload)) & set(self.recompute)
-        if both:
-            raise ValueError(f"aotgrad.MemoryPolicy: {sorted(map(str, both))} is both kept "
-                             "(save/offload) and recomputed")
-
-    def choice(self, node: fx.Node) -> str | None:
-        """"offload", "recompute", "save" or None for this node."""
-        keys = set(node.meta.get(TAG_META, ()))
-        if isinstance(node.target, _torch.OpOverload):
-            keys |= {node.target, node.target.overloadpacket}
-        for name in ("offload", "recompute", "save"):
-            if keys.intersection(getattr(self, name)):
-                return name
-        return None
-
-    def __call__(self, joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int,
-                 **_ignored) -> tuple[fx.GraphModule, fx.GraphModule]:
-        from .budget import policy_partition
-
-        return policy_partition(joint_gm, num_fwd_outputs, self)
 
 
 def node_roles(policy: MemoryPolicy | None,

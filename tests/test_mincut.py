@@ -22,7 +22,7 @@ import aotgrad
 from aotgrad.descriptors import Saved
 from aotgrad import min_cut_rematerialization_partition
 from aotgrad.mincut import FlowNetwork, is_cheap_to_recompute, saved_tensor_bytes
-from aotgrad.partition import default_partition
+from aotgrad import default_partition
 
 aten = torch.ops.aten
 RANDOM_OPS = {aten.native_dropout, aten.bernoulli, aten.rand_like, aten.rand, aten.randn,
