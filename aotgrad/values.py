@@ -46,6 +46,7 @@ import torch.fx as fx
 
 from . import _torch, hops, subclass
 from .flatten import FlatFunction, FlatInputs
+from .partition import ancestors
 
 _aten = _torch.aten
 # Where a tensor's value becomes a Python value: .item(), bool(t), int(t),
@@ -148,14 +149,7 @@ def record_reads(flat_fn: FlatFunction, graph_inputs: Sequence[Any],
 
 def _guard_graph(gm: fx.GraphModule, reads: list[fx.Node]) -> tuple[fx.GraphModule, tuple]:
     """The ancestors of ``reads`` as a graph of the placeholders they use."""
-    keep: set[fx.Node] = set()
-    todo = list(reads)
-    while todo:
-        n = todo.pop()
-        if n in keep:
-            continue
-        keep.add(n)
-        todo.extend(n.all_input_nodes)
+    keep = ancestors(reads)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for n in keep:
         if n.op != "call_function":

@@ -89,3 +89,19 @@ def module_grads(mod):
 
 def copy_module(mod):
     return copy.deepcopy(mod)
+
+
+def tiny_llama():
+    """A 2-layer transformers LlamaForCausalLM (hidden 32, vocab 64), token ids
+    (2, 8), and the model through ``aot_module(model, nop)``."""
+    import transformers
+
+    import aotgrad
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    return model, ids, aotgrad.aot_module(model, aotgrad.nop)

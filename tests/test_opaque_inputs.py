@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from aotgrad import aot_function, aot_module, nop
+from helpers import tiny_llama
 
 
 class Box:                       # a plain class holding a list
@@ -290,16 +291,10 @@ def test_a_module_writing_into_a_cache_passed_by_keyword():
 
 
 def test_transformers_cache_passed_in():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("transformers", reason="transformers is not installed")
     from transformers.cache_utils import DynamicCache
 
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 8))
-    compiled = aot_module(model, nop)
+    model, ids, compiled = tiny_llama()
 
     def run(fn):
         model.zero_grad()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aotgrad import aot_function, aot_module, nop
+from helpers import tiny_llama
 
 
 @dataclasses.dataclass
@@ -269,14 +270,8 @@ def test_a_shared_object_holding_tensors_raises():
 
 
 def test_transformers_cache():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 8))
-    compiled = aot_module(model, nop)
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    model, ids, compiled = tiny_llama()
 
     def run(fn):
         model.zero_grad()
