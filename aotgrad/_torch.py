@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 import warnings
@@ -82,7 +83,6 @@ def data_dependence_errors() -> tuple[type, ...]:
 def tensor_metadata(val: torch.Tensor) -> Any:
     """fx's ``TensorMetadata`` of a (fake) tensor, as make_fx records it."""
     from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
     return _extract_tensor_metadata(val)
 
 
@@ -92,11 +92,9 @@ def is_wrapper_subclass(t: Any) -> bool:
 
 
 def new_fake_mode(dynamic: bool, shape_env: bool = False) -> FakeTensorMode:
-    """A fresh fake mode; with ``dynamic`` its sizes are symbolic.  A static
-    mode has no ShapeEnv (as torch's static tracing): with one, every fake op
-    also enters and leaves the env's guard suppression (~2% of a compile);
-    ``shape_env``: it has one all the same (Note [Fake rules that need a
-    ShapeEnv], hops.py).  Note [A fake mode without its birth stack]."""
+    """A fresh fake mode, symbolic with ``dynamic``; static ones have no ShapeEnv
+    (~2% of a compile) unless ``shape_env`` (Note [Fake rules that need a ShapeEnv],
+    hops.py).  Note [A fake mode without its birth stack]."""
     with _no_stack_capture():
         if dynamic or shape_env:
             return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=not dynamic,
@@ -138,9 +136,8 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
 
 def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int] | None,
                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """What ``torch.empty_strided(shape, stride, ...)`` (contiguous when
-    ``stride`` is None) makes under ``mode`` (static sizes), without a
-    dispatch: an empty meta tensor wrapped as the mode wraps results."""
+    """``torch.empty_strided`` (contiguous if ``stride`` is None) under ``mode``
+    (static sizes), without a dispatch: a meta tensor wrapped as the mode does."""
     with no_dispatch():
         meta = torch.empty(shape, dtype=dtype, device="meta") if stride is None else \
             torch.empty_strided(shape, stride, dtype=dtype, device="meta")
@@ -150,9 +147,8 @@ def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int]
 def fake_view(mode: FakeTensorMode, base: torch.Tensor, shape: Sequence[int],
               stride: Sequence[int], offset: int, dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:
-    """A fake tensor of ``shape``/``stride``/``offset`` over the storage of
-    the fake tensor ``base``, without a dispatch (as the fake mode's own
-    cache makes a view op's result)."""
+    """A fake view (``shape``/``stride``/``offset``) of the fake ``base``'s storage,
+    without a dispatch (as the fake mode's cache makes a view op's result)."""
     with no_dispatch():
         meta = torch.empty((0,), dtype=dtype, device="meta")
         meta.set_(base.untyped_storage(), offset, shape, stride)
@@ -165,16 +161,13 @@ def default_device() -> Any:
 
 
 def fake_mode_is_next(mode: FakeTensorMode) -> bool:
-    """Whether the dispatcher would hand an op to ``mode`` next (Note
-    [Straight to the fake mode])."""
+    """Whether ops go to ``mode`` next (Note [Straight to the fake mode])."""
     return torch._C._get_dispatch_mode(_FAKE_KEY) is mode
 
 
 def detached_fake(t: torch.Tensor) -> torch.Tensor:
-    """``t.detach()`` of a fake tensor with static sizes, without a fake
-    dispatch: the meta kernel of ``detach`` on it (as its fake mode runs
-    kernels), wrapped as the mode wraps results.  About 6x cheaper; a
-    compile detaches every graph input once.  Other tensors: ``t.detach()``."""
+    """``t.detach()``; of a static fake tensor, its meta kernel wrapped as the mode
+    does, without a fake dispatch (6x cheaper; a compile detaches each input)."""
     mode = getattr(t, "fake_mode", None)
     if type(t) is not FakeTensor or mode is None or mode.shape_env is not None or \
             t.constant is not None:
@@ -387,21 +380,14 @@ def is_sym_node(node: torch.fx.Node) -> bool:
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: bool = False,
                      is_inference: bool = False, config_patches: dict | None = None,
                      device_index: Any = None):
-    """Compile one of aotgrad's ATen graphs with inductor's graph compiler.
-
-    Calls ``torch._inductor.compile_fx.compile_fx_inner`` directly — never
-    ``compile_fx``, which would run torch's own AOTAutograd.  It sets up what
-    ``compile_fx`` would have set up around it: the fake mode of the graph's
-    example inputs as ``V.fake_mode``, a ``TracingContext`` with that mode,
-    the Python dispatcher, and compiled autograd off.  Inductor rewrites the
-    graph in place, so it gets a copy (the caller's ``gm`` stays as it was).
-    Every tensor output keeps the stride it had when traced (the runtime and
-    the user rely on eager's strides).
-
-    ``config_patches`` (inductor options, a mode's) hold while it compiles;
-    ``device_index``: the ``BoxedDeviceIndex`` a forward and its backward share.
-    Returns inductor's ``OutputCode``, which is called boxed (``_boxed_call``).
-    """
+    """Compile one of aotgrad's ATen graphs with ``compile_fx_inner`` (never
+    ``compile_fx``: it runs torch's AOTAutograd), set up as ``compile_fx`` would:
+    the example inputs' fake mode as ``V.fake_mode`` and in a ``TracingContext``,
+    the Python dispatcher, compiled autograd off.  Inductor gets a copy of ``gm``
+    (it rewrites in place); tensor outputs keep their traced strides.
+    ``config_patches`` hold while it compiles; ``device_index``: the
+    ``BoxedDeviceIndex`` a forward and its backward share.  Returns inductor's
+    ``OutputCode``, called boxed (``_boxed_call``)."""
     from torch._dynamo import compiled_autograd
     from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx_inner
@@ -409,6 +395,8 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
 
     donated = gm.meta.get(DONATED_INPUTS_META) if is_backward else None
     gm = _copy_graph_module(gm)
+    if is_inference:  # Note [Inductor's graph passes] (backends.py)
+        gm = inductor_joint_passes(gm)
     output = next(iter(reversed(gm.graph.nodes)))
     outs = output.args[0]
     if not isinstance(outs, (tuple, list)):
@@ -474,17 +462,32 @@ def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict,
     return patches, BoxedDeviceIndex(None)
 
 
+def inductor_pre_grad_passes(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    """inductor's passes over a torch-level (dynamo) graph, as ``compile_fx`` runs them."""
+    from torch._inductor.compile_fx import _recursive_pre_grad_passes
+    return _recursive_pre_grad_passes(gm, example_inputs)
+
+
+def inductor_joint_passes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """inductor's joint-graph passes over an ATen graph: Note [Inductor's graph passes]."""
+    from torch._inductor.compile_fx import _recursive_joint_graph_passes
+    from torch._inductor.virtualized import V
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    devices = [v.device for v in vals if isinstance(v, torch.Tensor)]
+    kwargs = {"input_device": next((d for d in devices if d.type != "cpu"), None)} \
+        if "input_device" in inspect.signature(_recursive_joint_graph_passes).parameters else {}
+    with V.set_fake_mode(detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)):
+        return _recursive_joint_graph_passes(gm, **kwargs)
+
+
 def inductor_decompositions() -> dict:
     """The decomposition table inductor expects its ATen graphs to be traced with."""
     from torch._inductor.decomposition import select_decomp_table
-
     return select_decomp_table()
 
 
 def lazy_graph_module(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
-    """A GraphModule whose Python code is generated on first use (``.code``,
-    ``.forward``), not now: ``nop`` runs its own code (codegen.py), so most
-    graphs never need it."""
+    """A GraphModule whose Python code is made on first use (codegen.py runs its own)."""
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     return _LazyGraphModule(root, graph)

@@ -74,7 +74,37 @@ def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | N
         "bw_compiler": functools.partial(compile_graph, is_backward=True),
         "inference_compiler": functools.partial(compile_graph, is_inference=True),
         "decompositions": _torch.inductor_decompositions(),
+        "pre_grad_passes": _torch.inductor_pre_grad_passes,  # Note [Inductor's graph passes]
     }
     settings.update(kwargs)
+    settings["partition_fn"] = JointPassesFirst(settings["partition_fn"])
     # dynamo guards what aot_module_simplified would check (Note [Calls unlike the example])
     return aot_module_simplified(gm, example_inputs, **settings, _caller_guards=True)
+
+
+class JointPassesFirst:
+    """A partitioner that runs inductor's joint-graph passes first.
+
+    Note [Inductor's graph passes]: inductor expects the graphs it compiles to
+    have been through its own FX passes, which ``compile_fx`` runs around
+    AOTAutograd and ``compile_fx_inner`` (all aotgrad calls) does not: the
+    pre-grad passes over dynamo's graph, and the joint-graph passes over the
+    joint graph before it is partitioned (over the graph itself for
+    inference).  The joint passes turn ``rand``-family ops (dropout) into
+    inductor's seeded random ops, which are the only ones its lowering takes
+    (without them every program with dropout fails to compile), and rewrite
+    patterns such as attention into fused kernels.  The backend ``inductor``
+    runs both at the same points as ``compile_fx``: pre-grad as
+    ``aot_module_simplified(pre_grad_passes=)``, joint in
+    this partitioner (whatever partitioner is configured), inference in
+    ``_torch.inductor_compile``.  The seeded random ops are pure functions of
+    their seed, so a partitioner may recompute them.
+    """
+
+    def __init__(self, partition_fn: Callable):
+        self.partition_fn = partition_fn
+        inner = getattr(partition_fn, "__qualname__", type(partition_fn).__name__)
+        self.__qualname__ = f"JointPassesFirst({inner})"  # part of the cache key
+
+    def __call__(self, joint_gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        return self.partition_fn(_torch.inductor_joint_passes(joint_gm), joint_inputs, **kwargs)

@@ -226,3 +226,33 @@ def test_donated_buffers(monkeypatch, donated):
         for _ in range(2):
             assert_close(torch.autograd.grad(out, x, retain_graph=True)[0], ref)
     assert any(seen) == donated
+
+
+class _DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(8, 32), nn.Linear(32, 4), nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.b(self.drop(self.a(x).relu())).sum()
+
+
+def test_inductor_takes_dropout_as_torchs_inductor_does():
+    """Note [Inductor's graph passes]: dropout reaches inductor as its seeded
+    random ops (without the joint passes its lowering refuses ``aten.rand``),
+    and, drawing from the same generator state, gives torch's inductor's values."""
+    torch.manual_seed(0)
+    net, x = _DropoutNet(), torch.randn(16, 8)
+    results = {}
+    for name, backend in [("torch", "inductor"), ("aotgrad", backends.inductor)]:
+        torch._dynamo.reset()
+        net.zero_grad()
+        compiled = torch.compile(net, backend=backend)
+        torch.manual_seed(1)
+        out = compiled(x)
+        out.backward()
+        results[name] = (out.detach(), [p.grad.clone() for p in net.parameters()])
+    assert_close(results["aotgrad"], results["torch"])
+    with torch.no_grad():  # and without dropout, eager's values
+        net.eval()
+        assert_close(torch.compile(net, backend=backends.inductor)(x), net(x))
