@@ -304,7 +304,8 @@ def aot_function(fn: Callable, fw_compiler: Compiler, bw_compiler: Compiler | No
             else None
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions,
                              num_params_buffers, keep_inference_input_mutations,
-                             inference_compiler, dynamic)
+                             inference_compiler, dynamic,
+                             compile_function=AOTFunction)  # Note [Higher-order backward]
     return AOTFunction(fn, options)
 
 
@@ -426,10 +427,17 @@ def aot_module_simplified(mod: nn.Module | Callable, example_inputs: list,
     ignored as in ``aot_function``.  Any other keyword is a TypeError.
     """
     del compiler_config_extra, ignore_shape_env, disable_functionalization, compile_region_name
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, (list, tuple, dict)):
+            raise TypeError(
+                f"aot_module_simplified takes flat example inputs (tensors, SymInts, scalars); "
+                f"example input {i} is a {type(x).__name__} (aotgrad.backends flatten "
+                f"dynamo's list inputs first: Note [Nested graph inputs], graph_inputs.py)")
     if pre_grad_passes is not None:
         mod = pre_grad_passes(mod, list(example_inputs))
     options = CompileOptions(fw_compiler, bw_compiler, partition_fn, decompositions, 0,
-                             keep_inference_input_mutations, inference_compiler, False)
+                             keep_inference_input_mutations, inference_compiler, False,
+                             compile_function=AOTFunction)  # Note [Higher-order backward]
     return compile_simplified(mod, list(example_inputs), options, caller_guards=_caller_guards)
 
 

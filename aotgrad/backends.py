@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from . import _torch
+from . import _torch, graph_inputs
 from .api import aot_module_simplified
 from .budget import min_cut_rematerialization_partition
 from .compile import nop
@@ -43,6 +43,9 @@ _TORCH_DEFAULTS = {"partition_fn": min_cut_rematerialization_partition,
 def aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
               options: dict | None = None, **kwargs: Any) -> Callable:
     """Trace and partition with aotgrad, run the ATen graphs as Python (``nop``)."""
+    if graph_inputs.is_nested(example_inputs):  # Note [Nested graph inputs]
+        return graph_inputs.compile_flattened(functools.partial(
+            aot_eager, mode=mode, options=options, **kwargs), gm, example_inputs)
     if mode is not None or options is not None:
         _log.warning("aotgrad's aot_eager backend ignores mode=%r and options=%r (they are "
                      "inductor's settings)", mode, options)
@@ -65,6 +68,9 @@ def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | N
     expects); pass ``decompositions=`` to change it.  ``mode`` / ``options``
     are ``torch.compile``'s, applied while inductor compiles each graph.
     """
+    if graph_inputs.is_nested(example_inputs):  # Note [Nested graph inputs]
+        return graph_inputs.compile_flattened(functools.partial(
+            inductor, mode=mode, options=options, **kwargs), gm, example_inputs)
     patches, device_index = _torch.inductor_mode_options(mode, options)
     compile_graph = functools.partial(_torch.inductor_compile, config_patches=patches,
                                       device_index=device_index)

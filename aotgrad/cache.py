@@ -37,13 +37,14 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import _torch, config
+from . import _torch, config, tokens
 from .analyze import Signature
 from .compile import compile_inference, compile_joint, nop
 from .descriptors import DESC
-from .flatten import FlatInputs
+from .flatten import FlatInputs, make_flat_fn
 from .partition import Partitioned
-from .pipeline import CompileOptions, CompileReport, Traced, compile_traced, trace_call
+from .pipeline import (CompileOptions, CompileReport, Traced, compile_traced,
+                       differentiable_backward, trace_call)
 from .codegen import INPUT_UPDATES_META, get_attr_path
 from .runtime import build_runtime, input_updates
 from .views import alias_plans
@@ -219,7 +220,10 @@ class AOTAutogradCache:
         return os.path.join(cls.directory(), key[:2], key + ".pkl")
 
     @classmethod
-    def load(cls, key: str, options: CompileOptions) -> Callable[[list], Any] | None:
+    def load(cls, key: str, options: CompileOptions,
+             fn: Callable | None = None) -> Callable[[list], Any] | None:
+        """The entry for ``key``; ``fn``: the function it was compiled from, which a
+        differentiable backward runs again (Note [Higher-order backward])."""
         run = cls._memory.get(key)
         if run is not None:
             return run
@@ -229,7 +233,7 @@ class AOTAutogradCache:
             graphs = [g.load() for g in entry.graphs]
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
             return None  # unreadable, or an op this process does not have: a miss
-        run = _rebuild(entry, graphs, options)
+        run = _rebuild(entry, graphs, options, fn)
         cls._memory[key] = run
         return run
 
@@ -369,7 +373,7 @@ def _fake_inputs(meta: tuple, mode) -> list:
 
 
 def _rebuild(entry: CacheEntry, graphs: list[fx.GraphModule],
-             options: CompileOptions) -> Callable[[list], Any]:
+             options: CompileOptions, fn: Callable | None = None) -> Callable[[list], Any]:
     mode = _torch.new_fake_mode(False)
     fakes = [_fake_inputs(m, mode) for m in entry.input_meta]
     compilers = (options.fw_compiler, options.bw_compiler, options.inference_compiler)
@@ -381,15 +385,24 @@ def _rebuild(entry: CacheEntry, graphs: list[fx.GraphModule],
     if joint:
         parts = Partitioned(graphs[0], graphs[1], entry.num_fwd_outputs,
                             entry.num_saved_tensors, entry.num_saved_symints)
-        compiled = compile_joint(parts, options.fw_compiler,
-                                 options.bw_compiler or options.fw_compiler)
-    else:
+        compiled = compile_joint(parts, tokens.threading(options.fw_compiler),
+                                 tokens.threading(options.bw_compiler or options.fw_compiler))
+    else:  # Note [Effect tokens in compiled graphs] (tokens.py)
         compiled = compile_inference(graphs[0], fakes[0],
-                                     options.inference_compiler or options.fw_compiler,
+                                     tokens.threading(options.inference_compiler or
+                                                      options.fw_compiler),
                                      entry.num_fwd_outputs)
+    higher = None
+    if joint:  # Note [Higher-order backward]; backward writes: outputs after the grads
+        higher = differentiable_backward(
+            parts, entry.signature, entry.flat,
+            make_flat_fn(fn, entry.flat) if fn is not None else None, options,
+            subclasses=False, poisoned=bool(entry.poisoned_tangents),
+            backward_writes=len(graphs[1].graph.output_node().args[0]) !=
+            len(entry.signature.inputs))
     return build_runtime(entry.flat, entry.signature, compiled,
                          alias_plans(graphs[0], entry.signature),
-                         dict(entry.poisoned_tangents))
+                         dict(entry.poisoned_tangents), higher=higher)
 
 
 def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: list,
@@ -405,7 +418,7 @@ def compile_with_cache(fn: Callable, gm: Any, options: CompileOptions, leaves: l
         else:
             key = cache_key(gm, leaves, options)
     if key is not None:
-        run = AOTAutogradCache.load(key, options)
+        run = AOTAutogradCache.load(key, options, fn)
         if run is not None:
             _torch.bump_counter("aot_autograd", "autograd_cache_hit")
             return run

@@ -276,7 +276,7 @@ def rebuild(gm: fx.GraphModule, inputs: Sequence[tuple[str, fx.Node | None, Any]
         if chain is not None and tokens.is_effect(node):
             items = chain.effect(node, fx.map_arg(node.args, env.__getitem__),
                                  fx.map_arg(node.kwargs, env.__getitem__))
-            if len(node.target._schema.returns) == 1:
+            if not tokens.returns_tuple(node):
                 env[node] = items[0]
             else:
                 results[node] = items

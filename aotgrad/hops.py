@@ -4,7 +4,12 @@
 (``torch.compiler.nested_compile_region``), ``auto_functionalized`` (a custom
 op that mutates an argument), ``flex_attention``, checkpoint regions: their
 operands are graphs, their rules (``py_impl``) live in torch, one per
-dispatch key and per mode.
+dispatch key and per mode.  Two more take no graphs: ``with_effects``, the
+token chain of effectful ops (tokens.py), and ``triton_kernel_wrapper_mutation``,
+a user Triton kernel's launch, which torch's rule for functionalization
+turns into ``triton_kernel_wrapper_functional`` (the tensors the kernel
+writes cloned, then the kernel's results written back as mutations;
+``tests/test_triton_kernels.py``).
 
 Note [Higher-order operators]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~

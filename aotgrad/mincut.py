@@ -417,8 +417,9 @@ class RematProblem:
                  costs: Callable[[fx.Node], int] | None = None):
         self.roles = roles
         self.graph_nodes = list(joint_gm.graph.nodes)
-        tangent_side = descendants(roles.tangents)
-        needed = ancestors(roles.bwd_outputs)
+        # Note [Effects in the backward] (tokens.py): its effects are backward nodes
+        tangent_side = descendants(list(roles.tangents) + list(roles.bwd_effects))
+        needed = ancestors(roles.bwd_roots)
         backward = needed & tangent_side
         primals = set(roles.primals)
         self.tangent_side, self.fwd = tangent_side, fwd
@@ -622,7 +623,7 @@ def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
     """
     syms: set[fx.Node] = set()
     seen: set[fx.Node] = set()
-    stack = [n for n in roles.bwd_outputs if isinstance(n, fx.Node)]
+    stack = [n for n in roles.bwd_roots if isinstance(n, fx.Node)]
     while stack:
         n = stack.pop()
         if n in seen or n in saved:

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, config
+from . import _torch, config, tokens
 from .descriptors import DESC, Primal, Saved, Tangent
 from .views import is_view_op
 
@@ -60,6 +60,12 @@ class JointRoles:
     tangents: tuple[fx.Node, ...]
     fwd_outputs: tuple            # nodes (or None)
     bwd_outputs: tuple            # nodes (or None), one per primal
+    bwd_effects: tuple = ()       # effects the backward runs (Note [Effects in the backward])
+
+    @property
+    def bwd_roots(self) -> list:
+        """What the backward must compute: its outputs, and its effects."""
+        return list(self.bwd_outputs) + list(self.bwd_effects)
 
 
 def joint_roles(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> JointRoles:
@@ -76,7 +82,18 @@ def joint_roles(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> JointRoles:
                 "(node.meta['desc']); partitioners take joint graphs traced by aotgrad")
     outs = tuple(joint_gm.graph.output_node().args[0])
     return JointRoles(tuple(primals), tuple(tangents), outs[:num_fwd_outputs],
-                      outs[num_fwd_outputs:])
+                      outs[num_fwd_outputs:], _backward_effects(joint_gm.graph, tangents))
+
+
+def _backward_effects(graph: fx.Graph, tangents: list[fx.Node]) -> tuple[fx.Node, ...]:
+    """Note [Effects in the backward] (tokens.py): the effects the trace
+    recorded in the backward, and any that read a tangent."""
+    effects = tokens.effects_of(graph)
+    if not effects:
+        return ()
+    marked = [n for n in effects if n.meta.get(tokens.BACKWARD_EFFECT)]
+    side = descendants(list(tangents) + marked)
+    return tuple(n for n in effects if n in side)
 
 
 def _reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.Node]:
@@ -122,12 +139,14 @@ def impure_calls(graph: fx.Graph) -> set[fx.Node]:
 
 
 def side_effects(roles: JointRoles) -> list[fx.Node]:
-    """In-place ops on primals that the forward must run (Note [Mutations kept
-    in the graph], analyze.py): impure nodes that do not depend on tangents."""
+    """In-place ops on primals (Note [Mutations kept in the graph],
+    analyze.py) and effects that the forward must run: impure nodes that do
+    not depend on tangents or on the backward's effects (Note [Effects in the
+    backward], tokens.py)."""
     if not roles.primals:
         return []
     graph = roles.primals[0].graph
-    backward_side = descendants(roles.tangents)
+    backward_side = descendants(list(roles.tangents) + list(roles.bwd_effects))
     impure = impure_calls(graph)
     return [n for n in graph.nodes if n in impure and n not in backward_side]
 
@@ -167,7 +186,7 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     fw = extract_graph(joint_gm.graph, list(roles.primals), fw_outputs, side_effects(roles))
     _set_output_descs(fw, len(roles.fwd_outputs), saved_tensors + saved_syms)
     bw_inputs = saved_syms + saved_tensors + list(roles.tangents)
-    bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs))
+    bw = extract_graph(joint_gm.graph, bw_inputs, list(roles.bwd_outputs), roles.bwd_effects)
     bw = recompute_just_in_time(bw, len(roles.tangents))
     for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
         node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
@@ -304,7 +323,7 @@ def gc_paused():
 
 def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]) -> list[fx.Node]:
     """Forward nodes that the backward reads, in graph order."""
-    bwd = ancestors(roles.bwd_outputs, stop=frozenset(fwd)) - fwd
+    bwd = ancestors(roles.bwd_roots, stop=frozenset(fwd)) - fwd
     used = {n for b in bwd for n in b.all_input_nodes if n in fwd}
     used.update(n for n in roles.bwd_outputs if n in fwd)
     return [n for n in joint_gm.graph.nodes if n in used]

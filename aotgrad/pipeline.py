@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, hops, objects, subclass
+from . import _torch, hops, objects, subclass, tokens
 from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
@@ -32,6 +32,7 @@ from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebas
                      rebased_runtime)
 from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
+from .higher_order import DifferentiableBackward, plan_higher_order
 from .saved_hooks import inline_hooks
 from .views import alias_plans
 from .values import (AnsweredFunction, GuardFailed, RandomRead, ValueReads, copy_for_eager,
@@ -50,6 +51,9 @@ class CompileOptions:
     keep_inference_input_mutations: bool = False
     inference_compiler: Compiler | None = None
     dynamic: bool = False
+    # Note [Higher-order backward] (higher_order.py): ``(fn, options) -> callable``
+    # compiling a program's differentiable backward (aot_function's AOTFunction)
+    compile_function: Callable | None = None
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Traced:
     fake_mode: Any
     fake_inputs: list
     reads: ValueReads | None = None   # Note [Values read while tracing]
+    program: Callable | None = None   # the flat function traced (Note [Higher-order backward])
 
 
 def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any,
@@ -130,7 +135,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
                                 grad_enabled=grad_enabled, loss_index=loss_index)
     try:
         sig, traced = attempt(flat_fn, fake_mode, fakes)
-        return Traced(flat, sig, traced, fake_mode, fakes)
+        return Traced(flat, sig, traced, fake_mode, fakes, program=flat_fn)
     except Exception as error:
         if not shape_env and _torch.detect_fake_mode(list(graph_inputs)) is None and \
                 hops.needs_shape_env(error, fake_mode):  # Note [Fake rules that need a ShapeEnv]
@@ -144,11 +149,12 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
             raise
     fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
     try:
-        sig, traced = attempt(AnsweredFunction(fn, flat, reads), fake_mode, fakes)
+        answered = AnsweredFunction(fn, flat, reads)
+        sig, traced = attempt(answered, fake_mode, fakes)
     except Exception as error:
         _raise_explained(error)
         raise
-    return Traced(flat, sig, traced, fake_mode, fakes, reads)
+    return Traced(flat, sig, traced, fake_mode, fakes, reads, answered)
 
 
 def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOptions, stage,
@@ -289,12 +295,14 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
     with stage("compile"):
         graph = parts.fw_gm if traced.is_joint else traced.gm
         graph.meta[INPUT_UPDATES_META] = input_updates(t.signature, graph, traced.is_joint)
+        # Note [Effect tokens in compiled graphs] (tokens.py)
         if traced.is_joint:
-            compiled = compile_joint(parts, options.fw_compiler,
-                                     options.bw_compiler or options.fw_compiler)
+            compiled = compile_joint(parts, tokens.threading(options.fw_compiler),
+                                     tokens.threading(options.bw_compiler or options.fw_compiler))
         else:
             compiled = compile_inference(traced.gm, list(traced.example_inputs),
-                                         options.inference_compiler or options.fw_compiler,
+                                         tokens.threading(options.inference_compiler or
+                                                          options.fw_compiler),
                                          traced.num_fwd_outputs)
     report.compiled = compiled
     with stage("runtime"):
@@ -303,12 +311,33 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
         plans = alias_plans(graph, t.signature) if traced.boundary is None else {}
         run = build_runtime(t.flat, t.signature, compiled, plans,
                             dict(traced.poisoned_tangents), traced.boundary,
-                            traced.backward_writes)
+                            traced.backward_writes,
+                            differentiable_backward(
+                                parts, t.signature, t.flat, t.program, options,
+                                subclasses=traced.boundary is not None,
+                                poisoned=bool(traced.poisoned_tangents),
+                                backward_writes=bool(traced.backward_writes))
+                            if traced.is_joint else None)
         if options.dynamic:
             run = _with_shape_guard(run, t)
         if t.reads is not None:
             run = value_guarded(run, t.reads, t.flat.graph_leaf)
     return run
+
+
+def differentiable_backward(parts: Partitioned, sig: Signature, flat: FlatInputs,
+                            program: Callable | None, options: CompileOptions, *,
+                            subclasses: bool, poisoned: bool,
+                            backward_writes: bool) -> DifferentiableBackward:
+    """Note [Higher-order backward] (higher_order.py): the create_graph
+    backward of a program compiled from ``parts``."""
+    plan = plan_higher_order(
+        parts, sig, program=program, can_compile=options.compile_function is not None,
+        subclasses=subclasses or sig.has_subclasses, poisoned=poisoned,
+        backward_writes=backward_writes)
+    params = sum(1 for j in flat.graph_leaf if j < flat.num_params_buffers)
+    return DifferentiableBackward(plan, program, sig, options, parts.num_saved_symints,
+                                  parts.num_saved_tensors, params)
 
 
 class ShapeGuardFailed(GuardFailed):

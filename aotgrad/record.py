@@ -54,13 +54,14 @@ with an effect) by threading a token through them: it runs
 op.  The first time it meets an effect it makes the token itself, and under
 a proxy mode it asks that mode's tracer for a graph input for it
 (``create_proxy("placeholder", "tangents_token")``) that aotgrad's
-signature does not have.  The graphs aotgrad makes are not reordered by
-anything that needs the tokens (the partitioner keeps the order of the
-joint graph), so the tracer records ``op(*args)`` itself, where the effect
-happened: ``Node.is_impure`` is true for it, so neither dead-code
-elimination nor the partitioner drops it (the forward keeps the impure ops
-that need no tangent).  Tokens are tracked by one node that is never put in
-the graph and that no recorded node uses.  (A ``with_effects`` node would
+signature does not have.  aotgrad's own passes do not reorder effects
+(the partitioner keeps the order of the joint graph), so the tracer records
+``op(*args)`` itself, where the effect happened: ``Node.is_impure`` is true
+for it, so neither dead-code elimination nor the partitioner drops it (each
+side runs its own effects: Note [Effects in the backward], tokens.py).  The
+graphs that leave aotgrad get their tokens back (Note [Effect tokens in
+compiled graphs], tokens.py).  Tokens are tracked by one node that is never
+put in the graph and that no recorded node uses.  (A ``with_effects`` node would
 not do: its token result is unused and fx deems the higher-order op pure,
 so the joint graph's dead-code elimination dropped the error check.)  Other
 higher-order ops go to make_fx (Note [Higher-order operators], hops.py).
@@ -91,7 +92,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, fakes, hops, node_meta
+from . import _torch, fakes, hops, node_meta, tokens
 
 
 _log = logging.getLogger(__name__)
@@ -204,10 +205,14 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         raise self.refused[0](self.refused[1])
 
     def _is_functional(self, func) -> bool:
+        """Whether a trace without functionalization may record ``func`` as it
+        is: not if it mutates, has an effect, or has a rule of its own for
+        functionalization (Note [Functional already], trace.py)."""
         known = self._functional_ops.get(func)
         if known is None:
             known = self._functional_ops[func] = \
-                not func._schema.is_mutable and not _torch.has_effects(func)
+                not func._schema.is_mutable and not _torch.has_effects(func) and \
+                not _torch.has_dispatch_rule(func, _torch.FunctionalTensorMode)
         return known
 
     def _functionalized(self, func, types, args, kwargs) -> Any:
@@ -215,7 +220,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         nothing else aliases, recorded as the op's functional variant."""
         variant = functional_variant(func)
         if variant is None:
-            self.refuse(f"{func} mutates its arguments or has an effect", NotFunctional)
+            self.refuse(f"{func} mutates its arguments, has an effect or a rule for "
+                        "functionalization", NotFunctional)
         op, mutable = variant
         targets = [args[i] if i < len(args) else kwargs[name] for i, name in mutable]
         if len({id(t) for t in targets}) < len(targets):
@@ -582,35 +588,21 @@ def inline_effects(graph: fx.Graph) -> None:
         with_effects = with_effects(tangents_token, aten._linalg_check_errors, getitem_1, 'linalg.inv')
         getitem_2 = with_effects[0];  getitem_3 = with_effects[1]
 
-    becomes ``_linalg_check_errors = aten._linalg_check_errors(getitem_1, 'linalg.inv')``."""
-    tokens = [n for n in graph.nodes if n.op == "placeholder" and
-              n.name.startswith("tangents_token")]
-    if not tokens:
+    becomes ``_linalg_check_errors = aten._linalg_check_errors(getitem_1, 'linalg.inv')``
+    (``tokens.inline_node``; the node's meta, Note [Effects in the backward]'s
+    mark too, is kept)."""
+    token_inputs = [n for n in graph.nodes if n.op == "placeholder" and
+                    n.name.startswith("tangents_token")]
+    if not token_inputs:
         return
     effects = [n for n in graph.nodes if n.op == "call_function" and
                n.target is torch.ops.higher_order.with_effects]
-    if not all(isinstance(n.args[1], _torch.OpOverload) and
+    if not all(isinstance(n.args[1], (_torch.OpOverload, _torch.HigherOrderOperator)) and
                all(u.target is operator.getitem for u in n.users) for n in effects):
         return  # not what functionalization makes: left as it is (the signature check says)
-    dead = set(tokens) | set(effects)
+    dead = set(token_inputs)
     for n in effects:
-        op = n.args[1]
-        with graph.inserting_before(n):
-            new = _torch.add_node(graph, "call_function", op, tuple(n.args[2:]), dict(n.kwargs),
-                                  name=graph._target_to_str(op.overloadpacket))
-        val = n.meta.get("val")
-        single = len(op._schema.returns) <= 1
-        if isinstance(val, (list, tuple)):
-            new.meta["val"] = val[1] if single else tuple(val[1:])
-        for user in list(n.users):
-            i = user.args[1]
-            if i == 0:  # the new token: it only feeds later effects
-                dead.add(user)
-            elif single:
-                user.replace_all_uses_with(new)
-                dead.add(user)
-            else:
-                user.args = (new, i - 1)
+        tokens.inline_node(graph, n, dead)
     if any(u not in dead for n in dead for u in n.users):
         raise AssertionError("an effect token is used by more than the effects")
     for n in reversed(list(graph.nodes)):

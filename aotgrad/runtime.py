@@ -78,6 +78,7 @@ from .analyze import InputInfo, OutputKind, Signature
 from .codegen import Namespace, make_function, read_inputs
 from .compile import CompiledGraphs, repeated_outputs
 from .flatten import FlatInputs
+from .higher_order import DifferentiableBackward, refused
 from .rebase import AliasedMutatedInputs, alias_groups
 from .saved_hooks import hooks_off
 from .outputs import Assembler
@@ -132,15 +133,17 @@ def build_runtime(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
                   plans: dict[int, AliasPlan] | None = None,
                   poisoned: dict[int, str] | None = None,
                   boundary: subclass.Boundary | None = None,
-                  backward_writes: tuple = ()) -> Callable[[list], Any]:
+                  backward_writes: tuple = (),
+                  higher: DifferentiableBackward | None = None) -> Callable[[list], Any]:
     """A function of the call's flat leaves returning the user's output; its
     ``program`` attribute is the ``RuntimeProgram``.
 
     ``plans``: view-replay plans of rebuilt outputs (views.py); ``boundary``:
     the subclass layouts (Note [Subclasses at the boundary]); ``backward_writes``:
-    the tensors the backward writes to (Note [Mutations in the backward], trace.py)."""
+    the tensors the backward writes to (Note [Mutations in the backward], trace.py);
+    ``higher``: its create_graph backward (Note [Higher-order backward], higher_order.py)."""
     program = _generate(flat, sig, compiled, plans if config.view_replay_for_aliased_outputs
-                        else {}, poisoned or {}, boundary, backward_writes)
+                        else {}, poisoned or {}, boundary, backward_writes, higher)
     call = program.function("leaves", [f"leaves[{j}]" for j in flat.graph_leaf])
     call.program = program  # type: ignore[attr-defined]
     call.graph_leaf = flat.graph_leaf  # type: ignore[attr-defined]
@@ -170,7 +173,8 @@ def _names(prefix: str, indices: Sequence[int]) -> str:
 
 def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
               plans: dict[int, AliasPlan], poisoned: dict[int, str],
-              boundary: subclass.Boundary | None, backward_writes: tuple) -> RuntimeProgram:
+              boundary: subclass.Boundary | None, backward_writes: tuple,
+              higher: DifferentiableBackward | None = None) -> RuntimeProgram:
     ns = Namespace("rt")
     src = _Source(ns)
     n_in = flat.num_graph_inputs
@@ -188,7 +192,10 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     assemble.outputs()
     guarded = {}
     if compiled.backward is not None:
-        function = _autograd_function(sig, compiled, poisoned, boundary, backward_writes)
+        function = _autograd_function(sig, compiled, poisoned, boundary, backward_writes,
+                                      higher or DifferentiableBackward(
+                                          refused(sig, "it was built without a plan for it"),
+                                          None, sig, None, 0, 0))
         apply = src.bind(function.apply, "apply")
         guarded[apply] = _torch.function_apply_unchecked(function)
         returned = [k for k in range(num_out) if k not in written]
@@ -326,14 +333,12 @@ def _check_outputs(outs: list, positions: tuple, sig: Signature) -> None:
 # ---------------------------------------------------------------- training
 
 def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[int, str],
-                       boundary: subclass.Boundary | None, writes: tuple = ()) -> type:
+                       boundary: subclass.Boundary | None, writes: tuple,
+                       higher: DifferentiableBackward) -> type:
     """The autograd.Function of one compiled program, its forward and backward
-    generated (Note [Generated runtime]).
-
-    Note [No double backward]: the compiled backward is a graph over saved
-    values that autograd cannot see through, so differentiating its result
-    again would silently drop terms.  It runs under no_grad; with
-    create_graph=True its gradients are tied to an error node instead."""
+    generated (Note [Generated runtime]).  The compiled backward runs under
+    no_grad; with create_graph=True, ``higher`` computes differentiable
+    gradients instead (Note [Higher-order backward], higher_order.py)."""
     ns = Namespace("af")
     fwd, bwd = _Source(ns), _Source(ns)
     num_out = compiled.num_fwd_outputs
@@ -359,6 +364,13 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         fwd(f"ctx.save_for_backward(*outs[{num_out}:{end}])")
     if compiled.num_saved_symints:
         fwd(f"ctx.symints = outs[{end}:]")
+    if higher.extras:  # Note [Higher-order backward]: the inputs it does not save
+        fwd(f"ctx.aotgrad_inputs = ({_names('i', higher.extras)},)")
+    if higher.versioned:
+        fwd("try:")
+        fwd(f"ctx.aotgrad_versions = ({''.join(f'i{i}._version, ' for i in higher.versioned)})", 2)
+        fwd("except RuntimeError:  # an inference tensor has no version counter")
+        fwd("ctx.aotgrad_versions = None", 2)
     written_inputs = [w.index for w in writes if not w.of_tangent]
     if written_inputs:  # Note [Mutations in the backward] (trace.py)
         fwd(f"ctx.written = ({_names('i', written_inputs)},)")
@@ -454,10 +466,13 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         bw = "bw"
     bwd("kept = None")
     bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")
-    bwd(f"grads, kept = {bwd.bind(_backward_create_graph, 'create_graph')}(ctx, {bw}, args, "
-        f"{compiled.num_saved_symints})", 2)
+    # Note [Higher-order backward] (higher_order.py)
+    bwd(f"grads, kept = {bwd.bind(higher, 'higher_order')}(ctx, {bw}, args)", 2)
     bwd("else:")
     bwd("ctx.maybe_clear_saved_tensors()", 2)
+    if higher.extras:
+        bwd(f"if not {bwd.bind(_torch.keeps_graph, 'keeps_graph')}():", 2)
+        bwd("ctx.aotgrad_inputs = None", 3)
     bwd(f"if {bwd.bind(_torch.any_autocast_enabled, 'any_autocast')}():", 2)
     bwd(f"with {bwd.bind(_torch.autocast_disabled, 'autocast_disabled')}():", 3)
     bwd(f"grads = {bw}(args)", 4)
@@ -473,7 +488,7 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         bwd(f"grads = {bwd.bind(subclass.rebuild_list, 'rebuild_list')}("
             f"{bwd.bind(boundary.grads, 'grad_layouts')}, grads)")
     bwd("if kept is not None:")
-    bwd(f"return {bwd.bind(_refuse_double_backward, 'refuse_double_backward')}(grads, kept)", 2)
+    bwd(f"return {bwd.bind(higher.refuse, 'refuse_double_backward')}(grads, kept)", 2)
     bwd("return tuple(grads)")
 
     source = "\n".join([f"def forward(ctx, {inputs}):", *fwd.lines, "",
@@ -596,17 +611,6 @@ def _drop_missing(grads: Sequence, missing: tuple, deps: tuple, num_tangents: in
     return [None if not (deps[i] & present) else g for i, g in enumerate(grads)]
 
 
-def _backward_create_graph(ctx: Any, backward: Callable, args: list,
-                           num_symints: int) -> tuple[list, list]:
-    """Backward with create_graph=True: Note [No double backward].  The
-    gradients, and the backward's inputs they must be tied to."""
-    kept = args[num_symints:]
-    ctx.maybe_clear_saved_tensors()
-    with torch.no_grad(), _torch.autocast_disabled():
-        grads = list(backward(args))
-    return grads, kept
-
-
 def _backward_writes(bwd: _Source, writes: tuple) -> None:
     """Note [Mutations in the backward] (trace.py): the backward graph
     returns the new values of what it wrote after the gradients; they are
@@ -625,32 +629,6 @@ def _backward_writes(bwd: _Source, writes: tuple) -> None:
         else:
             bwd(f"ctx.written[{k_input}].copy_(new[{m}])", 2)
             k_input += 1
-
-
-class _RefuseDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, num_grads, *tensors):
-        return tuple(t.clone() for t in tensors[:num_grads])
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(
-            "aotgrad: differentiating the gradient of a compiled function (double backward, "
-            "e.g. a gradient penalty) is not supported: the compiled backward is opaque to "
-            "autograd. Run that part of the model eagerly.")
-
-
-def _refuse_double_backward(grad_inputs: list, backward_inputs: list) -> tuple:
-    """Gradients that raise a clear error if autograd differentiates them."""
-    present = [k for k, g in enumerate(grad_inputs) if g is not None]
-    deps = [t for t in backward_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not present or not deps:
-        return tuple(grad_inputs)
-    wrapped = _RefuseDoubleBackward.apply(len(present), *[grad_inputs[k] for k in present], *deps)
-    out = list(grad_inputs)
-    for k, g in zip(present, wrapped):
-        out[k] = g
-    return tuple(out)
 
 
 # ---------------------------------------------------------------- input mutations

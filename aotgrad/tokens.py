@@ -1,13 +1,14 @@
-"""Effect tokens in exported graphs.
+"""Effect tokens: how the graphs aotgrad hands out order their effects.
 
 Note [Effect tokens in export]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-aotgrad's own graphs record an effectful op as the op itself (Note [Effect
-tokens], record.py): the graphs it compiles are never reordered by anything
-that would need a token.  Exported graphs leave aotgrad, and the programs
-that read them order effects by data dependence, as PyTorch's export does:
-each effectful op becomes ``with_effects(token, op, *args)``, which returns
-the next token and the op's results, so the effects form one chain::
+aotgrad's own graphs (the joint, the partitioned ones before compilation)
+record an effectful op as the op itself (Note [Effect tokens], record.py).
+Graphs that leave aotgrad -- exported ones, and the ones its compilers get
+(Note [Effect tokens in compiled graphs]) -- order effects by data
+dependence, as PyTorch's do: each effectful op becomes
+``with_effects(token, op, *args)``, which returns the next token and the
+op's results, so the effects form one chain::
 
     _print = torch.ops.aten._print.default('hello')      # aotgrad's graph
 
@@ -32,13 +33,50 @@ graph, the calling convention unchanged::
 
 Either way the other inputs are numbered as if the token were the first
 (``arg1_1 ...``), as torch's are.  One token: torch 2.13 has one kind of
-effect (ordered).
+effect (ordered).  The effectful op may be a higher-order one
+(``torch._higher_order_ops.print``, ``invoke_leaf_function`` of
+``torch._dynamo.decorators.leaf_function``): in aotgrad's graphs it is a
+node of its own whose value is what the operator returns (None or a tuple),
+in the chain ``with_effects(token, torch.ops.higher_order.print, ...)``.
+
+Note [Effect tokens in compiled graphs]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A compiler may reorder what has no data dependence: inductor's scheduler
+orders its kernels by their buffers, and two effects that read nothing of
+each other (two prints) have none.  Its lowering of ``with_effects`` chains
+the effects of one kind (each kernel depends on the one before), which is
+why torch hands inductor graphs with tokens.  So each graph aotgrad compiles
+-- forward, backward, inference -- reaches its compiler with its effects
+chained through a token made in the graph (``_make_token`` ...
+``_sink_tokens``, the unlifted form above: torch's, for inductor), so that
+the calling convention of Note [Calling convention] stays as it is.
+(torch's aot_eager lifts the tokens to graph inputs and outputs instead, and
+its runtime passes None for them: the same chain, one more input and output
+per graph.)  The compiler gets a threaded copy (``threading``): the graphs
+the runtime is built from, the partitioned ones, keep the ops themselves,
+so that the analyses of their outputs (which tangents a gradient reads, the
+views to replay) do not see the token's dependences, which are no data.
+
+Note [Effects in the backward]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+An effect the backward runs -- a custom autograd.Function's backward that
+prints, an effectful custom op whose derivative calls another -- must run
+in the backward graph, once per backward, after the forward's effects.  A
+partitioner that places nodes by what they read puts an effect that reads
+no tangent (``_print("in backward")``) in the forward, and drops one that
+no gradient needs.  The joint trace marks the effects recorded while
+autograd traced the backward (``backward_effects_marked``: the node meta
+``BACKWARD_EFFECT``, as torch's joint trace tags nodes "is_backward"); the
+partitioners run them, and what they need, in the backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import operator
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -46,15 +84,72 @@ import torch.fx as fx
 from . import _torch
 from .descriptors import DESC, EffectToken
 
+#: ``node.meta`` key: an effect recorded while the backward was traced
+#: (Note [Effects in the backward])
+BACKWARD_EFFECT = "aotgrad_backward_effect"
+
+
+def _is_effect_target(target: Any) -> bool:
+    return isinstance(target, (_torch.OpOverload, _torch.HigherOrderOperator)) and \
+        target is not torch.ops.higher_order.with_effects and _torch.has_effects(target)
+
 
 def is_effect(n: fx.Node) -> bool:
-    return n.op == "call_function" and isinstance(n.target, _torch.OpOverload) and \
-        _torch.has_effects(n.target)
+    return n.op == "call_function" and _is_effect_target(n.target)
+
+
+def effects_of(graph: fx.Graph) -> list[fx.Node]:
+    """The effectful op nodes of ``graph`` (recorded as the ops themselves), in
+    order; the effect tables are read once per target."""
+    verdicts: dict[Any, bool] = {}
+    found = []
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        target = n.target
+        try:
+            effect = verdicts.get(target)
+        except TypeError:  # an unhashable target
+            effect = None
+        if effect is None:
+            effect = _is_effect_target(target)
+            try:
+                verdicts[target] = effect
+            except TypeError:
+                pass
+        if effect:
+            found.append(n)
+    return found
 
 
 def has_effects(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` runs an effectful op (recorded as the op itself)."""
-    return any(is_effect(n) for n in gm.graph.nodes)
+    return bool(effects_of(gm.graph))
+
+
+def _returns_tuple(op: Any, results: Sequence) -> bool:
+    """Whether ``op(*args)`` returns a tuple (of ``results``, what
+    ``with_effects`` returns after the token) rather than one value (or None)."""
+    if isinstance(op, _torch.OpOverload):
+        return len(op._schema.returns) > 1
+    if op.name() == "call_torchbind":  # a method's schema: only the object knows it
+        raise NotImplementedError(
+            "aotgrad: a method of a TorchScript object called with an effect (call_torchbind) "
+            "is not supported in the graphs aotgrad traces. Call the method outside the "
+            "compiled function, or wrap it in a torch.library.custom_op registered with an "
+            "effect.")
+    # the effectful higher-order ops (print, invoke_leaf_function) return None or a tuple
+    return not (len(results) == 1 and results[0] is None)
+
+
+def _results(n: fx.Node) -> tuple:
+    """The values ``with_effects`` returns after the token, for the plain
+    effect node ``n`` (one per result of the op; one, None, when it has none)."""
+    op, val = n.target, n.meta.get("val")
+    if isinstance(op, _torch.OpOverload):
+        k = len(op._schema.returns)
+        return (None,) if k == 0 else (val,) if k == 1 else tuple(val or (None,) * k)
+    return tuple(val) if isinstance(val, (tuple, list)) else (val,)
 
 
 def token_value(gm: fx.GraphModule):
@@ -96,14 +191,11 @@ class Chain:
         result of the op; one, for None, when it has none), as torch's trace
         makes them.  Those nobody reads are swept by dead-code elimination."""
         op = n.target
-        num_returns = len(op._schema.returns)
         graph = self.graph
         node = graph.call_function(torch.ops.higher_order.with_effects,
                                    (self.token, op, *args), kwargs)
         node.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        val = n.meta.get("val")
-        results: Sequence = (None,) if num_returns == 0 else \
-            (val,) if num_returns == 1 else tuple(val or (None,) * num_returns)
+        results = _results(n)
         node.meta["val"] = (self.val, *results)
         items = [graph.call_function(operator.getitem, (node, k))
                  for k in range(1 + len(results))]
@@ -119,6 +211,133 @@ class Chain:
             return [self.token, *values]
         self.graph.call_function(torch.ops.prims._sink_tokens.default, ([self.token],))
         return values
+
+
+def returns_tuple(n: fx.Node) -> bool:
+    """Whether the plain effect node ``n``'s value is a tuple its users index."""
+    return _returns_tuple(n.target, _results(n))
+
+
+def thread(gm: fx.GraphModule) -> bool:
+    """Note [Effect tokens in compiled graphs]: the effectful ops of ``gm``
+    chained, in place, through a token made in the graph (unlifted)::
+
+        _print = torch.ops.aten._print.default('hello')
+        sin = torch.ops.aten.sin.default(primals_1)
+
+    becomes::
+
+        _make_token_default = torch.ops.prims._make_token.default()
+        with_effects = torch.ops.higher_order.with_effects(_make_token_default, torch.ops.aten._print.default, 'hello')
+        getitem = with_effects[0]
+        sin = torch.ops.aten.sin.default(primals_1)
+        ...
+        _sink_tokens_default = torch.ops.prims._sink_tokens.default([getitem])
+
+    Returns whether the graph had effects."""
+    graph = gm.graph
+    effects = effects_of(graph)
+    if not effects:
+        return False
+    chain = Chain(graph, lifted=False, name="", val=token_value(gm))
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        chain.begin()
+    for n in effects:
+        as_tuple = returns_tuple(n)
+        with graph.inserting_before(n):
+            items = chain.effect(n, n.args, n.kwargs)
+        if as_tuple:
+            for user in list(n.users):
+                if user.target is not operator.getitem:
+                    raise AssertionError(f"aotgrad: the results of {n.format_node()} are read "
+                                         f"by {user.format_node()}, not indexed")
+                user.replace_all_uses_with(items[user.args[1]])
+                graph.erase_node(user)
+        else:
+            n.replace_all_uses_with(items[0])
+        graph.erase_node(n)
+        for item in items:
+            if not item.users:
+                graph.erase_node(item)
+    with graph.inserting_before(graph.output_node()):
+        chain.end([])
+    gm.recompile()
+    return True
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.set_codegen(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    new = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def threading(compiler: Callable) -> Callable:
+    """``compiler``, given a copy of each graph with effects chained through a
+    token (Note [Effect tokens in compiled graphs]); graphs without effects
+    reach it as they are.  ``__wrapped__`` is ``compiler`` (which is how
+    aotgrad recognises ``nop`` behind a wrapper)."""
+    @functools.wraps(compiler)
+    def compile_threaded(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if effects_of(gm.graph):
+            gm = _copy(gm)
+            thread(gm)
+        return compiler(gm, example_inputs)
+
+    return compile_threaded
+
+
+@contextlib.contextmanager
+def backward_effects_marked():
+    """Note [Effects in the backward]: the effects recorded into the graph
+    being traced while in this context (the backward of a joint trace) are
+    marked ``BACKWARD_EFFECT``."""
+    graph = _torch.current_trace_graph()
+    start = len(graph.nodes) if graph is not None else 0
+    try:
+        yield
+    finally:
+        if graph is not None:
+            for n in itertools.islice(graph.nodes, start, None):
+                if is_effect(n) or (n.op == "call_function" and
+                                    n.target is torch.ops.higher_order.with_effects):
+                    n.meta[BACKWARD_EFFECT] = True
+
+
+def inline_node(graph: fx.Graph, n: fx.Node, dead: set[fx.Node]) -> fx.Node:
+    """``with_effects(token, op, *args)`` (``n``, made by functionalization)
+    as ``op(*args)``, inserted before it and returned: readers of its
+    results read the new node (or its items, for an op of several results);
+    ``n`` and the readers of the next token go into ``dead``, for the caller
+    to erase."""
+    _, op, *args = n.args
+    val = n.meta.get("val")
+    results = tuple(val[1:]) if isinstance(val, (list, tuple)) else (None,)
+    as_tuple = _returns_tuple(op, results)
+    with graph.inserting_before(n):
+        name = graph._target_to_str(getattr(op, "overloadpacket", None) or op.name())
+        new = _torch.add_node(graph, "call_function", op, tuple(args), dict(n.kwargs),
+                              name=name)
+    new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+    if isinstance(val, (list, tuple)):
+        new.meta["val"] = tuple(results) if as_tuple else results[0]
+    for user in list(n.users):
+        if user.target is not operator.getitem:
+            raise AssertionError(f"aotgrad: an effect not made by functionalization: "
+                                 f"{n.format_node()}")
+        k = user.args[1]
+        if k == 0:  # the next token: it only feeds later effects
+            dead.add(user)
+        elif not as_tuple:
+            user.replace_all_uses_with(new)
+            dead.add(user)
+        else:
+            user.args = (new, k - 1)
+    dead.add(n)
+    return new
 
 
 def inline(gm: fx.GraphModule) -> None:
@@ -141,31 +360,14 @@ def inline(gm: fx.GraphModule) -> None:
     dead: set[fx.Node] = set()
     sources: list[fx.Node] = []
     for n in effects:
-        token, op, *args = n.args
-        if not isinstance(op, _torch.OpOverload) or \
-                any(u.target is not operator.getitem for u in n.users):
+        token = n.args[0]
+        if not isinstance(n.args[1], (_torch.OpOverload, _torch.HigherOrderOperator)):
             raise AssertionError(f"aotgrad: an effect not made by functionalization: "
                                  f"{n.format_node()}")
         if not (token.op == "call_function" and token.target is operator.getitem and
                 token.args[0] in effects):
             sources.append(token)
-        with graph.inserting_before(n):
-            new = graph.call_function(op, tuple(args), dict(n.kwargs))
-        new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        val = n.meta.get("val")
-        num_returns = len(op._schema.returns)
-        if isinstance(val, (list, tuple)) and num_returns:
-            new.meta["val"] = val[1] if num_returns == 1 else tuple(val[1:])
-        for user in list(n.users):
-            k = user.args[1]
-            if k == 0 or num_returns == 0:
-                dead.add(user)
-            elif num_returns == 1:
-                user.replace_all_uses_with(new)
-                dead.add(user)
-            else:
-                user.args = (new, k - 1)
-        dead.add(n)
+        inline_node(graph, n, dead)
     for n in reversed(list(graph.nodes)):  # the token chain: only the chain reads it
         if n in dead:
             graph.erase_node(n)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, config, node_meta, subclass, tangents
+from . import _torch, config, node_meta, subclass, tangents, tokens
 from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_bases,
                       run_checked)
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
@@ -120,8 +120,11 @@ def trace(flat_fn: FlatFunction, fake_inputs: Sequence[torch.Tensor], sig: Signa
 #   describes them as functionalization's flags would.
 #
 # Anything else -- a mutation of a view or of a tensor with views, of
-# metadata (``t_``), through ``out=``, an op with effects, an input changed
-# without an op (``x.data = y``), a mutation kept in the graph -- raises
+# metadata (``t_``), through ``out=``, an op with effects, an op with a rule
+# of its own for functionalization (``torch.library.triton_op``'s, which
+# decomposes the op into its Triton kernels there, as torch's AOTAutograd
+# shows them to inductor), an input changed without an op
+# (``x.data = y``), a mutation kept in the graph -- raises
 # ``NotFunctional`` and the program is traced again, functionalized.  No
 # aliasing means no view to replay: the graph is the one functionalization
 # gives (``tests/test_record.py`` compares them).  One difference stays in
@@ -196,7 +199,7 @@ def _run_described(flat_fn, fake_inputs, f_args: list, known: _Known, grad_enabl
     return outs
 
 
-def _graph_values(outs: list, f_args: list, sig: Signature) -> list:
+def graph_values(outs: list, f_args: list, sig: Signature) -> list:
     """The graph outputs, in the order of Note [What the graph returns] (analyze.py)."""
     values = [f_args[i] for i in sig.mutated_inputs_out_of_graph]
     values += [outs[k] for k in sig.user_graph_outputs]
@@ -240,7 +243,7 @@ def _trace_inference(flat_fn, fake_inputs, known: _Known, decompositions) -> Tra
             f_args = _rebuild_inputs(known.sig, [known.wrap(a) for a in args])
             outs = _run_described(flat_fn, args, f_args, known, torch.is_grad_enabled())
             sig = known.sig
-            values = _graph_values(outs, f_args, sig)
+            values = graph_values(outs, f_args, sig)
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             kept = _kept_mutations(f_args, sig)
         _mutations_into_graph(args, kept, sig)
@@ -442,13 +445,14 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                 values = flat_fn(*f_args)
             diff = _differentiated(sig, loss_index)
             f_tangents = _rebuild_tangents(sig, [known.wrap(t) for t in tangents])
-            values = _graph_values(values, f_args, sig)
+            values = graph_values(values, f_args, sig)
             wrt = [p for p, info in zip(f_primals, sig.inputs) if info.requires_grad]
             grads: list = []
             writes: list = []
             if diff and wrt:
                 watch = _BackwardWatch(known, f_args, sig, f_tangents)
-                with _backward_autocast(config.backward_pass_autocast):
+                with _backward_autocast(config.backward_pass_autocast), \
+                        tokens.backward_effects_marked():  # Note [Effects in the backward]
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
                 writes = watch.writes()
                 backward_writes[:] = [w for w, _ in writes]

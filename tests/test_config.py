@@ -837,9 +837,10 @@ class TestEffectTokens(unittest.TestCase):
                 self.assertEqual(list(sig.backward_signature.gradients_to_parameters.values()),
                                  ["w"])
 
-    def test_compiled_graphs_record_the_op_itself(self):
-        # Note [Effect tokens] (record.py): the graphs aot_function compiles
-        # carry no token under either value of the option
+    def test_compiled_graphs_chain_effects_through_a_token_of_their_own(self):
+        # Note [Effect tokens in compiled graphs] (tokens.py): under either
+        # value of the option (export's), the graphs aot_function compiles
+        # make their token and sink it: the calling convention is unchanged
         def f(x):
             torch.ops.aten._print("hi")
             return x.sin()
@@ -850,11 +851,17 @@ class TestEffectTokens(unittest.TestCase):
                 comp = aotgrad.make_boxed_compiler(lambda gm, i: (graphs.append(gm), gm)[1])
                 x = torch.randn(3, requires_grad=True)
                 aotgrad.aot_function(f, comp, comp)(x).sum().backward()
-                targets = [n.target for n in graphs[0].graph.nodes]
-                self.assertIn(torch.ops.aten._print.default, targets)
-                self.assertNotIn(torch.ops.higher_order.with_effects, targets)
+                fw = graphs[0].graph
+                targets = [n.target for n in fw.nodes]
+                self.assertNotIn(torch.ops.aten._print.default, targets)
+                (effect,) = fw.find_nodes(op="call_function",
+                                          target=torch.ops.higher_order.with_effects)
+                self.assertIs(effect.args[1], torch.ops.aten._print.default)
+                self.assertIs(effect.args[0].target, torch.ops.prims._make_token.default)
+                self.assertIn(torch.ops.prims._sink_tokens.default, targets)
+                self.assertEqual([n.name for n in fw.find_nodes(op="placeholder")],
+                                 ["primals_1"])
                 torch.testing.assert_close(x.grad, x.detach().cos())
-
 
 if __name__ == "__main__":
     unittest.main()

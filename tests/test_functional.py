@@ -328,14 +328,17 @@ class TestRuntime(unittest.TestCase):
         out.sum().backward()
         torch.testing.assert_close(x.grad, 2 * g1)
 
-    def test_double_backward_is_an_error_not_a_wrong_answer(self):
+    def test_double_backward_matches_eager(self):
+        # Note [Higher-order backward]; more in tests/test_higher_order.py
         x = rand(3, rg=True)
         out = aot_function(lambda a: a.sin().exp(), nop)(x)
         (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
         torch.testing.assert_close(g, x.cos() * x.sin().exp())
         self.assertTrue(g.requires_grad)  # as in eager: it depends on x
-        with self.assertRaisesRegex(RuntimeError, "double backward"):
-            g.sum().backward()
+        (gg,) = torch.autograd.grad(g.sum(), x)
+        xe = x.detach().requires_grad_()
+        (ge,) = torch.autograd.grad(xe.sin().exp().sum(), xe, create_graph=True)
+        torch.testing.assert_close(gg, torch.autograd.grad(ge.sum(), xe)[0])
 
 
 if __name__ == "__main__":

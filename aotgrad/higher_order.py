@@ -1,0 +1,374 @@
+"""Higher-order backward: the gradients of a compiled function, differentiable.
+
+Note [Higher-order backward]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``create_graph=True`` (grad mode on inside the backward) the gradients a
+compiled function returns must themselves be differentiable: a gradient
+penalty, MAML's inner step, forces from an energy, Hessian-vector products.
+The compiled backward cannot give them: it is a graph over the forward's saved
+values, which autograd does not connect to the inputs, and it was traced with
+``create_graph=False`` -- the values of its ops are right, but not their
+autograd structure (a saved output reaches a backward formula through a
+``detach``; a ``detach`` the program itself made is an identity to the
+first-order trace and dropped, ``trace.drop_detaches``), so differentiating that
+graph again would silently drop or add terms.
+
+So the differentiable backward is another program, compiled by aotgrad
+itself, lazily at the first ``create_graph`` backward and kept on the
+compiled program (``DifferentiableBackward``):
+
+    vjp(*graph_inputs, *tangents) = autograd.grad(program(*graph_inputs),
+                                                  inputs that require grad,
+                                                  tangents, create_graph=True)
+
+It runs the traced program again (``VJPProgram``: the same flat function,
+hence the same user code, custom autograd.Functions' own backwards and
+detaches included) and differentiates it as eager does; its own forward and
+backward graphs come out of the usual pipeline -- the user's compilers and
+``partition_fn`` (so saved values, recomputation and the activation memory
+budget follow the partitioner at this level too), guards, a fast path.  Its
+backward with ``create_graph=True`` is the same construction one level up:
+gradients of gradients of gradients, to any order.
+
+What the backward needs for it are the graph inputs, as they were at the
+forward.  An input the compiled forward saves as it is (a ``Saved`` output
+that is the placeholder itself) comes back from ``ctx.saved_tensors`` with its
+autograd history (inputs saved with ``save_for_backward`` keep it; checked:
+a compiler returning a copy there is an error at that backward).  The others
+(``extras``: biases, ...) are kept on ``ctx.aotgrad_inputs`` by the forward,
+one tuple, and dropped by a first-order backward that does not keep the
+graph, as autograd drops its saved values; the version counters of those the
+gradients read (``versioned``: the placeholders the saved values depend on)
+are recorded too, and a create_graph backward after one of them changed in
+place raises autograd's error instead of differentiating the new value.  The
+first-order path is otherwise unchanged: the compiled backward under no_grad.
+
+Refused -- the gradients are still computed (the compiled backward, exact
+values), but tied to a node that raises, naming the reason, when autograd
+differentiates them; the forward then keeps the inputs that require grad it
+does not save, so that the node is reached from each of them (``refused``:
+never a gradient detached from an input it depends on).  Refused are: random
+ops the saved values depend on (a second run draws other numbers: dropout),
+in-place changes of an input that requires grad, or of one whose old value
+the gradients read (BatchNorm's running statistics are fine: the gradients do
+not read them, ``_UNREAD_ARGUMENTS``, and the second run changes a copy), a
+backward that writes to tensors (Note [Mutations in the backward]),
+gradients autograd refuses in part (Note [Poisoned gradients]), tensor
+subclass inputs or outputs, programs traced under autocast, and programs
+compiled without a way to compile the second program
+(``CompileOptions.compile_function``: export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from . import _torch
+from .analyze import Signature
+from .descriptors import DESC, Primal
+from .partition import Partitioned
+from .trace import graph_values
+
+
+@dataclass(frozen=True)
+class HigherOrderPlan:
+    """Where a create_graph backward finds each graph input, decided at compile time."""
+    refusal: str | None                 # why the gradients are not differentiable (None: they are)
+    saved_slot: tuple[int | None, ...]  # per graph input: its saved-tensor index, if saved as is
+    extras: tuple[int, ...] = ()        # graph inputs kept on ctx.aotgrad_inputs by the forward
+    versioned: tuple[int, ...] = ()     # of those, the tensors whose version is recorded
+    cloned: frozenset[int] = frozenset()  # inputs the program mutates (copied for the second run)
+
+
+#: Note [Higher-order backward]: arguments an op's results (all: None) do not
+#: read: op -> (results, arguments, condition on the node).  Training batch
+#: norm's output and batch statistics do not read the running statistics (only
+#: their new values do), nor does its backward, which is passed them; so a
+#: program may update them in place and still be differentiated twice.
+_UNREAD_ARGUMENTS: dict = {
+    _torch.aten._native_batch_norm_legit_functional.default:
+        ((0, 1, 2), (3, 4), lambda n: len(n.args) > 5 and n.args[5] is True),
+    _torch.aten.native_batch_norm_backward.default:
+        (None, (3, 4), lambda n: len(n.args) > 7 and n.args[7] is True),
+}
+
+
+def _reads(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user``'s results read ``value`` (one of its arguments)."""
+    rule = _UNREAD_ARGUMENTS.get(user.target)
+    if rule is None or rule[0] is not None or not rule[2](user) or \
+            any(a is value for a in user.kwargs.values()):
+        return True
+    return any(a is value for k, a in enumerate(user.args) if k not in rule[1])
+
+
+def _read_by(values: list) -> set[fx.Node]:
+    """The nodes ``values`` depend on (inclusive), through ``_UNREAD_ARGUMENTS``."""
+    seen: set[fx.Node] = set()
+    stack = [v for v in values if isinstance(v, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        inputs = n.all_input_nodes
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            source = n.args[0]
+            rule = _UNREAD_ARGUMENTS.get(source.target)
+            if rule is not None and rule[0] is not None and n.args[1] in rule[0] and \
+                    rule[2](source):
+                unread = {source.args[k] for k in rule[1] if k < len(source.args)}
+                inputs = [a for a in source.all_input_nodes if a not in unread]
+        stack.extend(inputs)
+    return seen
+
+
+def _is_random(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    if isinstance(n.target, _torch.OpOverload):
+        return torch.Tag.nondeterministic_seeded in n.target.tags
+    return isinstance(n.target, _torch.HigherOrderOperator) and \
+        n.target.name() == "run_and_save_rng_state"
+
+
+def _placeholder_index(k: int, p: fx.Node) -> int:
+    desc = p.meta.get(DESC)
+    return desc.index if isinstance(desc, Primal) else k
+
+
+def plan_higher_order(parts: Partitioned, sig: Signature, *, program: Callable | None,
+                      can_compile: bool, subclasses: bool, poisoned: bool,
+                      backward_writes: bool) -> HigherOrderPlan:
+    """Note [Higher-order backward]: what the forward keeps, or why it keeps nothing."""
+    fw = parts.fw_gm.graph
+    placeholders = fw.find_nodes(op="placeholder")
+    start = parts.num_fwd_outputs
+    saved = list(fw.output_node().args[0][start:start + parts.num_saved_tensors +
+                                           parts.num_saved_symints])
+    bw_inputs = parts.bw_gm.graph.find_nodes(op="placeholder")
+    ns = parts.num_saved_symints
+    # saved values the backward reads (a backward taking one it ignores does not)
+    used = [s for j, s in enumerate(saved) if j >= parts.num_saved_tensors or
+            ns + j >= len(bw_inputs) or
+            any(_reads(u, bw_inputs[ns + j]) for u in bw_inputs[ns + j].users)]
+    needed = _read_by(used)
+    index = {p: _placeholder_index(k, p) for k, p in enumerate(placeholders)}
+    read = {index[p] for p in placeholders if p in needed}   # the gradients read these
+    n = len(sig.inputs)
+    slot: list[int | None] = [None] * n
+    for j, s in enumerate(saved[:parts.num_saved_tensors]):
+        if isinstance(s, fx.Node) and s in index and index[s] < n and slot[index[s]] is None:
+            slot[index[s]] = j
+    refusal = _refusal(sig, needed, read, program=program, can_compile=can_compile,
+                       subclasses=subclasses, poisoned=poisoned, backward_writes=backward_writes)
+    if refusal is not None or len(placeholders) != n:
+        if subclasses or len(placeholders) != n:  # placeholders are plain tensors
+            slot = [None] * n
+        return refused(sig, refusal or "its forward graph does not take one input per graph "
+                       "input", tuple(slot))
+    extras = tuple(i for i in range(n) if slot[i] is None)
+    tensors = {index[p] for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)}
+    return HigherOrderPlan(None, tuple(slot), extras,
+                           tuple(i for i in extras if i in read and i in tensors),
+                           frozenset(i for i, x in enumerate(sig.inputs) if x.mutated))
+
+
+def refused(sig: Signature, reason: str, saved_slot: tuple | None = None) -> HigherOrderPlan:
+    """A plan whose create_graph backward ties its gradients to an error: the
+    forward keeps the inputs that require grad it does not save, so that the
+    error is reached from each of them (never a gradient detached from one)."""
+    slot = saved_slot or (None,) * len(sig.inputs)
+    return HigherOrderPlan(reason, slot, tuple(i for i, x in enumerate(sig.inputs)
+                                               if x.requires_grad and slot[i] is None))
+
+
+def _refusal(sig: Signature, needed: set, read: set[int], *, program: Callable | None,
+             can_compile: bool, subclasses: bool, poisoned: bool,
+             backward_writes: bool) -> str | None:
+    if program is None or not can_compile:
+        return "it was compiled by an entry point that makes no second program (export, " \
+            "or a program loaded from the disk cache without its function)"
+    if subclasses:
+        return "it has tensor subclass inputs or outputs"
+    if poisoned:
+        return "autograd refuses part of its backward (Note [Poisoned gradients])"
+    if backward_writes:
+        return "its backward writes in place to an input or to the gradient it is given"
+    if any(_torch.autocast_state()):
+        return "it was compiled under autocast"
+    random = next((m for m in needed if _is_random(m)), None)
+    if random is not None:
+        return (f"its saved values depend on a random op ({random.format_node()}); the "
+                "differentiable backward runs the program again, which would draw other "
+                "random numbers")
+    for i, x in enumerate(sig.inputs):
+        if x.changed and (x.requires_grad or x.requires_grad_after):
+            return f"it changes input {i}, which requires grad, in place"
+        if x.mutated and i in read:
+            return (f"its gradients read the value input {i} had before the program "
+                    "mutated it in place")
+    return None
+
+
+class VJPProgram:
+    """Note [Higher-order backward]: ``(*graph_inputs, *tangents) -> one
+    gradient (or None) per graph input``, made differentiable by running
+    ``program`` (the traced flat function) again under autograd."""
+
+    def __init__(self, program: Callable, sig: Signature, cloned: frozenset[int]):
+        self.program = program
+        self.sig = sig
+        self.cloned = cloned
+        self.num_inputs = len(sig.inputs)
+        self.diff = [k for k, m in enumerate(sig.tangent_mask) if m]
+        self.wrt = [i for i, x in enumerate(sig.inputs) if x.requires_grad]
+        self.__name__ = f"{getattr(program, '__name__', type(program).__name__)}_backward"
+
+    def __call__(self, *args: Any) -> tuple:
+        n = self.num_inputs
+        # inputs the program mutates (whose old values the gradients do not read):
+        # the second run changes copies, not the caller's tensors
+        primals = [a.clone() if k in self.cloned else a for k, a in enumerate(args[:n])]
+        values = graph_values(self.program(*primals), primals, self.sig)
+        grads = torch.autograd.grad([values[k] for k in self.diff],
+                                    [primals[i] for i in self.wrt], list(args[n:]),
+                                    allow_unused=True, create_graph=True)
+        out: list = [None] * n
+        for i, g in zip(self.wrt, grads):
+            out[i] = g
+        return tuple(out)
+
+
+class DifferentiableBackward:
+    """The create_graph half of a compiled program's backward (Note
+    [Higher-order backward]); the second program is compiled at its first call."""
+
+    def __init__(self, plan: HigherOrderPlan, program: Callable | None, sig: Signature,
+                 options: Any, num_saved_symints: int, num_saved_tensors: int,
+                 num_params_buffers: int = 0):
+        self.plan = plan
+        self.program = program
+        self.sig = sig
+        self.options = options
+        self.num_saved_symints = num_saved_symints
+        self.num_saved_tensors = num_saved_tensors
+        self.num_params_buffers = num_params_buffers
+        self._vjp: Callable | None = None
+
+    @property
+    def extras(self) -> tuple[int, ...]:
+        return self.plan.extras
+
+    @property
+    def versioned(self) -> tuple[int, ...]:
+        return self.plan.versioned
+
+    def function(self) -> Callable:
+        """The compiled second program, made at its first use."""
+        if self._vjp is None:
+            options = dataclasses.replace(self.options, keep_inference_input_mutations=False,
+                                          num_params_buffers=self.num_params_buffers)
+            self._vjp = self.options.compile_function(
+                VJPProgram(self.program, self.sig, self.plan.cloned), options)
+        return self._vjp
+
+    def __call__(self, ctx: Any, backward: Callable, args: list) -> tuple[list, list | None]:
+        """The gradients, and (when they cannot be differentiable) the backward's
+        inputs to tie them to with ``refuse``."""
+        ns, nt = self.num_saved_symints, self.num_saved_tensors
+        if self.plan.refusal is not None:
+            kept = [*args[ns:], *(ctx.aotgrad_inputs or () if self.plan.extras else ())]
+            ctx.maybe_clear_saved_tensors()
+            if self.plan.extras and not _torch.keeps_graph():
+                ctx.aotgrad_inputs = None
+            with torch.no_grad(), _torch.autocast_disabled():
+                grads = list(backward(args))
+            return grads, kept
+        saved, tangents = args[ns:ns + nt], args[ns + nt:]
+        primals = self._inputs(ctx, saved)
+        ctx.maybe_clear_saved_tensors()
+        if self.plan.extras and not _torch.keeps_graph():
+            ctx.aotgrad_inputs = None
+        args.clear()
+        with _torch.autocast_disabled():  # Note [Autocast is traced in] (runtime.py)
+            grads = self.function()(*primals, *tangents)
+        return list(grads), None
+
+    def _inputs(self, ctx: Any, saved: list) -> list:
+        plan = self.plan
+        extras = ctx.aotgrad_inputs if plan.extras else ()
+        if extras is None:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (or directly access saved "
+                "tensors after they have already been freed). Saved intermediate values of the "
+                "graph are freed when you call .backward() or autograd.grad(). Specify "
+                "retain_graph=True if you need to backward through the graph a second time or "
+                "if you need to access saved tensors after calling backward.")
+        if plan.versioned:
+            self._check_versions(ctx, extras)
+        position = {i: k for k, i in enumerate(plan.extras)}
+        primals = []
+        for i, j in enumerate(plan.saved_slot):
+            if j is None:
+                primals.append(extras[position[i]])
+                continue
+            value = saved[j]
+            if self.sig.inputs[i].requires_grad and not value.requires_grad:
+                raise RuntimeError(
+                    f"aotgrad: the compiled forward returned a copy of input {i} where it saves "
+                    "the input itself, so the gradient's own gradient cannot reach it. A "
+                    "differentiable backward (create_graph=True) needs a forward compiler that "
+                    "returns the graph's inputs as they are.")
+            primals.append(value)
+        return primals
+
+    def _check_versions(self, ctx: Any, extras: tuple) -> None:
+        versions = ctx.aotgrad_versions
+        position = {i: k for k, i in enumerate(self.plan.extras)}
+        for k, i in enumerate(self.plan.versioned):
+            t = extras[position[i]]
+            if versions is None or t._version != versions[k]:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified "
+                    f"by an inplace operation: input {i} of the compiled function "
+                    f"({type(t).__name__} of shape {list(t.shape)}) is at version {t._version}; "
+                    f"expected version {versions[k] if versions else '(unknown)'} instead. "
+                    "(aotgrad's differentiable backward, Note [Higher-order backward], runs the "
+                    "program again on its inputs as they were at the forward.)")
+
+    def refuse(self, grads: list, kept: list) -> tuple:
+        """Gradients that raise a clear error if autograd differentiates them."""
+        present = [k for k, g in enumerate(grads) if g is not None]
+        if not present:
+            return tuple(grads)
+        # the gradients may depend on inputs the backward was not given: tied to a
+        # leaf of their own when nothing it was given requires grad, never detached
+        deps = [t for t in kept if isinstance(t, torch.Tensor) and t.requires_grad] or \
+            [torch.zeros((), requires_grad=True)]
+        wrapped = _RefuseDoubleBackward.apply(self.plan.refusal, len(present),
+                                              *[grads[k] for k in present], *deps)
+        out = list(grads)
+        for k, g in zip(present, wrapped):
+            out[k] = g
+        return tuple(out)
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, reason, num_grads, *tensors):
+        ctx.reason = reason
+        return tuple(t.clone() for t in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "aotgrad: differentiating the gradient of this compiled function (double backward, "
+            f"e.g. a gradient penalty) is not supported: {ctx.reason} (Note [Higher-order "
+            "backward]). Run that part of the model eagerly.")

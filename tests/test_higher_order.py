@@ -1,0 +1,470 @@
+"""Higher-order backward through compiled functions (Note [Higher-order backward],
+aotgrad/higher_order.py): gradients of gradients, each compared with eager in float64."""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import aotgrad
+from aotgrad import aot_function, aot_module, aot_module_simplified, nop
+from aotgrad.budget import min_cut_rematerialization_partition
+
+D = torch.float64
+assert_close = torch.testing.assert_close
+
+
+def leaf(*shape, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return torch.randn(*shape, dtype=D, requires_grad=True)
+
+
+def mlp(x, w1, b1, w2, b2):
+    """A 2-layer tanh MLP, energy-like scalar output per row."""
+    return torch.tanh(torch.tanh(x @ w1 + b1) @ w2 + b2)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=3, d_hidden=5, d_out=2):
+        super().__init__()
+        self.l1 = nn.Linear(d_in, d_hidden, dtype=D)
+        self.l2 = nn.Linear(d_hidden, d_out, dtype=D)
+
+    def forward(self, x):
+        return torch.tanh(self.l2(torch.tanh(self.l1(x))))
+
+
+def mlp_args(n=4, seed=0):
+    torch.manual_seed(seed)
+    return [leaf(n, 3), leaf(3, 5), leaf(5), leaf(5, 2), leaf(2)]
+
+
+def three_orders(fn, args):
+    """First, second and third derivatives (each a list over ``args``)."""
+    y = fn(*args).sum()
+    g = torch.autograd.grad(y, args, create_graph=True, allow_unused=True)
+    s = sum((gi ** 2).sum() for gi in g if gi is not None)
+    h = torch.autograd.grad(s, args, create_graph=True, allow_unused=True)
+    k = torch.autograd.grad(sum(hi.sin().sum() for hi in h if hi is not None), args,
+                            allow_unused=True)
+    return [*g, *h, *k]   # None where eager's is None too (assert_all_close)
+
+
+def assert_all_close(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+
+
+class Counting:
+    """A compiler (nop underneath) that counts the graphs it compiles."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return nop(gm, example_inputs)
+
+
+# ---------------------------------------------------------------- MLP, orders 2 and 3
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mlp_second_and_third_order_aot_function(dynamic):
+    fw, bw = Counting(), Counting()
+    compiled = aot_function(mlp, fw, bw, dynamic=dynamic)
+    for n in (4, 6):
+        args = mlp_args(n)
+        assert_all_close(three_orders(compiled, args), three_orders(mlp, args))
+    # each level is a program compiled by the user's compilers: the function, its
+    # differentiable backward, and that one's
+    assert fw.graphs >= 3 and bw.graphs >= 3
+
+
+def _module_orders(call, model, x):
+    params = [x, *model.parameters()]
+    return three_orders(lambda *_: call(x), params)
+
+
+def test_mlp_second_and_third_order_aot_module():
+    model = MLP()
+    compiled = aot_module(model, nop)
+    for n in (4, 6):
+        x = leaf(n, 3, seed=n)
+        assert_all_close(_module_orders(compiled, model, x), _module_orders(model, model, x))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mlp_second_and_third_order_torch_compile(backend, dynamic):
+    torch._dynamo.reset()
+    model = MLP()
+    compiled = torch.compile(model, backend=getattr(aotgrad.backends, backend), dynamic=dynamic)
+    for n in (4, 6):
+        x = leaf(n, 3, seed=n)
+        assert_all_close(_module_orders(compiled, model, x), _module_orders(model, model, x))
+
+
+def test_aot_module_simplified_double_backward():
+    model = MLP()
+    x = leaf(4, 3, seed=1)
+    compiled = aot_module_simplified(model, [x], nop)
+    assert_all_close(_module_orders(lambda x: compiled(x), model, x),
+                     _module_orders(model, model, x))
+
+
+# ---------------------------------------------------------------- gradcheck
+
+def test_gradcheck_and_gradgradcheck():
+    compiled = aot_function(mlp, nop)
+    args = mlp_args(3)
+    assert torch.autograd.gradcheck(compiled, args)
+    assert torch.autograd.gradgradcheck(compiled, args)
+
+
+def test_gradgradcheck_min_cut_and_module():
+    compiled = aot_function(lambda x, w: (x @ w).sin().exp() * x.sum(), nop,
+                            partition_fn=min_cut_rematerialization_partition)
+    args = [leaf(3, 4, seed=2), leaf(4, 2)]
+    assert torch.autograd.gradgradcheck(compiled, args)
+    model = MLP()
+    mod = aot_module(model, nop)
+    assert torch.autograd.gradgradcheck(mod, [leaf(2, 3, seed=3)])
+
+
+# ---------------------------------------------------------------- models that need it
+
+def _wgan_gp_step(critic, params, real, fake, eps):
+    interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    out = critic(interp)
+    (g,) = torch.autograd.grad(out.sum(), interp, create_graph=True)
+    penalty = ((g.norm(2, dim=1) - 1) ** 2).mean()
+    loss = out.mean() - critic(fake).mean() + 10 * penalty
+    loss.backward()
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("how", ["aot_module", "aot_eager"])
+def test_wgan_gp_critic_step(how):
+    critic = MLP(3, 8, 1)
+    eager_critic = copy.deepcopy(critic)
+    if how == "aot_module":
+        compiled = aot_module(critic, nop)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(critic, backend=aotgrad.backends.aot_eager)
+    torch.manual_seed(4)
+    real, fake = torch.randn(6, 3, dtype=D), torch.randn(6, 3, dtype=D)
+    eps = torch.rand(6, 1, dtype=D)
+    got = _wgan_gp_step(compiled, list(critic.parameters()), real, fake, eps)
+    want = _wgan_gp_step(eager_critic, list(eager_critic.parameters()), real, fake, eps)
+    assert_all_close(got, want)
+
+
+def _functional_mlp(params, x):
+    w1, b1, w2, b2 = params
+    return torch.tanh(x @ w1 + b1) @ w2 + b2
+
+
+def _maml_step(model, params, xs, ys, xq, yq, lr=0.1):
+    inner = F.mse_loss(model(params, xs), ys)
+    grads = torch.autograd.grad(inner, params, create_graph=True)
+    fast = [p - lr * g for p, g in zip(params, grads)]
+    inner2 = F.mse_loss(model(fast, xs), ys)      # a second inner step
+    grads2 = torch.autograd.grad(inner2, fast, create_graph=True)
+    fast = [p - lr * g for p, g in zip(fast, grads2)]
+    outer = F.mse_loss(model(fast, xq), yq)
+    outer.backward()
+    return [p.grad.clone() for p in params]
+
+
+def test_maml_inner_and_outer_step():
+    compiled = aot_function(_functional_mlp, nop)
+    torch.manual_seed(5)
+    xs, ys, xq, yq = (torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D),
+                      torch.randn(7, 3, dtype=D), torch.randn(7, 2, dtype=D))
+    params = [leaf(3, 5), leaf(5), leaf(5, 2), leaf(2)]
+    eager_params = [p.detach().clone().requires_grad_() for p in params]
+    got = _maml_step(compiled, params, xs, ys, xq, yq)
+    want = _maml_step(_functional_mlp, eager_params, xs, ys, xq, yq)
+    assert_all_close(got, want)
+
+
+def test_hessian_vector_product():
+    def f(x, w):
+        return ((x @ w).tanh() ** 2).sum() + (x ** 3).sum()
+
+    compiled = aot_function(f, nop)
+    x, w = leaf(4, 3, seed=6), leaf(3, 3)
+    v = torch.randn(4, 3, dtype=D)
+
+    def hvp(fn):
+        (g,) = torch.autograd.grad(fn(x, w), x, create_graph=True)
+        return torch.autograd.grad(g, x, v)[0]
+
+    assert_close(hvp(compiled), hvp(f))
+    hessian = torch.autograd.functional.hessian(lambda x: f(x, w), x)
+    assert_close(hvp(compiled), (hessian.reshape(12, 12) @ v.reshape(12)).reshape(4, 3))
+
+
+class Energy(nn.Module):
+    """A pairwise energy of 3-d positions (a tiny force field)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 8, dtype=D), nn.Tanh(), nn.Linear(8, 1, dtype=D))
+
+    def forward(self, pos):
+        diff = pos[:, None, :] - pos[None, :, :]
+        dist = (diff.pow(2).sum(-1) + 1e-3).sqrt()
+        return self.net(dist.unsqueeze(-1)).sum()
+
+
+def _force_step(model, params, pos, target_e, target_f):
+    pos = pos.clone().requires_grad_(True)
+    energy = model(pos)
+    (g,) = torch.autograd.grad(energy, pos, create_graph=True)
+    forces = -g
+    loss = (energy - target_e) ** 2 + ((forces - target_f) ** 2).mean()
+    loss.backward()
+    return [p.grad.clone() for p in params] + [forces.detach()]
+
+
+@pytest.mark.parametrize("how", ["aot_module", "inductor"])
+def test_energy_forces_training_step(how):
+    model = Energy()
+    eager_model = copy.deepcopy(model)
+    if how == "aot_module":
+        compiled = aot_module(model, nop)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=aotgrad.backends.inductor)
+    torch.manual_seed(7)
+    pos, target_f = torch.randn(5, 3, dtype=D), torch.randn(5, 3, dtype=D)
+    target_e = torch.tensor(0.5, dtype=D)
+    got = _force_step(compiled, list(model.parameters()), pos, target_e, target_f)
+    want = _force_step(eager_model, list(eager_model.parameters()), pos, target_e, target_f)
+    assert_all_close(got, want)
+
+
+# ---------------------------------------------------------------- what the backward keeps
+
+def test_inputs_not_requiring_grad_and_outputs_aliasing_inputs():
+    def f(x, w, c):
+        return (x @ w).sin() * c, w.view(-1), x.t()
+
+    compiled = aot_function(f, nop)
+    x, w, c = leaf(3, 4, seed=8), leaf(4, 2), torch.randn(3, 2, dtype=D)
+
+    def orders(fn):
+        a, wv, xt = fn(x, w, c)
+        y = a.sum() + (wv ** 2).sum() + (xt ** 3).sum()
+        g = torch.autograd.grad(y, [x, w], create_graph=True)
+        return [*g, *torch.autograd.grad(sum((gi ** 2).sum() for gi in g), [x, w])]
+
+    assert_all_close(orders(compiled), orders(f))
+
+
+def test_retain_graph_then_create_graph_and_freeing():
+    compiled = aot_function(lambda x, b: (x * 2 + b).sin().sum(), nop)
+    x = leaf(3, seed=9)
+    b = leaf(3) * 1.0     # not a leaf: only aotgrad's ctx could keep it alive
+    out = compiled(x, b)
+    eager = (x * 2 + b).sin().sum()
+    torch.autograd.grad(out, [x, b], retain_graph=True)
+    g = torch.autograd.grad(out, [x, b], create_graph=True)
+    ge = torch.autograd.grad(eager, [x, b], create_graph=True)
+    assert_all_close(torch.autograd.grad(sum(gi.sum() for gi in g), [x]),
+                     torch.autograd.grad(sum(gi.sum() for gi in ge), [x]))
+    # a first-order backward that does not keep the graph lets go of the inputs
+    out = compiled(x, b)
+    ref = weakref.ref(b)
+    out.backward()
+    del b
+    gc.collect()
+    assert ref() is None and out.grad_fn is not None
+
+
+def test_input_changed_after_the_forward_is_an_error():
+    compiled = aot_function(lambda x, b: (x * 2 + b).sin().sum(), nop)
+    x, b = leaf(3, seed=10), leaf(3) * 1.0
+    out = compiled(x, b)
+    with torch.no_grad():
+        b.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, [x], create_graph=True)
+
+
+def test_batch_norm_running_stats_are_updated_once():
+    model = nn.Sequential(nn.Linear(3, 4, dtype=D), nn.BatchNorm1d(4, dtype=D), nn.Tanh(),
+                          nn.Linear(4, 1, dtype=D))
+    eager = copy.deepcopy(model)
+    compiled = aot_module(model, nop)
+    x = leaf(6, 3, seed=11)
+    got = _module_orders(compiled, model, x)
+    want = _module_orders(eager, eager, x)
+    assert_all_close(got, want)
+    assert_close(model[1].running_mean, eager[1].running_mean)
+    assert_close(model[1].running_var, eager[1].running_var)
+    assert model[1].num_batches_tracked.item() == eager[1].num_batches_tracked.item() == 1
+
+
+def test_saved_tensor_hooks():
+    calls = []
+
+    def pack(t):
+        calls.append(1)
+        return t * 1
+
+    def unpack(t):
+        return t
+
+    compiled = aot_function(mlp, nop)
+    args = mlp_args(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        got = three_orders(compiled, args)
+        want = three_orders(mlp, args)
+    assert_all_close(got, want)
+    assert calls
+
+
+def test_memory_budget_applies_at_each_level():
+    partitions = []
+
+    def partition(joint, inputs, **kw):
+        partitions.append(joint)
+        return min_cut_rematerialization_partition(joint, inputs, **kw)
+
+    compiled = aot_function(mlp, nop, partition_fn=partition)
+    args = mlp_args(4)
+    with aotgrad.config.patch(activation_memory_budget=0.3):
+        assert_all_close(three_orders(compiled, args), three_orders(mlp, args))
+    assert len(partitions) >= 3   # the function, its backward, and that one's
+
+
+# ---------------------------------------------------------------- refused, clearly
+
+def test_random_ops_are_refused_when_differentiated():
+    def f(x, w):
+        return F.dropout(x @ w, 0.5).tanh().sum()
+
+    compiled = aot_function(f, nop)
+    x, w = leaf(4, 3, seed=12), leaf(3, 5)
+    torch.manual_seed(0)
+    g = torch.autograd.grad(compiled(x, w), [x, w], create_graph=True)
+    torch.manual_seed(0)
+    ge = torch.autograd.grad(f(x, w), [x, w], create_graph=True)
+    assert_all_close(g, ge)           # the gradients themselves are right
+    assert g[0].requires_grad
+    with pytest.raises(RuntimeError, match="random op.*native_dropout"):
+        torch.autograd.grad(g[0].sum(), x)
+
+
+def test_mutation_whose_old_value_the_gradients_read_is_refused():
+    def f(buf, w):
+        buf.add_(1)       # a second run would add 1 again: refused
+        return (buf * w).sin().sum()
+
+    compiled = aot_function(f, nop)
+    buf, w = torch.randn(3, dtype=D), leaf(3, seed=13)
+    buf_e = buf.clone()
+    (g,) = torch.autograd.grad(compiled(buf, w), w, create_graph=True)
+    (ge,) = torch.autograd.grad(f(buf_e, w), w, create_graph=True)
+    assert_close(g, ge)
+    assert_close(buf, buf_e)
+    with pytest.raises(RuntimeError, match="value input 0 had before the program mutated it"):
+        g.sum().backward()
+
+
+def test_program_that_reads_a_value_double_backward():
+    # Note [Values read while tracing]: the second program answers the reads as the first
+    def f(x, w):
+        y = (x @ w).tanh()
+        return y * 2 if bool(x.sum() > 0) else y * 3
+
+    compiled = aot_function(f, nop)
+    for sign in (1, -1):
+        args = [(leaf(3, 4, seed=14).abs() * sign).detach().requires_grad_(), leaf(4, 2)]
+        assert_all_close(three_orders(compiled, args), three_orders(f, args))
+
+
+def test_symbolic_size_inputs_under_torch_compile():
+    torch._dynamo.reset()
+
+    def f(x, w):
+        return (x.reshape(x.shape[0] * 2, -1) @ w).tanh()
+
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager, dynamic=True)
+    for n in (2, 3):
+        args = [leaf(n, 6, seed=n), leaf(3, 2)]
+        assert_all_close(three_orders(compiled, args), three_orders(f, args))
+
+
+def test_subclass_inputs_are_refused_when_differentiated():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def f(x):
+        return (x.sin() * x).sum()
+
+    compiled = aot_function(f, nop)
+    a, b = leaf(3, seed=15), leaf(3)
+    x = TwoTensor(a.detach(), b.detach()).requires_grad_(True)
+    (g,) = torch.autograd.grad(compiled(x), x, create_graph=True)
+    (ge,) = torch.autograd.grad(f(x), x, create_graph=True)
+    assert_close(g.a, ge.a)
+    assert_close(g.b, ge.b)
+    with pytest.raises(RuntimeError, match="tensor subclass inputs or outputs"):
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_backward_writes_are_refused_when_differentiated():
+    class WritesSaved(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            ctx.save_for_backward(y)
+            return x * y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            y.mul_(2)   # Note [Mutations in the backward]
+            return g * y, None
+
+    def f(x, y):
+        return WritesSaved.apply(x, y).sin().sum()
+
+    compiled = aot_function(f, nop)
+    x, y = leaf(3, seed=16), torch.randn(3, dtype=D)
+    y_e = y.clone()
+    (g,) = torch.autograd.grad(compiled(x, y), x, create_graph=True)
+    (ge,) = torch.autograd.grad(f(x, y_e), x, create_graph=True)
+    assert_close(g, ge)
+    assert_close(y, y_e)
+    with pytest.raises(RuntimeError, match="its backward writes in place"):
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_program_loaded_from_the_disk_cache(tmp_path):
+    from torch._dynamo.utils import counters
+    from aotgrad import AOTAutogradCache
+
+    counters.clear()
+    model = MLP()
+    gm = torch.fx.symbolic_trace(model)
+    x = leaf(4, 3, seed=17)
+    with aotgrad.config.patch(enable_autograd_cache=True, cache_dir=str(tmp_path)):
+        AOTAutogradCache.clear()
+        aot_module_simplified(gm, [x], nop)
+        AOTAutogradCache._memory.clear()   # as in a new process: built from the disk entry
+        compiled = aot_module_simplified(gm, [x], nop)
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1
+        got = _module_orders(lambda x: compiled(x), model, x)
+        AOTAutogradCache.clear()
+    assert_all_close(got, _module_orders(model, model, x))
