@@ -72,7 +72,7 @@ import torch.fx as fx
 from . import _torch
 from .analyze import Signature
 from .descriptors import DESC, Primal
-from .partition import Partitioned
+from .partition import Partitioned, reachable
 from .trace import graph_values
 
 
@@ -110,23 +110,19 @@ def _reads(user: fx.Node, value: fx.Node) -> bool:
 
 def _read_by(values: list) -> set[fx.Node]:
     """The nodes ``values`` depend on (inclusive), through ``_UNREAD_ARGUMENTS``."""
-    seen: set[fx.Node] = set()
-    stack = [v for v in values if isinstance(v, fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        inputs = n.all_input_nodes
-        if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
-            source = n.args[0]
-            rule = _UNREAD_ARGUMENTS.get(source.target)
-            if rule is not None and rule[0] is not None and n.args[1] in rule[0] and \
-                    rule[2](source):
-                unread = {source.args[k] for k in rule[1] if k < len(source.args)}
-                inputs = [a for a in source.all_input_nodes if a not in unread]
-        stack.extend(inputs)
-    return seen
+    return reachable(values, _read_inputs)
+
+
+def _read_inputs(n: fx.Node) -> list[fx.Node]:
+    """The inputs of ``n`` whose values it reads (``_UNREAD_ARGUMENTS``)."""
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        source = n.args[0]
+        rule = _UNREAD_ARGUMENTS.get(source.target)
+        if rule is not None and rule[0] is not None and n.args[1] in rule[0] and \
+                rule[2](source):
+            unread = {source.args[k] for k in rule[1] if k < len(source.args)}
+            return [a for a in source.all_input_nodes if a not in unread]
+    return n.all_input_nodes
 
 
 def _is_random(n: fx.Node) -> bool:

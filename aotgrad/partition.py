@@ -96,7 +96,8 @@ def _backward_effects(graph: fx.Graph, tangents: list[fx.Node]) -> tuple[fx.Node
     return tuple(n for n in effects if n in side)
 
 
-def _reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.Node]:
+def reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.Node]:
+    """The nodes reached from ``start`` (inclusive) by ``step(node)``, not past ``stop``."""
     seen: set[fx.Node] = set()
     stack = [n for n in start if isinstance(n, fx.Node)]
     while stack:
@@ -111,12 +112,12 @@ def _reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.N
 
 def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
     """Nodes that ``outputs`` depend on (inclusive), not walking past ``stop``."""
-    return _reachable(outputs, lambda n: n.all_input_nodes, stop)
+    return reachable(outputs, lambda n: n.all_input_nodes, stop)
 
 
 def descendants(inputs: Iterable) -> set[fx.Node]:
     """Nodes that depend on ``inputs`` (inclusive)."""
-    return _reachable(inputs, lambda n: n.users)
+    return reachable(inputs, lambda n: n.users)
 
 
 def impure_calls(graph: fx.Graph) -> set[fx.Node]:

@@ -105,3 +105,31 @@ def tiny_llama():
     model = transformers.LlamaForCausalLM(cfg)
     ids = torch.randint(0, 64, (2, 8))
     return model, ids, aotgrad.aot_module(model, aotgrad.nop)
+
+
+def run_ranks(worker, world: int, *args) -> list[dict]:
+    """Run ``worker(rank, port, *args, queue)`` in ``world`` spawned processes
+    (a rendezvous port on 127.0.0.1); each puts one report dict on the queue,
+    with an ``"error"`` key if it failed.  The reports, by rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        reports = [queue.get(timeout=240) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    for report in reports:
+        assert "error" not in report, report.get("error")
+    return sorted(reports, key=lambda r: r.get("rank", 0))

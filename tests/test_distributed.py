@@ -10,23 +10,15 @@ Losses and the full (gathered) parameters must agree after every step.
 
 import functools
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 WORLD = 2
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(model, steps, x, y):
@@ -114,21 +106,9 @@ def _worker(rank: int, port: int, queue) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_dtensor_mlp_trains_like_eager_on_two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        reports = [queue.get(timeout=240) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    for report in reports:
-        assert "error" not in report, report.get("error")
+    from helpers import run_ranks
+
+    for report in run_ranks(_worker, WORLD):
         for name in ("aot_module", "torch.compile", "budget 0"):
             assert report[name]["losses_equal"], (name, report)
             assert report[name]["params_equal"], (name, report)

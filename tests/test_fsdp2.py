@@ -42,13 +42,11 @@ wrong reduce-scatter of gradients would show in the parameters.
 import functools
 import os
 import shutil
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -96,12 +94,6 @@ class Model(nn.Module):
         x = self.blocks[0](x)
         x = self.blocks[1](x)
         return self.head(self.norm(x).reshape(-1, DIM))  # 2-D: the output is no view
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ops(gm):
@@ -242,22 +234,8 @@ def _worker(rank: int, port: int, runs, queue) -> None:
 
 
 def _run_ranks(runs):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, runs, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        reports = [queue.get(timeout=240) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    for report in reports:
-        assert "error" not in report, report.get("error")
-    return sorted(reports, key=lambda r: r["rank"])
+    from helpers import run_ranks
+    return run_ranks(_worker, WORLD, runs)
 
 
 def _has(graphs, *words):
