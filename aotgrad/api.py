@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from . import _torch, config, node_meta
-from ._torch import (any_autocast_enabled, autocast_state, functorch_transforms_active,
-                     pytree, tensor_guard, top_saved_tensor_hooks)
+from . import _torch, config, node_meta, transforms
+from ._torch import (any_autocast_enabled, autocast_state, forward_ad_level,
+                     functorch_transforms_active, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
 from .compile import Compiler, logged
 from .budget import default_partition
@@ -109,8 +109,10 @@ def fast_guard(ns: Namespace, tensors: list, exprs: list[str], training: bool,
     # factories and promotion with Python floats follow it
     parts.append(f"{ns.bind(torch.get_default_dtype, 'default_dtype')}() is "
                  f"{ns.bind(torch.get_default_dtype(), 'dtype')}")
+    # Note [Under transforms] (transforms.py)
+    parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
+    parts.append(f"{ns.bind(forward_ad_level, 'forward_ad_level')}() < 0")
     if training:
-        parts.append(f"not {ns.bind(functorch_transforms_active, 'functorch_active')}()")
         parts.append(f"{ns.bind(top_saved_tensor_hooks, 'top_hooks')}() is None")
     return " and ".join(parts)
 
@@ -177,9 +179,11 @@ class AOTFunction:
                                             f"len(args) == {len(args)}", owner=self)
         return self.run(run, leaves, in_spec, key)
 
-    def lookup(self, args: tuple, kwargs: dict, flat: bool) -> tuple:
+    def lookup(self, args: tuple, kwargs: dict, flat: bool, lift: bool = True) -> tuple:
         """``(run, leaves, in_spec, key)`` of a call: its compiled program
-        (compiled now if new), flat leaves, input spec and guard key."""
+        (compiled now if new), flat leaves, input spec and guard key; under a
+        torch.func transform or with dual tensors (unless not ``lift``), the
+        program lifted for them (Note [Under transforms], transforms.py)."""
         if flat:
             # flat tensor arguments need no pytree walk; the spec is the same
             # for every call with this many arguments
@@ -187,10 +191,15 @@ class AOTFunction:
             in_spec = self._flat_specs.get(len(args))
             if in_spec is None:
                 in_spec = self._flat_specs[len(args)] = pytree.tree_flatten((args, {}))[1]
-            key = guard_key(leaves, len(args), self.options.dynamic)
         else:
             leaves, in_spec = pytree.tree_flatten((args, kwargs))
-            key = guard_key(leaves, in_spec, self.options.dynamic)
+        if lift and transforms.needed(leaves):
+            key = transforms.lifted_key(leaves, in_spec, flat)
+            run = self._compiled.get(key)
+            if run is None:
+                run = self._compiled[key] = transforms.Lifted(self, leaves, in_spec, flat)
+            return run, leaves, in_spec, key
+        key = guard_key(leaves, len(args) if flat else in_spec, self.options.dynamic)
         run = self._compiled.get(key)
         if run is None:
             run = self._compile(leaves, in_spec, key)

@@ -129,9 +129,8 @@ def _no_stack_capture():
                 sys.tracebacklimit = before
 
 
-def is_functorch_wrapped(t: torch.Tensor) -> bool:
-    """A tensor wrapped by a functorch transform (vmap, grad) in progress."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # by vmap, grad, ...
+unwrap_if_dead = torch._C._functorch.unwrap_if_dead  # the tensor a finished transform wrapped
 
 
 def empty_fake(mode: FakeTensorMode, shape: Sequence[int], stride: Sequence[int] | None,
@@ -375,115 +374,14 @@ def is_sym_node(node: torch.fx.Node) -> bool:
     return isinstance(node.meta.get("val"), sym_types)
 
 
-# ---------------------------------------------------------------- inductor / dynamo
-
-def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: bool = False,
-                     is_inference: bool = False, config_patches: dict | None = None,
-                     device_index: Any = None):
-    """Compile one of aotgrad's ATen graphs with ``compile_fx_inner`` (never
-    ``compile_fx``: it runs torch's AOTAutograd), set up as ``compile_fx`` would:
-    the example inputs' fake mode as ``V.fake_mode`` and in a ``TracingContext``,
-    the Python dispatcher, compiled autograd off.  Inductor gets a copy of ``gm``
-    (it rewrites in place); tensor outputs keep their traced strides.
-    ``config_patches`` hold while it compiles; ``device_index``: the
-    ``BoxedDeviceIndex`` a forward and its backward share.  Returns inductor's
-    ``OutputCode``, called boxed (``_boxed_call``)."""
-    from torch._dynamo import compiled_autograd
-    from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx_inner
-    from torch._inductor.virtualized import V
-
-    donated = gm.meta.get(DONATED_INPUTS_META) if is_backward else None
-    gm = _copy_graph_module(gm)
-    if is_inference:  # Note [Inductor's graph passes] (backends.py)
-        gm = inductor_joint_passes(gm)
-    output = next(iter(reversed(gm.graph.nodes)))
-    outs = output.args[0]
-    if not isinstance(outs, (tuple, list)):
-        outs = (outs,)
-        output.args = (outs,)
-        gm.recompile()
-    output.meta["user_visible_output_idxs"] = [
-        i for i, n in enumerate(outs)
-        if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
-
-    example_inputs = list(example_inputs)
-    fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
-    context = TracingContext.try_get()
-    if context is not None and context.fake_mode is fake_mode:
-        in_context = contextlib.nullcontext()  # dynamo's own context: keep it as is
-    else:
-        in_context = tracing(TracingContext(fake_mode))
-    from torch._inductor import config
-    from torch._inductor.utils import BoxedBool
-
-    with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
-            compiled_autograd._disable(), config.patch(config_patches or {}):
-        context = TracingContext.get()
-        before = context.fw_metadata
-        if donated is not None:  # Note [Donated buffers] (compile.py): what inductor reads
-            context.fw_metadata = donated
-        try:  # CUDA graphs (mode="reduce-overhead"): no input is assumed to keep its address
-            out = compile_fx_inner(gm, example_inputs, is_backward=is_backward,
-                                   is_inference=is_inference,
-                                   cudagraphs=BoxedBool(config.triton.cudagraphs),
-                                   static_input_idxs=[], boxed_forward_device_index=device_index)
-        finally:
-            context.fw_metadata = before
-        out.donates_inputs = donated is not None
-        return out
-
-
-DONATED_INPUTS_META = "aotgrad_donated_inputs"
-
-
 def keeps_graph() -> bool:
     """Whether the running backward was called with retain_graph (or create_graph)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
-def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict, Any]:
-    """Inductor's settings for ``torch.compile(mode=, options=)`` (torch's errors
-    for unknown ones; freezing off, with a warning), and a ``BoxedDeviceIndex``."""
-    from torch._inductor import config, list_mode_options
-    from torch._inductor.cudagraph_utils import BoxedDeviceIndex
-
-    patches = dict(list_mode_options(mode or "default"))
-    for key, value in (options or {}).items():
-        name = key.replace("-", "_")
-        if name not in config._config:   # the error torch.compile gives
-            raise RuntimeError(f"Unexpected optimization option {key}, known options are "
-                               f"{sorted(config.get_config_copy())}")
-        patches[name] = value
-    if patches.get("freezing", config.freezing):  # torch's freeze() needs its AOTAutograd
-        warnings.warn("aotgrad.backends.inductor does not freeze parameters (inductor's "
-                      "freezing pass needs torch's AOTAutograd); they stay graph inputs")
-        patches["freezing"] = False
-    return patches, BoxedDeviceIndex(None)
-
-
-def inductor_pre_grad_passes(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
-    """inductor's passes over a torch-level (dynamo) graph, as ``compile_fx`` runs them."""
-    from torch._inductor.compile_fx import _recursive_pre_grad_passes
-    return _recursive_pre_grad_passes(gm, example_inputs)
-
-
-def inductor_joint_passes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """inductor's joint-graph passes over an ATen graph: Note [Inductor's graph passes]."""
-    from torch._inductor.compile_fx import _recursive_joint_graph_passes
-    from torch._inductor.virtualized import V
-    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-    devices = [v.device for v in vals if isinstance(v, torch.Tensor)]
-    kwargs = {"input_device": next((d for d in devices if d.type != "cpu"), None)} \
-        if "input_device" in inspect.signature(_recursive_joint_graph_passes).parameters else {}
-    with V.set_fake_mode(detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)):
-        return _recursive_joint_graph_passes(gm, **kwargs)
-
-
-def inductor_decompositions() -> dict:
-    """The decomposition table inductor expects its ATen graphs to be traced with."""
-    from torch._inductor.decomposition import select_decomp_table
-    return select_decomp_table()
+# inductor's entry points: .inductor (re-exported)
+from .inductor import (DONATED_INPUTS_META, inductor_compile, inductor_decompositions,  # noqa: E402,F401,E501
+                       inductor_joint_passes, inductor_mode_options, inductor_pre_grad_passes)
 
 
 def lazy_graph_module(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
@@ -526,15 +424,6 @@ def lazy_graph_modules():
     from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
     return _use_lazy_graph_module(True)
-
-
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node meta copied shallowly)."""
-    graph = torch.fx.Graph()
-    graph.set_codegen(gm.graph._codegen)
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return torch.fx.GraphModule(gm, graph)
 
 
 # ---------------------------------------------------------------- counters and meta
@@ -685,6 +574,29 @@ def function_apply_unchecked(function: type) -> Any:
 
 
 functorch_transforms_active = torch._C._are_functorch_transforms_active
+forward_ad_level = lambda: torch.autograd.forward_ad._current_level  # noqa: E731  (-1: none)
+forward_grad_enabled = torch._C._is_fwd_grad_enabled
+
+
+def functionalize_running() -> bool:
+    """Whether the innermost functorch transform is ``torch.func.functionalize``."""
+    from torch._functorch.pyfunctorch import TransformType, retrieve_current_functorch_interpreter
+
+    return retrieve_current_functorch_interpreter().key() == TransformType.Functionalize
+
+
+@contextlib.contextmanager
+def jvp_in_open_dual_level():
+    """``torch.func.jvp`` inside the caller's open ``forward_ad.dual_level``: it
+    would open a second one, and forward AD does not nest (transforms.py)."""
+    from torch._functorch import eager_transforms
+
+    bump = int(forward_ad_level() >= 0 and eager_transforms.JVP_NESTING == 0)
+    eager_transforms.JVP_NESTING += bump  # its own jvp then keeps the open level
+    try:
+        yield
+    finally:
+        eager_transforms.JVP_NESTING -= bump
 
 
 # grad mode without a context manager object (for generated code)
