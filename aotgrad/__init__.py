@@ -23,8 +23,9 @@ compiler, and wraps the results in a runtime that behaves like eager PyTorch.
   ``(*mutated_input_values, *user_outputs)``;
 * compiled graphs are always called *boxed*: with one list they may clear.
 
-The stages, one module each: ``flatten`` → ``analyze`` → ``trace`` →
-``partition`` → ``compile`` → ``runtime`` (driven by ``pipeline``).
+The stages, one module each (``partition``: a package): ``flatten`` →
+``analyze`` → ``trace`` → ``partition`` → ``compile`` → ``runtime`` (driven by
+``pipeline``).
 """
 
 from . import backends, config
@@ -43,8 +44,7 @@ from .compilers import default_decompositions, memory_efficient_fusion, nnc_jit,
 from .export import aot_export_function, aot_export_joint_simple, aot_export_module
 from .export_descriptors import (aot_compile_joint_with_descriptors,
                                  aot_export_joint_with_descriptors)
-from .budget import MemoryPolicy, default_partition, min_cut_rematerialization_partition
-from .policy import tag
+from .partition import MemoryPolicy, default_partition, min_cut_rematerialization_partition, tag
 from .saved_hooks import saved_tensor_hook_context
 
 __all__ = [

@@ -21,7 +21,7 @@ from ._torch import (any_autocast_enabled, autocast_state, forward_ad_level,
                      functorch_transforms_active, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
 from .compile import Compiler, logged
-from .budget import default_partition
+from .partition import default_partition
 from .pipeline import (CompileOptions, CompileReport, compile_call,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from . import _torch, graph_inputs
 from .api import aot_module_simplified
-from .budget import min_cut_rematerialization_partition
+from .partition import min_cut_rematerialization_partition
 from .compile import nop
 
 __all__ = ["aot_eager", "inductor"]

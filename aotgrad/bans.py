@@ -2,7 +2,7 @@
 
 Note [Recompute bans]
 ---------------------
-The min-cut (Note [Min-cut rematerialization], mincut.py) treats every cheap
+The min-cut (Note [Min-cut rematerialization], partition/mincut.py) treats every cheap
 forward op as free to recompute.  It is not always: a recomputed op that
 cannot be fused with its neighbours costs a full read and write of memory,
 and a long chain of them is a long detour.  These rules, each switched by an
@@ -23,7 +23,7 @@ still recompute it at its cost (``NodeRole.COSTLY``).
   backward (ignored at 1000 and above, as torch does).
 * ``ban_recompute_reductions`` (size rule): an op whose output is more than
   four times smaller than its inputs (the reduction ops themselves are
-  handled by the recompute policy, ``mincut.is_cheap_to_recompute``).
+  handled by the recompute policy, ``partition.is_cheap_to_recompute``).
 
 ``aggressive_recomputation`` switches all of them off but the reduction rule.
 Views and ``getitem`` are never banned (recomputing them is free).  Before

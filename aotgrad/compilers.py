@@ -221,9 +221,9 @@ default_decompositions = _torch.get_decompositions([
 # ---------------------------------------------------------------- memory_efficient_fusion
 
 def _min_cut_partition() -> Callable:
-    from . import budget
+    from . import partition
 
-    return budget.min_cut_rematerialization_partition
+    return partition.min_cut_rematerialization_partition
 
 
 def memory_efficient_fusion(fn: Callable | nn.Module, **kwargs: Any) -> Callable | nn.Module:

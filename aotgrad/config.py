@@ -57,14 +57,14 @@ cache_dir: str | None = None
 
 # Fraction of the saved-activation bytes of the plain min-cut partition that
 # min_cut_rematerialization_partition may keep (1.0: no budget; Note [Memory
-# budget] in budget.py).
+# budget] in partition/budget.py).
 activation_memory_budget: float = 1.0
 
 # Most compiled variants aot_function keeps per function (the guard cache);
 # beyond this a call with new input metadata raises instead of recompiling.
 cache_size_limit: int = 64
 
-# ---------------------------------------------------------------- partitioning (mincut.py, budget.py)
+# ---------------------------------------------------------------- partitioning (partition/)
 
 # Common-subexpression elimination of the joint graph before the min-cut
 # partitioner chooses what to save (never random or effectful ops).
@@ -78,7 +78,7 @@ treat_parameters_as_free_to_save: bool = True
 recompute_views: bool = False
 
 # The min-cut's restrictions on what the backward may recompute for free
-# (Note [Recompute bans] in mincut.py).  The allowlist: only ops of the cheap
+# (Note [Recompute bans] in bans.py).  The allowlist: only ops of the cheap
 # tables; when False, a denylist: anything but costly, random or custom ops.
 ban_recompute_not_in_allowlist: bool = True
 # Reductions (an output much smaller than the inputs) are saved, not recomputed.

@@ -45,8 +45,7 @@ from .api import AOTFunction, aot_function, aot_module
 from .compile import nop
 from .descriptors import DESC, Primal
 from .flatten import flatten_inputs
-from .budget import default_partition
-from .budget import MemoryPolicy
+from .partition import MemoryPolicy, default_partition
 from .pipeline import CompileReport
 
 STAGES = ("flatten", "analyze", "trace", "partition", "compile", "runtime")
@@ -256,7 +255,7 @@ def resolve_partitioner(name: str) -> Callable:
     if name == "default":
         return default_partition
     if name == "mincut":
-        from .budget import min_cut_rematerialization_partition
+        from .partition import min_cut_rematerialization_partition
 
         return min_cut_rematerialization_partition
     raise ExplainError(f"unknown partitioner {name!r}; choose one of {', '.join(PARTITIONERS)}")

@@ -47,7 +47,7 @@ from .compile import nop
 from .descriptors import DESC, Grad, IntermediateBase, MutatedInput, Primal, Tangent, UserOutput
 from .export import Exported, _module_call, _pytree_joint, _flat_graph, graph_parts, \
     trace_for_export
-from .budget import default_partition
+from .partition import default_partition
 from .pipeline import CompileOptions, CompileReport, Traced, compile_traced
 
 

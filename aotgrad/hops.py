@@ -35,7 +35,7 @@ branch functions into graphs.  Dynamo skips a frame while a dispatch mode is
 on the stack that is neither an infra mode (fake, functional, proxy) nor
 declares ``ignore_compile_internals``, and marks the frame's code skipped
 for good.  Under aotgrad's ``EagerChecks`` (analyze.py) or
-``CheckpointRegionMarker`` (policy.py), then:
+``CheckpointRegionMarker`` (partition/marks.py), then:
 
 * the operator ran with the user's own functions, not graphs: a branch that
   returns a bare tensor broke cond's backward (``TypeError: object of type

@@ -26,8 +26,7 @@ from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
-from .budget import default_partition
-from .partition import STATIC_INPUTS_META, Partitioned, partition
+from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
 from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebased_inputs,
                      rebased_runtime)
 from .codegen import INPUT_UPDATES_META

@@ -4,7 +4,7 @@ Note [Replayed random ops]
 --------------------------
 A random op recomputed in the backward draws new numbers: the gradients
 would be silently wrong, so by default the partitioners never recompute one
-(``mincut.is_random_or_mutating``).  With ``config.functionalize_rng_ops``
+(``partition.is_random_or_mutating``).  With ``config.functionalize_rng_ops``
 they may: the forward saves the generator's state just before each random op
 it shares with the backward, and the backward runs the op again from that
 state (torch's ``run_and_save_rng_state`` / ``run_with_rng_state`` operators:

@@ -35,7 +35,7 @@ from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_b
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
                           MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
-from .policy import CheckpointRegionMarker, strip_tags
+from .partition import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
 

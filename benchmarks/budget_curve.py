@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import aotgrad  # noqa: E402
-from aotgrad.budget import flops  # noqa: E402
+from aotgrad.partition import flops  # noqa: E402
 from memory import Transformer, WithLoss  # noqa: E402
 
 

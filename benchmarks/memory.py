@@ -186,7 +186,7 @@ def _torch_impl() -> dict[str, Any]:
 
 
 #: aotgrad's recompute cost for budgets: "roofline" (the default estimate) or
-#: "profiled" (aotgrad.budget.profiled_cost: the ops timed on the device)
+#: "profiled" (aotgrad.partition.profiled_cost: the ops timed on the device)
 RECOMPUTE_COST = "roofline"
 
 
@@ -195,7 +195,7 @@ def _aotgrad_impl() -> dict[str, Any]:
     if RECOMPUTE_COST == "profiled":
         import functools
 
-        from aotgrad.budget import profiled_cost
+        from aotgrad.partition import profiled_cost
         mincut = functools.partial(mincut, recompute_cost=profiled_cost())
     return {"aot": aotgrad.aot_module_simplified, "default": aotgrad.default_partition,
             "mincut": mincut, "boxed": aotgrad.make_boxed_func,

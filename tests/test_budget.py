@@ -1,4 +1,4 @@
-"""The memory budget (Note [Memory budget], aotgrad/budget.py): its three
+"""The memory budget (Note [Memory budget], aotgrad/partition/budget.py): its three
 guarantees, and gradients equal to eager's at every budget."""
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def test_explicit_budget_argument_overrides_config():
 
 
 def test_profiled_cost_prices_ops_by_timing():
-    from aotgrad.budget import profiled_cost
+    from aotgrad.partition import profiled_cost
 
     model, inputs = make("transformer")
     rec = GraphRecorder()

@@ -361,16 +361,16 @@ def test_memory_efficient_fusion_kwargs_override():
 
 
 def test_memory_efficient_fusion_uses_min_cut(monkeypatch):
-    import aotgrad.budget as mincut
+    import aotgrad.partition as partition
 
     calls = []
-    real = mincut.min_cut_rematerialization_partition
+    real = partition.min_cut_rematerialization_partition
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mincut, "min_cut_rematerialization_partition", spy)
+    monkeypatch.setattr(partition, "min_cut_rematerialization_partition", spy)
 
     def f(x):
         return x.sin().cos() * x

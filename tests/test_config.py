@@ -314,7 +314,7 @@ class TestPartitionerOptions(unittest.TestCase):
         self.assertEqual(dtypes(reference, False), ["torch.bool"])
 
     def test_runtime_estimator(self):
-        from aotgrad.budget import configured_cost, recompute_cost
+        from aotgrad.partition import configured_cost, recompute_cost
 
         seen = []
 
@@ -394,7 +394,7 @@ class TestPartitionerOptions(unittest.TestCase):
         torch.testing.assert_close(torch.rand(3), after_eager)
 
     def test_collectives_recomputed_only_when_allowed(self):
-        from aotgrad.mincut import is_random_or_mutating
+        from aotgrad.partition import is_random_or_mutating
 
         graph = fx.Graph()
         x = graph.placeholder("x")

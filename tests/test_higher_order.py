@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import aotgrad
 from aotgrad import aot_function, aot_module, aot_module_simplified, nop
-from aotgrad.budget import min_cut_rematerialization_partition
+from aotgrad.partition import min_cut_rematerialization_partition
 
 D = torch.float64
 assert_close = torch.testing.assert_close

@@ -1,4 +1,4 @@
-"""Tests for aotgrad.mincut (Note [Min-cut rematerialization]).
+"""Tests for aotgrad.partition.mincut (Note [Min-cut rematerialization]).
 
 Each model runs three ways: eager, compiled with ``default_partition`` and
 compiled with ``min_cut_rematerialization_partition``; outputs and gradients
@@ -21,7 +21,7 @@ from torch import nn
 import aotgrad
 from aotgrad.descriptors import Saved
 from aotgrad import min_cut_rematerialization_partition
-from aotgrad.mincut import FlowNetwork, is_cheap_to_recompute, saved_tensor_bytes
+from aotgrad.partition import FlowNetwork, is_cheap_to_recompute, saved_tensor_bytes
 from aotgrad import default_partition
 
 aten = torch.ops.aten
@@ -364,7 +364,7 @@ def test_recompute_policy_is_a_plug_in():
 
 
 def test_collectives_and_impure_ops_are_never_recomputed():
-    from aotgrad.mincut import is_random_or_mutating
+    from aotgrad.partition import is_random_or_mutating
 
     import torch.distributed  # noqa: F401  (registers the functional collectives)
 

@@ -34,7 +34,7 @@ def test_forward_returning_a_size(partition_fn, how):
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_backward_keeps_sizes_not_the_tensor(index):
-    # Note [Saving sizes, not tensors] (partition.py): the backward of sum(dim=1)
+    # Note [Saving sizes, not tensors] (partition/plan.py): the backward of sum(dim=1)
     # needs only x's sizes; the forward saves them, as torch's partitioners do
     from functorch.compile import aot_function as torch_aot_function
     from functorch.compile import default_partition as torch_default

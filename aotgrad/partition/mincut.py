@@ -1,10 +1,10 @@
 """Min-cut rematerialization: save fewer bytes by recomputing cheap ops.
 
-``min_cut_rematerialization_partition`` has the partitioner signature of
+``min_cut_rematerialization_partition`` (policy.py) has the partitioner signature of
 ``aotgrad.partition`` and differs from ``default_partition`` in one choice:
 *which* forward values the backward keeps.  The rest (building the two graphs,
 recomputing in the backward whatever it needs and was not saved) is
-``partition.build_partition``.
+``apply.build_partition``.
 
 Note [Min-cut rematerialization]
 --------------------------------
@@ -12,13 +12,13 @@ The backward needs some values of the joint graph.  Each is either saved by
 the forward or recomputed by the backward from saved values.  A saved set is
 *valid* when every path from a primal to a value the backward reads crosses a
 saved value, and *allowed* when all the backward would recompute is cheap
-(``is_cheap_to_recompute``: the tables ``CHEAP_TAGS``,
+(``is_cheap_to_recompute``, problem.py: the tables ``CHEAP_TAGS``,
 ``CHEAP_NON_POINTWISE_OPS``, ``NEVER_RECOMPUTE_TAGS``) or is backward work
 anyway.  We want an allowed valid set of fewest bytes: a minimum cut.
 
 The joint's nodes fall in three groups:
 
-* forward nodes ``F`` (``partition.forward_nodes``): the forward computes them;
+* forward nodes ``F`` (``problem.forward_nodes``): the forward computes them;
 * backward nodes ``B``: they depend on a tangent, only the backward can run them;
 * free nodes ``U``: the rest of what the gradients need.  They depend on
   primals only (``cos_1 = cos(primals_1)`` below), so either side may compute
@@ -68,159 +68,22 @@ Before and after, for ``f(x) = (x.sin() * 2).cos().sum()`` (the cut above is
                    expand ... mul_3                            # sin, mul recomputed
 """
 
+
 from __future__ import annotations
 
-import enum
-import operator
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Callable
 
-import torch
 import torch.fx as fx
 
-from . import _torch, config
-from .bans import recompute_bans
-from .descriptors import DESC, Primal
-from .partition import (
-    JointRoles,
-    ancestors,
-    backward_uses,
-    descendants,
-    forward_nodes,
-    joint_roles,
-    static_primals,
-)
-from .views import is_view_op
+from .. import _torch, config
+from ..bans import recompute_bans
+from ..views import is_view_op
+from .problem import JointRoles, NodeRole, RecomputePolicy, StorageCache, activation_bytes, \
+    ancestors, backward_uses, default_roles, descendants, forward_nodes, is_cheap_to_recompute, \
+    is_fusible, joint_roles, tensor_bytes
 
-aten = torch.ops.aten
-
-# ---------------------------------------------------------------- recompute policy (rules are data)
-
-#: Ops the backward may recompute besides pointwise ones: views and reshapes,
-#: copies, and constant factories.  Keyed by overload packet.
-CHEAP_NON_POINTWISE_OPS: frozenset = frozenset({
-    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.t,
-    aten.expand, aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.clone,
-    aten.alias, aten.detach, aten.narrow, aten.split, aten.split_with_sizes, aten.unbind,
-    aten.full, aten.full_like, aten.zeros, aten.zeros_like, aten.ones, aten.ones_like,
-    aten.scalar_tensor, aten.arange, aten.lift_fresh_copy,
-})
-
-#: Tags that forbid recomputation whatever else holds: a random op recomputed
-#: draws fresh numbers and silently corrupts gradients.
-NEVER_RECOMPUTE_TAGS: frozenset = frozenset({torch.Tag.nondeterministic_seeded})
-
-#: Tags that allow recomputation (when no NEVER tag is present).
-CHEAP_TAGS: frozenset = frozenset({torch.Tag.pointwise})
-
-
-#: Reductions, recomputed only when ``config.ban_recompute_reductions`` is off
-#: (Note [Recompute bans], bans.py).
-REDUCTION_OPS: frozenset = frozenset({
-    aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
-    aten.argmax, aten.argmin, aten.any, aten.all, aten.prod, aten.logsumexp,
-    aten._grad_sum_to_size, aten.sum_to_size,
-})
-
-#: Ops never recomputed for free, even in denylist mode
-#: (``config.ban_recompute_not_in_allowlist = False``).
-COMPUTE_INTENSIVE_OPS: frozenset = frozenset({
-    aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.convolution,
-    aten.convolution_backward, aten._scaled_dot_product_flash_attention,
-    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
-    aten._flash_attention_forward, aten._efficient_attention_forward,
-    aten.upsample_bilinear2d, aten._scaled_mm,
-})
-
-#: Namespaces of the ops PyTorch itself defines (the rest are custom ops).
-BUILTIN_NAMESPACES: frozenset = frozenset({"aten", "prims"})
-
-
-def is_cheap_to_recompute(node: fx.Node) -> bool:
-    """The default recompute policy: may the backward recompute this forward node?
-
-    Constants (``get_attr``), ``getitem``, ops tagged pointwise, and
-    ``CHEAP_NON_POINTWISE_OPS``; never an op tagged in ``NEVER_RECOMPUTE_TAGS``
-    (unless ``config.functionalize_rng_ops``: Note [Replayed random ops]) or
-    one that mutates, and nothing unknown (matmuls, convolutions,
-    reductions, sorts, indexing ...).  The options of Note [Recompute bans]
-    widen it: ``ban_recompute_reductions = False`` adds ``REDUCTION_OPS``;
-    ``ban_recompute_not_in_allowlist = False`` (or ``aggressive_recomputation``)
-    allows every deterministic aten/prims op but ``COMPUTE_INTENSIVE_OPS``
-    (custom ops too with ``is_non_builtin_to_include``).
-    """
-    if node.op == "get_attr":
-        return True
-    if node.op != "call_function":
-        return False
-    target = node.target
-    if target is operator.getitem:
-        return True
-    if not isinstance(target, _torch.OpOverload):
-        return False
-    tags = set(target.tags)
-    if target._schema.is_mutable:
-        return False
-    if tags & NEVER_RECOMPUTE_TAGS:
-        return replayable_random(node)
-    packet = target.overloadpacket
-    if packet in REDUCTION_OPS:
-        return not config.ban_recompute_reductions
-    if bool(tags & CHEAP_TAGS) or packet in CHEAP_NON_POINTWISE_OPS:
-        return True
-    if config.ban_recompute_not_in_allowlist and not config.aggressive_recomputation:
-        return False
-    if target.namespace not in BUILTIN_NAMESPACES and not config.is_non_builtin_to_include:
-        return False
-    return packet not in COMPUTE_INTENSIVE_OPS and not is_random_or_mutating(node)
-
-
-def is_fusible(node: fx.Node) -> bool:
-    """Could ``node`` join a fusion of its neighbours (Note [Recompute bans])?
-    The cheap tables, reductions, and the random pointwise ops."""
-    if node.op != "call_function":
-        return False
-    target = node.target
-    if target is operator.getitem:
-        return True
-    if not isinstance(target, _torch.OpOverload) or target._schema.is_mutable:
-        return False
-    packet = target.overloadpacket
-    return bool(set(target.tags) & CHEAP_TAGS) or packet in CHEAP_NON_POINTWISE_OPS or \
-        packet in REDUCTION_OPS or packet in (aten.native_dropout, aten.rand_like, aten.randn_like)
-
-
-RecomputePolicy = Callable[[fx.Node], bool]
-
-# ---------------------------------------------------------------- sizes
-
-#: Bytes assumed for a symbolic size that has no hint.
-UNHINTED_SIZE = 4096
-
-
-def size_hint(s) -> int:
-    """A concrete size: ``s``, or the hint of a symbolic one (UNHINTED_SIZE without)."""
-    if isinstance(s, torch.SymInt):
-        hint = s.node.hint
-        return int(hint) if hint is not None else UNHINTED_SIZE
-    return int(s)
-
-
-def tensor_bytes(node: fx.Node) -> int | None:
-    """Estimated bytes of a tensor node's value; None when it is not a tensor."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    numel = 1
-    for s in val.shape:
-        numel *= size_hint(s)
-    return numel * val.element_size()
-
-
-def saved_tensor_bytes(saved: Iterable[fx.Node]) -> int:
-    """Bytes of the tensors among ``saved`` (symbolic ints count nothing)."""
-    return sum(tensor_bytes(n) or 0 for n in saved if not _torch.is_sym_node(n))
 
 # ---------------------------------------------------------------- max-flow
 
@@ -332,67 +195,8 @@ class FlowNetwork:
                     queue.append(u)
         return seen
 
+
 # ---------------------------------------------------------------- choosing what to save
-
-
-class NodeRole(enum.Enum):
-    """What the partitioner may do with a forward value (Note [Min-cut rematerialization])."""
-    CHEAP = "cheap"          # the backward may recompute it for free
-    COSTLY = "costly"        # the backward may recompute it at its cost (memory budget only)
-    BANNED = "banned"        # the forward computes it (primals, random and in-place ops,
-                             # values a policy says to save or offload)
-    NO_SAVE = "no_save"      # never saved: recomputed (a policy's or a checkpoint's)
-
-
-#: Op namespaces never recomputed: collectives must run once per rank, in the
-#: same order on every rank.
-NEVER_RECOMPUTE_NAMESPACES: frozenset = frozenset({"_c10d_functional", "c10d_functional",
-                                                   "_dtensor", "c10d"})
-
-
-def is_random_or_mutating(node: fx.Node) -> bool:
-    """Ops the backward never recomputes: random ones (fresh numbers; unless
-    ``config.functionalize_rng_ops`` replays them, Note [Replayed random ops]),
-    in-place ones, collectives (unless
-    ``config.unsafe_allow_optimization_of_collectives``), and anything else fx
-    calls impure."""
-    target = node.target
-    if not isinstance(target, _torch.OpOverload):
-        return False
-    if replayable_random(node):
-        return False
-    if target.namespace in NEVER_RECOMPUTE_NAMESPACES:
-        return not config.unsafe_allow_optimization_of_collectives
-    return bool(set(target.tags) & NEVER_RECOMPUTE_TAGS) or target._schema.is_mutable or \
-        node.is_impure()
-
-
-def replayable_random(node: fx.Node) -> bool:
-    """A functional random op the backward may recompute by replaying the RNG
-    state the forward saved (``config.functionalize_rng_ops``)."""
-    target = node.target
-    return config.functionalize_rng_ops and node.op == "call_function" and \
-        isinstance(target, _torch.OpOverload) and \
-        torch.Tag.nondeterministic_seeded in target.tags and not target._schema.is_mutable
-
-
-def default_roles(recompute_policy: RecomputePolicy) -> Callable[[fx.Node], NodeRole]:
-    """Roles from a recompute policy alone: what it allows is CHEAP; other
-    deterministic ops are COSTLY (custom ops only with
-    ``config.is_non_builtin_to_include``); random and in-place ops are BANNED."""
-    def role(n: fx.Node) -> NodeRole:
-        if n.op == "placeholder" or is_random_or_mutating(n):
-            return NodeRole.BANNED
-        if recompute_policy(n):
-            return NodeRole.CHEAP
-        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor):
-            if isinstance(n.target, _torch.OpOverload) and \
-                    n.target.namespace not in BUILTIN_NAMESPACES | NEVER_RECOMPUTE_NAMESPACES \
-                    and not config.is_non_builtin_to_include:
-                return NodeRole.BANNED
-            return NodeRole.COSTLY
-        return NodeRole.BANNED
-    return role
 
 
 @dataclass(frozen=True)
@@ -567,53 +371,6 @@ def min_cut_saved_values(joint_gm: fx.GraphModule, num_fwd_outputs: int,
     return problem.finish(cut)
 
 
-class StorageCache:
-    """Storage of each value (fake tensors in ``node.meta["val"]``), computed once.
-
-    ``inputs``: the storages of graph inputs, which saving costs nothing —
-    but for parameters and buffers when ``config.treat_parameters_as_free_to_save``
-    is off (``priced_primals``: those placeholders)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self._keys: dict[fx.Node, Any] = {}
-        placeholders = gm.graph.find_nodes(op="placeholder")
-        static = static_primals(gm) if not config.treat_parameters_as_free_to_save else ()
-        self.priced_primals = {p for p in placeholders if isinstance(p.meta.get(DESC), Primal)
-                               and p.meta[DESC].index in static}
-        self.inputs = {self.key(p) for p in placeholders
-                       if p not in self.priced_primals} - {None}
-
-    def key(self, n: fx.Node) -> Any:
-        if n not in self._keys:
-            val = n.meta.get("val")
-            self._keys[n] = _torch.StorageWeakRef(val.untyped_storage()) \
-                if isinstance(val, torch.Tensor) else None
-        return self._keys[n]
-
-    def on_input(self, n: fx.Node) -> bool:
-        """A graph input, or a view of one (``t(weight)``): no memory of its own."""
-        return self.key(n) in self.inputs
-
-
-def activation_bytes(saved: Iterable[fx.Node], storages: StorageCache | None = None) -> int:
-    """Memory the saved values keep alive beyond the graph inputs: each
-    storage once (a view saved beside its base costs nothing more), inputs and
-    views of inputs not at all."""
-    saved = [n for n in saved if not _torch.is_sym_node(n)]
-    if not saved:
-        return 0
-    if storages is None:
-        storages = StorageCache(saved[0].graph.owning_module)
-    sizes: dict = {}
-    for n in saved:
-        key = storages.key(n)
-        if key is None or key in storages.inputs or \
-                (n.op == "placeholder" and n not in storages.priced_primals):
-            continue
-        sizes[key] = max(sizes.get(key, 0), tensor_bytes(n) or 0)
-    return sum(sizes.values())
-
-
 def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
                      role: Callable[[fx.Node], NodeRole]) -> set[fx.Node]:
     """Symbolic ints the backward reads that it cannot compute from tangents and ``saved``.
@@ -637,6 +394,6 @@ def _symints_to_save(roles, saved: set, tangent_side: set, fwd: set,
                 raise AssertionError(
                     "aotgrad min-cut: the backward would recompute "
                     f"{n.format_node()}, which the recompute policy forbids; this is a bug "
-                    "in aotgrad.mincut (use default_partition meanwhile)")
+                    "in aotgrad.partition.mincut (use default_partition meanwhile)")
         stack.extend(n.all_input_nodes)
     return syms

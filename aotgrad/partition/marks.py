@@ -25,26 +25,26 @@ is saved instead: same numbers, as checkpoint's RNG replay gives) and not a
 region output used outside the region (eager saves those for the ops after
 the region) — and keep what is marked to save.
 
-Priority, per value: a ``MemoryPolicy`` entry (by tag name or op), then the
-checkpoint mark, then the partitioner's own choice.
+Priority, per value: a ``MemoryPolicy`` entry (by tag name or op; the policy
+itself is in policy.py), then the checkpoint mark, then the partitioner's own
+choice.
 """
+
 
 from __future__ import annotations
 
 import itertools
 import operator
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _torch, hops
-from .descriptors import DESC, Grad
-from .partition import RECOMPUTE_META, TAG_META, ancestors, has_recompute_marks  # noqa: F401
-from .mincut import NodeRole, RecomputePolicy, default_roles, is_cheap_to_recompute, \
-    is_random_or_mutating
+from .. import _torch, hops
+from ..descriptors import DESC, Grad
+from .problem import RECOMPUTE_META, TAG_META, NodeRole, RecomputePolicy, ancestors, \
+    default_roles, is_cheap_to_recompute, is_random_or_mutating
 
 
 # ---------------------------------------------------------------- tags
@@ -118,7 +118,7 @@ class CheckpointRegionMarker(TorchDispatchMode):
         return out
 
 
-# ---------------------------------------------------------------- policies
+# ---------------------------------------------------------------- roles, from a policy and the marks
 
 
 def node_roles(policy: MemoryPolicy | None,
@@ -162,81 +162,3 @@ def node_roles(policy: MemoryPolicy | None,
         return base(n)
 
     return role
-
-
-def offloaded(policy: MemoryPolicy | None, saved: Sequence[fx.Node]) -> list[fx.Node]:
-    return [n for n in saved if policy is not None and policy.choice(n) == "offload"
-            and isinstance(n.meta.get("val"), torch.Tensor)]
-
-
-@torch.library.custom_op("aotgrad::offload", mutates_args=())
-def _offload_op(x: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``x``: pinned, and not waited for, when ``x`` is on CUDA."""
-    out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu",
-                              pin_memory=x.is_cuda)
-    return out.copy_(x, non_blocking=x.is_cuda)
-
-
-@_offload_op.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
-
-
-@torch.library.custom_op("aotgrad::reload", mutates_args=())
-def _reload_op(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` copied back to ``device`` (not waited for from pinned memory)."""
-    if x.device == device:
-        return x.clone()
-    return x.to(device, non_blocking=x.is_pinned())
-
-
-@_reload_op.register_fake
-def _(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
-
-
-def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
-    """Note [Offload]: the forward copies each saved value of ``names`` to
-    the CPU (``aotgrad::offload``: pinned and non-blocking on CUDA) right
-    after computing it, and returns the copy: the value's own memory is
-    freed after its last use in the forward, not held to the forward's end.
-    The backward copies it back to its device (``aotgrad::reload``) just
-    before its first use, so it takes device memory only from there.  Both
-    are ops of their own, which any graph compiler calls as they are; on one
-    CUDA stream each copy back is ordered after its copy out."""
-    if not names:
-        return
-    wanted = set(names)
-    out = fw_gm.graph.output_node()
-    values = list(out.args[0])
-    placeholders = fw_gm.graph.find_nodes(op="placeholder")
-    for k, v in enumerate(values):
-        if isinstance(v, fx.Node) and v.name in wanted:
-            val = v.meta["val"]
-            after = placeholders[-1] if v.op == "placeholder" else v
-            with fw_gm.graph.inserting_after(after):
-                cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
-            cpu.meta["val"] = _fake_on_device(val, torch.device("cpu"))
-            values[k] = cpu
-    out.args = (tuple(values),)
-    fw_gm.recompile()
-    position = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
-    for p in bw_gm.graph.find_nodes(op="placeholder"):
-        if p.name in wanted:
-            val = p.meta["val"]
-            first_use = min(p.users, key=position.__getitem__, default=None)
-            if first_use is None:
-                continue
-            with bw_gm.graph.inserting_before(first_use):
-                back = bw_gm.graph.call_function(torch.ops.aotgrad.reload.default,
-                                                 (p, val.device))
-            back.meta["val"] = val
-            p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-            p.meta["val"] = _fake_on_device(val, torch.device("cpu"))
-    bw_gm.recompile()
-
-
-def _fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fake tensor like ``val`` (same mode) on ``device``."""
-    with val.fake_mode:
-        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)

@@ -1,23 +1,13 @@
-"""Stage 5 — partition: split the joint graph into forward and backward.
+"""Applying a plan: the forward and backward graphs, and the passes around them.
 
-Every partitioner has the signature
-
-    partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs) -> (fw_gm, bw_gm)
-
-and produces graphs in the calling convention of Note [Calling convention]
-(``aotgrad/__init__.py``): the forward returns
-``(*forward_outputs, *saved_tensors, *saved_symints)``; the backward takes
-``(*saved_symints, *saved_tensors, *tangents)`` and returns one gradient (or
-None) per primal.  Roles are read from the descriptors the trace stage puts on
-placeholders (``node.meta["desc"]``), never from node names.
-
-``default_partition`` saves what the backward uses and recomputes nothing::
-
-    joint:  sin = sin(primals_1); cos = cos(sin)              # forward
-            mul = mul(tangents_1, neg(sin(sin)))              # backward
-            mul_1 = mul(mul, cos(primals_1))
-    fw:     return (cos, primals_1, sin)                      # saves primals_1, sin
-    bw:     (primals_1, sin, tangents_1) -> (mul_1,)
+``build_partition`` extracts from the joint graph the forward (which returns
+the saved values) and the backward (which takes them, and recomputes
+everything else it needs just in time); ``insert_offload`` moves the
+offloaded values to CPU memory and back (Note [Offload]).  Around a
+partitioner: the user's joint pass, common-subexpression elimination
+(Note [CSE before partitioning]), and ``partition``, which runs any
+partitioner, saves copies of mutated inputs and checks the calling
+convention, giving a ``Partitioned``.
 """
 
 from __future__ import annotations
@@ -26,143 +16,19 @@ import contextlib
 import gc
 import operator
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
 
-from . import _torch, config, tokens
-from .descriptors import DESC, Primal, Saved, Tangent
-from .views import is_view_op
+from .. import _torch, config
+from ..descriptors import DESC, Primal, Saved, Tangent
+from ..views import is_view_op
+from .plan import sizes_instead_of_tensors
+from .problem import RECOMPUTE_META, TAG_META, JointRoles, ancestors, impure_calls, side_effects
 
 
-#: ``joint_gm.meta`` key: the Primal indices of parameters and buffers (the
-#: inputs whose lifetime is the model's, not the call's; set by the pipeline).
-STATIC_INPUTS_META = "aotgrad_static_inputs"
-# the marks of checkpoint regions and tags on joint-graph nodes (policy.py)
-TAG_META = "aotgrad_tag"
-RECOMPUTE_META = "recompute"
-
-
-def has_recompute_marks(gm: fx.GraphModule) -> bool:
-    return any(RECOMPUTE_META in n.meta or TAG_META in n.meta for n in gm.graph.nodes)
-
-
-def static_primals(gm: fx.GraphModule) -> frozenset[int]:
-    """Primal indices of the parameters and buffers among ``gm``'s inputs."""
-    return frozenset(gm.meta.get(STATIC_INPUTS_META, ()))
-
-
-@dataclass(frozen=True)
-class JointRoles:
-    """The joint graph's nodes by role."""
-    primals: tuple[fx.Node, ...]
-    tangents: tuple[fx.Node, ...]
-    fwd_outputs: tuple            # nodes (or None)
-    bwd_outputs: tuple            # nodes (or None), one per primal
-    bwd_effects: tuple = ()       # effects the backward runs (Note [Effects in the backward])
-
-    @property
-    def bwd_roots(self) -> list:
-        """What the backward must compute: its outputs, and its effects."""
-        return list(self.bwd_outputs) + list(self.bwd_effects)
-
-
-def joint_roles(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> JointRoles:
-    primals, tangents = [], []
-    for node in joint_gm.graph.find_nodes(op="placeholder"):
-        desc = node.meta.get(DESC)
-        if isinstance(desc, Primal):
-            primals.append(node)
-        elif isinstance(desc, Tangent):
-            tangents.append(node)
-        else:
-            raise ValueError(
-                f"aotgrad partition: placeholder {node.name} has no Primal/Tangent descriptor "
-                "(node.meta['desc']); partitioners take joint graphs traced by aotgrad")
-    outs = tuple(joint_gm.graph.output_node().args[0])
-    return JointRoles(tuple(primals), tuple(tangents), outs[:num_fwd_outputs],
-                      outs[num_fwd_outputs:], _backward_effects(joint_gm.graph, tangents))
-
-
-def _backward_effects(graph: fx.Graph, tangents: list[fx.Node]) -> tuple[fx.Node, ...]:
-    """Note [Effects in the backward] (tokens.py): the effects the trace
-    recorded in the backward, and any that read a tangent."""
-    effects = tokens.effects_of(graph)
-    if not effects:
-        return ()
-    marked = [n for n in effects if n.meta.get(tokens.BACKWARD_EFFECT)]
-    side = descendants(list(tangents) + marked)
-    return tuple(n for n in effects if n in side)
-
-
-def reachable(start: Iterable, step, stop: frozenset = frozenset()) -> set[fx.Node]:
-    """The nodes reached from ``start`` (inclusive) by ``step(node)``, not past ``stop``."""
-    seen: set[fx.Node] = set()
-    stack = [n for n in start if isinstance(n, fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n not in stop:
-            stack.extend(step(n))
-    return seen
-
-
-def ancestors(outputs: Iterable, stop: frozenset = frozenset()) -> set[fx.Node]:
-    """Nodes that ``outputs`` depend on (inclusive), not walking past ``stop``."""
-    return reachable(outputs, lambda n: n.all_input_nodes, stop)
-
-
-def descendants(inputs: Iterable) -> set[fx.Node]:
-    """Nodes that depend on ``inputs`` (inclusive)."""
-    return reachable(inputs, lambda n: n.users)
-
-
-def impure_calls(graph: fx.Graph) -> set[fx.Node]:
-    """The call_function nodes fx calls impure.  ``Node.is_impure`` walks the
-    schema and the effect tables on every call; here once per target (but
-    for higher-order ops, whose verdict depends on their arguments)."""
-    found, verdicts = set(), {}
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if isinstance(n.target, _torch.HigherOrderOperator):
-            impure = n.is_impure()  # depends on the arguments
-        else:
-            impure = verdicts.get(n.target)
-            if impure is None:
-                impure = verdicts[n.target] = n.is_impure()
-        if impure:
-            found.add(n)
-    return found
-
-
-def side_effects(roles: JointRoles) -> list[fx.Node]:
-    """In-place ops on primals (Note [Mutations kept in the graph],
-    analyze.py) and effects that the forward must run: impure nodes that do
-    not depend on tangents or on the backward's effects (Note [Effects in the
-    backward], tokens.py)."""
-    if not roles.primals:
-        return []
-    graph = roles.primals[0].graph
-    backward_side = descendants(list(roles.tangents) + list(roles.bwd_effects))
-    impure = impure_calls(graph)
-    return [n for n in graph.nodes if n in impure and n not in backward_side]
-
-
-def forward_nodes(roles: JointRoles) -> set[fx.Node]:
-    """Nodes the forward computes: what its outputs need, plus the primals.
-
-    Tuple-valued nodes pull in their ``getitem`` users so that a tuple is never
-    saved whole (Note [Saved values are tensors or symbolic ints]).
-    """
-    nodes = ancestors(list(roles.fwd_outputs) + side_effects(roles)) | set(roles.primals)
-    for n in list(nodes):
-        if not isinstance(n.meta.get("val"), (torch.Tensor,) + _torch.sym_types):
-            nodes.update(u for u in n.users if u.target is operator.getitem)
-    return nodes
+# ---------------------------------------------------------------- the forward and backward graphs
 
 
 def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
@@ -192,37 +58,6 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     for node, src in zip(bw.find_nodes(op="placeholder"), bw_inputs):
         node.meta[DESC] = src.meta[DESC] if src in roles.tangents else Saved(src.name)
     return _torch.lazy_graph_module(joint_gm, fw), _torch.lazy_graph_module(joint_gm, bw)
-
-
-_SIZE_OPS = frozenset(("aten::sym_size.int", "aten::sym_stride.int", "aten::sym_numel.",
-                       "aten::sym_storage_offset."))
-
-
-def _is_size_op(n: fx.Node) -> bool:
-    schema = getattr(n.target, "_schema", None)
-    return schema is not None and f"{schema.name}.{schema.overload_name}" in _SIZE_OPS
-
-
-def sizes_instead_of_tensors(roles: JointRoles, saved: Sequence[fx.Node]) -> list[fx.Node]:
-    """Note [Saving sizes, not tensors]: a saved tensor that the backward
-    reads only for its symbolic sizes (``sym_size(primals_1, 0)`` for the
-    ``expand`` of a ``sum``'s gradient) is replaced by those sizes, computed
-    in the forward: the backward then keeps two ints, not the tensor, as
-    PyTorch's partitioners do.  In graph order, the tensors first."""
-    stop = frozenset(saved) | frozenset(roles.tangents)
-    backward = ancestors(roles.bwd_outputs, stop=stop) - stop
-    out: list[fx.Node] = []
-    for n in saved:
-        readers = [u for u in n.users if u in backward]
-        if readers and all(_is_size_op(u) for u in readers) and \
-                n not in roles.bwd_outputs and not _torch.is_sym_node(n):
-            out.extend(u for u in readers if u not in out)
-        elif n not in out:
-            out.append(n)
-    if len(out) == len(saved) and all(a is b for a, b in zip(out, saved)):
-        return list(saved)
-    order = {n: k for k, n in enumerate(roles.primals[0].graph.nodes)} if roles.primals else {}
-    return sorted(out, key=lambda n: (_torch.is_sym_node(n), order.get(n, 0)))
 
 
 def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
@@ -271,7 +106,7 @@ def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
 
 
 def _set_output_descs(graph: fx.Graph, num_fwd_outputs: int, saved: list[fx.Node]) -> None:
-    from .descriptors import UserOutput
+    from ..descriptors import UserOutput
 
     graph.output_node().meta[DESC] = tuple(UserOutput(k) for k in range(num_fwd_outputs)) + \
         tuple(Saved(n.name) for n in saved)
@@ -322,12 +157,83 @@ def gc_paused():
             gc.enable()
 
 
-def backward_uses(joint_gm: fx.GraphModule, roles: JointRoles, fwd: set[fx.Node]) -> list[fx.Node]:
-    """Forward nodes that the backward reads, in graph order."""
-    bwd = ancestors(roles.bwd_roots, stop=frozenset(fwd)) - fwd
-    used = {n for b in bwd for n in b.all_input_nodes if n in fwd}
-    used.update(n for n in roles.bwd_outputs if n in fwd)
-    return [n for n in joint_gm.graph.nodes if n in used]
+# ---------------------------------------------------------------- offload
+
+
+@torch.library.custom_op("aotgrad::offload", mutates_args=())
+def _offload_op(x: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``x``: pinned, and not waited for, when ``x`` is on CUDA."""
+    out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu",
+                              pin_memory=x.is_cuda)
+    return out.copy_(x, non_blocking=x.is_cuda)
+
+
+@_offload_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
+
+
+@torch.library.custom_op("aotgrad::reload", mutates_args=())
+def _reload_op(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` copied back to ``device`` (not waited for from pinned memory)."""
+    if x.device == device:
+        return x.clone()
+    return x.to(device, non_blocking=x.is_pinned())
+
+
+@_reload_op.register_fake
+def _(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
+
+
+def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
+    """Note [Offload]: the forward copies each saved value of ``names`` to
+    the CPU (``aotgrad::offload``: pinned and non-blocking on CUDA) right
+    after computing it, and returns the copy: the value's own memory is
+    freed after its last use in the forward, not held to the forward's end.
+    The backward copies it back to its device (``aotgrad::reload``) just
+    before its first use, so it takes device memory only from there.  Both
+    are ops of their own, which any graph compiler calls as they are; on one
+    CUDA stream each copy back is ordered after its copy out."""
+    if not names:
+        return
+    wanted = set(names)
+    out = fw_gm.graph.output_node()
+    values = list(out.args[0])
+    placeholders = fw_gm.graph.find_nodes(op="placeholder")
+    for k, v in enumerate(values):
+        if isinstance(v, fx.Node) and v.name in wanted:
+            val = v.meta["val"]
+            after = placeholders[-1] if v.op == "placeholder" else v
+            with fw_gm.graph.inserting_after(after):
+                cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
+            cpu.meta["val"] = _fake_on_device(val, torch.device("cpu"))
+            values[k] = cpu
+    out.args = (tuple(values),)
+    fw_gm.recompile()
+    position = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    for p in bw_gm.graph.find_nodes(op="placeholder"):
+        if p.name in wanted:
+            val = p.meta["val"]
+            first_use = min(p.users, key=position.__getitem__, default=None)
+            if first_use is None:
+                continue
+            with bw_gm.graph.inserting_before(first_use):
+                back = bw_gm.graph.call_function(torch.ops.aotgrad.reload.default,
+                                                 (p, val.device))
+            back.meta["val"] = val
+            p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+            p.meta["val"] = _fake_on_device(val, torch.device("cpu"))
+    bw_gm.recompile()
+
+
+def _fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor like ``val`` (same mode) on ``device``."""
+    with val.fake_mode:
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
+
+
+# ---------------------------------------------------------------- around a partitioner
 
 
 def _save_copies_of_mutated_primals(fw_gm: fx.GraphModule, num_fwd_outputs: int,

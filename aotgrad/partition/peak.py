@@ -1,0 +1,200 @@
+"""The memory of a training step, node by node: what a plan's peak is.
+
+Note [Peak of a step]
+~~~~~~~~~~~~~~~~~~~~~
+``step_timeline(fw_gm, bw_gm)`` estimates the device memory live after each
+node of the forward, then of the backward, run in graph order, as buffers
+with a first and a last step:
+
+* the forward's inputs (parameters, buffers, user inputs): the whole step;
+* a value the forward computes: from its node to its last use -- to the
+  end of the forward for a user output (the caller holds it) and, for a
+  saved value, to its last use in the backward (the backward is called boxed
+  and frees each saved value there: Note [Freeing saved values]);
+* an offloaded value: on the device from its node to its copy out
+  (``aotgrad::offload``), and again from its copy back (``aotgrad::reload``,
+  just before its first use) to its last use; its CPU copy is not device
+  memory;
+* the tangents and the backward's temporaries (recomputed values
+  included): from their node to their last use; the gradients it returns:
+  to the end of the step (they become ``.grad``).
+
+Each storage is counted once (views share their base's; the fake values'
+storages say which).  On a CPU graph every byte counts; on a device graph,
+the bytes on that device.  It is an estimate: a compiler that fuses ops
+(inductor) allocates less, the caching allocator rounds each block up
+(``benchmarks/memory.py`` checks it against ``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import _torch
+from ..descriptors import DESC, Saved, Tangent, UserOutput
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One storage, live from step ``start`` to step ``end`` (inclusive)."""
+    name: str
+    nbytes: int
+    kind: str          # input, activation, output, saved, offloaded, reloaded, tangent,
+                       # temporary, recomputed, gradient
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Note [Peak of a step]: steps are ``"forward:<node>"`` / ``"backward:<node>"``."""
+    steps: tuple[str, ...]
+    buffers: tuple[Buffer, ...]
+
+    @property
+    def live(self) -> list[int]:
+        """Bytes live at each step."""
+        delta = [0] * (len(self.steps) + 1)
+        for b in self.buffers:
+            delta[b.start] += b.nbytes
+            delta[b.end + 1] -= b.nbytes
+        out, current = [], 0
+        for d in delta[:-1]:
+            current += d
+            out.append(current)
+        return out
+
+    @property
+    def peak(self) -> int:
+        return max(self.live, default=0)
+
+    @property
+    def peak_step(self) -> int:
+        live = self.live
+        return live.index(max(live)) if live else 0
+
+    @property
+    def num_forward_steps(self) -> int:
+        return sum(1 for s in self.steps if s.startswith("forward:"))
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device.type != "cpu":
+            return val.device
+    return torch.device("cpu")
+
+
+def _storage(n: fx.Node, device: torch.device):
+    """(storage key, bytes) of ``n``'s tensor on ``device``, or None."""
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.device != device:
+        return None
+    try:
+        return _torch.storage_of(val), int(val.untyped_storage().nbytes())
+    except (NotImplementedError, RuntimeError):  # a tensor without storage: its size
+        return ("node", n), _torch_bytes(val)
+
+
+def _torch_bytes(val: torch.Tensor) -> int:
+    numel = 1
+    for s in val.shape:
+        numel *= int(s) if not isinstance(s, torch.SymInt) else s.node.hint or 1
+    return numel * val.element_size()
+
+
+_OFFLOAD = "offload"
+_RELOAD = "reload"
+
+
+def _is(n: fx.Node, op: str) -> bool:
+    target = getattr(n.target, "_overloadpacket", None) or n.target
+    return getattr(target, "__name__", str(target)).split(".")[-1] == op and \
+        "aotgrad" in str(target)
+
+
+def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
+                  recomputed: frozenset[str] = frozenset()) -> Timeline:
+    """Note [Peak of a step]: the timeline of running ``fw_gm`` then ``bw_gm``.
+    ``recomputed``: names of backward nodes that recompute forward values."""
+    device = _device_of(fw_gm)
+    fw_nodes = [n for n in fw_gm.graph.nodes if n.op == "call_function"]
+    bw_nodes = [n for n in bw_gm.graph.nodes if n.op == "call_function"] if bw_gm else []
+    steps = tuple([f"forward:{n.name}" for n in fw_nodes] +
+                  [f"backward:{n.name}" for n in bw_nodes])
+    last_step = max(len(steps) - 1, 0)
+    nf = len(fw_nodes)
+    fw_index = {n: i for i, n in enumerate(fw_nodes)}
+    bw_index = {n: nf + i for i, n in enumerate(bw_nodes)}
+
+    def last_use(n: fx.Node, index: dict, default: int) -> int:
+        return max((index[u] for u in n.users if u in index), default=default)
+
+    # storage -> [name, bytes, kind, start, end]
+    spans: dict = {}
+
+    def touch(key, nbytes, name, kind, start, end):
+        span = spans.get(key)
+        if span is None:
+            spans[key] = [name, nbytes, kind, start, end]
+        else:
+            span[3], span[4] = min(span[3], start), max(span[4], end)
+            if kind == "gradient":  # a view of a temporary returned: the storage is a gradient
+                span[2] = kind
+
+    inputs = set()
+    for p in fw_gm.graph.find_nodes(op="placeholder"):
+        s = _storage(p, device)
+        if s is not None:
+            inputs.add(p.name)
+            touch(s[0], s[1], p.name, "input", 0, last_step)
+    out = fw_gm.graph.output_node()
+    descs = out.meta.get(DESC) or ()
+    role = {}
+    for v, d in zip(out.args[0], descs):
+        if isinstance(v, fx.Node):
+            role.setdefault(v, d)
+    bw_places = {p.name: p for p in bw_gm.graph.find_nodes(op="placeholder")} if bw_gm else {}
+    offloaded = {n.args[0] for n in fw_nodes if _is(n, _OFFLOAD) and n.args}
+    for n in fw_nodes:
+        s = _storage(n, device)
+        if s is None:
+            continue
+        end, kind = last_use(n, fw_index, fw_index[n]), "activation"
+        d = role.get(n)
+        if isinstance(d, UserOutput):
+            end, kind = max(end, nf - 1), "output"
+        elif isinstance(d, Saved) and n.name in bw_places and n not in offloaded:
+            end, kind = max(end, last_use(bw_places[n.name], bw_index, nf)), "saved"
+        if n in offloaded:
+            kind = "offloaded"
+        touch(s[0], s[1], n.name, kind, fw_index[n], end)
+    for name, p in bw_places.items():
+        if name in inputs:
+            continue  # a saved input: counted whole step
+        d = p.meta.get(DESC)
+        s = _storage(p, device)
+        if s is None or (isinstance(d, Saved) and name in {n.name for n in fw_nodes}):
+            continue  # saved values were counted from the forward
+        touch(s[0], s[1], name, "tangent" if isinstance(d, Tangent) else "saved", nf,
+              last_use(p, bw_index, nf))
+    grads = {a for a in (bw_gm.graph.output_node().args[0] if bw_gm else ())
+             if isinstance(a, fx.Node)}
+    for n in bw_nodes:
+        s = _storage(n, device)
+        if s is None:
+            continue
+        if n in grads:
+            kind, end = "gradient", last_step
+        else:
+            kind = "reloaded" if _is(n, _RELOAD) else \
+                "recomputed" if n.name in recomputed else "temporary"
+            end = last_use(n, bw_index, bw_index[n])
+        if s[0] in spans and spans[s[0]][2] == "input":
+            continue  # a view of an input (t(weight))
+        touch(s[0], s[1], n.name, kind, bw_index[n], end)
+    return Timeline(steps, tuple(Buffer(*span) for span in spans.values()))
