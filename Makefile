@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz seed purity clean sweep
+.PHONY: demo test browser fuzz seed purity clean sweep
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/aotgrad explain
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -x tests
+
+# chromium, for the browser check of tests/test_explain_html.py (skipped without it):
+# best effort, as root with network; never fails the build
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "chromium not installed (needs root and network): the browser test will be skipped"
 
 seed: $(STAMP)
 	$(BIN)/python ../shared/seedtests/run_seed.py

@@ -60,6 +60,13 @@ cache_dir: str | None = None
 # budget] in partition/budget.py).
 activation_memory_budget: float = 1.0
 
+# aotgrad's own: a budget for the estimated peak of the whole training step,
+# in bytes (an int, or "6GiB", "512MB") or a fraction in (0, 1] of the plain
+# min-cut plan's peak; the min-cut partitioner then saves, recomputes (per use
+# when that lowers the peak) or, on a device, offloads to CPU memory so that
+# the peak fits (Note [Peak budget] in partition/planner.py).  None: no budget.
+memory_budget: Any = None
+
 # Most compiled variants aot_function keeps per function (the guard cache);
 # beyond this a call with new input metadata raises instead of recompiling.
 cache_size_limit: int = 64

@@ -6,11 +6,14 @@ same inputs), *what did it trace?* (forward/backward graph sizes, optionally
 their code), *what does it keep alive?* (each tensor the forward saves for the
 backward, with its bytes — the activation memory the partitioner decided on)
 and *where did the time go?* (``CompileReport.stage_seconds`` per pipeline
-stage, the first call, warm steps against eager).
+stage, the first call, warm steps against eager).  It also keeps the step's
+memory timeline (Note [Peak of a step], ``aotgrad/partition/peak.py``), the
+plan (what is saved, recomputed, offloaded) and, from ``pareto_sweep``, one
+point per plan of a sweep of budgets: what ``aotgrad.report_html`` draws.
 
 Computing and printing are separate: ``explain()`` returns an
 ``ExplainReport`` (plain numbers, JSON-ready via ``to_json()``), and
-``render()`` turns one into text.  ``load_target()`` resolves what to explain:
+``render()`` turns one into text (``aotgrad.report_html.render_html`` into a page).  ``load_target()`` resolves what to explain:
 the built-in transformer (``aotgrad.models``) or a user factory
 ``MODULE:FACTORY`` returning ``(model_or_fn, example_inputs)``.
 
@@ -43,14 +46,17 @@ from . import config
 from ._torch import StorageWeakRef, new_fake_mode, pytree, storage_of
 from .api import AOTFunction, aot_function, aot_module
 from .compile import nop
-from .descriptors import DESC, Primal
+from .descriptors import DESC, Primal, Tangent
 from .flatten import flatten_inputs
 from .partition import MemoryPolicy, default_partition
+from .partition.peak import Timeline, step_timeline
 from .pipeline import CompileReport
 
 STAGES = ("flatten", "analyze", "trace", "partition", "compile", "runtime")
 PARTITIONERS = ("default", "mincut")
 BUILTIN = "aotgrad.models:make_training_step"
+# the Pareto sweep's default: activation_memory_budget with the min-cut partitioner
+PARETO_BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.1, 0.0)
 
 
 class ExplainError(Exception):
@@ -61,10 +67,26 @@ class ExplainError(Exception):
 
 
 @dataclass
+class GraphNode:
+    """One node of a graph, for drawing it (``aotgrad.report_html``)."""
+    name: str
+    op: str                       # placeholder, call_function, output, get_attr
+    target: str                   # the op's name (``mm.default``), or the placeholder's
+    inputs: list[str]             # names of the nodes it reads, in this graph
+    kind: str                     # input, activation, output, saved, offloaded (forward);
+                                  # saved, tangent, temporary, recomputed, reloaded, gradient
+                                  # (backward); view (shares an earlier storage); return
+                                  # (the output node); "" (not a tensor)
+    bytes: int = 0                # numel * element_size of its value (0: not a tensor)
+    shape: list | None = None
+
+
+@dataclass
 class GraphStats:
     call_function: int            # nodes that compute (ATen ops, getitem)
     total: int                    # all nodes, placeholders and output included
     code: str                     # the graph as readable Python
+    nodes: list[GraphNode] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +105,31 @@ class Check:
     checked: int                  # how many tensors were compared
     match: bool | None            # None: nothing to compare (e.g. no gradients)
     detail: str = ""              # the first mismatch, when there is one
+
+
+@dataclass
+class PlanRow:
+    """One value of the plan: what the partitioner decided for it."""
+    decision: str                 # "saved", "recomputed" or "offloaded"
+    name: str                     # its node: in the forward (saved, offloaded) or backward
+    op: str
+    shape: list | None
+    dtype: str
+    bytes: int                    # numel * element_size of the node's value
+    note: str = ""                # where a saved value comes from (SavedTensor.source)
+
+
+@dataclass
+class ParetoPoint:
+    """One plan of the Pareto sweep (``pareto_sweep``)."""
+    budget: float | None          # its activation_memory_budget (None: none set)
+    partitioner: str
+    peak_bytes: int               # Timeline.peak of its step
+    warm_step_seconds: float | None
+    saved_activation_bytes: int
+    recomputed_ops: int           # forward ops its backward runs again
+    ok: bool                      # outputs and gradients match eager
+    chosen: bool = False          # the plan the report explains
 
 
 @dataclass
@@ -109,10 +156,15 @@ class ExplainReport:
     recomputed: dict[str, int] = field(default_factory=dict)  # forward op -> times the
                                                               # backward recomputes it
     tracing: str = ""             # CompileReport.tracing
-    # estimated peaks (peak_live_bytes): the forward's, and the backward's with
-    # the saved tensors and tangents it holds; None for inference
+    # estimated peaks (Note [Peak of a step]): the most bytes live over the
+    # forward's steps, and over the backward's (parameters and inputs included);
+    # None for inference
     forward_peak_bytes: int | None = None
     backward_peak_bytes: int | None = None
+    timeline: Timeline | None = None     # the step's memory, node by node
+    plan: list[PlanRow] = field(default_factory=list)
+    budget_bytes: int | None = None      # a peak in bytes to show against (drawn only)
+    pareto: list[ParetoPoint] = field(default_factory=list)   # pareto_sweep, when run
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -135,12 +187,25 @@ class ExplainReport:
     def ok(self) -> bool:
         return self.outputs.match is not False and self.gradients.match is not False
 
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.timeline.peak if self.timeline is not None else None
+
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data.update(saved_bytes=self.saved_bytes,
+        data["timeline"] = timeline_json(self.timeline)
+        data.update(peak_bytes=self.peak_bytes, saved_bytes=self.saved_bytes,
                     saved_activation_bytes=self.saved_activation_bytes,
                     compile_seconds=self.compile_seconds, ok=self.ok)
         return data
+
+
+def timeline_json(tl: Timeline | None) -> dict[str, Any] | None:
+    if tl is None:
+        return None
+    return {"steps": list(tl.steps), "live": tl.live, "peak": tl.peak,
+            "peak_step": tl.peak_step, "num_forward_steps": tl.num_forward_steps,
+            "buffers": [dataclasses.asdict(b) for b in tl.buffers]}
 
 
 # ---------------------------------------------------------------- what to explain
@@ -266,18 +331,50 @@ def resolve_partitioner(name: str) -> Callable:
 
 def explain(target: Target, partitioner: str = "default", repeat: int = 3,
             budget: float | None = None, policy: MemoryPolicy | None = None,
-            policy_name: str = "policy") -> ExplainReport:
+            policy_name: str = "policy", budget_bytes: int | None = None) -> ExplainReport:
     """Compile ``target``'s training step, run it beside eager, and measure
     (under ``config.activation_memory_budget = budget`` when given; with
-    ``policy`` as the partitioner when given)."""
+    ``policy`` as the partitioner when given).  ``budget_bytes`` is only
+    recorded, to show the step's peak against."""
     partition_fn = policy if policy is not None else resolve_partitioner(partitioner)
     label = policy_name if policy is not None else partitioner
     if budget is None:
-        return _explain(target, partition_fn, label, repeat)
-    with config.patch(activation_memory_budget=budget):
         report = _explain(target, partition_fn, label, repeat)
-    report.budget = budget
+    else:
+        with config.patch(activation_memory_budget=budget):
+            report = _explain(target, partition_fn, label, repeat)
+        report.budget = budget
+    report.budget_bytes = budget_bytes
     return report
+
+
+def pareto_sweep(target: Target, report: ExplainReport | None = None,
+                 budgets: Iterable[float] = PARETO_BUDGETS, repeat: int = 3) -> list[ParetoPoint]:
+    """One point per plan: ``target`` compiled with the min-cut partitioner under
+    each ``activation_memory_budget`` of ``budgets``, each checked against eager
+    and timed (``repeat`` warm steps).  ``report``, the plan being explained,
+    is one of the points (marked ``chosen``), reused when it is one of the sweep's."""
+    points = []
+    for b in budgets:
+        if report is not None and report.partitioner == "mincut" and report.budget == b:
+            r = report
+        else:
+            obj = target.obj
+            if isinstance(obj, nn.Module):  # a fresh copy: no gradients, no state of earlier runs
+                obj = _copy_module(obj)
+                for p in obj.parameters():
+                    p.grad = None
+            r = explain(Target(obj, target.inputs, target.name, target.description),
+                        partitioner="mincut", repeat=repeat, budget=b)
+        points.append(_pareto_point(r, chosen=r is report))
+    if report is not None and not any(p.chosen for p in points):
+        points.append(_pareto_point(report, chosen=True))
+    return points
+
+
+def _pareto_point(r: ExplainReport, chosen: bool) -> ParetoPoint:
+    return ParetoPoint(r.budget, r.partitioner, r.peak_bytes or 0, r.warm_step_seconds,
+                       r.saved_activation_bytes, sum(r.recomputed.values()), r.ok, chosen)
 
 
 def _explain(target: Target, partition_fn: Callable, partitioner: str,
@@ -326,14 +423,19 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         eager = _median_step(eager_obj, target.inputs, repeat)
 
     part = report.partitioned
+    fw_gm, bw_gm = report.forward_graph, report.backward_graph if part is not None else None
+    recomputed = recomputed_names(fw_gm, bw_gm)
+    timeline = step_timeline(fw_gm, bw_gm, recomputed)
+    live, nf = timeline.live, timeline.num_forward_steps
+    saved = saved_tensors(report, labels)
     return ExplainReport(
         target=target.name, description=target.description,
         api="aot_module" if is_module else "aot_function", partitioner=partitioner,
         torch_version=torch.__version__,
         mode="training" if part is not None else "inference",
-        forward=graph_stats(report.forward_graph),
-        backward=graph_stats(report.backward_graph) if part is not None else None,
-        saved=saved_tensors(report, labels),
+        forward=graph_stats(fw_gm, forward_kinds(fw_gm, part.num_fwd_outputs if part else None)),
+        backward=graph_stats(bw_gm, backward_kinds(bw_gm, recomputed)) if bw_gm else None,
+        saved=saved,
         recomputed=recomputed_ops(report.forward_graph, report.backward_graph)
         if part is not None else {},
         stage_seconds={s: report.stage_seconds[s] for s in STAGES if s in report.stage_seconds},
@@ -341,18 +443,14 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         warm_step_seconds=warm, eager_step_seconds=eager,
         outputs=outputs, gradients=grads, num_graph_inputs=len(labels),
         tracing=report.tracing,
-        forward_peak_bytes=peak_live_bytes(report.forward_graph.graph.nodes)
-        if part is not None else None,
-        backward_peak_bytes=peak_live_bytes(report.backward_graph.graph.nodes,
-                                            held=_held_by_backward)
-        if part is not None else None)
+        forward_peak_bytes=max(live[:nf], default=0) if bw_gm else None,
+        backward_peak_bytes=max(live[nf:], default=0) if bw_gm else None,
+        timeline=timeline,
+        plan=plan_rows(fw_gm, bw_gm, saved, recomputed) if bw_gm else [])
 
 
-def _held_by_backward(node: fx.Node) -> bool:
-    """Backward inputs that are activations: saved tensors and tangents."""
-    return not isinstance(node.meta.get(DESC), Primal)
-
-
+# Kept only for tests/test_budget.py (its check of a reordered backward, a node
+# list that step_timeline cannot take); the report uses partition.peak.step_timeline.
 def peak_live_bytes(nodes: Iterable[fx.Node],
                     held: Callable[[fx.Node], bool] = lambda node: False) -> int:
     """The most memory the values of a graph hold at once when its ``nodes``
@@ -390,23 +488,132 @@ def peak_live_bytes(nodes: Iterable[fx.Node],
     return peak
 
 
-def graph_stats(gm: fx.GraphModule) -> GraphStats:
+def graph_stats(gm: fx.GraphModule, kinds: dict[str, str] | None = None) -> GraphStats:
+    """Sizes and code of ``gm``, and its nodes to draw (coloured by ``kinds``,
+    node name -> kind; a tensor sharing an earlier node's storage is a view)."""
     nodes = list(gm.graph.nodes)
     code = "\n".join(line for line in gm.print_readable(print_output=False).splitlines()
                      if line.strip() != "# No stacktrace found for following nodes")
-    return GraphStats(sum(1 for n in nodes if n.op == "call_function"), len(nodes), code)
+    kinds = kinds or {}
+    drawn, seen = [], set()
+    for n in nodes:
+        val, kind = n.meta.get("val"), kinds.get(n.name, "")
+        if isinstance(val, torch.Tensor):
+            key = storage_of(val)
+            if key in seen and kind in ("", "activation", "temporary"):
+                kind = "view"
+            seen.add(key)
+        elif n.op == "call_function" and kind in ("activation", "temporary"):
+            kind = ""
+        drawn.append(GraphNode(n.name, n.op, _op_name(n), [a.name for a in n.all_input_nodes],
+                               "return" if n.op == "output" else kind, _nbytes(val),
+                               _shape(val)))
+    return GraphStats(sum(1 for n in nodes if n.op == "call_function"), len(nodes), code, drawn)
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_function":
+        return getattr(n.target, "__name__", str(n.target))
+    return str(n.target)
+
+
+def _is_op(n: fx.Node, qualified: str) -> bool:
+    """``n`` calls the op ``namespace.name`` (any overload)."""
+    return n.op == "call_function" and str(n.target).startswith(qualified + ".")
+
+
+def _nbytes(val: Any) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    try:
+        return int(val.numel()) * val.element_size()
+    except (TypeError, RuntimeError):  # an unbacked size
+        return 0
+
+
+def _shape(val: Any) -> list | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    return [int(s) if isinstance(s, int) else str(s) for s in val.shape]
+
+
+def forward_kinds(fw_gm: fx.GraphModule, num_fwd_outputs: int | None) -> dict[str, str]:
+    """Node name -> its kind in the forward (see ``GraphNode.kind``)."""
+    outputs = list(fw_gm.graph.output_node().args[0])
+    n_out = len(outputs) if num_fwd_outputs is None else num_fwd_outputs
+    kinds = {}
+    for n in fw_gm.graph.nodes:
+        if n.op == "placeholder":
+            kinds[n.name] = "input"
+        elif n.op == "call_function":
+            kinds[n.name] = "activation"
+    for k, v in enumerate(outputs):
+        if isinstance(v, fx.Node) and v.op == "call_function":
+            kinds[v.name] = "output" if k < n_out else "saved"
+    for n in fw_gm.graph.nodes:
+        if _is_op(n, "aotgrad.offload"):
+            kinds[n.name] = "offloaded"
+            if isinstance(n.args[0], fx.Node) and n.args[0].op != "placeholder":
+                kinds[n.args[0].name] = "offloaded"
+    return kinds
+
+
+def backward_kinds(bw_gm: fx.GraphModule, recomputed: frozenset[str]) -> dict[str, str]:
+    """Node name -> its kind in the backward (see ``GraphNode.kind``)."""
+    kinds = {}
+    for n in bw_gm.graph.nodes:
+        if n.op == "placeholder":
+            kinds[n.name] = "tangent" if isinstance(n.meta.get(DESC), Tangent) else "saved"
+        elif n.op == "call_function":
+            kinds[n.name] = "reloaded" if _is_op(n, "aotgrad.reload") else \
+                "recomputed" if n.name in recomputed else "temporary"
+    for a in bw_gm.graph.output_node().args[0]:
+        if isinstance(a, fx.Node) and a.op == "call_function":
+            kinds[a.name] = "gradient"
+    return kinds
+
+
+def recomputed_names(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None) -> frozenset[str]:
+    """Backward nodes that recompute forward values: both graphs come from one
+    joint graph and keep its node names."""
+    if bw_gm is None:
+        return frozenset()
+    in_forward = {n.name for n in fw_gm.graph.nodes if n.op == "call_function"}
+    return frozenset(n.name for n in bw_gm.graph.nodes
+                     if n.op == "call_function" and n.name in in_forward)
+
+
+def plan_rows(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, saved: list[SavedTensor],
+              recomputed: frozenset[str]) -> list[PlanRow]:
+    """What is saved (``saved``, in order), offloaded (a saved value copied out
+    by ``aotgrad::offload``: the value it copies) and recomputed (backward nodes)."""
+    fw = {n.name: n for n in fw_gm.graph.nodes}
+    rows = []
+    for s in saved:
+        n = fw.get(s.name)
+        if n is not None and _is_op(n, "aotgrad.offload") and isinstance(n.args[0], fx.Node):
+            v = n.args[0]
+            rows.append(PlanRow("offloaded", v.name, _op_name(v), _shape(v.meta.get("val")),
+                                s.dtype, _nbytes(v.meta.get("val")), f"CPU copy {s.name}"))
+        else:
+            rows.append(PlanRow("saved", s.name, _op_name(n) if n is not None else "", s.shape,
+                                s.dtype, s.bytes, _source(s)))
+    for n in bw_gm.graph.nodes:
+        if n.name in recomputed and n.op == "call_function":
+            val = n.meta.get("val")
+            rows.append(PlanRow("recomputed", n.name, _op_name(n), _shape(val),
+                                str(getattr(val, "dtype", "")).removeprefix("torch."),
+                                _nbytes(val)))
+    return rows
 
 
 def recomputed_ops(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule) -> dict[str, int]:
-    """Forward ops the backward runs again, by op name.  Both graphs come from
-    one joint graph and keep its node names, so a backward node named like a
-    forward node is that forward value, recomputed."""
-    in_forward = {n.name for n in fw_gm.graph.nodes if n.op == "call_function"}
+    """Forward ops the backward runs again (``recomputed_names``), by op name."""
+    names = recomputed_names(fw_gm, bw_gm)
     counts: dict[str, int] = {}
     for n in bw_gm.graph.nodes:
-        if n.op == "call_function" and n.name in in_forward:
-            op = getattr(n.target, "__name__", str(n.target))
-            counts[op] = counts.get(op, 0) + 1
+        if n.op == "call_function" and n.name in names:
+            counts[_op_name(n)] = counts.get(_op_name(n), 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -646,11 +853,27 @@ def render(report: ExplainReport, graphs: bool = False) -> str:
         out += ["  memory kept alive for the backward beyond the graph inputs (distinct "
                 f"storages): {_fmt_bytes(report.saved_activation_bytes)}", ""]
     if report.forward_peak_bytes is not None:
-        out += ["Peak memory (estimated: graph order, each value freed after its last use; "
-                "inputs and parameters not counted)",
+        tl = report.timeline
+        out += ["Peak memory (estimated, Note [Peak of a step]: graph order, each value freed "
+                "after its last use; parameters and inputs included)",
                 f"  forward   {_fmt_bytes(report.forward_peak_bytes)}",
-                f"  backward  {_fmt_bytes(report.backward_peak_bytes)} (saved tensors and "
-                "tangents included)", ""]
+                f"  backward  {_fmt_bytes(report.backward_peak_bytes)}",
+                f"  step      {_fmt_bytes(tl.peak)} at {tl.steps[tl.peak_step]}"
+                if tl.steps else "  step      0 B"]
+        if report.budget_bytes is not None:
+            over = tl.peak > report.budget_bytes
+            out.append(f"  budget    {_fmt_bytes(report.budget_bytes)}: "
+                       f"{'EXCEEDED' if over else 'met'} by the estimate")
+        out.append("")
+    if report.pareto:
+        rows = [[("*" if p.chosen else "") + (p.partitioner if p.budget is None else
+                                               f"{p.partitioner} {p.budget}"),
+                 _fmt_bytes(p.peak_bytes), _fmt_time(p.warm_step_seconds).strip(),
+                 _fmt_bytes(p.saved_activation_bytes), str(p.recomputed_ops),
+                 "yes" if p.ok else "NO"] for p in report.pareto]
+        out += ["Pareto sweep (activation_memory_budget; * the plan explained here)"] + \
+            _table(["plan", "peak", "warm step", "saved", "recomputed", "matches eager"],
+                   rows, {1, 2, 3, 4}) + [""]
     if report.backward:
         total = sum(report.recomputed.values())
         if not total:

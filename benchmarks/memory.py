@@ -199,7 +199,8 @@ def _aotgrad_impl() -> dict[str, Any]:
         mincut = functools.partial(mincut, recompute_cost=profiled_cost())
     return {"aot": aotgrad.aot_module_simplified, "default": aotgrad.default_partition,
             "mincut": mincut, "boxed": aotgrad.make_boxed_func,
-            "budget": lambda b: aotgrad.config.patch(activation_memory_budget=b)}
+            "budget": lambda b: aotgrad.config.patch(activation_memory_budget=b),
+            "peak": lambda b: aotgrad.config.patch(memory_budget=b)}
 
 
 def primal_views(fw_gm: torch.fx.GraphModule) -> set:

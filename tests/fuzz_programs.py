@@ -843,7 +843,7 @@ def make_compiled(fn: Callable, impl: str = "aotgrad") -> Callable:
 
         import aotgrad
         partition = functools.partial(aotgrad.min_cut_rematerialization_partition,
-                                      memory_budget=0.0)
+                                      activation_memory_budget=0.0)
         return aotgrad.aot_function(fn, aotgrad.nop, partition_fn=partition)
     if impl == "torch":  # calibration only: PyTorch's own AOTAutograd as the compiled side
         from functorch.compile import aot_function, nop

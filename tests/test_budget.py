@@ -200,7 +200,7 @@ def test_explicit_budget_argument_overrides_config():
     def partition(joint, joint_inputs, *, num_fwd_outputs):
         return min_cut_rematerialization_partition(joint, joint_inputs,
                                                    num_fwd_outputs=num_fwd_outputs,
-                                                   memory_budget=0.0)
+                                                   activation_memory_budget=0.0)
 
     aotgrad.aot_module(model, rec, rec, partition_fn=partition)(*inputs).backward()
     assert saved_activation_bytes(rec.last("forward"), rec.last("backward")) == \
@@ -221,7 +221,7 @@ def test_profiled_cost_prices_ops_by_timing():
 
     def partition(joint, joint_inputs, *, num_fwd_outputs):
         return min_cut_rematerialization_partition(
-            joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, memory_budget=0.3,
+            joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, activation_memory_budget=0.3,
             recompute_cost=timed)
 
     torch.manual_seed(1)

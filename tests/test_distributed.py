@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, queue) -> None:
         via_compile = make()
         via_budget = make()
         budget0 = functools.partial(aotgrad.min_cut_rematerialization_partition,
-                                    memory_budget=0.0)
+                                    activation_memory_budget=0.0)
         runs = {
             "eager": (eager, eager),
             "aot_module": (via_aot_module, aotgrad.aot_module(via_aot_module, rec)),

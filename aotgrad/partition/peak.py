@@ -24,6 +24,8 @@ storages say which).  On a CPU graph every byte counts; on a device graph,
 the bytes on that device.  It is an estimate: a compiler that fuses ops
 (inductor) allocates less, the caching allocator rounds each block up
 (``benchmarks/memory.py`` checks it against ``torch.cuda.max_memory_allocated``).
+Which nodes share a storage follows the data flow (Note [Storages by data
+flow], below).
 """
 
 from __future__ import annotations
@@ -146,12 +148,36 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
             if kind == "gradient":  # a view of a temporary returned: the storage is a gradient
                 span[2] = kind
 
+    # Note [Storages by data flow]: a node shares a storage only with an input
+    # whose value has the same one (a view, an in-place op's result); anything
+    # else is a new allocation.  The fake values cannot say it alone: a
+    # recomputed node in the backward carries the forward node's value (and
+    # storage), and per-use copies (planner.recompute_per_use) each carry it again.
+    key_of: dict[fx.Node, object] = {}
+
+    def key(n: fx.Node, s, by_storage: dict | None = None):
+        for a in n.all_input_nodes:
+            if a in key_of and a.meta.get("_aotgrad_storage") == s[0]:
+                return key_of[a]
+        if by_storage is not None and s[0] in by_storage:
+            return by_storage[s[0]]
+        return ("node", id(n))
+
+    def place(n: fx.Node, s, by_storage: dict | None = None):
+        n.meta["_aotgrad_storage"] = s[0]
+        key_of[n] = k = key(n, s, by_storage)
+        return k
+
     inputs = set()
+    input_keys: dict = {}      # storage of a forward input -> its key
     for p in fw_gm.graph.find_nodes(op="placeholder"):
         s = _storage(p, device)
         if s is not None:
             inputs.add(p.name)
-            touch(s[0], s[1], p.name, "input", 0, last_step)
+            k = input_keys.setdefault(s[0], ("input", s[0]))
+            p.meta["_aotgrad_storage"] = s[0]
+            key_of[p] = k
+            touch(k, s[1], p.name, "input", 0, last_step)
     out = fw_gm.graph.output_node()
     descs = out.meta.get(DESC) or ()
     role = {}
@@ -160,10 +186,13 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
             role.setdefault(v, d)
     bw_places = {p.name: p for p in bw_gm.graph.find_nodes(op="placeholder")} if bw_gm else {}
     offloaded = {n.args[0] for n in fw_nodes if _is(n, _OFFLOAD) and n.args}
+    fw_by_name = {}
     for n in fw_nodes:
         s = _storage(n, device)
         if s is None:
             continue
+        k = place(n, s, input_keys)
+        fw_by_name[n.name] = (k, s[0])
         end, kind = last_use(n, fw_index, fw_index[n]), "activation"
         d = role.get(n)
         if isinstance(d, UserOutput):
@@ -172,29 +201,42 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
             end, kind = max(end, last_use(bw_places[n.name], bw_index, nf)), "saved"
         if n in offloaded:
             kind = "offloaded"
-        touch(s[0], s[1], n.name, kind, fw_index[n], end)
+        touch(k, s[1], n.name, kind, fw_index[n], end)
+    saved_keys: dict = dict(input_keys)   # storage -> key, of what the backward is given
     for name, p in bw_places.items():
+        s = _storage(p, device)
+        if s is None:
+            continue
+        p.meta["_aotgrad_storage"] = s[0]
         if name in inputs:
+            key_of[p] = input_keys.get(s[0], ("input", s[0]))
             continue  # a saved input: counted whole step
         d = p.meta.get(DESC)
-        s = _storage(p, device)
-        if s is None or (isinstance(d, Saved) and name in {n.name for n in fw_nodes}):
+        if isinstance(d, Saved) and name in fw_by_name:
+            key_of[p] = fw_by_name[name][0]
+            saved_keys.setdefault(s[0], key_of[p])
             continue  # saved values were counted from the forward
-        touch(s[0], s[1], name, "tangent" if isinstance(d, Tangent) else "saved", nf,
+        key_of[p] = k = saved_keys.get(s[0]) or ("node", id(p))
+        saved_keys.setdefault(s[0], k)
+        touch(k, s[1], name, "tangent" if isinstance(d, Tangent) else "saved", nf,
               last_use(p, bw_index, nf))
     grads = {a for a in (bw_gm.graph.output_node().args[0] if bw_gm else ())
              if isinstance(a, fx.Node)}
+    input_key_set = set(input_keys.values())
     for n in bw_nodes:
         s = _storage(n, device)
         if s is None:
             continue
+        k = place(n, s)
         if n in grads:
             kind, end = "gradient", last_step
         else:
             kind = "reloaded" if _is(n, _RELOAD) else \
                 "recomputed" if n.name in recomputed else "temporary"
             end = last_use(n, bw_index, bw_index[n])
-        if s[0] in spans and spans[s[0]][2] == "input":
+        if k in input_key_set:
             continue  # a view of an input (t(weight))
-        touch(s[0], s[1], n.name, kind, bw_index[n], end)
+        touch(k, s[1], n.name, kind, bw_index[n], end)
+    for n in key_of:
+        n.meta.pop("_aotgrad_storage", None)
     return Timeline(steps, tuple(Buffer(*span) for span in spans.values()))
