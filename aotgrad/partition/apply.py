@@ -60,6 +60,25 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     return _torch.lazy_graph_module(joint_gm, fw), _torch.lazy_graph_module(joint_gm, bw)
 
 
+def inputs_first(roots, placed: set[fx.Node]) -> list[fx.Node]:
+    """The roots and the inputs they need, each after its inputs (depth first,
+    without recursion), skipping the ``placed`` ones; ``placed`` grows."""
+    order: list[fx.Node] = []
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            n, inputs_done = stack.pop()
+            if n in placed:
+                continue
+            if inputs_done:
+                placed.add(n)
+                order.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in placed)
+    return order
+
+
 def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
     """Note [Recompute just in time]: in the joint, every forward node comes
     before every backward node, so a backward extracted in that order
@@ -77,20 +96,8 @@ def recompute_just_in_time(graph: fx.Graph, num_tangents: int) -> fx.Graph:
         if n.op == "output" or n in impure or \
                 any(a in anchored for a in n.all_input_nodes):
             anchored.add(n)
-    placed = set(placeholders)
-    order: list[fx.Node] = []
-    for anchor in [n for n in graph.nodes if n in anchored and n.op != "placeholder"]:
-        stack = [(anchor, False)]              # depth-first, inputs before users
-        while stack:
-            n, inputs_done = stack.pop()
-            if n in placed:
-                continue
-            if inputs_done:
-                placed.add(n)
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a not in placed)
+    order = inputs_first([n for n in graph.nodes if n in anchored and n.op != "placeholder"],
+                         set(placeholders))
     cursor = placeholders[-1] if placeholders else None
     for n in order:
         if cursor is None:

@@ -62,7 +62,7 @@ import torch.fx as fx
 from .. import _torch
 from ..descriptors import DESC, Tangent
 from ..rng import replay_random_ops
-from .apply import build_partition, insert_offload
+from .apply import build_partition, inputs_first, insert_offload
 from .mincut import Cut, RematProblem, min_cut_saved_values
 from .peak import Timeline, step_timeline
 from .problem import NodeRole, RecomputePolicy, activation_bytes, forward_nodes, \
@@ -459,20 +459,7 @@ def _place_inputs_first(graph: fx.Graph) -> None:
     """Order the nodes so each comes after its inputs, otherwise as they are
     (a copy inserted before an anchor can be the input of an original placed
     earlier)."""
-    placed: set[fx.Node] = set()
-    order: list[fx.Node] = []
-    for n in list(graph.nodes):
-        stack = [(n, False)]
-        while stack:
-            m, inputs_done = stack.pop()
-            if m in placed:
-                continue
-            if inputs_done:
-                placed.add(m)
-                order.append(m)
-                continue
-            stack.append((m, True))
-            stack.extend((a, False) for a in reversed(m.all_input_nodes) if a not in placed)
+    order = inputs_first(list(graph.nodes), set())
     for prev, m in zip(order, order[1:]):
         if prev.next is not m:
             prev.append(m)
