@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from . import _torch, config
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
+from .missing import MissingTangents, absorbing_tangents, without
 from .partition import Partitioned
 from .views import is_view_op
 
@@ -158,6 +159,8 @@ class CompiledGraphs:
     # when the backward may write over saved values: () -> a backward that
     # does not, for backward(retain_graph=True) (Note [Donated buffers])
     keeping_backward: Callable[[], Callable] | None = None
+    # the backward when tangents are missing (Note [Missing tangents], missing.py)
+    missing: MissingTangents | None = None
 
 
 def repeated_outputs(gm: fx.GraphModule, num_outputs: int) -> tuple[int, ...]:
@@ -329,4 +332,24 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           getattr(bw, "offset_free", False),
                           stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw),
                           updated_in_place=getattr(fw, "updated_in_place", frozenset()),
-                          keeping_backward=keeping)
+                          keeping_backward=keeping,
+                          missing=_missing_tangents(program, bw_gm, bw_compiler))
+
+
+def _missing_tangents(program: int, bw_gm: fx.GraphModule,
+                      bw_compiler: Compiler) -> MissingTangents | None:
+    """Note [Missing tangents]: the backwards for missing tangents, compiled
+    when a call misses them (None when zeros give eager's values)."""
+    absorbing = absorbing_tangents(bw_gm)
+    if not absorbing:
+        return None
+
+    def make(missing: frozenset[int]) -> Callable | None:
+        gm = without(bw_gm, missing)
+        if gm is None:
+            return None
+        with compiling("backward", program):
+            gm = _with_tensor_meta(gm, bw_compiler)
+            return ensure_boxed(bw_compiler(gm, placeholder_values(gm)))
+
+    return MissingTangents(absorbing, make)

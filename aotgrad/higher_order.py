@@ -43,6 +43,14 @@ are recorded too, and a create_graph backward after one of them changed in
 place raises autograd's error instead of differentiating the new value.  The
 first-order path is otherwise unchanged: the compiled backward under no_grad.
 
+Note [Wanted gradients]: the second program computes only the gradients the
+running backward uses -- ``grad(y, x, create_graph=True)`` wants x's, not the
+weights' -- asked of autograd's engine for the node at each input's edge
+(``_torch.engine_uses``), one compiled second program per set of gradients
+wanted.  The others are None, as autograd would drop them; computing them
+would cost their ops twice over: here, and again in the final backward, which
+would push zeros through them.
+
 Refused -- the gradients are still computed (the compiled backward, exact
 values), but tied to a node that raises, naming the reason, when autograd
 differentiates them; the forward then keeps the inputs that require grad it
@@ -84,6 +92,7 @@ class HigherOrderPlan:
     extras: tuple[int, ...] = ()        # graph inputs kept on ctx.aotgrad_inputs by the forward
     versioned: tuple[int, ...] = ()     # of those, the tensors whose version is recorded
     cloned: frozenset[int] = frozenset()  # inputs the program mutates (copied for the second run)
+    tensors: tuple[int, ...] = ()       # the graph inputs that are tensors (autograd's edges)
 
 
 #: Note [Higher-order backward]: arguments an op's results (all: None) do not
@@ -173,7 +182,8 @@ def plan_higher_order(parts: Partitioned, sig: Signature, *, program: Callable |
     tensors = {index[p] for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)}
     return HigherOrderPlan(None, tuple(slot), extras,
                            tuple(i for i in extras if i in read and i in tensors),
-                           frozenset(i for i, x in enumerate(sig.inputs) if x.mutated))
+                           frozenset(i for i, x in enumerate(sig.inputs) if x.mutated),
+                           tuple(sorted(tensors)))
 
 
 def refused(sig: Signature, reason: str, saved_slot: tuple | None = None) -> HigherOrderPlan:
@@ -218,13 +228,17 @@ class VJPProgram:
     gradient (or None) per graph input``, made differentiable by running
     ``program`` (the traced flat function) again under autograd."""
 
-    def __init__(self, program: Callable, sig: Signature, cloned: frozenset[int]):
+    def __init__(self, program: Callable, sig: Signature, cloned: frozenset[int],
+                 wrt: tuple[int, ...], missing: tuple[int, ...] = ()):
         self.program = program
         self.sig = sig
         self.cloned = cloned
         self.num_inputs = len(sig.inputs)
         self.diff = [k for k, m in enumerate(sig.tangent_mask) if m]
-        self.wrt = [i for i, x in enumerate(sig.inputs) if x.requires_grad]
+        self.wrt = wrt     # the inputs whose gradients are computed (Note [Wanted gradients])
+        # the tangents autograd did not give (their zeros are passed, not read:
+        # Note [Missing tangents], missing.py)
+        self.given = [j for j in range(len(self.diff)) if j not in missing]
         self.__name__ = f"{getattr(program, '__name__', type(program).__name__)}_backward"
 
     def __call__(self, *args: Any) -> tuple:
@@ -233,8 +247,12 @@ class VJPProgram:
         # the second run changes copies, not the caller's tensors
         primals = [a.clone() if k in self.cloned else a for k, a in enumerate(args[:n])]
         values = graph_values(self.program(*primals), primals, self.sig)
-        grads = torch.autograd.grad([values[k] for k in self.diff],
-                                    [primals[i] for i in self.wrt], list(args[n:]),
+        tangents = args[n:]
+        if not self.given:
+            return (None,) * n
+        grads = torch.autograd.grad([values[self.diff[j]] for j in self.given],
+                                    [primals[i] for i in self.wrt],
+                                    [tangents[j] for j in self.given],
                                     allow_unused=True, create_graph=True)
         out: list = [None] * n
         for i, g in zip(self.wrt, grads):
@@ -256,7 +274,7 @@ class DifferentiableBackward:
         self.num_saved_symints = num_saved_symints
         self.num_saved_tensors = num_saved_tensors
         self.num_params_buffers = num_params_buffers
-        self._vjp: Callable | None = None
+        self._vjps: dict[tuple, Callable] = {}   # by the gradients wanted, tangents missing
 
     @property
     def extras(self) -> tuple[int, ...]:
@@ -266,16 +284,29 @@ class DifferentiableBackward:
     def versioned(self) -> tuple[int, ...]:
         return self.plan.versioned
 
-    def function(self) -> Callable:
-        """The compiled second program, made at its first use."""
-        if self._vjp is None:
+    def function(self, wrt: tuple[int, ...], missing: tuple[int, ...] = ()) -> Callable:
+        """The compiled second program computing the gradients of ``wrt`` from
+        the tangents not ``missing``, made at its first use."""
+        vjp = self._vjps.get((wrt, missing))
+        if vjp is None:
             options = dataclasses.replace(self.options, keep_inference_input_mutations=False,
                                           num_params_buffers=self.num_params_buffers)
-            self._vjp = self.options.compile_function(
-                VJPProgram(self.program, self.sig, self.plan.cloned), options)
-        return self._vjp
+            vjp = self._vjps[wrt, missing] = self.options.compile_function(
+                VJPProgram(self.program, self.sig, self.plan.cloned, wrt, missing), options)
+        return vjp
 
-    def __call__(self, ctx: Any, backward: Callable, args: list) -> tuple[list, list | None]:
+    def wanted(self, ctx: Any) -> tuple[int, ...]:
+        """Note [Wanted gradients]: the inputs whose gradients this backward's
+        graph task uses."""
+        tensors, edges = self.plan.tensors, ctx.next_functions
+        if len(edges) != len(tensors):   # not one edge per tensor input: all of them
+            return tuple(i for i, x in enumerate(self.sig.inputs) if x.requires_grad)
+        return tuple(tensors[j] for j, (node, _) in enumerate(edges)
+                     if node is not None and (_torch.is_leaf_accumulator(node) or
+                                              _torch.engine_uses(node)))
+
+    def __call__(self, ctx: Any, backward: Callable, args: list,
+                 missing: tuple[int, ...] = ()) -> tuple[list, list | None]:
         """The gradients, and (when they cannot be differentiable) the backward's
         inputs to tie them to with ``refuse``."""
         ns, nt = self.num_saved_symints, self.num_saved_tensors
@@ -293,8 +324,11 @@ class DifferentiableBackward:
         if self.plan.extras and not _torch.keeps_graph():
             ctx.aotgrad_inputs = None
         args.clear()
+        wrt = self.wanted(ctx)
+        if not wrt:
+            return [None] * len(primals), None
         with _torch.autocast_disabled():  # Note [Autocast is traced in] (runtime.py)
-            grads = self.function()(*primals, *tangents)
+            grads = self.function(wrt, missing)(*primals, *tangents)
         return list(grads), None
 
     def _inputs(self, ctx: Any, saved: list) -> list:

@@ -464,10 +464,16 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         bwd(f"bw = {bwd.bind(compiled.keeping_backward, 'keeping_backward')}() if "
             f"{bwd.bind(_torch.keeps_graph, 'keeps_graph')}() else {bw}")
         bw = "bw"
+    if compiled.missing is not None and boundary is None and not writes and diff:
+        # Note [Missing tangents] (missing.py): a backward that leaves them out
+        bwd(f"bw_now = {bw}")
+        bwd("if missing:")
+        bwd(f"bw_now = {bwd.bind(compiled.missing, 'without_missing')}(missing, bw_now)", 2)
+        bw = "bw_now"
     bwd("kept = None")
     bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")
     # Note [Higher-order backward] (higher_order.py)
-    bwd(f"grads, kept = {bwd.bind(higher, 'higher_order')}(ctx, {bw}, args)", 2)
+    bwd(f"grads, kept = {bwd.bind(higher, 'higher_order')}(ctx, {bw}, args, missing)", 2)
     bwd("else:")
     bwd("ctx.maybe_clear_saved_tensors()", 2)
     if higher.extras:

@@ -468,3 +468,76 @@ def test_program_loaded_from_the_disk_cache(tmp_path):
         got = _module_orders(lambda x: compiled(x), model, x)
         AOTAutogradCache.clear()
     assert_all_close(got, _module_orders(model, model, x))
+
+
+# ---------------------------------------------------------------- Note [Wanted gradients]
+
+class Recording:
+    """A compiler (nop underneath) that keeps the forward graphs it compiles."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return nop(gm, example_inputs)
+
+
+def test_only_the_wanted_gradients_are_computed():
+    """grad(y, x, create_graph=True) computes the gradients of the inputs that
+    are not leaves only when they are wanted (a leaf's always); each set has
+    its own second program, and every value is eager's."""
+    def f(a, b):
+        return (a * b).sin().sum()
+
+    fw = Recording()
+    compiled = aot_function(f, fw, nop)
+    a, b = leaf(6, seed=11), leaf(6)
+
+    def second(fn, wrt):
+        x, y = a * 1.0, b * 1.5     # not leaves
+        out = fn(x, y) if wrt != "leaves" else fn(a, b)
+        wrt = {"x": [x], "y": [y], "xy": [x, y], "leaves": [a]}[wrt]
+        g = torch.autograd.grad(out, wrt, create_graph=True)
+        return [*g, *torch.autograd.grad(sum((gi ** 2).sum() for gi in g), [a, b])]
+
+    def ops(gm):
+        return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+    assert_all_close(second(compiled, "x"), second(f, "x"))
+    only_x = ops(fw.graphs[-1])   # the second program's forward
+    assert_all_close(second(compiled, "y"), second(f, "y"))
+    only_y = ops(fw.graphs[-1])
+    n = len(fw.graphs)
+    assert_all_close(second(compiled, "x"), second(f, "x"))
+    assert len(fw.graphs) == n    # the same set again: the same second program
+    assert_all_close(second(compiled, "xy"), second(f, "xy"))
+    both = ops(fw.graphs[-1])
+    assert len(fw.graphs) == n + 1   # one more second program, for (x, y)
+    assert only_x < both and only_y < both    # the unwanted gradient's mul is not there
+    assert_all_close(second(compiled, "leaves"), second(f, "leaves"))
+
+    # backward(inputs=...), and .backward() (every gradient)
+    for fn in (compiled, f):
+        a.grad = b.grad = None
+        (g,) = torch.autograd.grad(fn(a, b), [b], create_graph=True)
+        (g ** 3).sum().backward(inputs=[a])
+        want = a.grad.clone() if fn is f else None
+        got = a.grad.clone() if fn is compiled else got
+    assert_close(got, want)
+
+
+def test_wanted_gradients_with_retain_graph_and_a_non_tensor_input():
+    def f(a, k, b):
+        return (a.cos() * b * k).sum()
+
+    compiled = aot_function(f, nop)
+    a, b = leaf(5, seed=12), leaf(5)
+    results = []
+    for fn in (compiled, f):
+        out = fn(a, 3, b)
+        ga = torch.autograd.grad(out, a, create_graph=True, retain_graph=True)
+        gb = torch.autograd.grad(out, b, create_graph=True)
+        s = (ga[0] * gb[0]).sum()
+        results.append([*ga, *gb, *torch.autograd.grad(s, [a, b])])
+    assert_all_close(*results)

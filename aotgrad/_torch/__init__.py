@@ -379,6 +379,22 @@ def keeps_graph() -> bool:
     return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
+def engine_uses(node: Any) -> bool:
+    """Whether the running backward's graph task uses the gradient flowing
+    into ``node`` (Note [Wanted gradients], higher_order.py), a node that is
+    not a leaf's accumulator (the engine refuses to say for those under
+    ``autograd.grad``, raising -- at ~10 us a call, more than the gradient
+    costs -- when the leaf is one of the inputs asked for)."""
+    return torch._C._will_engine_execute_node(node)
+
+
+def is_leaf_accumulator(node: Any) -> bool:
+    return type(node) is _AccumulateGrad
+
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad
+
+
 # inductor's entry points: .inductor (re-exported)
 from .inductor import (DONATED_INPUTS_META, inductor_compile, inductor_decompositions,  # noqa: E402,F401,E501
                        inductor_joint_passes, inductor_mode_options, inductor_pre_grad_passes)

@@ -1,0 +1,155 @@
+"""Note [Missing tangents] (aotgrad/missing.py): outputs whose gradient
+autograd does not give are absent from the backward, as in eager -- not zeros
+that meet an infinite or nan value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import aotgrad
+from aotgrad import aot_function, aot_module, nop
+
+
+class Counting:
+    """A backward compiler that counts its graphs and runs them as given."""
+
+    def __init__(self):
+        self.graphs: list = []
+
+    def __call__(self, gm, _):
+        self.graphs.append(gm)
+        return gm
+
+
+def log_and_double(x):
+    return x.log(), 2 * x
+
+
+def sqrt_and_triple(x):
+    return torch.sqrt(x), x * 3
+
+
+def grads(fn, x, use):
+    """x.grad after backward through the outputs numbered in ``use``."""
+    x = x.detach().clone().requires_grad_()
+    outs = fn(x)
+    sum(outs[i].sum() for i in use).backward()
+    return x.grad
+
+
+def check(compiled, eager, x, uses=((1,), (0, 1), (0,))):
+    for use in uses:
+        torch.testing.assert_close(grads(compiled, x, use), grads(eager, x, use),
+                                   equal_nan=True, msg=lambda m: f"{use}: {m}")
+
+
+def test_an_unused_output_does_not_make_nan():
+    """Eager: x.grad == 2 at x == 0 when only ``2 * x`` is used; zeros
+    through log's backward would give 0 / 0 = nan."""
+    x = torch.tensor([0.0, 1.0, 4.0])
+    assert grads(log_and_double, x, (1,)).tolist() == [2.0, 2.0, 2.0]
+    for f in (log_and_double, sqrt_and_triple):
+        check(aot_function(f, nop), f, x)
+
+
+def test_through_modules_and_torch_compile():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 0.0, 2.0]))
+
+        def forward(self, x):
+            return (x * self.w).log(), self.w * 5 + x
+
+    x = torch.tensor([1.0, 2.0, 0.0])
+    m = M()
+    compiled = [aot_module(m, nop),
+                torch.compile(m, backend=aotgrad.backends.aot_eager, fullgraph=True)]
+    for c in compiled:
+        torch._dynamo.reset()
+        for use in ((1,), (0, 1)):
+            for p in m.parameters():
+                p.grad = None
+            xe = x.clone().requires_grad_()
+            sum(m(xe)[i].sum() for i in use).backward()
+            expect = (m.w.grad.clone(), xe.grad.clone())
+            m.w.grad = None
+            xc = x.clone().requires_grad_()
+            sum(c(xc)[i].sum() for i in use).backward()
+            torch.testing.assert_close((m.w.grad, xc.grad), expect, equal_nan=True)
+            assert not m.w.grad.isnan().any() or len(use) == 2
+
+
+def test_backward_compiled_again_only_where_zeros_would_differ():
+    """A program whose missing tangents only meet views and sums compiles one
+    backward; one where they meet a product compiles a second backward, once
+    per missing set, reused at later calls."""
+    exact = Counting()
+    f = aot_function(lambda x: (x + 1, (2 * x).view(-1)), nop, exact)
+    x = torch.randn(3)
+    check(f, lambda x: (x + 1, (2 * x).view(-1)), x)
+    assert len(exact.graphs) == 1
+
+    absorbing = Counting()
+    g = aot_function(log_and_double, nop, absorbing)
+    x = torch.tensor([0.0, 1.0])
+    for _ in range(3):
+        check(g, log_and_double, x, uses=((1,),))
+    assert len(absorbing.graphs) == 2
+    check(g, log_and_double, x, uses=((0, 1),))
+    assert len(absorbing.graphs) == 2
+    specialised = absorbing.graphs[1]
+    targets = {n.target for n in specialised.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.div.Tensor not in targets and \
+        torch.ops.aten.reciprocal.default not in targets, specialised.code
+
+
+def max_cat_and_quadruple(x):
+    m, _ = x.max(dim=0)
+    halves = (1 / x).split(1, dim=0)     # split's gradient: cat of the pieces' gradients
+    return m, halves[0] * x[1:], x * 4, halves[1] * 2
+
+
+@pytest.mark.parametrize("backend", ["nop", "aot_eager", "inductor"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_multi_output_ops_and_materialised_zeros(backend, dynamic):
+    """Zeros that meet a non-zero gradient in a ``cat`` are materialised
+    before it (with ``full``: inductor refuses ``zeros``, which it decomposes)."""
+    f = max_cat_and_quadruple
+    if backend == "nop":
+        if dynamic:
+            pytest.skip("aot_function traces static shapes")
+        compiled = aot_function(f, nop)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend=getattr(aotgrad.backends, backend),
+                                 dynamic=dynamic, fullgraph=True)
+    for x in (torch.tensor([[0.0, 1.0], [2.0, 0.5]]), torch.tensor([[1.0, 0.0, 3.0]] * 2)):
+        check(compiled, f, x, uses=((0,), (2,), (1,), (3,), (0, 2), (1, 3), (0, 1, 2, 3)))
+
+
+def test_dynamic_shapes():
+    def f(x):
+        return x.log() * x.shape[0], (2 * x).sum(0)
+
+    c = torch.compile(f, backend=aotgrad.backends.aot_eager, dynamic=True, fullgraph=True)
+    for n in (3, 5):
+        x = torch.zeros(n, 2)
+        x[0] = 1.0
+        check(c, f, x)
+
+
+def test_double_backward_with_an_unused_output():
+    f = aot_function(log_and_double, nop)
+    for fn in (log_and_double, f):
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        _, b = fn(x)
+        (g,) = torch.autograd.grad((b * b).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+        if fn is log_and_double:
+            expect = (g.detach(), gg)
+        else:
+            torch.testing.assert_close((g.detach(), gg), expect)
+            assert not g.isnan().any()
