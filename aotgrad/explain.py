@@ -323,45 +323,6 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
         plan=plan_rows(fw_gm, bw_gm, saved, recomputed) if bw_gm else [])
 
 
-# Kept only for tests/test_budget.py (its check of a reordered backward, a node
-# list that step_timeline cannot take); the report uses partition.peak.step_timeline.
-def peak_live_bytes(nodes: Iterable[fx.Node],
-                    held: Callable[[fx.Node], bool] = lambda node: False) -> int:
-    """The most memory the values of a graph hold at once when its ``nodes``
-    run in this order, each value freed after its last use (the outputs are kept): the
-    storages of what it computes, each counted once, and of the inputs for
-    which ``held`` is true (until their last use).  An estimate: a compiler
-    that fuses or reorders ops (inductor) does otherwise."""
-    nodes = list(nodes)
-    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
-    users: dict[StorageWeakRef, set[fx.Node]] = {}
-    sizes: dict[StorageWeakRef, int] = {}
-    current = peak = 0
-    for i, n in enumerate(nodes):
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and (n.op == "call_function" or
-                                              (n.op == "placeholder" and held(n))):
-            key = storage_of(val)
-            if key not in users:
-                users[key], sizes[key] = set(), int(val.untyped_storage().nbytes())
-                current += sizes[key]
-            users[key].add(n)
-        peak = max(peak, current)
-        if n.op == "output":
-            break
-        for a in [*n.all_input_nodes, n]:
-            if last.get(a, i) > i:
-                continue
-            val = a.meta.get("val")
-            key = storage_of(val) if isinstance(val, torch.Tensor) else None
-            if key in users:
-                users[key].discard(a)
-                if not users[key]:
-                    del users[key]
-                    current -= sizes.pop(key)
-    return peak
-
-
 def graph_stats(gm: fx.GraphModule, kinds: dict[str, str] | None = None) -> GraphStats:
     """Sizes and code of ``gm``, and its nodes to draw (coloured by ``kinds``,
     node name -> kind; a tensor sharing an earlier node's storage is a view)."""

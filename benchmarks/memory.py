@@ -339,19 +339,58 @@ def measure_peak(step: Callable, params: list) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def inductor_decomps():
+    """Inductor's decompositions, with ``layout_optimization`` off."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+    # Inductor's channels-last layout choice for convolutions changes the
+    # strides of saved tensors; outside torch.compile (no TracingContext) no
+    # one tells the backward, which then fails its stride asserts.
+    inductor_config.layout_optimization = False
+    return select_decomp_table()
+
+
+def time_variants(variants: list[Variant], inputs: list, params: list, cuda: bool,
+                  repeats: int) -> None:
+    """Two warm-up steps each, then ``repeats`` steps round-robin (rotating who
+    goes first) into ``v.times``; on CUDA then ``v.peak_bytes``.  A variant
+    that fails is marked (``v.error``) and left out from then on."""
+    steps = {id(v): make_step(v.fn, inputs, params, cuda) for v in variants if v.fn is not None}
+
+    def guarded(v: Variant, what: str, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001
+            v.fail(what, e)
+            return None
+
+    for v in variants:  # warm-up
+        for _ in range(2):
+            if v.fn is not None:
+                clear_grads(params)
+                guarded(v, "warm-up", steps[id(v)])
+    for r in range(repeats):  # round-robin, rotating who goes first
+        live = [v for v in variants if v.fn is not None]
+        for v in live[r % max(len(live), 1):] + live[:r % max(len(live), 1)]:
+            if v.fn is None:
+                continue
+            clear_grads(params)
+            step = steps[id(v)]
+            t0 = time.perf_counter()
+            ok = guarded(v, "step", lambda step=step: step() or True)
+            if ok:
+                v.times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        for v in variants:
+            if v.fn is not None:
+                v.peak_bytes = guarded(v, "peak", lambda v=v: measure_peak(steps[id(v)], params))
+
+
 def run_model(name: str, device: str, dtype: torch.dtype, repeats: int, inductor: bool) -> list[Variant]:
     cuda = device == "cuda"
     model, inputs = build(name, device, dtype)
     params = list(model.parameters())
-    decomps = None
-    if inductor:
-        import torch._inductor.config as inductor_config
-        from torch._inductor.decomposition import select_decomp_table
-        decomps = select_decomp_table()
-        # Inductor's channels-last layout choice for convolutions changes the
-        # strides of saved tensors; outside torch.compile (no TracingContext) no
-        # one tells the backward, which then fails its stride asserts.
-        inductor_config.layout_optimization = False
+    decomps = inductor_decomps() if inductor else None
 
     impls: dict[str, dict | None] = {"torch": None, "aotgrad": _aotgrad_impl()}
     try:
@@ -384,35 +423,7 @@ def run_model(name: str, device: str, dtype: torch.dtype, repeats: int, inductor
             if not isinstance(e, (RuntimeError, AssertionError, NotImplementedError, TypeError)):
                 traceback.print_exc()
 
-    steps = {id(v): make_step(v.fn, inputs, params, cuda) for v in variants if v.fn is not None}
-
-    def guarded(v: Variant, what: str, action: Callable[[], Any]) -> Any:
-        try:
-            return action()
-        except Exception as e:  # noqa: BLE001
-            v.fail(what, e)
-            return None
-
-    for v in variants:  # warm-up
-        for _ in range(2):
-            if v.fn is not None:
-                clear_grads(params)
-                guarded(v, "warm-up", steps[id(v)])
-    for r in range(repeats):  # round-robin, rotating who goes first
-        live = [v for v in variants if v.fn is not None]
-        for v in live[r % max(len(live), 1):] + live[:r % max(len(live), 1)]:
-            if v.fn is None:
-                continue
-            clear_grads(params)
-            step = steps[id(v)]
-            t0 = time.perf_counter()
-            ok = guarded(v, "step", lambda step=step: step() or True)
-            if ok:
-                v.times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        for v in variants:
-            if v.fn is not None:
-                v.peak_bytes = guarded(v, "peak", lambda v=v: measure_peak(steps[id(v)], params))
+    time_variants(variants, inputs, params, cuda, repeats)
     clear_grads(params)
     for v in variants:
         v.fn = None  # let compiled graphs go before the next model

@@ -224,16 +224,15 @@ def test_builtin_peak_estimates(builtin):
     assert data["backward_peak_bytes"] >= data["saved_activation_bytes"]
 
 
-def test_peak_live_bytes_by_hand():
+def test_step_timeline_by_hand():
+    """Note [Peak of a step], by hand: each storage counted once, from the
+    step that makes it to its last use (the input from the start)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from aotgrad.explain import peak_live_bytes
+    from aotgrad.partition.peak import step_timeline
 
     x = torch.randn(8, 16)          # 512 bytes per value of its size
-    gm = make_fx(lambda x: ((x * 2) + 1).sum(), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm.graph.nodes) == 1024   # mul and add alive together; then add and sum
-    gm = make_fx(lambda x: (x * 2).view(-1).t().sum(), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm.graph.nodes) == 516    # views share mul's storage
-    gm = make_fx(lambda x: (x * 2, (x + 1).sum()), tracing_mode="fake")(x)
-    assert peak_live_bytes(gm.graph.nodes) == 1028   # an output stays alive to the end (512 + 512 + 4)
-    assert peak_live_bytes(gm.graph.nodes, held=lambda n: True) == 1536   # x, mul and add; x goes after add
+    gm = make_fx(lambda x: (((x * 2) + 1).sum(),), tracing_mode="fake")(x)
+    assert step_timeline(gm, None).live == [1024, 1536, 1028]   # x, mul, add; then add, sum
+    gm = make_fx(lambda x: ((x * 2).view(-1).t().sum(),), tracing_mode="fake")(x)
+    assert step_timeline(gm, None).peak == 1028    # the views share mul's storage

@@ -3,6 +3,7 @@ aotgrad/partition/planner.py): parsing, the plan's guarantees, values."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -206,6 +207,73 @@ def test_recompute_per_use_lowers_a_long_chain_peak():
     assert_eager(model, x, loss, grads)
     # a second pass finds nothing more to copy
     assert recompute_per_use(bw, {n.name for n in fw.graph.nodes}) in (True, False)
+
+
+def dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Dropout(0.5), nn.Linear(64, 64),
+                         nn.Tanh(), nn.Dropout(0.5), nn.Linear(64, 64), nn.Tanh()).train()
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 4, layers: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(d), qkv=nn.Linear(d, 3 * d), out=nn.Linear(d, d),
+            ln2=nn.LayerNorm(d), up=nn.Linear(d, 4 * d), down=nn.Linear(4 * d, d)))
+            for _ in range(layers))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](x)).split(d, dim=-1)
+            q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                       for y in (q, k, v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["out"](a.transpose(1, 2).reshape(b, t, d))
+            x = x + blk["down"](torch.nn.functional.gelu(blk["up"](blk["ln2"](x))))
+        return x
+
+
+def attention() -> nn.Module:
+    torch.manual_seed(0)
+    return Attention()
+
+
+@pytest.mark.parametrize("make, shape", [(mlp, (256, 128)), (convnet, (8, 3, 16, 16)),
+                                         (dropout_mlp, (128, 64)), (attention, (4, 32, 64))])
+def test_bounds_prune_no_choice(make, shape, monkeypatch):
+    """Note [Peak budget]: the planner skips plans by bounds on their peak and
+    time (checked, under debug_assert, against every plan it builds); building
+    every plan (``EXHAUSTIVE``) chooses the same one, at every budget, and
+    reports the same lowest peak when none fits.  A plan recomputing per use
+    never takes less time than the same cut just in time."""
+    from aotgrad.partition import planner
+    model = make()
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    budgets = (1.0, 0.97, 0.94, 0.9, 0.87, 0.84, 0.8, 0.75, 0.7, 0.6, 0.5, 1)
+    found = {}
+    for exhaustive in (True, False):
+        monkeypatch.setattr(planner, "EXHAUSTIVE", exhaustive)
+        for budget in budgets:
+            try:
+                with aotgrad.config.patch(debug_assert=True):
+                    _, _, fw, _ = run(model, x, budget=budget)
+            except ValueError as e:
+                found[exhaustive, budget] = str(e)
+                continue
+            plan = plan_of(fw)
+            found[exhaustive, budget] = (plan.chosen, plan.limit, plan.timeline.peak)
+            if exhaustive:
+                by = {p.candidate: p for p in plan.points}
+                for c, p in by.items():
+                    jit = by.get(dataclasses.replace(c, per_use=False))
+                    assert jit is None or p.time >= jit.time, (p, jit)
+    for budget in budgets:
+        assert found[False, budget] == found[True, budget], budget
+    assert any(isinstance(found[True, b], str) for b in budgets)
 
 
 def test_random_ops_are_never_drawn_again():

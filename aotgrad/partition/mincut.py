@@ -93,6 +93,8 @@ class FlowNetwork:
 
     Edges live in flat arrays (edge ``e ^ 1`` is the reverse of ``e``); the
     adjacency is built once, in compressed form, when the flow is computed.
+    ``cap`` holds the residual capacities: ``max_flow`` augments whatever flow
+    they already carry (a warm start, ``RematProblem.solve``).
     """
 
     def __init__(self, num_vertices: int):
@@ -107,10 +109,17 @@ class FlowNetwork:
         self.cap += (cap, 0)
 
     def copy(self) -> "FlowNetwork":
-        """The same edges and capacities, no flow (to add more edges and solve)."""
+        """The same edges and capacities (to add more edges, or set capacities,
+        and solve); the adjacency, once built, is shared while no edge is added."""
         net = FlowNetwork(self.num_vertices)
         net.to, net.cap = list(self.to), list(self.cap)
+        if self._built():
+            net._start, net._edges = self._start, self._edges
         return net
+
+    def _built(self) -> bool:
+        """Whether the adjacency is that of the edges now."""
+        return bool(self._start) and len(self._edges) == len(self.to)
 
     def _build_adjacency(self) -> None:
         to, n = self.to, self.num_vertices
@@ -128,7 +137,9 @@ class FlowNetwork:
         self._start, self._edges = count, edges
 
     def max_flow(self, s: int, t: int) -> int:
-        self._build_adjacency()
+        """The flow added from ``s`` to ``t`` until it is maximal."""
+        if not self._built():
+            self._build_adjacency()
         start, edges, to, cap = self._start, self._edges, self.to, self.cap
         n = self.num_vertices
         flow = 0
@@ -311,7 +322,14 @@ class RematProblem:
             i = index[n]
             if role_in_fwd(n) is NodeRole.BANNED:
                 net.add_edge(2 * i + 1, sink, inf)
+        # the source's edges to COSTLY nodes: their capacities are set per solve
+        self._costly_edges = []
+        for i, _ in self.costly:
+            self._costly_edges.append(len(net.to))
+            net.add_edge(source, 2 * i, 0)
+        net._build_adjacency()    # once: every solve's copy shares it
         self.net = net
+        self._flows: list[tuple[list[int], list[int], int]] = []   # of the solves so far
 
     def solve(self, lam: float | None, allowed: frozenset[fx.Node] | None = None) -> Cut | None:
         """The optimal cut for ``lam`` (None: COSTLY nodes are not recomputed);
@@ -319,12 +337,29 @@ class RematProblem:
         cut exists."""
         if self.empty:
             return Cut((), 0, 0)
-        net = self.net.copy()
+        caps = []
         for i, cost in self.costly:
             banned = lam is None or (allowed is not None and self.order[i] not in allowed)
-            cap = self.inf if banned else max(1, round(lam * cost * self.scale))
-            net.add_edge(self.source, 2 * i, cap)
-        if net.max_flow(self.source, self.sink) >= self.inf:
+            caps.append(self.inf if banned else max(1, round(lam * cost * self.scale)))
+        # Warm start: the largest flow of an earlier solve that these capacities
+        # still carry (the other edges are the same).  Any maximum flow leaves
+        # the same vertices reaching the sink, so the cut is the one a cold
+        # start finds.
+        edges, net, start = self._costly_edges, self.net.copy(), 0
+        warm = max((f for f in self._flows if all(
+            old - f[0][e] <= cap for e, old, cap in zip(edges, f[1], caps))),
+            key=lambda f: f[2], default=None)
+        if warm is not None:
+            residual, old_caps, start = warm
+            net.cap = list(residual)
+            for e, old, cap in zip(edges, old_caps, caps):
+                net.cap[e] += cap - old
+        else:
+            for e, cap in zip(edges, caps):
+                net.cap[e] = cap
+        flow = start + net.max_flow(self.source, self.sink)
+        self._flows.append((net.cap, caps, flow))
+        if flow >= self.inf:
             return None
         recomputed = net.reaches(self.sink)
         order = self.order

@@ -109,6 +109,39 @@ def _torch_bytes(val: torch.Tensor) -> int:
     return numel * val.element_size()
 
 
+def known_storages_bytes(nodes, device: torch.device) -> int:
+    """The bytes of the distinct storages of ``nodes``' values on ``device``
+    (a tensor without storage, ``_storage``'s fallback, is not counted)."""
+    seen, total = set(), 0
+    for n in nodes:
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.device != device:
+            continue
+        try:
+            key, nbytes = _torch.storage_of(val), int(val.untyped_storage().nbytes())
+        except (NotImplementedError, RuntimeError):
+            continue
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def timeline_device(joint_gm: fx.GraphModule, primals) -> torch.device | None:
+    """The device ``step_timeline`` measures every partition of ``joint_gm``
+    on (``_device_of`` the forward), or None when it may depend on the
+    partition: all tensors on the CPU, or one other device that a primal is on
+    (the forward's placeholders come first)."""
+    devices = {n.meta["val"].device for n in joint_gm.graph.nodes
+               if isinstance(n.meta.get("val"), torch.Tensor)} - {torch.device("cpu")}
+    if not devices:
+        return torch.device("cpu")
+    if len(devices) == 1 and any(isinstance(p.meta.get("val"), torch.Tensor) and
+                                 p.meta["val"].device in devices for p in primals):
+        return next(iter(devices))
+    return None
+
+
 _OFFLOAD = "offload"
 _RELOAD = "reload"
 

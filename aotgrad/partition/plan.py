@@ -34,20 +34,30 @@ def sizes_instead_of_tensors(roles: JointRoles, saved: Sequence[fx.Node]) -> lis
     ``expand`` of a ``sum``'s gradient) is replaced by those sizes, computed
     in the forward: the backward then keeps two ints, not the tensor, as
     PyTorch's partitioners do.  In graph order, the tensors first."""
+    if not any(may_save_sizes(n) for n in saved) and len(set(saved)) == len(saved):
+        return list(saved)    # nothing to replace (the loop below would keep ``saved``)
     stop = frozenset(saved) | frozenset(roles.tangents)
     backward = ancestors(roles.bwd_outputs, stop=stop) - stop
-    out: list[fx.Node] = []
+    bwd_outputs = set(roles.bwd_outputs)
+    out: dict[fx.Node, None] = {}     # an ordered set
     for n in saved:
         readers = [u for u in n.users if u in backward]
         if readers and all(_is_size_op(u) for u in readers) and \
-                n not in roles.bwd_outputs and not _torch.is_sym_node(n):
-            out.extend(u for u in readers if u not in out)
-        elif n not in out:
-            out.append(n)
+                n not in bwd_outputs and not _torch.is_sym_node(n):
+            out.update(dict.fromkeys(readers))
+        else:
+            out[n] = None
+    out = list(out)
     if len(out) == len(saved) and all(a is b for a, b in zip(out, saved)):
         return list(saved)
     order = {n: k for k, n in enumerate(roles.primals[0].graph.nodes)} if roles.primals else {}
     return sorted(out, key=lambda n: (_torch.is_sym_node(n), order.get(n, 0)))
+
+
+def may_save_sizes(n: fx.Node) -> bool:
+    """Whether ``sizes_instead_of_tensors`` may replace the saved ``n`` by its
+    sizes: only a tensor some size op reads."""
+    return any(_is_size_op(u) for u in n.users)
 
 
 def offloaded(policy: MemoryPolicy | None, saved: Sequence[fx.Node]) -> list[fx.Node]:

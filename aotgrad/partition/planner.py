@@ -45,6 +45,36 @@ Random ops are recomputed only when their RNG state is replayed (Note
 [Replayed random ops]); collectives and impure ops never (their roles are
 BANNED; ``recompute_per_use`` copies only pure nodes).  When no plan fits, the
 error names the lowest estimated peak reached and the plan that reaches it.
+
+Note [A bound on the peak]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+Building a plan (its graphs, then ``step_timeline``) is most of the
+planner's time, so a plan is built only when two cheap bounds, each at most
+its measured figure, do not already rule it out.  The peak: at the first
+step of the backward the parameters and inputs (primals), every saved value
+kept on the device (not a forward output, not offloaded, not replaced by its
+sizes: ``sizes_instead_of_tensors``) and the tangents are all alive, so the
+bytes of their distinct storages are at most the step's peak.  It holds only
+when the timeline measures one device whatever the plan
+(``timeline_device``) and the backward has a step (a node reading a tangent
+that a gradient needs); otherwise the bound is 0.  A plan whose bound is
+above the limit is skipped; when no plan fits, the skipped ones whose bound
+is at most the lowest peak found are built after all, so the error reports
+the same lowest peak as building every plan.
+
+Note [A bound on the time]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+The estimated time of a plan is at least the cost of the backward nodes
+that read no tangent when each runs once -- the joint's ancestors of the
+gradients, stopping at the saved values and tangents, minus the tangents'
+side -- plus its offload cost: recomputing per use only adds copies (so a
+per-use plan is not built when the same cut just in time fits: it takes no
+less time).  Random ops are left out of the sum, and a cut whose
+recomputation reaches an impure op counts only its offload cost.  A queue entry moves from
+the coarse bound (the cut's recompute cost) to this one before its plan is
+built.  ``config.debug_assert`` checks both bounds against every plan built,
+and ``EXHAUSTIVE`` builds every plan (tests/test_peak_budget.py: the same
+choices at every budget).
 """
 
 from __future__ import annotations
@@ -59,13 +89,14 @@ from typing import Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .. import _torch
+from .. import _torch, config
 from ..descriptors import DESC, Tangent
 from ..rng import replay_random_ops
 from .apply import build_partition, inputs_first, insert_offload
 from .mincut import Cut, RematProblem, min_cut_saved_values
-from .peak import Timeline, step_timeline
-from .problem import NodeRole, RecomputePolicy, activation_bytes, forward_nodes, \
+from .peak import Timeline, known_storages_bytes, step_timeline, timeline_device
+from .plan import may_save_sizes
+from .problem import NodeRole, RecomputePolicy, activation_bytes, ancestors, forward_nodes, \
     impure_calls, is_random_or_mutating, joint_roles, tensor_bytes
 
 MAX_HULL = 6
@@ -76,6 +107,8 @@ OFFLOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 #: A byte copied to CPU memory and back over PCIe (~50 GB/s each way), in
 #: ``recompute_cost``'s units (one bf16 FLOP on an H100/H200).
 OFFLOAD_COST_PER_BYTE = 2 * 20_000
+#: Build every candidate, as if the bounds pruned nothing (tests: they change no choice).
+EXHAUSTIVE = False
 
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40,
           "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -181,8 +214,9 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
     costs: dict[object, int] = {}    # by the joint's node (backward copies carry its meta)
     raw_cost = cost
 
-    def cost(n: fx.Node) -> int:
-        key = n.meta.get("val", n) if n.graph is not joint_gm.graph else n
+    def cost(n: fx.Node, as_copy: bool = False) -> int:
+        """``as_copy``: the cost of a backward copy of the joint's node ``n``."""
+        key = n.meta.get("val", n) if as_copy or n.graph is not joint_gm.graph else n
         key = id(key)
         if key not in costs:
             costs[key] = raw_cost(n)
@@ -198,32 +232,54 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
     num_offloads = len(OFFLOAD_FRACTIONS) if device.type != "cpu" else 0
     fw_names = {n.name for n in fwd}
 
-    def build(k: int, off: int, per_use: bool):
-        """The graphs of a plan, its timeline, and (per_use) those of both orders."""
-        saved = saved_sets[k]
+    def plan_graphs(c: Candidate) -> tuple[fx.GraphModule, fx.GraphModule, int]:
+        """The graphs of ``c``'s cut and offloads, recomputing just in time."""
+        saved = saved_sets[c.cut]
         fw_gm, bw_gm = build_partition(joint_gm, roles, saved)
         replay_random_ops(fw_gm, bw_gm, num_fwd_outputs)   # Note [Replayed random ops]
-        moved = _offload_choice(saved, problem, off)
+        moved = _offload_choice(saved, problem, c.offload)
         insert_offload(fw_gm, bw_gm,
                        list(dict.fromkeys(offload_of(saved) + [n.name for n in moved])))
-        moved_bytes = sum(tensor_bytes(n) or 0 for n in moved)
-        out = []
-        for order in ((False, True) if per_use else (False,)):
-            if order and not recompute_per_use(bw_gm, fw_names):   # the same graphs
-                c = Candidate(k, True, off)
-                out.append((dataclasses.replace(out[-1][0], candidate=c), c) + out[-1][2:])
-                continue
-            if order:
-                out[-1] = out[-1][:4] + (out[-1][4], False)   # the JIT graph is rewritten
-            recomputed = frozenset(n.name for n in bw_gm.graph.nodes
-                                   if n.op == "call_function" and n.name in fw_names)
-            timeline = step_timeline(fw_gm, bw_gm, recomputed)
-            time = _backward_work(bw_gm, cost) + OFFLOAD_COST_PER_BYTE * moved_bytes
-            c = Candidate(k, order, off)
-            out.append((PlanPoint(c, timeline.peak, time, cuts[k].saved_bytes, moved_bytes),
-                        c, fw_gm, bw_gm, timeline, True))
-        return out
+        return fw_gm, bw_gm, sum(tensor_bytes(n) or 0 for n in moved)
 
+    bound_device = timeline_device(joint_gm, roles.primals)
+    if not any(isinstance(g, fx.Node) and g.op == "call_function" and g in problem.tangent_side
+               for g in roles.bwd_outputs):
+        bound_device = None    # the backward may have no step: no bound
+    fwd_outputs = set(roles.fwd_outputs)
+    bounds: dict[tuple[int, int], int] = {}
+
+    def peak_bound(c: Candidate) -> int:
+        """Note [A bound on the peak]: at most the peak of ``c``'s graphs."""
+        if bound_device is None:
+            return 0
+        if (c.cut, c.offload) not in bounds:
+            saved = saved_sets[c.cut]
+            away = set(offload_of(saved)) | {n.name for n in
+                                             _offload_choice(saved, problem, c.offload)}
+            held = [n for n in saved if n.op != "placeholder" and n not in fwd_outputs and
+                    n.name not in away and not may_save_sizes(n)]
+            bounds[c.cut, c.offload] = known_storages_bytes(
+                [*roles.primals, *held, *roles.tangents], bound_device)
+        return bounds[c.cut, c.offload]
+
+    impure = impure_calls(joint_gm.graph)
+    work: dict[int, int] = {}
+
+    def time_bound(c: Candidate, bound: int) -> int:
+        """Note [A bound on the time]: at most ``c``'s estimated time, and at least ``bound``."""
+        if c.cut not in work:
+            saved = saved_sets[c.cut]
+            stop = frozenset(saved) | frozenset(roles.tangents)
+            run = ancestors(roles.bwd_roots, stop=stop) - stop - problem.tangent_side
+            work[c.cut] = 0 if run & impure else sum(
+                cost(n, as_copy=True) for n in run if n.op == "call_function" and
+                isinstance(n.meta.get("val"), torch.Tensor) and not _random(n))
+        moved = _offload_choice(saved_sets[c.cut], problem, c.offload)
+        return max(bound, work[c.cut] + OFFLOAD_COST_PER_BYTE * sum(
+            tensor_bytes(n) or 0 for n in moved))
+
+    COARSE, UNBUILT, BUILT = 2, 1, 0    # what a queue entry's first item is for its candidate
     queue = []
     for k, cut in enumerate(cuts):
         for per_use in (False, True):
@@ -232,38 +288,78 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
                 moved = _offload_choice(saved_sets[k], problem, off)
                 bound = cut.recompute_cost + OFFLOAD_COST_PER_BYTE * sum(
                     tensor_bytes(n) or 0 for n in moved)
-                heapq.heappush(queue, (bound, _key(c), 1, c))
+                heapq.heappush(queue, (bound, _key(c), COARSE, c))
     points: dict[Candidate, PlanPoint] = {}
-    last: dict[Candidate, tuple] = {}    # the graphs of the latest build, by candidate
+    latest: dict[Candidate, tuple] = {}    # graphs and timeline of the latest build, by candidate
+    kept: dict[Candidate, tuple] = {}      # those of the plans measured within the limit
 
     def measure(c: Candidate) -> PlanPoint:
-        if c not in points:   # one build measures both orders (per use: the JIT graph, rewritten)
-            last.clear()
-            for point, cand, fw_gm, bw_gm, timeline, intact in build(c.cut, c.offload, True):
-                points[cand] = point
-                if intact:
-                    last[cand] = (fw_gm, bw_gm, timeline)
+        if c in points:
+            return points[c]
+        jit = dataclasses.replace(c, per_use=False)
+        if c.per_use and jit in latest and jit not in kept:   # rewrite the JIT plan's graphs
+            fw_gm, bw_gm, moved_bytes, timeline = latest[jit]
+        else:
+            (fw_gm, bw_gm, moved_bytes), timeline = plan_graphs(c), None
+        latest.clear()
+        if c.per_use and not recompute_per_use(bw_gm, fw_names) and timeline is not None:
+            points[c] = dataclasses.replace(points[jit], candidate=c)   # the JIT plan's graphs
+        else:
+            recomputed = frozenset(n.name for n in bw_gm.graph.nodes
+                                   if n.op == "call_function" and n.name in fw_names)
+            timeline = step_timeline(fw_gm, bw_gm, recomputed)
+            time = _backward_work(bw_gm, cost) + OFFLOAD_COST_PER_BYTE * moved_bytes
+            points[c] = PlanPoint(c, timeline.peak, time, cuts[c.cut].saved_bytes, moved_bytes)
+        if config.debug_assert and (peak_bound(c) > points[c].peak or
+                                    time_bound(c, 0) > points[c].time):
+            raise AssertionError(
+                f"aotgrad planner: the bounds {peak_bound(c)}, {time_bound(c, 0)} on the peak "
+                f"and time of {c} exceed them: {points[c]} (Note [Peak budget])")
+        latest[c] = (fw_gm, bw_gm, moved_bytes, timeline)
         return points[c]
 
     plain_peak = measure(Candidate(0, False, 0)).peak
     limit = budget.limit(plain_peak)
+    skipped: list[Candidate] = []     # not built: their bound is above the limit
     while queue:
-        _, _, unbuilt, c = heapq.heappop(queue)
-        if unbuilt:
-            point = measure(c)
+        bound, _, state, c = heapq.heappop(queue)
+        if state != BUILT:
+            if c in points:
+                point = points[c]
+            elif EXHAUSTIVE:
+                point = measure(c)
+            elif c.per_use and dataclasses.replace(c, per_use=False) in kept:
+                continue    # the JIT plan fits, at no more time (Note [Peak budget])
+            elif peak_bound(c) > limit:
+                skipped.append(c)
+                continue
+            elif state == COARSE and time_bound(c, bound) > bound:
+                heapq.heappush(queue, (time_bound(c, bound), _key(c), UNBUILT, c))
+                continue
+            else:
+                point = measure(c)
             if point.peak <= limit:    # within the budget: ordered by its true time
-                heapq.heappush(queue, (point.time, _key(c), 0, c))
+                kept[c] = latest.get(c)    # None: built over since
+                heapq.heappush(queue, (point.time, _key(c), BUILT, c))
             continue
-        point = points[c]
-        if c in last:
-            fw_gm, bw_gm, timeline = last[c]
-        else:   # rebuild it (its graphs were rewritten per use, or built over)
-            (_, _, fw_gm, bw_gm, timeline, _), = build(c.cut, c.offload, False)
-        fw_gm.meta[PLAN_META] = PeakPlan(budget, limit, plain_peak, point, timeline,
+        if kept[c] is None:
+            del points[c]
+            measure(c)
+            kept[c] = latest[c]
+        fw_gm, bw_gm, _, timeline = kept[c]
+        fw_gm.meta[PLAN_META] = PeakPlan(budget, limit, plain_peak, points[c], timeline,
                                          list(points.values()))
         return fw_gm, bw_gm
-    points = list(points.values())
-    best = min(points, key=lambda p: (p.peak, p.time))
+
+    # No plan fits: the lowest peak, building the skipped plans whose bound does not exceed it.
+    def order(p: PlanPoint) -> tuple:
+        return p.peak, p.time, _key(p.candidate)
+
+    best = min(points.values(), key=order)
+    for c in sorted(skipped, key=lambda c: (peak_bound(c), _key(c))):
+        if peak_bound(c) > best.peak:
+            break
+        best = min(best, measure(c), key=order)
     raise ValueError(
         f"aotgrad: no plan fits memory_budget ({budget.text}: {format_bytes(limit)}, {limit} "
         f"bytes, of estimated peak). The lowest estimated peak of this training step is "
