@@ -569,7 +569,9 @@ def main() -> None:
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) +
                     " (eager is always run)")
     ap.add_argument("--steps", type=int, default=None, help="steps per sample (wgan, hvp)")
-    ap.add_argument("--warmup", type=int, default=3, help="steps before the warm check")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before the warm check (cuda: "
+                    "2, see RESULTS.md: after 3 the critic sits where eager NCHW and "
+                    "channels_last differ by 3e-3)")
     ap.add_argument("--inner", type=int, default=200, help="calls per sample (overhead)")
     ap.add_argument("--batch", type=int, help="images per step (default: cuda 64, cpu 16); "
                     "the hvp batch is 4x")
