@@ -315,3 +315,55 @@ def test_config_budget_keeps_torch_compile_values():
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Reduced(nn.Module):
+    """A collective (an all-reduce over one rank) before a long chain."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.lin, self.group = nn.Linear(64, 64), group
+
+    def forward(self, x):
+        from torch.distributed._functional_collectives import all_reduce
+        h = all_reduce(self.lin(x), "sum", self.group)
+        for _ in range(6):
+            h = torch.tanh(h) * 1.5
+        return h
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_collectives_are_never_recomputed_under_a_peak_budget():
+    """Note [Peak budget]: whatever the budget, the backward recomputes no
+    collective (it must run once per rank, in the same order on every rank):
+    it runs only its own (the gradient's all-reduce), where
+    ``unsafe_allow_optimization_of_collectives`` lets the planner recompute
+    the forward's too.  The plans that fit give eager's values."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def collectives(gm) -> int:
+        return sum(n.op == "call_function" and n.target.namespace == "_c10d_functional"
+                   for n in gm.graph.nodes)
+
+    try:
+        torch.manual_seed(0)
+        model = Reduced(dist.group.WORLD)
+        x = torch.randn(256, 64)
+        want = eager(model, x)
+        found = {}
+        for unsafe in (False, True):
+            with aotgrad.config.patch(unsafe_allow_optimization_of_collectives=unsafe):
+                for budget in (1.0, 0.9, 0.5):
+                    try:
+                        loss, grads, fw, bw = run(model, x, budget=budget)
+                    except ValueError as e:
+                        assert "no plan fits" in str(e)
+                        continue
+                    torch.testing.assert_close((loss, grads), want)
+                    assert collectives(fw) == 2     # all_reduce, wait_tensor
+                    found.setdefault(unsafe, set()).add(collectives(bw))
+        assert found[False] == {2}, found           # the gradient's all-reduce only
+        assert max(found[True]) > 2, found          # the forward's, recomputed
+    finally:
+        dist.destroy_process_group()
