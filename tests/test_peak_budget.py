@@ -299,18 +299,39 @@ def test_random_ops_are_never_drawn_again():
     assert not drawn, drawn
 
 
-def test_config_budget_keeps_torch_compile_values():
-    model, x = mlp(4, 64), torch.randn(64, 64)
+def test_config_budget_under_torch_compile():
+    """config.memory_budget reaches the partitioner under torch.compile: the
+    graphs handed to the compiler are the plan's, its estimated peak within
+    the limit and below the plain plan's; the values are eager's."""
+    model, x = mlp(4, 64), torch.randn(256, 64)
     ref_loss, ref_grads = eager(model, x)
-    for p in model.parameters():
-        p.grad = None
-    with aotgrad.config.patch(memory_budget="1GiB"):
-        compiled = torch.compile(model, backend=aotgrad.backends.aot_eager, fullgraph=True)
-        loss = compiled(x).square().sum()
-        loss.backward()
-    torch.testing.assert_close(loss.detach(), ref_loss)
-    for p, r in zip(model.parameters(), ref_grads):
-        torch.testing.assert_close(p.grad, r)
+    forwards = []
+
+    def backend(gm, example_inputs):
+        def keep(g, _):
+            forwards.append(g)
+            return g
+        return aotgrad.aot_module_simplified(
+            gm, example_inputs, fw_compiler=keep, bw_compiler=lambda g, _: g,
+            partition_fn=min_cut_rematerialization_partition)
+
+    for budget in ("1GiB", 0.9):
+        torch._dynamo.reset()
+        forwards.clear()
+        for p in model.parameters():
+            p.grad = None
+        with aotgrad.config.patch(memory_budget=budget):
+            compiled = torch.compile(model, backend=backend, fullgraph=True)
+            loss = compiled(x).square().sum()
+            loss.backward()
+        torch.testing.assert_close(loss.detach(), ref_loss)
+        for p, r in zip(model.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, r)
+        (fw,) = forwards
+        plan = plan_of(fw)
+        assert plan.timeline.peak == plan.chosen.peak <= plan.limit
+        if budget == 0.9:
+            assert plan.chosen.peak < plan.plain_peak, plan.chosen
     torch._dynamo.reset()
 
 
