@@ -41,6 +41,7 @@ from . import _torch, config, tokens
 from .analyze import Signature
 from .compile import compile_inference, compile_joint, nop
 from .descriptors import DESC
+from .missing import CUSTOM_BACKWARD_META
 from .flatten import FlatInputs, make_flat_fn
 from .partition import Partitioned
 from .pipeline import (CompileOptions, CompileReport, Traced, compile_traced,
@@ -383,6 +384,8 @@ def _rebuild(entry: CacheEntry, graphs: list[fx.GraphModule],
     joint = len(graphs) == 2
     graphs[0].meta[INPUT_UPDATES_META] = input_updates(entry.signature, graphs[0], joint)
     if joint:
+        # Note [Missing tangents] (missing.py): only allowed custom Functions reach the cache
+        graphs[1].meta[CUSTOM_BACKWARD_META] = config.autograd_cache_allow_custom_autograd_functions
         parts = Partitioned(graphs[0], graphs[1], entry.num_fwd_outputs,
                             entry.num_saved_tensors, entry.num_saved_symints)
         compiled = compile_joint(parts, tokens.threading(options.fw_compiler),

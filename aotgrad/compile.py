@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from . import _torch, config
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
-from .missing import MissingTangents, absorbing_tangents, without
+from .missing import CUSTOM_BACKWARD_META, MissingTangents, absorbing_tangents, without
 from .partition import Partitioned
 from .views import is_view_op
 
@@ -340,6 +340,8 @@ def _missing_tangents(program: int, bw_gm: fx.GraphModule,
                       bw_compiler: Compiler) -> MissingTangents | None:
     """Note [Missing tangents]: the backwards for missing tangents, compiled
     when a call misses them (None when zeros give eager's values)."""
+    if bw_gm.meta.get(CUSTOM_BACKWARD_META, True):
+        return None    # a custom Function's backward gets the zeros, as in eager
     absorbing = absorbing_tangents(bw_gm)
     if not absorbing:
         return None

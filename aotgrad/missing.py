@@ -37,11 +37,16 @@ through the backward as compiled (no second compilation: the values are
 eager's).  A zero is materialised with ``full`` (contiguous; symbolic sizes
 read off the value the graph computes there).
 
-Eager's own formulas skip an undefined gradient; a custom
-``autograd.Function`` with ``materialize_grads`` (the default) gets zeros
-instead, and its backward, traced into the graph, is specialised like the
-rest: where such a backward turns zeros into nan, eager's nan is not
-reproduced.
+Eager's own formulas skip an undefined gradient, and they are linear in the
+gradient.  A custom ``autograd.Function``'s backward need be neither: it gets
+zeros for an undefined gradient (``materialize_grads``, the default) and may
+compute anything from them (``x + ga * x``, ``ga.cos()``).  So a program whose
+joint backward ran a custom Function's backward (an ``autograd.Function``
+node in the traced autograd graph: ``has_custom_backward``, which also counts
+higher-order ops built on one) is not specialised: the runtime's zeros are
+what eager passes such a backward (``CUSTOM_BACKWARD_META`` on the backward
+graph, set by the trace; absent, e.g. a graph loaded from the cache that may
+hold such a Function, it counts as set).
 """
 
 from __future__ import annotations
@@ -58,6 +63,27 @@ from .descriptors import DESC, Tangent
 aten = _torch.aten
 
 _ADDITIVE = {aten.add.Tensor, aten.sub.Tensor}
+
+#: ``bw_gm.meta`` key: whether the backward ran a custom autograd.Function's backward
+CUSTOM_BACKWARD_META = "aotgrad_custom_backward"
+
+
+def has_custom_backward(outputs) -> bool:
+    """Whether the autograd graph of ``outputs`` holds a custom
+    ``autograd.Function`` node (Note [Missing tangents])."""
+    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
+    seen: set = set()
+    held = []    # ids only while held (Note [Ids of autograd nodes], analyze.py)
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            return True
+        seen.add(id(fn))
+        held.append(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
 
 _ZERO, _KEEP = "zero", "keep"
 

@@ -24,6 +24,7 @@ from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
+from .missing import CUSTOM_BACKWARD_META
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
@@ -288,6 +289,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
             hooks = _torch.top_saved_tensor_hooks()
             if hooks is not None:
                 parts = inline_hooks(parts, hooks, static)
+            # Note [Missing tangents] (missing.py)
+            parts.bw_gm.meta[CUSTOM_BACKWARD_META] = traced.gm.meta.get(CUSTOM_BACKWARD_META, True)
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

@@ -35,6 +35,7 @@ from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_b
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
                           MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
+from .missing import CUSTOM_BACKWARD_META, has_custom_backward
 from .partition import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
@@ -424,6 +425,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     grad_layouts: list = []
     late_tangents: list = []
     backward_writes: list[BackwardWrite] = []
+    custom_backward: list[bool] = []    # Note [Missing tangents] (missing.py)
 
     def joint(primals, tangents):
         # the light tracer refuses checkpoint regions itself: one dispatch mode less
@@ -454,6 +456,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                 with _backward_autocast(config.backward_pass_autocast), \
                         tokens.backward_effects_marked():  # Note [Effects in the backward]
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
+                custom_backward[:] = [has_custom_backward([values[k] for k in diff])]
                 writes = watch.writes()
                 backward_writes[:] = [w for w, _ in writes]
             grads_iter = iter(grads)
@@ -494,6 +497,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     out_descs += tuple(MutatedTangent(w.index) if w.of_tangent else MutatedInBackward(w.index)
                        for w in backward_writes)
     _annotate(gm, in_descs, out_descs)
+    gm.meta[CUSTOM_BACKWARD_META] = any(custom_backward)
     if poisoned:
         gm.graph.eliminate_dead_code()
         gm.recompile()
