@@ -160,6 +160,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
 def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOptions, stage,
            report: CompileReport, grad_enabled: bool,
            loss_index: int | None) -> tuple[Signature, TracedGraph]:
+    required = [isinstance(f, torch.Tensor) and f.requires_grad for f in fakes]
     with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
             _torch.hide_saved_tensor_hooks():
         report.stage_seconds.setdefault("analyze", 0.0)  # 0 when done in one pass
@@ -169,6 +170,8 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
             with stage("analyze"), fresh_unbacked_ignored(fake_mode):
                 sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
                               keep_input_mutations=options.keep_inference_input_mutations)
+        if grad_enabled:
+            _refuse_requires_grad_set(required, sig)
         report.signature = sig
         runs = "one run of the program" if traced is not None else \
             "two runs of the program (analysis, then the trace)"
@@ -180,6 +183,21 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
         report.traced = traced
         report.tracing = f"{runs}, by {traced.gm.meta.get(TRACER_META, 'make_fx')}"
     return sig, traced
+
+
+def _refuse_requires_grad_set(required: list[bool], sig: Signature) -> None:
+    """``x.requires_grad_()`` inside the program on an input that does not
+    require grad (not an in-place op with a tensor that does: the mutation
+    write-back carries that): eager differentiates through it from then on, the graphs
+    (traced with the input as it came in) would take it as a constant -- a
+    gradient silently missing.  Refused, with what to do."""
+    for i, (before, info) in enumerate(zip(required, sig.inputs)):
+        if not before and info.requires_grad_after and not info.mutated:
+            raise NotImplementedError(
+                f"aotgrad: the program calls requires_grad_() on its input {i}, which does not "
+                "require grad when the compiled function is called; eager then differentiates "
+                "through it, the compiled graphs cannot. Call requires_grad_() on that input "
+                "before calling the compiled function.")
 
 
 def _reads_for(error: Exception, flat_fn: Callable, graph_inputs: list,

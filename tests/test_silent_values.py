@@ -231,3 +231,25 @@ def test_split_of_a_no_grad_view_sends_no_gradient():
         warnings.simplefilter("ignore")
         result = compare(f, make_inputs)
     assert result.ok, result.report()
+
+
+def test_requires_grad_set_on_an_input_inside_the_program():
+    """``x.requires_grad_()`` inside the program on an input that does not
+    require grad: eager differentiates through x from then on (x.grad), the
+    graphs would not -- refused with what to do, never a missing gradient.
+    torch.compile (dynamo handles it before aotgrad) gives eager's values."""
+    import aotgrad
+
+    def f(x, y):
+        return x.requires_grad_() * y
+
+    y = torch.ones(3, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=r"requires_grad_\(\) on its input 0.*before"):
+        aotgrad.aot_function(f, aotgrad.nop)(torch.full((3,), 2.0), y)
+    torch._dynamo.reset()
+    x = torch.full((3,), 2.0)
+    torch.compile(f, backend=aotgrad.backends.aot_eager)(x, y).sum().backward()
+    assert x.requires_grad and x.grad.tolist() == [1.0, 1.0, 1.0]
+    with torch.no_grad():   # no gradient to miss: not refused
+        out = aotgrad.aot_function(f, aotgrad.nop)(torch.full((3,), 2.0), y)
+    assert not out.requires_grad and out.tolist() == [2.0, 2.0, 2.0]
