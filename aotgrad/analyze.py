@@ -74,6 +74,9 @@ class InputInfo:
     mutations_hidden_from_autograd: bool = False
     mutation_in_graph: bool = False      # kept in the graph as copy_/set_ (keep_input_mutations)
     requires_grad_after: bool = False    # requires_grad of the input after the program ran
+    # the program called requires_grad_() on it while it did not require grad
+    # (Note [requires_grad_ on an input], pipeline.py)
+    requires_grad_set: bool = False
     history_cut: bool = False            # detach_() was called on it
 
     @property

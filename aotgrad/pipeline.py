@@ -170,8 +170,9 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
             with stage("analyze"), fresh_unbacked_ignored(fake_mode):
                 sig = analyze(flat_fn, fakes, grad_enabled=grad_enabled,
                               keep_input_mutations=options.keep_inference_input_mutations)
-        if grad_enabled:
-            _refuse_requires_grad_set(required, sig)
+        marked = _requires_grad_set(required, sig, grad_enabled)
+        if marked is not sig:
+            sig, traced = marked, None    # traced again, differentiating w.r.t. them
         report.signature = sig
         runs = "one run of the program" if traced is not None else \
             "two runs of the program (analysis, then the trace)"
@@ -185,19 +186,25 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
     return sig, traced
 
 
-def _refuse_requires_grad_set(required: list[bool], sig: Signature) -> None:
-    """``x.requires_grad_()`` inside the program on an input that does not
-    require grad (not an in-place op with a tensor that does: the mutation
-    write-back carries that): eager differentiates through it from then on, the graphs
-    (traced with the input as it came in) would take it as a constant -- a
-    gradient silently missing.  Refused, with what to do."""
-    for i, (before, info) in enumerate(zip(required, sig.inputs)):
-        if not before and info.requires_grad_after and not info.mutated:
-            raise NotImplementedError(
-                f"aotgrad: the program calls requires_grad_() on its input {i}, which does not "
-                "require grad when the compiled function is called; eager then differentiates "
-                "through it, the compiled graphs cannot. Call requires_grad_() on that input "
-                "before calling the compiled function.")
+def _requires_grad_set(required: list[bool], sig: Signature, grad_enabled: bool) -> Signature:
+    """Note [requires_grad_ on an input]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    ``x.requires_grad_()`` inside the program on an input that does not
+    require grad (not an in-place op with a tensor that does: the mutation's
+    write-back carries that): eager differentiates through x from then on.
+    The analysis sees x requiring grad (the flag is set on the fake as the
+    program runs), so the graphs differentiate w.r.t. it; the runtime sets
+    the flag on the real input *before* it calls the compiled Function, so
+    that autograd routes x's gradient to it (after the call, as in eager,
+    x requires grad).  Marked here: ``InputInfo.requires_grad_set``."""
+    flags = [not before and info.requires_grad_after and not info.mutated
+             for before, info in zip(required, sig.inputs)]
+    if not any(flags):
+        return sig
+    return dataclasses.replace(sig, needs_autograd=sig.needs_autograd or grad_enabled,
+                               inputs=tuple(
+        dataclasses.replace(info, requires_grad=True, requires_grad_set=True) if flag else info
+        for flag, info in zip(flags, sig.inputs)))
 
 
 def _reads_for(error: Exception, flat_fn: Callable, graph_inputs: list,

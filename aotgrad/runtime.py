@@ -191,6 +191,9 @@ def _generate(flat: FlatInputs, sig: Signature, compiled: CompiledGraphs,
     _write_back(epilogue, sig, written, compiled.updated_in_place)
     assemble.outputs()
     guarded = {}
+    for i, x in enumerate(sig.inputs):
+        if x.requires_grad_set:   # Note [requires_grad_ on an input] (pipeline.py)
+            src(f"i{i}.requires_grad_(True)")
     if compiled.backward is not None:
         function = _autograd_function(sig, compiled, poisoned, boundary, backward_writes,
                                       higher or DifferentiableBackward(

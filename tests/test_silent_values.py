@@ -234,22 +234,35 @@ def test_split_of_a_no_grad_view_sends_no_gradient():
 
 
 def test_requires_grad_set_on_an_input_inside_the_program():
-    """``x.requires_grad_()`` inside the program on an input that does not
-    require grad: eager differentiates through x from then on (x.grad), the
-    graphs would not -- refused with what to do, never a missing gradient.
-    torch.compile (dynamo handles it before aotgrad) gives eager's values."""
+    """Note [requires_grad_ on an input] (pipeline.py): ``x.requires_grad_()``
+    inside the program on an input that does not require grad -- eager
+    differentiates through x from then on; the graphs took it as a constant
+    and x.grad stayed None.  Now eager's gradients and flags, with another
+    input requiring grad or none, under no_grad too, and via torch.compile."""
     import aotgrad
 
-    def f(x, y):
+    def with_other(x, y):
         return x.requires_grad_() * y
 
-    y = torch.ones(3, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=r"requires_grad_\(\) on its input 0.*before"):
-        aotgrad.aot_function(f, aotgrad.nop)(torch.full((3,), 2.0), y)
+    def alone(x):
+        return (x.requires_grad_() * 2,)
+
+    def run(fn, one_input: bool, grad: bool):
+        x, y = torch.full((3,), 2.0), torch.ones(3, requires_grad=True)
+        with torch.set_grad_enabled(grad):
+            out = fn(x)[0] if one_input else fn(x, y)
+        if out.requires_grad:
+            out.sum().backward()
+        return out.detach(), x.requires_grad, out.requires_grad, x.grad, y.grad
+
+    for f in (with_other, alone):
+        for grad in (True, False):
+            want = run(f, f is alone, grad)
+            got = run(aotgrad.aot_function(f, aotgrad.nop), f is alone, grad)
+            assert got[1:3] == want[1:3], (f.__name__, grad, got, want)
+            torch.testing.assert_close((got[0], got[3], got[4]), (want[0], want[3], want[4]))
     torch._dynamo.reset()
     x = torch.full((3,), 2.0)
-    torch.compile(f, backend=aotgrad.backends.aot_eager)(x, y).sum().backward()
+    torch.compile(with_other, backend=aotgrad.backends.aot_eager)(
+        x, torch.ones(3, requires_grad=True)).sum().backward()
     assert x.requires_grad and x.grad.tolist() == [1.0, 1.0, 1.0]
-    with torch.no_grad():   # no gradient to miss: not refused
-        out = aotgrad.aot_function(f, aotgrad.nop)(torch.full((3,), 2.0), y)
-    assert not out.requires_grad and out.tolist() == [2.0, 2.0, 2.0]
