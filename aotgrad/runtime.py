@@ -506,7 +506,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     make_function(source, "forward", ns.values)
     return type("CompiledFunction", (torch.autograd.Function,), {
         "forward": staticmethod(ns.values["forward"]),
-        "backward": staticmethod(ns.values["backward"]),
+        # not traced by dynamo when autograd runs it inside a compiled function
+        "backward": staticmethod(_torch.dynamo_disabled(ns.values["backward"])),
         "__aotgrad_source__": source})
 
 

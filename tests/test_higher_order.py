@@ -541,3 +541,24 @@ def test_wanted_gradients_with_retain_graph_and_a_non_tensor_input():
         s = (ga[0] * gb[0]).sum()
         results.append([*ga, *gb, *torch.autograd.grad(s, [a, b])])
     assert_all_close(*results)
+
+
+def test_grad_with_create_graph_inside_a_compiled_function():
+    """autograd runs the compiled backward inside the torch.compile'd frame
+    (``autograd.grad`` after dynamo's graph break): dynamo must not trace
+    aotgrad's backward (it did: InternalTorchDynamoError)."""
+    def f(x):
+        y = (x.sin() * x).sum()
+        (g,) = torch.autograd.grad(y, x, create_graph=True)
+        return (g * g).sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    want = f(x)
+    (want_grad,) = torch.autograd.grad(want, x)
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager)
+    x2 = x.detach().clone().requires_grad_()
+    got = compiled(x2)
+    (got_grad,) = torch.autograd.grad(got, x2)
+    torch.testing.assert_close((got, got_grad), (want, want_grad))
+    torch._dynamo.reset()

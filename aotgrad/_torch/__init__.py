@@ -619,6 +619,14 @@ def jvp_in_open_dual_level():
 set_grad_enabled = torch._C._set_grad_enabled
 
 
+def dynamo_disabled(fn):
+    """``fn`` run with dynamo's frame evaluation off (nested calls included):
+    a compiled backward that autograd runs inside a ``torch.compile``d
+    function (``autograd.grad`` there) is not traced by dynamo."""
+    import torch._dynamo
+    return torch._dynamo.disable(fn, recursive=True)
+
+
 def autocast_disabled():
     """Autocast off (for running graphs whose autocast decisions are traced in)."""
     return torch._C._DisableAutocast()
