@@ -569,18 +569,9 @@ def autograd_reaches(grad_fn, target) -> bool:
         return False
     # Note [Ids of autograd nodes]: a node's Python object may be made anew on
     # each access and freed after; ids are compared only while the objects
-    # are held (``seen`` keeps them), or a freed id could stand for another node
-    seen: dict[int, Any] = {}
-    stack = [grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is target:
-            return True
-        if id(fn) in seen:
-            continue
-        seen[id(fn)] = fn
-        stack.extend(f for f, _ in fn.next_functions if f is not None)
-    return False
+    # are held (``_torch.autograd_nodes`` keeps them), or a freed id could
+    # stand for another node
+    return any(fn is target for fn in _torch.autograd_nodes([grad_fn]))
 
 
 def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
@@ -591,17 +582,8 @@ def autograd_reaches_any(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
     nodes = {id(g) for g in held}
     if id(t) in ids:
         return True
-    seen: dict[int, Any] = {}
-    stack = [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen[id(fn)] = fn
-        if id(fn) in nodes or id(getattr(fn, "variable", None)) in ids:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
+    return any(id(fn) in nodes or id(getattr(fn, "variable", None)) in ids
+               for fn in _torch.autograd_nodes([t.grad_fn]))
 
 
 # ---------------------------------------------------------------- eager checks

@@ -247,9 +247,9 @@ class VJPProgram:
         # the second run changes copies, not the caller's tensors
         primals = [a.clone() if k in self.cloned else a for k, a in enumerate(args[:n])]
         values = graph_values(self.program(*primals), primals, self.sig)
-        tangents = args[n:]
         if not self.given:
             return (None,) * n
+        tangents = args[n:]
         grads = torch.autograd.grad([values[self.diff[j]] for j in self.given],
                                     [primals[i] for i in self.wrt],
                                     [tangents[j] for j in self.given],

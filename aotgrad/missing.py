@@ -71,19 +71,8 @@ CUSTOM_BACKWARD_META = "aotgrad_custom_backward"
 def has_custom_backward(outputs) -> bool:
     """Whether the autograd graph of ``outputs`` holds a custom
     ``autograd.Function`` node (Note [Missing tangents])."""
-    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
-    seen: set = set()
-    held = []    # ids only while held (Note [Ids of autograd nodes], analyze.py)
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        if isinstance(fn, torch.autograd.function.BackwardCFunction):
-            return True
-        seen.add(id(fn))
-        held.append(fn)
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
+    return any(isinstance(fn, torch.autograd.function.BackwardCFunction) for fn in
+               _torch.autograd_nodes([t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]))
 
 _ZERO, _KEEP = "zero", "keep"
 

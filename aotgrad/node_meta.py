@@ -73,17 +73,7 @@ def backward_marks(outputs: Iterable[Any]):
         return
     tb = _torch.fx_traceback
     handles = []
-    seen: set = set()
-    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    held = []  # Note [Ids of autograd nodes] (analyze.py): ids only while held
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        held.append(fn)
-        stack.extend(f for f, _ in fn.next_functions)
-
+    for fn in _torch.autograd_nodes([t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]):
         # the "autograd_backward" mark is written directly: torch 2.11's
         # fx.traceback has no _mark_autograd_backward (2.13 writes the same key)
         def pre(grad_outputs, seq_nr=fn._sequence_nr()):

@@ -18,7 +18,7 @@ import inspect
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -377,6 +377,21 @@ def is_sym_node(node: torch.fx.Node) -> bool:
 def keeps_graph() -> bool:
     """Whether the running backward was called with retain_graph (or create_graph)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def autograd_nodes(roots) -> Iterator[Any]:
+    """Each node of the autograd graph reachable from ``roots`` (grad_fns,
+    None skipped), once.  Note [Ids of autograd nodes] (analyze.py): the
+    walk holds every node it has yielded, so ids stand for one node."""
+    seen: dict[int, Any] = {}
+    stack = [r for r in roots if r is not None]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        yield fn
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
 
 
 def engine_uses(node: Any) -> bool:
