@@ -59,6 +59,7 @@ import torch.fx as fx
 
 from . import _torch
 from .descriptors import DESC, Tangent
+from .partition import descendants
 
 aten = _torch.aten
 
@@ -120,12 +121,8 @@ def _rule(n: fx.Node, zero: set, side: set) -> tuple[Any, bool]:
 
 def _tangent_side(graph: fx.Graph) -> set:
     """The nodes that read a tangent, directly or not."""
-    side: set = set()
-    for n in graph.nodes:
-        if (n.op == "placeholder" and _tangent_index(n) is not None) or \
-                any(a in side for a in n.all_input_nodes):
-            side.add(n)
-    return side
+    return descendants(n for n in graph.find_nodes(op="placeholder")
+                       if _tangent_index(n) is not None)
 
 
 def _same_meta(n: fx.Node, other: fx.Node) -> bool:
