@@ -118,6 +118,8 @@ class OutputInfo:
     is_view: bool = False                # an autograd view in eager (o._is_view())
     no_grad_view: bool = False           # a view made in no_grad mode (or a view of one)
     multi_output_view: bool = False      # made by a multi-output view op (unbind, split)
+    custom_function_view: bool = False   # FRESH: a custom Function's view of an input, returned
+                                         # as the graph's view (Note [Views made by custom Functions])
     alias_meta: tuple | None = None      # ALIAS_OF_INPUT: (size, stride, storage offset) in
                                          # the input's storage, when static
     via_detached_alias: bool = False     # ALIAS_OF_INPUT: a view of an alias of the input
@@ -473,6 +475,25 @@ def _is_multi_output_view(o: torch.Tensor) -> bool:
     return _torch.creation_meta_name(o) == "MULTI_OUTPUT_NODE"
 
 
+# Note [Views made by custom Functions]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A custom autograd.Function whose forward returns a view of its input (or
+# the input itself) gives, in eager, a view of that input made "in a custom
+# Function": ``_base`` is the input, the version counter is shared (an
+# in-place change of the output bumps the input's version, so a backward that
+# saved the input raises), and an in-place change under grad mode is refused.
+# Such an output cannot be rebuilt from the input as ALIAS_OF_INPUT outputs are
+# (the custom backward must run), so it goes through the compiled Function
+# (FRESH) -- but it is *not* made a plain tensor (runtime.py's ``_unview``,
+# Note [Lone views]): the graph's value of it is a view of the very input the
+# compiled Function was given, and autograd.Function makes it the same kind
+# of view eager made (``custom_function_view``).  A plain tensor sharing the
+# input's storage but not its version counter was a silent wrong value (a
+# stale saved input went unnoticed).  When the graph rewrites the input (an
+# in-place change before the view), its value is a view of the new value, not
+# of the input, and the output stays a plain tensor as before.
+
+
 def _classify_input_aliases(outs, members, owner, input_index, infos, owner_rewritten) -> None:
     # multi-output views of an input stay graph outputs only if the graph's
     # values of them are views of that very input (not mutated, not cloned)
@@ -492,9 +513,10 @@ def _classify_input_aliases(outs, members, owner, input_index, infos, owner_rewr
             infos[k] = _common(o, OutputKind.ALIAS_OF_OUTPUT, base_out)
         elif id(o) in input_index:
             infos[k] = _common(o, OutputKind.IS_INPUT, input_index[id(o)])
+        elif _torch.creation_meta_name(o) == "IN_CUSTOM_FUNCTION" and not owner_rewritten:
+            # Note [Views made by custom Functions]
+            infos[k] = dataclasses.replace(_common(o, OutputKind.FRESH), custom_function_view=True)
         elif _torch.creation_meta_name(o) == "IN_CUSTOM_FUNCTION" or all_multi:
-            # Note [Views made by custom Functions]: the custom backward must
-            # run, so such an output goes through the compiled Function.
             infos[k] = _common(o, OutputKind.FRESH)
         elif _own_history(o):  # through the compiled Function (its storage then its own)
             infos[k] = _common(o, OutputKind.FRESH)

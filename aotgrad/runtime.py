@@ -269,6 +269,7 @@ def _plain_positions(sig: Signature) -> tuple[int, ...]:
     return tuple(first_user + j for j, i in enumerate(sig.user_graph_outputs)
                  if sig.outputs[i].kind.through_autograd and
                  not sig.outputs[i].multi_output_view and
+                 not sig.outputs[i].custom_function_view and
                  (not meta or meta[first_user + j] is not None)) + \
         tuple(range(first_base, first_base + sig.num_intermediate_bases))
 
