@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from . import _torch, config, node_meta, transforms
+from . import _torch, config, node_meta, saved_hooks, transforms
 from ._torch import (any_autocast_enabled, autocast_state, forward_ad_level,
                      functorch_transforms_active, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
@@ -53,7 +53,7 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
     hooks, autocast and the default dtype.  Objects passed in: their state
     (Note [Objects passed in], objects.py).
     """
-    parts: list = [torch.is_grad_enabled(), in_spec, top_saved_tensor_hooks(), autocast_state(),
+    parts: list = [torch.is_grad_enabled(), in_spec, saved_hooks.guard_part(), autocast_state(),
                    torch.get_default_dtype()]
     tensor_ids = []
     passed = []

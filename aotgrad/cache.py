@@ -268,6 +268,8 @@ def bypass_reason(gm: fx.GraphModule, options: CompileOptions) -> str | None:
                 "SerializableAOTDispatchCompiler)"
     if config.joint_custom_pass is not None:
         return "config.joint_custom_pass is set (a callable has no stable identity)"
+    if _torch.top_saved_tensor_hooks() is not None:
+        return "saved-tensor hooks are active (callables have no stable identity)"
     if callable(config.activation_memory_budget_runtime_estimator):
         return "config.activation_memory_budget_runtime_estimator is a callable"
     if not config.autograd_cache_allow_custom_autograd_functions:

@@ -249,7 +249,8 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
 # (inductor's DonatedBuffer): the backward graph's meta lists those inputs.
 # Only values nothing else can see are listed: made by the forward, not an
 # input, not sharing storage with an output, an input, another saved value
-# or a gradient, and not saved through inlined saved-tensor hooks.  A backward so compiled
+# or a gradient, and not saved through saved-tensor hooks (inlined, or run
+# at run time: Note [Which hooks are inlined], saved_hooks.py).  A backward so compiled
 # cannot run twice over the same saved values: a backward called with
 # retain_graph (or create_graph) runs a second compilation of the graph that
 # donates nothing, made at its first such call.  (Torch compiles the backward
@@ -257,7 +258,7 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
 # a later call keeps it: aotgrad takes every program torch takes, and those.)
 def donated_inputs(parts: Partitioned) -> list[int]:
     """The backward inputs (indices) its compiler may overwrite."""
-    if not config.donated_buffer or parts.saved_hooks_inlined:
+    if not config.donated_buffer or parts.saved_hooks_inlined or parts.saved_hooks_at_runtime:
         return []
     outs = list(parts.fw_gm.graph.output_node().args[0])
     start = parts.num_fwd_outputs

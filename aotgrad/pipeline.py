@@ -33,7 +33,7 @@ from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebas
 from .codegen import INPUT_UPDATES_META
 from .runtime import build_runtime, input_updates
 from .higher_order import DifferentiableBackward, plan_higher_order
-from .saved_hooks import inline_hooks
+from .saved_hooks import inline_hooks, inlineable
 from .views import alias_plans
 from .values import (AnsweredFunction, GuardFailed, RandomRead, ValueReads, copy_for_eager,
                      record_reads, rng_kept, value_guarded)
@@ -312,8 +312,10 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
             parts = partition(traced.gm, _split_joint_inputs(traced),
                               traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()
-            if hooks is not None:
+            if inlineable(hooks):
                 parts = inline_hooks(parts, hooks, static)
+            elif hooks is not None:  # Note [Which hooks are inlined] (saved_hooks.py)
+                parts = dataclasses.replace(parts, saved_hooks_at_runtime=True)
             # Note [Missing tangents] (missing.py)
             parts.bw_gm.meta[CUSTOM_BACKWARD_META] = traced.gm.meta.get(CUSTOM_BACKWARD_META, True)
             check_graph(parts.fw_gm)

@@ -1,9 +1,19 @@
 """Saved-tensor hooks, inlined into the compiled graphs (part of the partition stage).
 
-When a ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)`` context is
-active at compile time, aotgrad traces ``pack`` into the forward graph, once
-per saved tensor, and ``unpack`` into the backward graph, so that the
-compiler sees (and can fuse) them — e.g. an fp8 cast of every activation::
+Note [Which hooks are inlined]: hooks given as ``fx.GraphModule``s (what
+``torch.compile`` makes of hooks it can trace, or ``fx.symbolic_trace(pack)``
+of the user's) are inlined as below.  Hooks that are plain Python functions
+are not: they may do what a trace cannot keep (count calls, write to disk,
+keep a reference, ``torch.utils.checkpoint``'s holders), so, as in eager and
+in PyTorch's AOTAutograd, autograd runs them at every call on every tensor
+the compiled Function saves (the runtime saves with them active).  A program
+compiled so donates no saved buffer (a hook may hold the tensor it packed).
+
+When a ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)`` context of
+GraphModules is active at compile time, aotgrad traces ``pack`` into the
+forward graph, once per saved tensor, and ``unpack`` into the backward graph,
+so that the compiler sees (and can fuse) them — e.g. an fp8 cast of every
+activation::
 
     forward  before: return (out, relu)            backward before: (relu, tangents_1) -> ...
     forward  after:  _to_copy = relu.to(fp8)       backward after:  (_to_copy, tangents_1)
@@ -51,6 +61,19 @@ def _tracing_hook(fw: fx.GraphModule, bw: fx.GraphModule, node: fx.Node):
         yield
     finally:
         _context = prior
+
+
+def inlineable(hooks: tuple | None) -> bool:
+    """Note [Which hooks are inlined]: both hooks are GraphModules."""
+    return hooks is not None and all(isinstance(h, fx.GraphModule) for h in hooks)
+
+
+def guard_part() -> Any:
+    """The hooks in force as the guard key sees them: inlined hooks
+    themselves, else whether hooks run at run time (Note [Which hooks are
+    inlined]: ``save_on_cpu()`` makes new functions at every ``with``)."""
+    hooks = _torch.top_saved_tensor_hooks()
+    return hooks if inlineable(hooks) else hooks is not None
 
 
 def _identity(x):

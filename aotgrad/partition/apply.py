@@ -296,6 +296,7 @@ class Partitioned:
     num_saved_tensors: int
     num_saved_symints: int
     saved_hooks_inlined: bool = False     # Note [Hooks apply once] (saved_hooks.py)
+    saved_hooks_at_runtime: bool = False  # Note [Which hooks are inlined] (saved_hooks.py)
 
 
 def run_joint_custom_pass(joint_gm: fx.GraphModule, joint_inputs) -> fx.GraphModule:
