@@ -127,7 +127,8 @@ def test_outputs_of_unknown_types_are_opened(make):
         return make(x * 2)
 
     x = torch.randn(3, requires_grad=True)
-    with pytest.raises(RuntimeError, match="which is not a known type"):
+    # torch 2.11 fails before its message, hashing the object (TypeError)
+    with pytest.raises((RuntimeError, TypeError)):
         torch_aot_function(f, torch_nop)(x)
     compiled = aot_function(f, nop)
     got, again, want = compiled(x), compiled(x), f(x)
@@ -148,12 +149,15 @@ def test_outputs_that_cannot_be_opened_raise_as_torch_does():
         return _Dict(t=x * 2)  # a dict subclass pytree does not know: opaque
 
     x = torch.randn(3, requires_grad=True)
-    with pytest.raises(RuntimeError) as theirs:
-        torch_aot_function(f, torch_nop)(x)
     with pytest.raises(RuntimeError) as ours:
         aot_function(f, nop)(x)
     head = "which is not a known type. If this type holds tensors, you need to register a pytree"
-    assert head in str(theirs.value) and head in str(ours.value)
+    assert head in str(ours.value)
+    with pytest.raises((RuntimeError, TypeError)) as theirs:
+        torch_aot_function(f, torch_nop)(x)
+    if theirs.type is TypeError:   # torch 2.11: hashing the object fails first
+        pytest.skip(f"torch {torch.__version__} raises {theirs.value!r}: no message to compare")
+    assert head in str(theirs.value)
     assert str(ours.value).startswith(str(theirs.value).split(" which")[0])
 
 
