@@ -208,3 +208,28 @@ def test_offload_on_cuda(backend):
         assert copies and copies[0].meta["val"].device.type == "cpu"
     # the copy is pinned memory
     assert torch.ops.aotgrad.offload(w.detach()).is_pinned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_copies_on_a_side_stream_keep_the_value():
+    """Note [Offload]: on CUDA the copy out runs on a side stream, after the
+    value is computed, and the value's block is not handed out again until
+    the copy has read it (record_stream); the copy back waits for the copy
+    out.  The side stream is held back here (a sleep queued on it), so a
+    block reused too early, or a copy back not waiting, gives other values."""
+    from aotgrad.partition.offload import side_stream
+
+    dev = torch.device("cuda")
+    side = side_stream(dev)
+    for _ in range(3):
+        x = torch.randn(1 << 22, device=dev)
+        want = x.clone()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(50_000_000)      # the copy out starts late
+        cpu = torch.ops.aotgrad.offload(x)
+        assert cpu.is_pinned() and cpu.device.type == "cpu"
+        del x                                  # its block must not be reused yet
+        junk = [torch.full((1 << 22,), 7.0, device=dev) for _ in range(4)]
+        back = torch.ops.aotgrad.reload(cpu, dev)
+        torch.testing.assert_close(back, want)
+        del junk

@@ -30,8 +30,9 @@ The layers, each importing only those before it:
    budget]: within a budget, recomputing costly ops as cheaply as it can);
 3. the plan — ``plan.py``: the saved values as the graphs keep them (sizes
    for tensors read only for their sizes; which go to CPU memory);
-4. applying it — ``apply.py``: the forward and backward graphs, offloading,
-   and ``partition``, which runs a partitioner and checks its graphs;
+4. applying it — ``apply.py``: the forward and backward graphs and
+   ``partition``, which runs a partitioner and checks its graphs;
+   ``offload.py``: the copies to CPU memory and back (Note [Offload]);
 5. the partitioners users pass — ``policy.py``: ``default_partition``,
    ``min_cut_rematerialization_partition``, ``MemoryPolicy``.
 
@@ -87,11 +88,11 @@ from .apply import (
     eliminate_common_subexpressions,
     extract_graph,
     gc_paused,
-    insert_offload,
     partition,
     recompute_just_in_time,
     run_joint_custom_pass,
 )
+from .offload import insert_offload
 from .policy import (
     MemoryPolicy,
     default_partition,

@@ -2,8 +2,8 @@
 
 ``build_partition`` extracts from the joint graph the forward (which returns
 the saved values) and the backward (which takes them, and recomputes
-everything else it needs just in time); ``insert_offload`` moves the
-offloaded values to CPU memory and back (Note [Offload]).  Around a
+everything else it needs just in time; ``offload.insert_offload`` moves the
+offloaded values to CPU memory and back).  Around a
 partitioner: the user's joint pass, common-subexpression elimination
 (Note [CSE before partitioning]), and ``partition``, which runs any
 partitioner, saves copies of mutated inputs and checks the calling
@@ -162,82 +162,6 @@ def gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-# ---------------------------------------------------------------- offload
-
-
-@torch.library.custom_op("aotgrad::offload", mutates_args=())
-def _offload_op(x: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``x``: pinned, and not waited for, when ``x`` is on CUDA."""
-    out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu",
-                              pin_memory=x.is_cuda)
-    return out.copy_(x, non_blocking=x.is_cuda)
-
-
-@_offload_op.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
-
-
-@torch.library.custom_op("aotgrad::reload", mutates_args=())
-def _reload_op(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` copied back to ``device`` (not waited for from pinned memory)."""
-    if x.device == device:
-        return x.clone()
-    return x.to(device, non_blocking=x.is_pinned())
-
-
-@_reload_op.register_fake
-def _(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
-
-
-def insert_offload(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, names: Sequence[str]) -> None:
-    """Note [Offload]: the forward copies each saved value of ``names`` to
-    the CPU (``aotgrad::offload``: pinned and non-blocking on CUDA) right
-    after computing it, and returns the copy: the value's own memory is
-    freed after its last use in the forward, not held to the forward's end.
-    The backward copies it back to its device (``aotgrad::reload``) just
-    before its first use, so it takes device memory only from there.  Both
-    are ops of their own, which any graph compiler calls as they are; on one
-    CUDA stream each copy back is ordered after its copy out."""
-    if not names:
-        return
-    wanted = set(names)
-    out = fw_gm.graph.output_node()
-    values = list(out.args[0])
-    placeholders = fw_gm.graph.find_nodes(op="placeholder")
-    for k, v in enumerate(values):
-        if isinstance(v, fx.Node) and v.name in wanted:
-            val = v.meta["val"]
-            after = placeholders[-1] if v.op == "placeholder" else v
-            with fw_gm.graph.inserting_after(after):
-                cpu = fw_gm.graph.call_function(torch.ops.aotgrad.offload.default, (v,))
-            cpu.meta["val"] = _fake_on_device(val, torch.device("cpu"))
-            values[k] = cpu
-    out.args = (tuple(values),)
-    fw_gm.recompile()
-    position = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
-    for p in bw_gm.graph.find_nodes(op="placeholder"):
-        if p.name in wanted:
-            val = p.meta["val"]
-            first_use = min(p.users, key=position.__getitem__, default=None)
-            if first_use is None:
-                continue
-            with bw_gm.graph.inserting_before(first_use):
-                back = bw_gm.graph.call_function(torch.ops.aotgrad.reload.default,
-                                                 (p, val.device))
-            back.meta["val"] = val
-            p.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-            p.meta["val"] = _fake_on_device(val, torch.device("cpu"))
-    bw_gm.recompile()
-
-
-def _fake_on_device(val: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fake tensor like ``val`` (same mode) on ``device``."""
-    with val.fake_mode:
-        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
 
 
 # ---------------------------------------------------------------- around a partitioner

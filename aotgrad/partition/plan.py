@@ -4,7 +4,7 @@ The solvers (mincut.py, budget.py; ``backward_uses`` for ``default_partition``)
 choose the saved set; here it becomes what the graphs keep: a tensor that the
 backward reads only for its sizes is replaced by those sizes (Note [Saving
 sizes, not tensors]), and a ``MemoryPolicy`` picks the saved values kept in CPU
-memory (``offloaded``; Note [Offload], apply.py).  What is not saved the
+memory (``offloaded``; Note [Offload], offload.py).  What is not saved the
 backward recomputes.  apply.py builds the graphs from the plan.
 """
 

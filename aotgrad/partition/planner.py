@@ -25,7 +25,7 @@ The plans considered are a fixed set, the same for every budget:
   the backward -- the saved values are its checkpoints;
 * on a device (not on the CPU, where there is nothing to offload to), for
   each, the largest saved activations offloaded to CPU memory (Note
-  [Offload], apply.py): the first quarter, half, three quarters or all of
+  [Offload], offload.py): the first quarter, half, three quarters or all of
   their bytes.
 
 Each plan is built (the graphs as they would run) and measured: its peak by
@@ -92,7 +92,8 @@ import torch.fx as fx
 from .. import _torch, config
 from ..descriptors import DESC, Tangent
 from ..rng import replay_random_ops
-from .apply import build_partition, inputs_first, insert_offload
+from .apply import build_partition, inputs_first
+from .offload import insert_offload
 from .mincut import Cut, RematProblem, min_cut_saved_values
 from .peak import Timeline, known_storages_bytes, step_timeline, timeline_device
 from .plan import may_save_sizes

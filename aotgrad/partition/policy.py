@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from .. import _torch, config
 from ..rng import replay_random_ops
-from .apply import build_partition, eliminate_common_subexpressions, gc_paused, insert_offload
+from .apply import build_partition, eliminate_common_subexpressions, gc_paused
+from .offload import insert_offload
 from .budget import budget_saved_values
 from .marks import node_roles
 from .plan import offloaded
