@@ -87,6 +87,7 @@ from . import _torch
 from .analyze import Signature
 from .descriptors import DESC, Primal
 from .partition import Partitioned, reachable
+from .reuse import ReusingPartition
 from .trace import graph_values
 
 
@@ -235,11 +236,14 @@ class VJPProgram:
     ``program`` (the traced flat function) again under autograd."""
 
     def __init__(self, program: Callable, sig: Signature, cloned: frozenset[int],
-                 wrt: tuple[int, ...], missing: tuple[int, ...] = ()):
+                 wrt: tuple[int, ...], missing: tuple[int, ...] = (), num_reused: int = 0):
         self.program = program
         self.sig = sig
         self.cloned = cloned
         self.num_inputs = len(sig.inputs)
+        # the first program's saved values after the graph inputs, not read here:
+        # the joint graph's pass uses them (Note [Saved values in the second program])
+        self.num_reused = num_reused
         self.diff = [k for k, m in enumerate(sig.tangent_mask) if m]
         self.wrt = wrt     # the inputs whose gradients are computed (Note [Wanted gradients])
         # the tangents autograd did not give (their zeros are passed, not read:
@@ -255,7 +259,7 @@ class VJPProgram:
         values = graph_values(self.program(*primals), primals, self.sig)
         if not self.given:
             return (None,) * n
-        tangents = args[n:]
+        tangents = args[n + self.num_reused:]
         grads = torch.autograd.grad([values[self.diff[j]] for j in self.given],
                                     [primals[i] for i in self.wrt],
                                     [tangents[j] for j in self.given],
@@ -275,8 +279,11 @@ class DifferentiableBackward:
 
     def __init__(self, plan: HigherOrderPlan, program: Callable | None, sig: Signature,
                  options: Any, num_saved_symints: int, num_saved_tensors: int,
-                 num_params_buffers: int = 0):
+                 num_params_buffers: int = 0, reuse: tuple | None = None):
         self.plan = plan
+        # Note [Saved values in the second program] (reuse.py): the saved
+        # tensors it reads, and the value numbers that find their nodes
+        self.reused, self._numbers, self._position = reuse or ((), None, {})
         self.program = program
         self.sig = sig
         self.options = options
@@ -302,8 +309,12 @@ class DifferentiableBackward:
         if vjp is None:
             options = dataclasses.replace(self.options, keep_inference_input_mutations=False,
                                           num_params_buffers=self.num_params_buffers)
+            if self.reused:
+                options = dataclasses.replace(options, partition_fn=ReusingPartition(
+                    options.partition_fn, self._numbers, self._position, len(self.sig.inputs)))
             vjp = self._vjps[wrt, missing] = self.options.compile_function(
-                VJPProgram(self.program, self.sig, self.plan.cloned, wrt, missing), options)
+                VJPProgram(self.program, self.sig, self.plan.cloned, wrt, missing,
+                           len(self.reused)), options)
         return vjp
 
     def wanted(self, ctx: Any) -> tuple[int, ...]:
@@ -354,8 +365,9 @@ class DifferentiableBackward:
         wrt = self.wanted(ctx)
         if not wrt:
             return [None] * len(primals), None
+        reused = [saved[j] for j in self.reused]
         with _torch.autocast_disabled():  # Note [Autocast is traced in] (runtime.py)
-            grads = self.function(wrt, missing)(*primals, *tangents)
+            grads = self.function(wrt, missing)(*primals, *reused, *tangents)
         return list(grads), None
 
     def _inputs(self, ctx: Any, saved: list) -> list:

@@ -25,6 +25,7 @@ from .check import check_graph
 from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
 from .missing import CUSTOM_BACKWARD_META
+from .reuse import offered_values
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
 from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
@@ -365,8 +366,14 @@ def differentiable_backward(parts: Partitioned, sig: Signature, flat: FlatInputs
         subclasses=subclasses or sig.has_subclasses, poisoned=poisoned,
         backward_writes=backward_writes)
     params = sum(1 for j in flat.graph_leaf if j < flat.num_params_buffers)
+    reuse = None
+    if plan.refusal is None and not plan.cloned and not options.dynamic:
+        # Note [Saved values in the second program] (reuse.py)
+        offered, numbers, position = offered_values(parts.fw_gm, parts.num_fwd_outputs,
+                                                    parts.num_saved_tensors)
+        reuse = (offered, numbers, position) if offered else None
     return DifferentiableBackward(plan, program, sig, options, parts.num_saved_symints,
-                                  parts.num_saved_tensors, params)
+                                  parts.num_saved_tensors, params, reuse)
 
 
 class ShapeGuardFailed(GuardFailed):

@@ -601,3 +601,29 @@ def test_grad_with_create_graph_inside_a_compiled_function():
     (got_grad,) = torch.autograd.grad(got, x2)
     torch.testing.assert_close((got, got_grad), (want, want_grad))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_the_second_program_reads_the_first_programs_saved_values(partition):
+    """Note [Saved values in the second program] (reuse.py): the saved values
+    of the first forward are inputs of the second program, not recomputed
+    (the tanh of each layer here); second and third order as eager's, and a
+    gradient penalty w.r.t. the input too."""
+    fw = Recording()
+    kwargs = {} if partition == "default" else {
+        "partition_fn": min_cut_rematerialization_partition}
+    compiled = aot_function(mlp, fw, nop, **kwargs)
+    args = mlp_args(seed=21)
+    assert_all_close(three_orders(compiled, args), three_orders(mlp, args))
+    # graphs: first forward, then the second program's forward (recompiled for
+    # the third order's program afterwards)
+    second = fw.graphs[1]
+    tanh = [n for n in second.graph.nodes if n.target is torch.ops.aten.tanh.default]
+    assert not tanh, second.code
+    x = args[0]
+    for fn in (compiled, mlp):
+        x.grad = None
+        (g,) = torch.autograd.grad(fn(*args).sum(), x, create_graph=True)
+        ((g.norm(dim=1) - 1) ** 2).sum().backward()
+        got, want = (x.grad, None) if fn is compiled else (got, x.grad)
+    assert_close(got, want)
