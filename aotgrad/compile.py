@@ -26,7 +26,8 @@ import torch.fx as fx
 
 from . import _torch, config
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
-from .missing import CUSTOM_BACKWARD_META, MissingTangents, absorbing_tangents, without
+from .missing import (CUSTOM_BACKWARD_META, GradientsLeftNone, MissingTangents,
+                      absorbing_tangents, without)
 from .partition import Partitioned
 from .views import is_view_op
 
@@ -142,7 +143,9 @@ class CompiledGraphs:
     num_saved_symints: int = 0
     saved_hooks_inlined: bool = False
     repeated_outputs: tuple[int, ...] = ()    # Note [Distinct outputs]
-    tangent_deps: tuple[frozenset[int], ...] = ()  # per gradient: tangents it reads
+    # per missing set, the gradients eager leaves None (Note [Gradients that
+    # eager leaves None], missing.py)
+    left_none: Callable[[tuple], frozenset[int]] | None = None
     views_only: bool = False           # an inference graph that only takes views
     # graph outputs (forward or inference) the compiled graph never returns a
     # view at (known for nop's plain functions: codegen.fresh_outputs)
@@ -186,24 +189,6 @@ def _stride_free_tangents(bw_gm: fx.GraphModule, bw: Callable) -> frozenset[int]
     return frozenset(p.meta[DESC].index
                      for k, p in enumerate(bw_gm.graph.find_nodes(op="placeholder"))
                      if k in free and isinstance(p.meta.get(DESC), Tangent))
-
-
-def tangent_dependencies(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
-    """Note [Gradients that eager leaves None]: per backward output, the
-    tangents (by index) it depends on.  When autograd gives none of them, the
-    gradient is None in eager, so the runtime returns None, not zeros."""
-    from .descriptors import DESC, Tangent
-
-    index = {n: n.meta[DESC].index for n in bw_gm.graph.find_nodes(op="placeholder")
-             if isinstance(n.meta.get(DESC), Tangent)}
-    deps: dict[fx.Node, frozenset[int]] = {}
-    for n in bw_gm.graph.nodes:
-        if n in index:
-            deps[n] = frozenset((index[n],))
-        else:
-            deps[n] = frozenset().union(*(deps.get(a, frozenset()) for a in n.all_input_nodes))
-    return tuple(deps[o] if isinstance(o, fx.Node) else frozenset()
-                 for o in bw_gm.graph.output_node().args[0])
 
 
 def _is_graph_input(n: fx.Node) -> bool:
@@ -327,7 +312,7 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
     return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
-                          tangent_dependencies(parts.bw_gm),
+                          left_none=GradientsLeftNone(parts.bw_gm),
                           fresh_outputs=getattr(fw, "fresh_outputs", frozenset()),
                           offset_free=getattr(fw, "offset_free", False) and
                           getattr(bw, "offset_free", False),

@@ -253,3 +253,102 @@ class MissingTangents:
         if made is None:
             made = self._made[missing] = self._make(frozenset(missing)) or backward
         return made
+
+
+# Note [Gradients that eager leaves None]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Eager leaves a gradient None when no gradient reaches it: every path to it
+# starts at an output autograd gave no gradient for.  The compiled backward
+# computes all of them (from zeros, or symbolic zeros), so the runtime returns
+# None for those it can tell are made from the missing tangents alone:
+#
+# * no custom Function's backward in the program: the backward is linear in
+#   its tangents, so a gradient that reads tangents, all missing, is one of
+#   them.  A gradient that reads no tangent at all cannot come from such a
+#   backward; it is kept as computed.
+# * a custom Function's backward may add values that read no tangent (a
+#   mixture-of-experts auxiliary loss's backward returns ``ones`` for the
+#   loss, whatever the gradient): eager runs it, with zeros for the missing
+#   tangents (``materialize_grads``), whenever autograd reaches its node, and
+#   what it adds reaches the inputs.  Reading a missing tangent is then not
+#   enough: a gradient is None only where a pass that knows which ops keep a
+#   zero a zero (products, views, sums, additions of zeros, the ``*_backward``
+#   formulas in their gradient argument) proves it zero; any other op of a
+#   zero (``cos``, ``x + 1``, a constant added) makes a value that is kept.
+
+
+def _tangent_deps(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
+    """Per backward output, the tangents (by index) it reads."""
+    deps: dict[fx.Node, frozenset[int]] = {}
+    for n in bw_gm.graph.nodes:
+        j = _tangent_index(n) if n.op == "placeholder" else None
+        deps[n] = frozenset((j,)) if j is not None else \
+            frozenset().union(*(deps.get(a, frozenset()) for a in n.all_input_nodes))
+    return tuple(deps[o] if isinstance(o, fx.Node) else frozenset()
+                 for o in bw_gm.graph.output_node().args[0])
+
+
+_SUMS = {aten.sum.default, aten.sum.dim_IntList, aten.mean.dim, aten.neg.default,
+         aten.clone.default, aten._to_copy.default, aten.repeat.default}
+_PRODUCTS = {aten.mul.Tensor, aten.mm.default, aten.bmm.default, aten.matmul.default,
+             aten.mul.Scalar, aten.div.Scalar}
+
+
+def _stays_zero(n: fx.Node, zero: set, side: set) -> bool:
+    """Note [Gradients that eager leaves None]: whether ``n`` is zero when
+    its inputs in ``zero`` are (its other tangent-side inputs not proven
+    zero), by ops known to keep a zero a zero."""
+    from .views import is_view_op
+
+    target = n.target
+    if target is operator.getitem:
+        return n.args[0] in zero
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return False
+    first = n.args[0] if n.args else None
+    tensors = [a for a in n.args if isinstance(a, fx.Node)]
+    if target in _PRODUCTS:
+        return any(a in zero for a in tensors)
+    if target is aten.div.Tensor or target in _SUMS or is_view_op(target):
+        return first in zero
+    if target in _ADDITIVE:
+        return bool(tensors) and all(a in zero for a in tensors) and len(tensors) == 2
+    if target._schema.name.endswith("_backward"):   # linear in its gradient argument
+        return first in zero and all(a in zero for a in n.all_input_nodes if a in side)
+    return False
+
+
+def _proven_zero(bw_gm: fx.GraphModule, missing: frozenset[int]) -> frozenset[int]:
+    graph = bw_gm.graph
+    side = _tangent_side(graph)
+    zero: set = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if _tangent_index(n) in missing:
+                zero.add(n)
+        elif n.op == "call_function" and any(a in zero for a in n.all_input_nodes) and \
+                _stays_zero(n, zero, side):
+            zero.add(n)
+    return frozenset(k for k, o in enumerate(graph.output_node().args[0]) if o in zero)
+
+
+class GradientsLeftNone:
+    """Note [Gradients that eager leaves None]: per missing set (a tuple of
+    tangent indices), the backward outputs that are None."""
+
+    def __init__(self, bw_gm: fx.GraphModule):
+        self._custom = bw_gm.meta.get(CUSTOM_BACKWARD_META, True)
+        self._graph = bw_gm if self._custom else None
+        self._deps = None if self._custom else _tangent_deps(bw_gm)
+        self._known: dict[tuple, frozenset[int]] = {}
+
+    def __call__(self, missing: tuple) -> frozenset[int]:
+        none = self._known.get(missing)
+        if none is None:
+            gone = frozenset(missing)
+            if self._custom:
+                none = _proven_zero(self._graph, gone)
+            else:
+                none = frozenset(k for k, d in enumerate(self._deps) if d and d <= gone)
+            self._known[missing] = none
+        return none

@@ -426,7 +426,6 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
             f"ctx, [{tangents}], {bwd.bind(layouts, 'tangent_layouts')}, {tuple(diff)!r}, "
             f"{bwd.bind(strided, 'tangent_strides')})")
         tangents = "*tangents"
-        bwd("num_tangents = len(tangents)")
     else:
         bwd("missing = ()")
         zeros = bwd.bind(torch.zeros, "zeros")
@@ -490,10 +489,9 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
     bwd(f"grads = {bw}(args)", 3)
     if writes:
         _backward_writes(bwd, writes)
-    bwd("if missing:  # Note [Gradients that eager leaves None] (compile.py)")
+    bwd("if missing:  # Note [Gradients that eager leaves None] (missing.py)")
     bwd(f"grads = {bwd.bind(_drop_missing, 'drop_missing')}(grads, missing, "
-        f"{bwd.bind(compiled.tangent_deps, 'deps')}, "
-        f"{len(diff) if boundary is None else 'num_tangents'})", 2)
+        f"{bwd.bind(compiled.left_none, 'left_none')})", 2)
     if boundary is not None:
         bwd(f"grads = {bwd.bind(subclass.rebuild_list, 'rebuild_list')}("
             f"{bwd.bind(boundary.grads, 'grad_layouts')}, grads)")
@@ -615,11 +613,10 @@ def _cycle(layouts: tuple) -> Any:
         yield tangents_mod.CONTIGUOUS
 
 
-def _drop_missing(grads: Sequence, missing: tuple, deps: tuple, num_tangents: int) -> list:
-    """Note [Gradients that eager leaves None]: a gradient that reads only
-    tangents autograd did not give stays None."""
-    present = frozenset(j for j in range(num_tangents) if j not in missing)
-    return [None if not (deps[i] & present) else g for i, g in enumerate(grads)]
+def _drop_missing(grads: Sequence, missing: tuple, left_none: Callable) -> list:
+    """Note [Gradients that eager leaves None] (missing.py)."""
+    none = left_none(missing)
+    return [None if i in none else g for i, g in enumerate(grads)] if none else grads
 
 
 def _backward_writes(bwd: _Source, writes: tuple) -> None:

@@ -193,3 +193,62 @@ def test_a_custom_backward_gets_zeros_as_in_eager(how, f):
     want = grads(f, x, (0,))
     assert want.isnan()[0] and want[1:].tolist() == [3.0, 6.0]   # the test's premise
     check(compiled, f, x, uses=((0,), (1,), (0, 1)))
+
+
+class _AddAuxiliaryLoss(torch.autograd.Function):
+    """As mixture-of-experts models write it: the auxiliary loss's gradient
+    is ``ones``, whatever reaches the output."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.ones(1, dtype=g.dtype)
+
+
+class _Constant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2, x * 3
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        return torch.full((3,), 7.0)
+
+
+def _moe_block(x, w_gate, w, w_stats):
+    scores = (x @ w_gate).softmax(-1)
+    aux = (scores.mean(0) ** 2).sum().reshape(1) * 0.01
+    h = _AddAuxiliaryLoss.apply(x @ w, aux)
+    return h, scores, (x @ w_stats).tanh()   # scores and the stats: returned, not used
+
+
+@pytest.mark.parametrize("how", ["aot_function", "torch.compile"])
+def test_gradients_that_read_no_tangent_are_kept(how):
+    """Note [Gradients that eager leaves None]: a custom backward's value that
+    reads no tangent (the auxiliary loss's ones) reaches the router's weight
+    although the scores' gradient is missing -- it was dropped to None
+    (the router silently never trained); a weight reached only from outputs
+    nobody used is still None, as in eager."""
+    compile_ = {"aot_function": lambda f: aot_function(f, nop),
+                "torch.compile": lambda f: torch.compile(
+                    f, backend=aotgrad.backends.aot_eager, fullgraph=True)}[how]
+    torch._dynamo.reset()
+
+    def run(fn):
+        torch.manual_seed(0)
+        x = torch.randn(8, 4)
+        ws = [torch.randn(4, k, requires_grad=True) for k in (3, 4, 2)]
+        h, _, _ = fn(x, *ws)
+        h.sum().backward()
+        return [w.grad for w in ws]
+
+    got, want = run(compile_(_moe_block)), run(_moe_block)
+    assert want[0] is not None and want[2] is None
+    assert (got[2] is None) and got[0] is not None
+    torch.testing.assert_close(got[:2], want[:2])
+    x = torch.ones(3, requires_grad=True)
+    compile_(lambda x: _Constant.apply(x))(x)[0].sum().backward()
+    assert x.grad.tolist() == [7.0, 7.0, 7.0]
