@@ -321,7 +321,7 @@ def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str 
         repr(compilers), _qualname(options.partition_fn),
         repr(sorted(str(op) for op in (options.decompositions or {}))),
         repr(options.keep_inference_input_mutations), repr(torch.is_grad_enabled()),
-        repr(torch.get_default_dtype()),
+        repr(torch.get_default_dtype()), repr(_torch.autocast_state()),
         # Note [Options outside the cache key] (config.py)
         repr(sorted((k, repr(v)) for k, v in config.cache_key_options().items())),
     ]

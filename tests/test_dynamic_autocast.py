@@ -126,6 +126,22 @@ class TestAutocast(TestCase):
         rec, _, _ = self.run_under_autocast([{"device_type": "cpu", "dtype": torch.float16}])
         self.assertIn("torch.float16", rec.last("backward").code)
 
+    def test_autocast_dtype_is_part_of_the_guard(self):
+        """A program traced under bfloat16 autocast was reused under float16
+        autocast (the guard key held only whether autocast was on): bfloat16
+        results where eager gives float16.  Now each dtype has its program."""
+        def f(x, w):
+            return x @ w
+
+        compiled = aot_function(f, nop)
+        x, w = torch.randn(4, 4), torch.randn(4, 4, requires_grad=True)
+        for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):
+                got, want = compiled(x, w), f(x, w)
+            self.assertEqual(got.dtype, want.dtype)
+            torch.testing.assert_close(got, want)
+            got.sum().backward()
+
     def test_bad_setting_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "backward_pass_autocast"):
             self.run_under_autocast("sometimes")

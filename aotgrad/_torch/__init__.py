@@ -588,10 +588,12 @@ def autocast_devices() -> tuple[str, ...]:
 
 
 def autocast_state() -> tuple:
-    """Whether autocast is on, per device type (part of the guard key)."""
+    """Per device type, False or the dtype autocast casts to (part of the
+    guard key: a program traced under bfloat16 autocast is not float16's)."""
     if not any_autocast_enabled():
         return _AUTOCAST_OFF
-    return tuple(torch.is_autocast_enabled(d) for d in autocast_devices())
+    return tuple(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d)
+                 for d in autocast_devices())
 
 
 any_autocast_enabled = torch._C._is_any_autocast_enabled
