@@ -44,6 +44,22 @@ class TestDynamicShapes(TestCase):
         self.assertTrue(any(isinstance(o.meta.get("val"), torch.SymInt) for o in fw_out
                             if hasattr(o, "meta")))
 
+    def test_sizes_the_trace_specialised_get_their_own_graph(self):
+        """Note [Shape guards]: a first call at size 1 (or 0) specialises that
+        size; the shape guard left static sizes out, so the graph was reused
+        at other sizes (``x.sum(0) / x.shape[0]``: 4x eager's mean at batch 4).
+        Each call now gives eager's values and gradients."""
+        programs = [lambda x: x.sum(0) / x.shape[0], lambda x: x + x.shape[0],
+                    lambda x: x.unfold(0, 2, 1).sum(-1) * x.shape[0]]
+        for f, sizes in zip(programs, ([1, 4, 1, 3], [0, 3, 1, 5], [2, 7, 3])):
+            compiled = aot_function(f, nop, dynamic=True)
+            for n in sizes:
+                x = torch.arange(n * 2, dtype=torch.float).reshape(n, 2).requires_grad_()
+                got, got_grads = grads_of(compiled, x)
+                want, want_grads = grads_of(f, x)
+                torch.testing.assert_close(got, want)
+                torch.testing.assert_close(got_grads, want_grads)
+
     def test_mark_dynamic_through_torch_compile(self):
         torch._dynamo.reset()
         rec = GraphRecorder()

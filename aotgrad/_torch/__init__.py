@@ -673,7 +673,7 @@ def shape_guard(fake_mode: FakeTensorMode, fake_inputs):
     if env is None:
         return None
     placeholders = [x for x in fake_inputs]
-    code = env.produce_guards_expression(placeholders, ignore_static=True)
+    code = env.produce_guards_expression(placeholders, ignore_static=False)
     if not code:
         return None
     return lambda inputs: env.evaluate_guards_expression(code, inputs)
