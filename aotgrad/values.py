@@ -179,12 +179,37 @@ def _guard_graph(gm: fx.GraphModule, reads: list[fx.Node]) -> tuple[fx.GraphModu
         if n in keep and n.op != "placeholder":
             env[n] = graph.node_copy(n, env.__getitem__)
     graph.output(tuple(env[n] for n in reads))
+    _without_running_stats(graph)
     return fx.GraphModule(gm, graph), tuple(used)
 
 
+#: ops that update their running statistics (args 3 and 4) in place when
+#: training (arg 5) though their schemas do not say so
+_UNDECLARED_WRITES = {_torch.aten.native_batch_norm.default, _torch.aten.cudnn_batch_norm.default,
+                      _torch.aten.miopen_batch_norm.default}
+
+
+def _without_running_stats(graph: fx.Graph) -> None:
+    """A training batch norm in the guard graph is given no running
+    statistics: its results do not read them, and the guard runs on the
+    caller's tensors every call -- with them it would update them a second
+    time (silently: the statistics moved twice per call)."""
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _UNDECLARED_WRITES and len(n.args) > 5:
+            if n.args[5] is not True:
+                continue   # eval mode reads the statistics and writes nothing
+            n.args = (*n.args[:3], None, None, *n.args[5:])
+    graph.eliminate_dead_code()
+
+
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, complex) and isinstance(b, complex):
+        return _same(a.real, b.real) and _same(a.imag, b.imag)
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        # -0.0 == 0.0, but 1 / x and copysign tell them apart
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
     return type(a) is type(b) and a == b
 
 

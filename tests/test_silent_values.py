@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import aotgrad
@@ -312,3 +313,50 @@ def test_a_custom_function_view_of_an_input_stays_a_view(how, case):
     x = torch.ones(2, 2, requires_grad=True)
     g(x).sum().backward()                   # the custom backward still runs
     assert x.grad.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_a_value_read_after_a_training_batch_norm_updates_its_statistics_once():
+    """Note [Values read while tracing] (values.py): the guard that re-checks
+    a value the program read (``if h.sum() > 0``) ran the training batch norm
+    on the caller's running statistics at every call (its schema does not
+    say it writes them): they moved twice per call, the outputs equal."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            h = self.bn(x)
+            return h.nan_to_num() if torch.isnan(h).any() else h * 2
+
+    torch.manual_seed(0)
+    eager, ours = M(), M()
+    compiled = aotgrad.aot_module(ours, nop)
+    for _ in range(3):
+        x = torch.randn(4, 2) + 1
+        torch.testing.assert_close(compiled(x), eager(x))
+        torch.testing.assert_close(ours.bn.running_mean, eager.bn.running_mean)
+        torch.testing.assert_close(ours.bn.running_var, eager.bn.running_var)
+
+    def f(x, rm, rv):
+        h = F.batch_norm(x, rm, rv, training=True)
+        return h * 2 if h.sum() > 0 else h
+
+    g = aot_function(f, nop)
+    stats, eager_stats = (torch.zeros(2), torch.ones(2)), (torch.zeros(2), torch.ones(2))
+    for _ in range(3):
+        x = torch.randn(4, 2) + 1
+        torch.testing.assert_close(g(x, *stats), f(x, *eager_stats))
+        torch.testing.assert_close(stats, eager_stats)
+
+
+def test_a_value_read_tells_negative_zero_apart():
+    """values._same compared floats with ==, so a graph specialised on a read
+    0.0 served -0.0 (``x / x.min().item()``: +inf where eager gives -inf)."""
+    def f(x):
+        return x / x.min().item()
+
+    g = aot_function(f, nop)
+    for v in ([0.0, 1.0], [-0.0, 1.0], [0.0, 2.0]):
+        x = torch.tensor(v)
+        torch.testing.assert_close(g(x), f(x), equal_nan=True)
