@@ -389,7 +389,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
             fwd(f"o{k} = o{k}.detach()" if not mask[k] else f"o{k} = o{k}.clone()")
     else:  # outs holds plain tensors; o0 ... are the (maybe subclass) outputs
-        fwd(f"plain = outs[:{num_out}]")
+        fwd(f"plain = list(outs[:{num_out}])" if compiled.repeated_outputs else
+            f"plain = outs[:{num_out}]")
         fwd("del outs")
         for k in compiled.repeated_outputs:  # Note [Distinct outputs] (compile.py)
             fwd(f"plain[{k}] = plain[{k}].detach()" if not mask[k] else

@@ -105,6 +105,12 @@ def forward(self, primals_1, primals_2, primals_3):
         self.check(lambda x, y: (x * y, y.cos(), x.a + x.b), two(2, 3), torch.randn(2, 3,
                                                                               requires_grad=True))
 
+    def test_a_subclass_input_returned_as_it_is(self):
+        # the generated forward assigned into a tuple of plain outputs (TypeError)
+        _, (out, _) = self.check(lambda x, y: (x, x * y), two(3),
+                                 torch.randn(3, requires_grad=True))
+        self.assertIsInstance(out, TwoTensor)
+
     def test_inner_tensors_that_require_grad(self):
         # ops on the subclass are differentiated at the subclass level, as in eager
         self.check(lambda x: (x * 2).sin(), two(3, inner_rg=True))
