@@ -366,9 +366,11 @@ class DifferentiableBackward:
         if not wrt:
             return [None] * len(primals), None
         reused = [saved[j] for j in self.reused]
-        with _torch.autocast_disabled():  # Note [Autocast is traced in] (runtime.py)
-            grads = self.function(wrt, missing)(*primals, *reused, *tangents)
-        return list(grads), None
+        vjp = self.function(wrt, missing)
+        if _torch.any_autocast_enabled():
+            with _torch.autocast_disabled():  # Note [Autocast is traced in] (runtime.py)
+                return list(vjp(*primals, *reused, *tangents)), None
+        return list(vjp(*primals, *reused, *tangents)), None
 
     def _inputs(self, ctx: Any, saved: list) -> list:
         plan = self.plan
