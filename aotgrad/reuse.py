@@ -156,11 +156,6 @@ class ReusingPartition:
         self.__name__ = getattr(partition_fn, "__name__", type(partition_fn).__name__)
         self.__qualname__ = getattr(partition_fn, "__qualname__", self.__name__)
 
-    def __getattr__(self, name: str) -> Any:   # the wrapped partitioner's attributes
-        if name == "partition_fn":
-            raise AttributeError(name)
-        return getattr(self.partition_fn, name)
-
     def __call__(self, joint_gm: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int):
         substitute(joint_gm, self.numbers, self.position, self.num_inputs)
         return self.partition_fn(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
