@@ -134,8 +134,10 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
         fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
     attempt = functools.partial(_trace, options=options, stage=stage, report=report,
                                 grad_enabled=grad_enabled, loss_index=loss_index)
+    rng = torch.random.get_rng_state()
     try:
         sig, traced = attempt(flat_fn, fake_mode, fakes)
+        _refuse_seeding(rng, fn)
         return Traced(flat, sig, traced, fake_mode, fakes, program=flat_fn)
     except Exception as error:
         if not shape_env and _torch.detect_fake_mode(list(graph_inputs)) is None and \
@@ -149,13 +151,31 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
             _raise_explained(error)
             raise
     fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
+    rng = torch.random.get_rng_state()
     try:
         answered = AnsweredFunction(fn, flat, reads)
         sig, traced = attempt(answered, fake_mode, fakes)
     except Exception as error:
         _raise_explained(error)
         raise
+    _refuse_seeding(rng, fn)
     return Traced(flat, sig, traced, fake_mode, fakes, reads, answered)
+
+
+def _refuse_seeding(before: torch.Tensor, fn: Callable) -> None:
+    """Tracing draws no random numbers (fake tensors), so a random state
+    that changed while tracing was set by the program (``torch.manual_seed``
+    inside it).  The graphs cannot replay that at each call -- eager's
+    numbers from the second call on would silently differ -- so it is an
+    error, raised at the first call."""
+    if not torch.equal(torch.random.get_rng_state(), before):
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise RuntimeError(
+            f"aotgrad: {name} sets the random number generator's state while it runs "
+            "(torch.manual_seed, torch.random.set_rng_state, ...). A compiled function cannot "
+            "do that at each call: its random ops would draw other numbers than eager from the "
+            "second call on. Seed outside the compiled function (before calling it), or pass a "
+            "torch.Generator you seed yourself.")
 
 
 def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOptions, stage,

@@ -360,3 +360,24 @@ def test_a_value_read_tells_negative_zero_apart():
     for v in ([0.0, 1.0], [-0.0, 1.0], [0.0, 2.0]):
         x = torch.tensor(v)
         torch.testing.assert_close(g(x), f(x), equal_nan=True)
+
+
+def test_seeding_inside_the_program_is_an_error():
+    """A program calling torch.manual_seed gave eager's numbers at the first
+    call only (the seed ran while tracing; the graphs do not seed): a clear
+    error now.  Under torch.compile dynamo keeps the seeding: eager's values."""
+    def f(x):
+        torch.manual_seed(3)
+        return x * torch.rand(3)
+
+    with pytest.raises(RuntimeError, match="sets the random number generator's state"):
+        aot_function(f, nop)(torch.ones(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(torch.ones(3)), f(torch.ones(3)))
+    g = aot_function(lambda x: x * torch.rand(3), nop)   # drawing numbers is fine
+    torch.manual_seed(5)
+    want = [torch.ones(3) * torch.rand(3) for _ in range(2)]
+    torch.manual_seed(5)
+    torch.testing.assert_close([g(torch.ones(3)) for _ in range(2)], want)
