@@ -201,11 +201,16 @@ def test_inductor_with_subclass_parameters(freezing, grad):
     assert_close(out, m(x))
 
 
+@pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("donated", [True, False])
-def test_donated_buffers(monkeypatch, donated):
+def test_donated_buffers(monkeypatch, tmp_path, donated, cache):
     # Note [Donated buffers]: inductor may reuse saved values' memory in the
-    # backward; retain_graph=True still gives eager's gradients, twice
+    # backward; retain_graph=True still gives eager's gradients, twice -- with
+    # inductor's FX graph cache on too, whose key did not hold the donated
+    # buffers: the retain_graph backward got the donating code back (silent)
     import torch._inductor.graph as inductor_graph
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
 
     seen = []
     real = inductor_graph.get_donated_idxs
@@ -218,12 +223,12 @@ def test_donated_buffers(monkeypatch, donated):
     x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
     ref, = torch.autograd.grad(f(x, w), x)
     with aotgrad.config.patch(donated_buffer=donated), \
-            torch._inductor.config.patch(fx_graph_cache=False):
+            torch._inductor.config.patch(fx_graph_cache=cache):
         g = torch.compile(f, backend=backends.inductor)
         out = g(x, w)
         assert_close(torch.autograd.grad(out, x)[0], ref)
         out = g(x, w)
-        for _ in range(2):
+        for _ in range(3):
             assert_close(torch.autograd.grad(out, x, retain_graph=True)[0], ref)
     assert any(seen) == donated
 

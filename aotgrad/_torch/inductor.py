@@ -55,7 +55,8 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
     from torch._inductor.utils import BoxedBool
 
     with V.set_fake_mode(fake_mode), in_context, enable_python_dispatcher(), \
-            compiled_autograd._disable(), config.patch(config_patches or {}):
+            compiled_autograd._disable(), config.patch(config_patches or {}), \
+            _donation_in_cache_key(donated, is_backward):
         context = TracingContext.get()
         before = context.fw_metadata
         if donated is not None:  # Note [Donated buffers] (compile.py): what inductor reads
@@ -72,6 +73,31 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, *, is_backward: b
 
 
 DONATED_INPUTS_META = "aotgrad_donated_inputs"
+
+
+@contextlib.contextmanager
+def _donation_in_cache_key(donated: Any, is_backward: bool):
+    """Note [Donated buffers] (compile.py): a backward compiled to overwrite
+    its saved buffers and the one compiled later for ``retain_graph`` are
+    the same graph, and inductor's FX graph cache key does not hold which
+    inputs it may overwrite: the second compile got the first's code back
+    (the second retained backward read an overwritten buffer).  Every
+    backward's key is tagged with the indices it may overwrite (none: [])
+    (torch.compiler.config.cache_key_tag), so neither meets the other's
+    entry, nor one stored untagged by an earlier aotgrad."""
+    if not is_backward:
+        yield
+        return
+    import torch.compiler.config as compiler_config
+    tag = getattr(compiler_config, "cache_key_tag", None)
+    if tag is None:   # no tag to key on: the backward is not cached
+        from torch._inductor import config
+        with config.patch(fx_graph_cache=False):
+            yield
+        return
+    indices = list(donated.bw_donated_idxs) if donated is not None else []
+    with compiler_config.patch(cache_key_tag=f"{tag}|aotgrad-donated{indices}"):
+        yield
 
 
 def inductor_mode_options(mode: str | None, options: dict | None) -> tuple[dict, Any]:
