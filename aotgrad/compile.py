@@ -83,6 +83,7 @@ def nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     run.offset_free = not reads_storage_offsets(gm)  # type: ignore[attr-defined]
     run.stride_free = stride_free_inputs(gm)  # type: ignore[attr-defined]
     run.updated_in_place = run.__aotgrad_updated__  # type: ignore[attr-defined]
+    run.bumps_versions = True  # type: ignore[attr-defined]  # Note [Versions of inputs written in the graph]
     return run
 
 
@@ -159,6 +160,9 @@ class CompiledGraphs:
     # forward (or inference) outputs the compiled graph computed into their
     # input already: no write-back (Note [Updates in place], runtime.py)
     updated_in_place: frozenset[int] = frozenset()
+    # its writes to inputs are ATen ops, which move their version counters
+    # (Note [Versions of inputs written in the graph], runtime.py)
+    bumps_versions: bool = False
     # when the backward may write over saved values: () -> a backward that
     # does not, for backward(retain_graph=True) (Note [Donated buffers])
     keeping_backward: Callable[[], Callable] | None = None
@@ -224,7 +228,8 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
                           fresh_outputs=getattr(fn, "fresh_outputs", frozenset()),
                           offset_free=getattr(fn, "offset_free", False),
-                          updated_in_place=getattr(fn, "updated_in_place", frozenset()))
+                          updated_in_place=getattr(fn, "updated_in_place", frozenset()),
+                          bumps_versions=getattr(fn, "bumps_versions", False))
 
 
 # Note [Donated buffers]
@@ -233,8 +238,9 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
 # reuse the memory of saved values it has read for its own temporaries
 # (inductor's DonatedBuffer): the backward graph's meta lists those inputs.
 # Only values nothing else can see are listed: made by the forward, not an
-# input, not sharing storage with an output, an input, another saved value
-# or a gradient, and not saved through saved-tensor hooks (inlined, or run
+# input, not sharing storage with an output, an input (also one that takes
+# its storage in the graph: ``x.data = y``), another saved value or a
+# gradient, and not saved through saved-tensor hooks (inlined, or run
 # at run time: Note [Which hooks are inlined], saved_hooks.py).  A backward so compiled
 # cannot run twice over the same saved values: a backward called with
 # retain_graph (or create_graph) runs a second compilation of the graph that
@@ -255,6 +261,11 @@ def donated_inputs(parts: Partitioned) -> list[int]:
         return _torch.storage_of(v) if isinstance(v, torch.Tensor) and \
             v.layout == torch.strided and not _torch.is_wrapper_subclass(v) else None
 
+    # a value an input takes the storage of in the graph (``x.data = y``: set_)
+    # is the input's memory from then on
+    seen += [n.args[1] for n in parts.fw_gm.graph.nodes if n.op == "call_function" and
+             getattr(getattr(n.target, "_schema", None), "name", None) == "aten::set_" and
+             len(n.args) > 1 and isinstance(n.args[1], fx.Node)]
     counts: dict[Any, int] = {}
     for n in seen:
         if (st := storage(n)) is not None:
@@ -318,6 +329,7 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
                           getattr(bw, "offset_free", False),
                           stride_free_tangents=_stride_free_tangents(parts.bw_gm, bw),
                           updated_in_place=getattr(fw, "updated_in_place", frozenset()),
+                          bumps_versions=getattr(fw, "bumps_versions", False),
                           keeping_backward=keeping,
                           missing=_missing_tangents(program, bw_gm, bw_compiler))
 

@@ -315,7 +315,30 @@ def _inference_call(src: _Source, sig: Signature, compiled: CompiledGraphs,
         src(f"with {src.bind(_torch.autocast_disabled, 'autocast_disabled')}():")
         depth = 2
     _without_grad(src, f"{unpack} = {call}", depth)
+    _bump_versions(src, sig, compiled)
     _unview(src, _plain_positions(sig), compiled.fresh_outputs)
+
+
+# Note [Versions of inputs written in the graph]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# An input mutation kept in the graph (keep_inference_input_mutations, a
+# trailing copy_) moves the input's version counter when the graph runs ATen
+# ops (nop), as eager's in-place op did; a compiler that writes the input from
+# its own kernel (inductor) moves nothing, and a backward that saved the
+# input before then read the new value silently where eager raises "modified
+# by an inplace operation".  So after such a graph the runtime moves them.
+
+
+def _bump_versions(src: _Source, sig: Signature, compiled: CompiledGraphs,
+                   depth: int = 1) -> None:
+    """Note [Versions of inputs written in the graph]."""
+    if compiled.bumps_versions:
+        return
+    written = [i for i, x in enumerate(sig.inputs) if x.mutation_in_graph and
+               (x.mutates_data or x.mutates_storage)]
+    if written:
+        bump = src.bind(_torch.increment_version, "increment_version")
+        src(f"{bump}(({''.join(f'i{i}, ' for i in written)}))", depth)
 
 
 def _check_outputs(outs: list, positions: tuple, sig: Signature) -> None:
@@ -364,6 +387,8 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         fwd(f"outs = {fw}({args})", 2)
     else:
         fwd(f"outs = {fw}({args})")
+    if boundary is None:
+        _bump_versions(fwd, sig, compiled)
     if compiled.num_saved_tensors:
         fwd(f"ctx.save_for_backward(*outs[{num_out}:{end}])")
     if compiled.num_saved_symints:

@@ -261,3 +261,50 @@ def test_inductor_takes_dropout_as_torchs_inductor_does():
     with torch.no_grad():  # and without dropout, eager's values
         net.eval()
         assert_close(torch.compile(net, backend=backends.inductor)(x), net(x))
+
+
+def test_inductor_input_writes_move_version_counters():
+    """Note [Versions of inputs written in the graph] (runtime.py): inductor
+    writes a mutated input from its own kernel; the version counter did not
+    move, and a backward that saved the input used the new value silently
+    (an SGD-like step between a loss and its backward) where eager raises."""
+    @torch.no_grad()
+    def step(p, g):
+        p.add_(g, alpha=-0.5)
+
+    def train(x, y):   # a training program writing an input that needs no grad
+        y.mul_(3)
+        return (x * y).sum()
+
+    for f, args in ((step, lambda p: (p, torch.ones(3))),
+                    (train, lambda p: (torch.ones(3, requires_grad=True), p))):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend=backends.inductor)
+        for fn in (f, compiled):
+            p, w = torch.ones(3), torch.ones(3, requires_grad=True)
+            loss = (w * p).sum()          # saves p
+            fn(*args(p))
+            assert p._version == 1
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+
+
+def test_inductor_donates_no_buffer_an_input_takes_over(monkeypatch, tmp_path):
+    """Note [Donated buffers] (compile.py): after ``x.data = x.data * 2`` in the
+    program the saved product is x's memory; inductor's backward was allowed
+    to overwrite it and left x's gradient in x (after another program's
+    compile, with the FX graph cache on: a fresh cache folder)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+    def f(x):
+        x.data = x.data * 2
+        return x.cos()
+
+    torch._dynamo.reset()
+    y = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    torch.compile(lambda y: (y * 2).cos(), backend=backends.inductor)(y).sum().backward()
+    for fn in (f, torch.compile(f, backend=backends.inductor)):
+        x = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+        fn(x).sum().backward()
+        assert_close(x.detach(), torch.tensor([0.2, 0.4, 0.6]))
+        assert_close(x.grad, -torch.tensor([0.2, 0.4, 0.6]).sin())

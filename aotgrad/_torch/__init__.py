@@ -638,6 +638,9 @@ def jvp_in_open_dual_level():
         eager_transforms.JVP_NESTING -= bump
 
 
+# version counters moved by hand (Note [Versions of inputs written in the graph], runtime.py)
+increment_version = torch.autograd.graph.increment_version
+
 # grad mode without a context manager object (for generated code)
 set_grad_enabled = torch._C._set_grad_enabled
 
