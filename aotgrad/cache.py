@@ -2,7 +2,8 @@
 
 When ``config.enable_autograd_cache`` is on, ``aot_module_simplified`` on an
 FX graph it has seen before loads the result instead of tracing again.  The
-key (Note [Cache key]) covers the graph's code, the metadata of every input
+key (Note [Cache key]) covers the graph's code (with its subgraphs and
+tensor constants: ``program_text``), the metadata of every input
 (lifted parameters too), the options that shape the result (compilers,
 partitioner, decompositions, aotgrad.config, grad mode) and the torch and
 aotgrad versions.
@@ -50,7 +51,7 @@ from .codegen import INPUT_UPDATES_META, get_attr_path
 from .runtime import build_runtime, input_updates
 from .views import alias_plans
 
-AOTGRAD_CACHE_VERSION = 2
+AOTGRAD_CACHE_VERSION = 3
 
 
 class SerializableAOTDispatchCompiler:
@@ -309,6 +310,50 @@ def graph_code(gm: fx.GraphModule) -> str:
     return tokenize.untokenize(out)
 
 
+def program_text(gm: fx.GraphModule) -> str:
+    """The graph's code (``graph_code``) and what its ``get_attr`` nodes
+    fetch: subgraphs (``torch.cond``'s branches, checkpointed bodies, a custom
+    Function's forward and backward), recursively, and tensor constants by
+    content.  The code alone names them only (``self.cond_true_0``), and
+    dynamo reuses those names across programs: two programs with other
+    branches shared one entry (silently the first one's values)."""
+    parts = [graph_code(gm)]
+    for target in sorted({n.target for n in gm.graph.find_nodes(op="get_attr")}):
+        try:
+            value = get_attr_path(gm, target)
+        except AttributeError:
+            parts.append(f"{target}: missing")
+            continue
+        if isinstance(value, fx.GraphModule):
+            parts.append(f"{target}:\n{program_text(value)}")
+        elif isinstance(value, torch.Tensor):
+            parts.append(f"{target}: {_tensor_digest(value)}")
+        else:
+            parts.append(f"{target}: {type(value).__qualname__} {value!r}")
+    return "\n".join(parts)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    meta = f"{t.dtype} {tuple(t.shape)} {tuple(t.stride())} {t.device.type}"
+    if t.layout != torch.strided or _torch.is_wrapper_subclass(t) or t.is_meta:
+        return f"{meta} {type(t).__qualname__} {t.layout} (no content)"
+    data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() \
+        if t.numel() else b""
+    return f"{meta} {hashlib.sha256(data).hexdigest()}"
+
+
+def _decomposition_key(decompositions: Any) -> str:
+    """Each decomposition by op and by its function: module, name and code
+    (two tables decomposing one op differently do not share an entry)."""
+    items = []
+    for op, fn in (decompositions or {}).items():
+        code = getattr(fn, "__code__", None)
+        body = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest() \
+            if code is not None else ""
+        items.append(f"{op} {_qualname(fn)} {body}")
+    return repr(sorted(items))
+
+
 def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str | None:
     """Note [Cache key]: None when something in it has no stable identity
     (``bypass_reason``)."""
@@ -317,9 +362,9 @@ def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str 
     compilers = [compiler_identity(c) for c in
                  (options.fw_compiler, options.bw_compiler, options.inference_compiler)]
     parts = [
-        f"aotgrad-cache-v{AOTGRAD_CACHE_VERSION}", _torch.TORCH_VERSION, graph_code(gm),
+        f"aotgrad-cache-v{AOTGRAD_CACHE_VERSION}", _torch.TORCH_VERSION, program_text(gm),
         repr(compilers), _qualname(options.partition_fn),
-        repr(sorted(str(op) for op in (options.decompositions or {}))),
+        _decomposition_key(options.decompositions),
         repr(options.keep_inference_input_mutations), repr(torch.is_grad_enabled()),
         repr(torch.get_default_dtype()), repr(_torch.autocast_state()),
         # Note [Options outside the cache key] (config.py)

@@ -1,5 +1,6 @@
 """AOTAutogradCache: hits in memory and on disk, keys, bypass."""
 
+import functools
 import os
 import tempfile
 import unittest
@@ -108,6 +109,37 @@ class TestAutogradCache(unittest.TestCase):
         with aotgrad.config.patch(debug_assert=True):
             aot_module_simplified(gm, [x], nop)
         self.assertEqual(counters["aot_autograd"]["autograd_cache_miss"], 2)
+
+    def test_subgraphs_constants_and_decompositions_are_part_of_the_key(self):
+        """Note [Cache key]: torch.cond's branches (named alike by dynamo in
+        both programs), a tensor constant's content and what a decomposition
+        does: each program its own entry, eager's values (they shared one,
+        the first program's values coming back silently)."""
+        def branches(first, second):
+            return lambda x: torch.cond(x.sum() > 0, first, second, (x,))
+
+        programs = [branches(torch.sin, torch.cos), branches(torch.exp, torch.tanh)]
+        for f in programs:
+            torch._dynamo.reset()
+            x = torch.ones(3, requires_grad=True)
+            out = torch.compile(f, backend=aotgrad.backends.aot_eager)(x)
+            out.sum().backward()
+            x2 = torch.ones(3, requires_grad=True)
+            want = f(x2)
+            want.sum().backward()
+            torch.testing.assert_close((out, x.grad), (want, x2.grad))
+        aten = torch.ops.aten
+        gelus = [lambda x, approximate="none": x * torch.sigmoid(1.702 * x),
+                 lambda x, approximate="none": x * 0.5 * (1 + torch.erf(x / 2 ** 0.5))]
+        x = torch.tensor([1.0, 2.0])
+        got = []
+        for gelu in gelus:
+            torch._dynamo.reset()
+            backend = functools.partial(aotgrad.backends.aot_eager,
+                                        decompositions={aten.gelu.default: gelu})
+            got.append(torch.compile(torch.nn.functional.gelu, backend=backend)(x))
+        torch.testing.assert_close(got[0], gelus[0](x))
+        torch.testing.assert_close(got[1], gelus[1](x))
 
     def test_clear_empties_disk(self):
         aot_module_simplified(traced(), [torch.randn(2, 4)], nop)
