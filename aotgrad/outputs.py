@@ -171,10 +171,22 @@ def rebuild_alias(base: torch.Tensor, value: torch.Tensor, info: OutputInfo,
                     "its inputs or outputs but does not share its storage; the compiler broke "
                     "aliasing. Use a compiler that preserves output aliasing, or return a copy "
                     "(.clone()).")
-            out = base.as_strided(size, stride, offset)
+            out = _like(base, value, info.dtype).as_strided(size, stride, offset)
+            if value.is_conj() != out.is_conj():
+                out = out.conj()
+            if value.is_neg() != out.is_neg():
+                out = torch._neg_view(out)
     if not info.is_view and out._is_view():
         out = out.detach()  # e.g. eager's .detach(): shares storage, not a view
     return out
+
+
+def _like(base: torch.Tensor, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``base`` seen with the output's dtype (``x.view(torch.int32)``), whose
+    units the recorded sizes, strides and offset are in; as_strided keeps
+    its base's dtype (and conj / neg bits: set after it)."""
+    dtype = dtype or value.dtype
+    return base if base.dtype == dtype else base.view(dtype)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

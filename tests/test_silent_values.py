@@ -381,3 +381,21 @@ def test_seeding_inside_the_program_is_an_error():
     want = [torch.ones(3) * torch.rand(3) for _ in range(2)]
     torch.manual_seed(5)
     torch.testing.assert_close([g(torch.ones(3)) for _ in range(2)], want)
+
+
+@pytest.mark.parametrize("case", ["conj", "dtype", "neg"])
+def test_aliased_outputs_rebuilt_without_view_replay_keep_dtype_and_bits(case):
+    """Note [Rebuilding aliased outputs] (outputs.py): with
+    view_replay_for_aliased_outputs off, an output aliasing an input is
+    rebuilt with as_strided, which kept the input's dtype and conj / neg
+    bits (x.conj() came back unconjugated, x.view(int32) as floats)."""
+    f, x = {"conj": (lambda x: x.conj(), torch.tensor([1 + 2j, 3 - 1j])),
+            "dtype": (lambda x: x.view(torch.int32), torch.tensor([1.0, 2.0])),
+            "neg": (lambda x: torch._neg_view(x), torch.tensor([1.0, 2.0]))}[case]
+    with aotgrad.config.patch(view_replay_for_aliased_outputs=False):
+        got = aot_function(f, nop)(x)
+    want = f(x)
+    assert got.dtype == want.dtype and (got._base is x) == (want._base is x)
+    assert got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    torch.testing.assert_close(got.resolve_conj().resolve_neg(),
+                               want.resolve_conj().resolve_neg())
