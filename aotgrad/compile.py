@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import _torch, config
+from .check import checked_first_call
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
 from .missing import (CUSTOM_BACKWARD_META, GradientsLeftNone, MissingTangents,
                       absorbing_tangents, without)
@@ -225,7 +226,7 @@ def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
         fn = ensure_boxed(compiler(_with_tensor_meta(gm, compiler), list(example_inputs)))
     views_only = all(n.op != "call_function" or n.target is operator.getitem or
                      is_view_op(n.target) for n in gm.graph.nodes)
-    return CompiledGraphs(fn, None, num_outputs, views_only=views_only,
+    return CompiledGraphs(checked_first_call(fn, gm), None, num_outputs, views_only=views_only,
                           fresh_outputs=getattr(fn, "fresh_outputs", frozenset()),
                           offset_free=getattr(fn, "offset_free", False),
                           updated_in_place=getattr(fn, "updated_in_place", frozenset()),
@@ -320,7 +321,8 @@ def compile_joint(parts: Partitioned, fw_compiler: Compiler, bw_compiler: Compil
             del bw_gm.meta[_torch.DONATED_INPUTS_META]
             keeping = _compiled_when_needed(program, bw_gm, bw_compiler)
         bw = ensure_boxed(bw)
-    return CompiledGraphs(fw, bw, parts.num_fwd_outputs, parts.num_saved_tensors,
+    return CompiledGraphs(checked_first_call(fw, parts.fw_gm), bw, parts.num_fwd_outputs,
+                          parts.num_saved_tensors,
                           parts.num_saved_symints, parts.saved_hooks_inlined,
                           repeated_outputs(parts.fw_gm, parts.num_fwd_outputs),
                           left_none=GradientsLeftNone(parts.bw_gm),
