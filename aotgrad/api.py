@@ -345,8 +345,9 @@ class AOTModule(nn.Module):
             return out
         params = dict(self.orig_module.named_parameters(remove_duplicate=False))
         buffers = dict(self.orig_module.named_buffers(remove_duplicate=False))
-        # train/eval changes what the module computes: part of the guard key
-        modes = tuple(m.training for m in self._submodules)
+        # train/eval changes what the module computes, and so do the hooks
+        # module(...) runs (traced in): part of the guard key
+        modes = (*(m.training for m in self._submodules), _hooks_key(self.orig_module))
         compiled = self._compiled
         run, leaves, in_spec, key = compiled.lookup((params, buffers, modes, *args), kwargs,
                                                     False)
@@ -379,6 +380,14 @@ def _module_reads(root: nn.Module, ns: Namespace) -> tuple[list[str], str]:
             checks.append(f"{names[parent]}._modules[{attr!r}] is {names[path]}")
         me = names[path]
         checks.append(f"{me}.training is {m.training}")
+        if not path:   # the hooks module(...) runs: traced in (_hooks_key)
+            checks += [f"{'not ' if not getattr(m, d) else ''}{me}.{d}" +
+                       (f" and tuple({me}.{d}) == {tuple(getattr(m, d))!r}" if getattr(m, d)
+                        else "") for d in _HOOKS]
+            mod = ns.bind(_nn_module, "nn_module")
+            checks += [f"not {mod}.{d}" if not getattr(_nn_module, d) else
+                       f"tuple({mod}.{d}) == {tuple(getattr(_nn_module, d))!r}"
+                       for d in _GLOBAL_HOOKS]
         checks += [f"len({me}.{d}) == {len(getattr(m, d))}"
                    for d in ("_parameters", "_buffers", "_modules")]
         for store, out in (("_parameters", params), ("_buffers", buffers)):
@@ -388,6 +397,18 @@ def _module_reads(root: nn.Module, ns: Namespace) -> tuple[list[str], str]:
                 else:
                     out.append(f"{me}.{store}.get({name!r})")  # None: the tensor check fails
     return params + buffers, " and ".join(checks)
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{d}" for d in _HOOKS)
+
+
+def _hooks_key(mod: nn.Module) -> str:
+    """The hooks ``mod(...)`` runs, its own and the global ones, by handle id:
+    a hook registered or removed after compiling changes what the call does
+    (it was traced in and stayed after ``remove()``)."""
+    return repr([tuple(getattr(mod, d)) for d in _HOOKS] +
+                [tuple(getattr(_nn_module, d)) for d in _GLOBAL_HOOKS])
 
 
 def _functional_call(mod: nn.Module) -> Callable:

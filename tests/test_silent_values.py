@@ -399,3 +399,27 @@ def test_aliased_outputs_rebuilt_without_view_replay_keep_dtype_and_bits(case):
     assert got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     torch.testing.assert_close(got.resolve_conj().resolve_neg(),
                                want.resolve_conj().resolve_neg())
+
+
+def test_hooks_of_the_wrapped_module_registered_or_removed_after_compiling():
+    """aot_module traces ``module(...)``, hooks included: a forward pre-hook
+    there at the first call stayed in after ``remove()``, one registered later
+    was never run (shared with PyTorch's aot_module).  The hooks are part of
+    the guard: eager's values each time."""
+    torch.manual_seed(0)
+    m = nn.Linear(2, 2)
+    g, x = aotgrad.aot_module(m, nop), torch.ones(1, 2)
+
+    def both():
+        got, want = g(x), m(x)
+        torch.testing.assert_close(got, want)
+
+    both()
+    h = m.register_forward_pre_hook(lambda mod, i: (i[0] * 2,))
+    both()
+    h.remove()
+    both()
+    h = m.register_forward_hook(lambda mod, i, o: o * 10)
+    both()
+    h.remove()
+    both()
