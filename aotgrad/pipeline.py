@@ -387,7 +387,9 @@ def differentiable_backward(parts: Partitioned, sig: Signature, flat: FlatInputs
         backward_writes=backward_writes)
     params = sum(1 for j in flat.graph_leaf if j < flat.num_params_buffers)
     reuse = None
-    if plan.refusal is None and not plan.cloned and not options.dynamic:
+    if plan.refusal is None and not plan.cloned and not options.dynamic and all(
+            isinstance(p.meta.get("val"), torch.Tensor)
+            for p in parts.fw_gm.graph.find_nodes(op="placeholder")):
         # Note [Saved values in the second program] (reuse.py)
         offered, numbers, position = offered_values(parts.fw_gm, parts.num_fwd_outputs,
                                                     parts.num_saved_tensors)

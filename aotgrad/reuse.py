@@ -24,7 +24,10 @@ and only saved values that are neither graph inputs nor views (an input
 aliasing another would change what the program is) are offered.  A value
 given whose metadata differs from the node's (a compiler's other output
 strides) is not used for it.  The programs that mutate inputs keep their
-recomputation (their second run changes copies).  Eager's double backward
+recomputation (their second run changes copies), and so do those with graph
+inputs that are not tensors (a symbolic size dynamo passes): the second
+program is called with that size as a plain int, a constant of its trace
+rather than an input, so its inputs' indices are not the first program's.  Eager's double backward
 reads the saved activations too: the values are the first forward's, not a
 recomputation.
 """

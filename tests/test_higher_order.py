@@ -627,3 +627,26 @@ def test_the_second_program_reads_the_first_programs_saved_values(partition):
         ((g.norm(dim=1) - 1) ** 2).sum().backward()
         got, want = (x.grad, None) if fn is compiled else (got, x.grad)
     assert_close(got, want)
+
+
+def test_create_graph_under_torch_compile_with_a_size_input():
+    """Note [Saved values in the second program]: dynamo passes a symbolic
+    size as a graph input; the second program gets it as a plain int (not an
+    input of its own), so its inputs' indices were off by one and a zero
+    gradient stood in for a saved value (a wrong first-order gradient under
+    create_graph=True; found by a fuzzer).  Such programs recompute."""
+    def f(x0, x1):
+        t0 = torch.exp(x1)
+        x0.transpose(0, 1)
+        t3 = t0.unbind(0)[-1]
+        return t3.unsqueeze(0).expand(2, 4), torch.exp(t0[::2])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager, dynamic=True)
+    results = []
+    for fn in (f, compiled):
+        leaf = torch.linspace(-1, 1, 16, dtype=D).reshape(4, 4).requires_grad_()
+        out = fn(torch.zeros(3, 4, dtype=D), leaf * 1.0)[1]
+        (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+        results.append([g, *torch.autograd.grad((g ** 2).sum(), leaf)])
+    assert_all_close(*results)
