@@ -93,18 +93,15 @@ def _check_outputs(op, args, kwargs, result) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def _checking_mode():
-    class CheckCustomOps(_torch.TorchDispatchMode):
-        supports_higher_order_operators = True
+class _CheckCustomOps(_torch.TorchDispatchMode):
+    supports_higher_order_operators = True
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            result = func(*args, **kwargs)
-            if _is_custom_op(func):
-                _check_outputs(func, args, kwargs, result)
-            return result
-
-    return CheckCustomOps()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if _is_custom_op(func):
+            _check_outputs(func, args, kwargs, result)
+        return result
 
 
 class FirstCallChecked:
@@ -121,7 +118,7 @@ class FirstCallChecked:
         if not self.first:
             return self.fn(args)
         self.first = False
-        with _checking_mode():
+        with _CheckCustomOps():
             return self.fn(args)
 
 

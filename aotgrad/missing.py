@@ -60,6 +60,7 @@ import torch.fx as fx
 from . import _torch
 from .descriptors import DESC, Tangent
 from .partition import descendants
+from .views import is_view_op
 
 aten = _torch.aten
 
@@ -298,8 +299,6 @@ def _stays_zero(n: fx.Node, zero: set, side: set) -> bool:
     """Note [Gradients that eager leaves None]: whether ``n`` is zero when
     its inputs in ``zero`` are (its other tangent-side inputs not proven
     zero), by ops known to keep a zero a zero."""
-    from .views import is_view_op
-
     target = n.target
     if target is operator.getitem:
         return n.args[0] in zero

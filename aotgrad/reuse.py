@@ -27,13 +27,14 @@ strides) is not used for it.  The programs that mutate inputs keep their
 recomputation (their second run changes copies), and so do those with graph
 inputs that are not tensors (a symbolic size dynamo passes): the second
 program is called with that size as a plain int, a constant of its trace
-rather than an input, so its inputs' indices are not the first program's.  Eager's double backward
-reads the saved activations too: the values are the first forward's, not a
-recomputation.
+rather than an input, so its inputs' indices are not the first program's.
+Eager's double backward reads the saved activations too: the values are the
+first forward's, not a recomputation.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -106,15 +107,13 @@ class ValueNumbers:
 
 
 def _numbered(target: Any) -> bool:
-    if target is _GETITEM:
+    if target is operator.getitem:
         return True
     if not isinstance(target, _torch.OpOverload):
         return False
     schema = target._schema
     return not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
-
-_GETITEM = __import__("operator").getitem
 
 
 def _primal_index(n: fx.Node) -> int | None:
@@ -134,7 +133,7 @@ def offered_values(fw_gm: fx.GraphModule, num_fwd_outputs: int, num_saved_tensor
     position: dict[int, int] = {}
     for j, s in enumerate(saved):
         if not isinstance(s, fx.Node) or s.op != "call_function" or is_view_op(s.target) or \
-                s.target is _GETITEM and is_view_op(getattr(s.args[0], "target", None)):
+                s.target is operator.getitem and is_view_op(getattr(s.args[0], "target", None)):
             continue
         val = s.meta.get("val")
         if not isinstance(val, torch.Tensor) or numbers[s] < 0 or numbers[s] in position:

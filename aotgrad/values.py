@@ -199,7 +199,6 @@ def _without_running_stats(graph: fx.Graph) -> None:
             if n.args[5] is not True:
                 continue   # eval mode reads the statistics and writes nothing
             n.args = (*n.args[:3], None, None, *n.args[5:])
-    graph.eliminate_dead_code()
 
 
 def _same(a: Any, b: Any) -> bool:
