@@ -45,7 +45,9 @@ from .compile import nop
 from .descriptors import DESC, Primal, Tangent
 from .flatten import flatten_inputs
 from .partition import MemoryPolicy
-from .partition.peak import Timeline, step_timeline
+from .partition import copies as copy_plan
+from .partition.peak import Timeline
+from .partition.problem import recompute_cost
 from .pipeline import CompileReport
 from .explain_target import BUILTIN, PARTITIONERS, ExplainError, Target, load_policy, \
     load_target, resolve_partitioner  # noqa: F401 (re-exported for the CLI)
@@ -299,7 +301,7 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
     part = report.partitioned
     fw_gm, bw_gm = report.forward_graph, report.backward_graph if part is not None else None
     recomputed = recomputed_names(fw_gm, bw_gm)
-    timeline = step_timeline(fw_gm, bw_gm, recomputed)
+    timeline, _ = copy_plan.timeline(fw_gm, bw_gm, recomputed, recompute_cost)
     live, nf = timeline.live, timeline.num_forward_steps
     saved = saved_tensors(report, labels)
     return ExplainReport(

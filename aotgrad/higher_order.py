@@ -293,6 +293,16 @@ class DifferentiableBackward:
         self._vjps: dict[tuple, Callable] = {}   # by the gradients wanted, tangents missing
         self._wanted_leaves: set[int] = set()    # Note [Wanted gradients]: at their last ask
         self._calls = 0
+        # where ``_inputs`` finds each graph input: (kept on ctx.aotgrad_inputs?, index);
+        # a refused plan keeps only the inputs its error is tied to (never gathered)
+        position = {i: k for k, i in enumerate(plan.extras)}
+        self._gather = () if plan.refusal is not None else tuple(
+            (True, position[i]) if j is None else (False, j)
+            for i, j in enumerate(plan.saved_slot))
+        self._saved_needing_grad = tuple(
+            (i, j) for i, j in enumerate(plan.saved_slot)
+            if j is not None and sig.inputs[i].requires_grad)
+        self._extra_position = position
 
     @property
     def extras(self) -> tuple[int, ...]:
@@ -325,22 +335,21 @@ class DifferentiableBackward:
             return tuple(i for i, x in enumerate(self.sig.inputs) if x.requires_grad)
         self._calls += 1
         reask = self._calls % _REASK == 0
+        leaves = self._wanted_leaves
         out = []
         for j, (node, _) in enumerate(edges):
             if node is None:
                 continue
             if not _torch.is_leaf_accumulator(node):
-                used = _torch.engine_uses(node)
-            elif j in self._wanted_leaves and not reask:
-                used = True
-            else:
-                used = _torch.engine_uses(node)
-                if used:
-                    self._wanted_leaves.add(j)
-                else:
-                    self._wanted_leaves.discard(j)
-            if used:
+                if _torch.engine_uses(node):
+                    out.append(tensors[j])
+            elif j in leaves and not reask:
                 out.append(tensors[j])
+            elif _torch.engine_uses(node):
+                leaves.add(j)
+                out.append(tensors[j])
+            else:
+                leaves.discard(j)
         return tuple(out)
 
     def __call__(self, ctx: Any, backward: Callable, args: list,
@@ -384,25 +393,18 @@ class DifferentiableBackward:
                 "if you need to access saved tensors after calling backward.")
         if plan.versioned:
             self._check_versions(ctx, extras)
-        position = {i: k for k, i in enumerate(plan.extras)}
-        primals = []
-        for i, j in enumerate(plan.saved_slot):
-            if j is None:
-                primals.append(extras[position[i]])
-                continue
-            value = saved[j]
-            if self.sig.inputs[i].requires_grad and not value.requires_grad:
+        for i, j in self._saved_needing_grad:
+            if not saved[j].requires_grad:
                 raise RuntimeError(
                     f"aotgrad: the compiled forward returned a copy of input {i} where it saves "
                     "the input itself, so the gradient's own gradient cannot reach it. A "
                     "differentiable backward (create_graph=True) needs a forward compiler that "
                     "returns the graph's inputs as they are.")
-            primals.append(value)
-        return primals
+        return [extras[k] if kept else saved[k] for kept, k in self._gather]
 
     def _check_versions(self, ctx: Any, extras: tuple) -> None:
         versions = ctx.aotgrad_versions
-        position = {i: k for k, i in enumerate(self.plan.extras)}
+        position = self._extra_position
         for k, i in enumerate(self.plan.versioned):
             t = extras[position[i]]
             if versions is None or t._version != versions[k]:

@@ -22,7 +22,10 @@ Three cases, each timed against eager on the same weights and data:
   penalised) and ``Linear(8, 8) -> Tanh`` on 4x8 (``aot_module``; ``module``:
   the gradient w.r.t. the input only), eager and aotgrad ``nop``.  overhead = aotgrad median -
   eager median for the same step; *ratio* = overhead(double) /
-  overhead(single) (issue 19's target: <= 2).
+  overhead(single) (issue 19's target: <= 2).  A reference row, ``fn, floor``,
+  runs ``fn`` with two hand-written autograd.Functions in aotgrad's place (the
+  first's create_graph backward calls the second, the same ops as aotgrad's
+  graphs, no checks): the overhead of that structure itself.
 
 Variants of ``wgan`` and ``hvp`` (``--variants`` picks a subset):
 
@@ -30,6 +33,9 @@ Variants of ``wgan`` and ``hvp`` (``--variants`` picks a subset):
 * ``aotgrad`` -- ``aot_module(critic, nop)`` / ``aot_function(loss, nop)``;
 * ``aotgrad-aot_eager`` -- ``torch.compile(.., backend=aotgrad.backends.aot_eager)``;
 * ``aotgrad-inductor`` -- ``torch.compile(.., backend=aotgrad.backends.inductor)``;
+* ``aotgrad-inductor-cudagraphs`` -- the same with ``mode="reduce-overhead"``
+  (inductor's CUDA graph trees: each compiled graph replayed as one CUDA graph;
+  CUDA only);
 * ``aotgrad-module-inductor`` -- ``aot_module`` / ``aot_function`` with
   inductor's graph compiler for every graph (as the backend: inductor's
   decompositions, min-cut partitioner after its joint passes; uses aotgrad's
@@ -95,6 +101,7 @@ import torch.nn.functional as F  # noqa: E402
 import aotgrad  # noqa: E402
 
 VARIANTS = ("eager", "aotgrad", "aotgrad-aot_eager", "aotgrad-inductor",
+            "aotgrad-inductor-cudagraphs",
             "aotgrad-module-inductor", "torch-aot_eager", "torch-inductor")
 CASES = ("wgan", "hvp", "overhead")
 LAMBDA = 10.0
@@ -165,6 +172,9 @@ def compiled(variant: str, fn: Callable, module: bool) -> tuple[Callable, Counte
         return aot(fn, aotgrad.nop), None
     if variant == "aotgrad-module-inductor":
         return aot(fn, **_aotgrad_inductor_kwargs()), None
+    if variant == "aotgrad-inductor-cudagraphs":
+        counted = Counted(aotgrad.backends.inductor)
+        return torch.compile(fn, backend=counted, mode="reduce-overhead"), counted
     if variant.startswith("aotgrad-"):
         backend = getattr(aotgrad.backends, variant.split("-", 1)[1])
     elif variant.startswith("torch-"):
@@ -397,6 +407,51 @@ def tiny(a, b):
     return (a * b).sin().sum()
 
 
+#: the reference row: ``fn`` with hand-written Functions in aotgrad's place
+FLOOR = "fn, floor: hand-written Functions"
+
+
+class _TinyVJP(torch.autograd.Function):
+    """The floor's second program: ``tiny``'s gradient w.r.t. ``a`` as a
+    function of (a, b, a*b, tangent), written by hand (the ops of aotgrad's
+    second-program graphs for ``tiny``)."""
+
+    @staticmethod
+    def forward(ctx, a, b, m, t):
+        e = t.expand(m.shape)
+        dm = torch.mul(e, torch.cos(m))
+        ctx.save_for_backward(a, b, m, e, dm)
+        ctx.set_materialize_grads(False)
+        return torch.mul(dm, b)
+
+    @staticmethod
+    def backward(ctx, t):
+        a, b, m, e, dm = ctx.saved_tensors
+        d = torch.mul(torch.mul(torch.mul(t, b), e), torch.neg(torch.sin(m)))
+        return torch.mul(d, b), torch.add(torch.mul(t, dm), torch.mul(d, a)), None, None
+
+
+class _TinyFloor(torch.autograd.Function):
+    """``tiny`` as two hand-written autograd.Functions (the structure of a
+    compiled double backward: a first program whose create_graph backward calls
+    a second one), with none of aotgrad's checks -- the floor of that design."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        m = torch.mul(a, b)
+        ctx.save_for_backward(a, b, m)
+        ctx.set_materialize_grads(False)
+        return torch.sum(torch.sin(m))
+
+    @staticmethod
+    def backward(ctx, t):
+        a, b, m = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: the second program
+            return _TinyVJP.apply(a, b, m, t), None
+        dm = torch.mul(t.expand(m.shape), torch.cos(m))
+        return torch.mul(dm, b), torch.mul(dm, a)
+
+
 def overhead_programs() -> dict[str, dict[str, Callable]]:
     """Per program, per (implementation, order): a no-argument function doing one step."""
     torch.manual_seed(3)
@@ -422,10 +477,12 @@ def overhead_programs() -> dict[str, dict[str, Callable]]:
             (ga.square().sum() + gb.square().sum()).backward()
         return single, double
 
-    for program, steps in (("fn", fn_steps), ("fn-all", fn_all_steps)):
+    for program, steps, compiled in (
+            ("fn", fn_steps, lambda: aotgrad.aot_function(tiny, aotgrad.nop)),
+            ("fn-all", fn_all_steps, lambda: aotgrad.aot_function(tiny, aotgrad.nop)),
+            (FLOOR, fn_steps, lambda: _TinyFloor.apply)):
         out[program] = {}
-        for impl, make in (("eager", lambda: tiny),
-                           ("aotgrad", lambda: aotgrad.aot_function(tiny, aotgrad.nop))):
+        for impl, make in (("eager", lambda: tiny), ("aotgrad", compiled)):
             single, _ = steps(make())   # separate compiled objects: each first call compiles
             _, double = steps(make())
             out[program][f"{impl} single"], out[program][f"{impl} double"] = single, double
@@ -542,6 +599,8 @@ def overhead_table(rows: list[dict]) -> str:
         ratio = r.get("ratio")
         verdict = "" if ratio is None else \
             ("holds" if ratio <= 2 else f"misses by {ratio / 2:.2f}x")
+        if r["program"] == FLOOR:
+            verdict += " (not aotgrad: the design's floor)"
         lines.append(f"| {r['program']} | {fmt(ratio, '.2f')} | <= 2: {verdict} |")
     return "\n".join(lines)
 
@@ -601,7 +660,8 @@ def main() -> None:
     for c in cases:
         if c not in CASES:
             raise SystemExit(f"unknown case {c!r}: choose from {', '.join(CASES)}")
-    variants = ["eager"] + [v for v in (args.variants.split(",") if args.variants else VARIANTS)
+    default = [v for v in VARIANTS if cuda or not v.endswith("-cudagraphs")]
+    variants = ["eager"] + [v for v in (args.variants.split(",") if args.variants else default)
                             if v != "eager"]
 
     model_rows: list[dict] = []

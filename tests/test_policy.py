@@ -13,6 +13,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, \
 
 import aotgrad
 from aotgrad import MemoryPolicy, aot_function, tag
+from aotgrad.partition.offload import RELOAD_LEAD
 from helpers import GraphRecorder
 
 aten = torch.ops.aten
@@ -122,7 +123,8 @@ class TestOffload:
         fw, bw = compare(mlp, MemoryPolicy(offload=["h"]))
         # Note [Offload]: the forward copies h to the CPU as soon as it is
         # computed and returns the copy (h's own memory goes after its last
-        # forward use); the backward copies it back just before its first use
+        # forward use); the backward starts copying it back ahead of its first
+        # use (Note [Reload ahead]) and waits for the copy just before it
         copies = [n for n in fw.graph.nodes if n.target == torch.ops.aotgrad.offload.default]
         assert len(copies) == 1 and copies[0].args[0].name == "mm"
         assert copies[0].prev is copies[0].args[0]
@@ -132,8 +134,37 @@ class TestOffload:
         assert len(reloads) == 1 and reloads[0].args[0].name == "mm"
         assert reloads[0].args[1] == torch.device("cpu")   # these tensors live on the CPU
         order = {n: i for i, n in enumerate(bw.graph.nodes)}
-        assert min(reloads[0].users, key=order.__getitem__) is reloads[0].next
-        assert reloads[0].prev.op != "placeholder"      # not hoisted to the start
+        first_use = min(reloads[0].users, key=order.__getitem__)
+        assert first_use.target == torch.ops.aotgrad.reload_wait.default
+        assert order[first_use] > order[reloads[0]]
+        # every other use is after the wait
+        assert all(order[u] > order[first_use] for u in reloads[0].users if u is not first_use)
+
+
+    def test_reloads_run_one_offloaded_value_ahead(self):
+        """Note [Reload ahead]: each copy back starts at the first use of the
+        offloaded value used before it; the first one a few nodes ahead of its
+        own first use."""
+        def deep(x, w):
+            h = x
+            for k in range(4):
+                h = tag((h @ w).tanh(), f"h{k}")
+            return h.sum()
+
+        fw, bw = compare(deep, MemoryPolicy(offload=[f"h{k}" for k in range(4)]))
+        nodes = list(bw.graph.nodes)
+        order = {n: i for i, n in enumerate(nodes)}
+        reloads = [n for n in nodes if n.target == torch.ops.aotgrad.reload.default]
+        waits = [n for n in nodes if n.target == torch.ops.aotgrad.reload_wait.default]
+        assert len(reloads) == len(waits) >= 3
+        for r in reloads:                            # waited for before any other use
+            wait = next(w for w in waits if w.args[0] is r)
+            assert all(order[u] > order[wait] for u in r.users if u is not wait)
+        for before, after in zip(waits, waits[1:]):  # the next copy starts at this use
+            assert order[after.args[0]] < order[before] < order[after]
+        computing = [n for n in nodes if n.op not in ("placeholder", "output")]
+        at = computing.index(waits[0])
+        assert computing.index(waits[0].args[0]) == max(at - 1 - RELOAD_LEAD, 0)  # wait: +1
 
 
 class TestCheckpoint:
@@ -211,25 +242,29 @@ def test_offload_on_cuda(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_offload_copies_on_a_side_stream_keep_the_value():
-    """Note [Offload]: on CUDA the copy out runs on a side stream, after the
-    value is computed, and the value's block is not handed out again until
-    the copy has read it (record_stream); the copy back waits for the copy
-    out.  The side stream is held back here (a sleep queued on it), so a
-    block reused too early, or a copy back not waiting, gives other values."""
-    from aotgrad.partition.offload import side_stream
+@pytest.mark.parametrize("late", ["copy out", "copy back"])
+def test_offload_copies_on_a_side_stream_keep_the_value(late):
+    """Note [Offload]: on CUDA the copies run on side streams.  The copy out
+    starts after the value is computed, and the value's block is not handed
+    out again until the copy has read it (record_stream); the copy back waits
+    for the copy out, writes a block no queued work still reads, and the
+    compute stream waits for it at reload_wait.  One side stream is held back
+    here (a sleep queued on it), so a block reused too early, or a copy not
+    waited for, gives other values."""
+    from aotgrad.partition.offload import reload_stream, side_stream
 
     dev = torch.device("cuda")
-    side = side_stream(dev)
+    held = side_stream(dev) if late == "copy out" else reload_stream(dev)
     for _ in range(3):
         x = torch.randn(1 << 22, device=dev)
         want = x.clone()
-        with torch.cuda.stream(side):
-            torch.cuda._sleep(50_000_000)      # the copy out starts late
+        with torch.cuda.stream(held):
+            torch.cuda._sleep(50_000_000)      # the copy starts late
         cpu = torch.ops.aotgrad.offload(x)
         assert cpu.is_pinned() and cpu.device.type == "cpu"
         del x                                  # its block must not be reused yet
         junk = [torch.full((1 << 22,), 7.0, device=dev) for _ in range(4)]
+        del junk                 # blocks of 7s the copy back may write, once filled
         back = torch.ops.aotgrad.reload(cpu, dev)
+        torch.ops.aotgrad.reload_wait(back)
         torch.testing.assert_close(back, want)
-        del junk

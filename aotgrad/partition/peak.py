@@ -11,10 +11,11 @@ with a first and a last step:
   end of the forward for a user output (the caller holds it) and, for a
   saved value, to its last use in the backward (the backward is called boxed
   and frees each saved value there: Note [Freeing saved values]);
-* an offloaded value: on the device from its node to its copy out
-  (``aotgrad::offload``), and again from its copy back (``aotgrad::reload``,
-  just before its first use) to its last use; its CPU copy is not device
-  memory;
+* an offloaded value: on the device from its node until its copy out
+  (``aotgrad::offload``) has read it (``held_until``: Note [Copies in
+  time]), and again from its copy back (``aotgrad::reload``, issued ahead of
+  its first use: Note [Reload ahead]) to its last use; its CPU copy is not
+  device memory;
 * the tangents and the backward's temporaries (recomputed values
   included): from their node to their last use; the gradients it returns:
   to the end of the step (they become ``.grad``).
@@ -153,9 +154,12 @@ def _is(n: fx.Node, op: str) -> bool:
 
 
 def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
-                  recomputed: frozenset[str] = frozenset()) -> Timeline:
+                  recomputed: frozenset[str] = frozenset(),
+                  held_until: dict[str, int] | None = None) -> Timeline:
     """Note [Peak of a step]: the timeline of running ``fw_gm`` then ``bw_gm``.
-    ``recomputed``: names of backward nodes that recompute forward values."""
+    ``recomputed``: names of backward nodes that recompute forward values;
+    ``held_until``: per offloaded value, the step its block is held to (its
+    copy out still reading it: Note [Copies in time], copies.py)."""
     device = _device_of(fw_gm)
     fw_nodes = [n for n in fw_gm.graph.nodes if n.op == "call_function"]
     bw_nodes = [n for n in bw_gm.graph.nodes if n.op == "call_function"] if bw_gm else []
@@ -234,6 +238,7 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
             end, kind = max(end, last_use(bw_places[n.name], bw_index, nf)), "saved"
         if n in offloaded:
             kind = "offloaded"
+            end = max(end, (held_until or {}).get(n.name, end))
         touch(k, s[1], n.name, kind, fw_index[n], end)
     saved_keys: dict = dict(input_keys)   # storage -> key, of what the backward is given
     for name, p in bw_places.items():

@@ -25,14 +25,15 @@ The plans considered are a fixed set, the same for every budget:
   the backward -- the saved values are its checkpoints;
 * on a device (not on the CPU, where there is nothing to offload to), for
   each, the largest saved activations offloaded to CPU memory (Note
-  [Offload], offload.py): the first quarter, half, three quarters or all of
-  their bytes.
+  [Offload], offload.py): the first tenth, quarter, half, three quarters or
+  all of their bytes.
 
 Each plan is built (the graphs as they would run) and measured: its peak by
 ``step_timeline`` and its estimated time -- the cost (``recompute_cost``'s
 units) of every backward node that does not read a tangent (recomputations
-and work on saved values), plus ``OFFLOAD_COST_PER_BYTE`` for each byte
-copied out and back.  The plan chosen is the first, in the order (estimated
+and work on saved values), plus the time the compute waits for offload
+copies (Note [Copies in time], copies.py: the copies overlap the compute;
+the blocks they read stay in the timeline until read).  The plan chosen is the first, in the order (estimated
 time, candidate), whose peak is within the budget.  The order does not
 depend on the budget, hence the guarantees the tests check: as the budget
 falls the chosen plan's estimated time never falls and its peak never rises
@@ -67,10 +68,10 @@ Note [A bound on the time]
 The estimated time of a plan is at least the cost of the backward nodes
 that read no tangent when each runs once -- the joint's ancestors of the
 gradients, stopping at the saved values and tangents, minus the tangents'
-side -- plus its offload cost: recomputing per use only adds copies (so a
-per-use plan is not built when the same cut just in time fits: it takes no
-less time).  Random ops are left out of the sum, and a cut whose
-recomputation reaches an impure op counts only its offload cost.  A queue entry moves from
+side: the copies' waits are at least 0, and recomputing per use only adds
+copies (so a per-use plan is not built when the same cut just in time fits:
+it takes no less time).  Random ops are left out of the sum, and a cut whose
+recomputation reaches an impure op counts 0.  A queue entry moves from
 the coarse bound (the cut's recompute cost) to this one before its plan is
 built.  ``config.debug_assert`` checks both bounds against every plan built,
 and ``EXHAUSTIVE`` builds every plan (tests/test_peak_budget.py: the same
@@ -93,9 +94,10 @@ from .. import _torch, config
 from ..descriptors import DESC, Tangent
 from ..rng import replay_random_ops
 from .apply import build_partition, inputs_first
+from . import copies as copy_plan
 from .offload import insert_offload
 from .mincut import Cut, RematProblem, min_cut_saved_values
-from .peak import Timeline, known_storages_bytes, step_timeline, timeline_device
+from .peak import Timeline, known_storages_bytes, timeline_device
 from .plan import may_save_sizes
 from .problem import NodeRole, RecomputePolicy, activation_bytes, ancestors, forward_nodes, \
     impure_calls, is_random_or_mutating, joint_roles, tensor_bytes
@@ -104,10 +106,7 @@ MAX_HULL = 6
 FILL_STEPS = 8
 REUSE_WINDOW = 16
 REUSE_COPIES = 4
-OFFLOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-#: A byte copied to CPU memory and back over PCIe (~50 GB/s each way), in
-#: ``recompute_cost``'s units (one bf16 FLOP on an H100/H200).
-OFFLOAD_COST_PER_BYTE = 2 * 20_000
+OFFLOAD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 #: Build every candidate, as if the bounds pruned nothing (tests: they change no choice).
 EXHAUSTIVE = False
 
@@ -276,9 +275,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
             work[c.cut] = 0 if run & impure else sum(
                 cost(n, as_copy=True) for n in run if n.op == "call_function" and
                 isinstance(n.meta.get("val"), torch.Tensor) and not _random(n))
-        moved = _offload_choice(saved_sets[c.cut], problem, c.offload)
-        return max(bound, work[c.cut] + OFFLOAD_COST_PER_BYTE * sum(
-            tensor_bytes(n) or 0 for n in moved))
+        return max(bound, work[c.cut])
 
     COARSE, UNBUILT, BUILT = 2, 1, 0    # what a queue entry's first item is for its candidate
     queue = []
@@ -286,10 +283,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
         for per_use in (False, True):
             for off in range(num_offloads + 1):
                 c = Candidate(k, per_use, off)
-                moved = _offload_choice(saved_sets[k], problem, off)
-                bound = cut.recompute_cost + OFFLOAD_COST_PER_BYTE * sum(
-                    tensor_bytes(n) or 0 for n in moved)
-                heapq.heappush(queue, (bound, _key(c), COARSE, c))
+                heapq.heappush(queue, (cut.recompute_cost, _key(c), COARSE, c))
     points: dict[Candidate, PlanPoint] = {}
     latest: dict[Candidate, tuple] = {}    # graphs and timeline of the latest build, by candidate
     kept: dict[Candidate, tuple] = {}      # those of the plans measured within the limit
@@ -308,8 +302,8 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
         else:
             recomputed = frozenset(n.name for n in bw_gm.graph.nodes
                                    if n.op == "call_function" and n.name in fw_names)
-            timeline = step_timeline(fw_gm, bw_gm, recomputed)
-            time = _backward_work(bw_gm, cost) + OFFLOAD_COST_PER_BYTE * moved_bytes
+            timeline, copies = copy_plan.timeline(fw_gm, bw_gm, recomputed, cost)
+            time = _backward_work(bw_gm, cost) + copies.stall
             points[c] = PlanPoint(c, timeline.peak, time, cuts[c.cut].saved_bytes, moved_bytes)
         if config.debug_assert and (peak_bound(c) > points[c].peak or
                                     time_bound(c, 0) > points[c].time):
