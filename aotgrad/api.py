@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from . import _torch, config, node_meta, saved_hooks, transforms
+from . import _torch, config, node_meta, saved_hooks, stateless, transforms
 from ._torch import (any_autocast_enabled, autocast_state, forward_ad_level,
                      functorch_transforms_active, pytree, tensor_guard, top_saved_tensor_hooks)
 from .codegen import Namespace, make_function
@@ -413,8 +413,7 @@ def _hooks_key(mod: nn.Module) -> str:
 
 def _functional_call(mod: nn.Module) -> Callable:
     def call(params: dict, buffers: dict, _modes: tuple, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(mod, (params, buffers), args, kwargs,
-                                          tie_weights=False)
+        return stateless.functional_call(mod, (params, buffers), args, kwargs)
 
     call.__name__ = type(mod).__name__
     call.aotgrad_leading_args = 3  # type: ignore[attr-defined]  # params, buffers, modes
@@ -494,7 +493,7 @@ def compile_simplified(mod: nn.Module | Callable, example_inputs: list,
         if num == 0:
             return node_meta.run_preserving(mod, all_inputs) if with_meta else mod(*all_inputs)
         state = dict(zip(names, all_inputs[:num]))
-        return torch.func.functional_call(mod, state, tuple(all_inputs[num:]), tie_weights=False)
+        return stateless.functional_call(mod, (state,), tuple(all_inputs[num:]))
 
     leaves = lifted + list(example_inputs)
     in_spec = pytree.tree_flatten((tuple(leaves), {}))[1]

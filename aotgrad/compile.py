@@ -346,8 +346,8 @@ def _missing_tangents(program: int, bw_gm: fx.GraphModule,
     if not absorbing:
         return None
 
-    def make(missing: frozenset[int]) -> Callable | None:
-        gm = without(bw_gm, missing)
+    def make(missing: frozenset[int], whole: bool) -> Callable | None:
+        gm = without(bw_gm, missing, whole)
         if gm is None:
             return None
         with compiling("backward", program):

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import _torch, config, subclass, tokens
+from . import _torch, config, stateless, subclass, tokens
 from ._torch import pytree
 from .analyze import OutputKind, Signature
 from .compile import nop
@@ -471,8 +471,8 @@ def _module_call(mod: nn.Module, params: dict, buffers: dict, *, strict_out_tupl
     def functional_call(*all_args, **kw):
         p = dict(zip(params, all_args[:n_p]))
         b = dict(zip(buffers, all_args[n_p:n_p + n_b]))
-        out = torch.func.functional_call(mod, (p, b), tuple(all_args[n_p + n_b:]), kw,
-                                         tie_weights=False, strict=False)
+        out = stateless.functional_call(mod, (p, b), tuple(all_args[n_p + n_b:]), kw,
+                                        strict=False)
         if strict_out_tuple and not isinstance(out, (tuple, list)):
             raise RuntimeError(
                 "Graph output must be a (). This is so that we can avoid pytree processing "

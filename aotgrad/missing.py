@@ -52,6 +52,7 @@ hold such a Function, it counts as set).
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -68,6 +69,8 @@ _ADDITIVE = {aten.add.Tensor, aten.sub.Tensor}
 
 #: ``bw_gm.meta`` key: whether the backward ran a custom autograd.Function's backward
 CUSTOM_BACKWARD_META = "aotgrad_custom_backward"
+#: ``bw_gm.meta`` key: its AutogradReach, when it did
+REACH_META = "aotgrad_autograd_reach"
 
 
 def has_custom_backward(outputs) -> bool:
@@ -170,10 +173,13 @@ def absorbing_tangents(bw_gm: fx.GraphModule) -> frozenset[int]:
     return frozenset(absorbing)
 
 
-def without(bw_gm: fx.GraphModule, missing: frozenset[int]) -> fx.GraphModule | None:
+def without(bw_gm: fx.GraphModule, missing: frozenset[int],
+            whole: bool = False) -> fx.GraphModule | None:
     """Note [Missing tangents]: the backward graph with the ``missing`` tangents
     absent (None where no graph can be made: a zero to materialise is not
-    strided)."""
+    strided).  ``whole``: a gradient that is all zero is returned as zeros,
+    not None -- a tensor subclass's gradient is rebuilt from all its plain
+    tensors (Note [Gradients that eager leaves None] then says which are None)."""
     graph = fx.Graph()
     env: dict = {}
     graph.output(graph.graph_copy(bw_gm.graph, env))
@@ -188,7 +194,13 @@ def without(bw_gm: fx.GraphModule, missing: frozenset[int]) -> fx.GraphModule | 
         if not zeros_in:
             continue
         if n.op == "output":
-            n.args = (fx.node.map_arg(n.args[0], lambda a: None if a in zero else a),)
+            if whole:
+                made = {a: _zeros_like(graph, n, a) for a in zeros_in}
+                if None in made.values():
+                    return None
+                n.args = (fx.node.map_arg(n.args[0], lambda a: made.get(a, a)),)
+            else:
+                n.args = (fx.node.map_arg(n.args[0], lambda a: None if a in zero else a),)
             continue
         kind, _ = _rule(n, zero, side)
         if kind is _ZERO:
@@ -241,41 +253,138 @@ class MissingTangents:
     """Per missing set, the backward to call (Note [Missing tangents])."""
 
     def __init__(self, absorbing: frozenset[int],
-                 make: Callable[[frozenset[int]], Callable | None]):
+                 make: Callable[[frozenset[int], bool], Callable | None]):
         self.absorbing = absorbing
         self._make = make
         self._made: dict[tuple, Callable] = {}
 
-    def __call__(self, missing: tuple, backward: Callable) -> Callable:
-        """The backward for ``missing`` (``backward``: the one otherwise called)."""
+    def __call__(self, missing: tuple, backward: Callable, whole: bool = False) -> Callable:
+        """The backward for ``missing`` (``backward``: the one otherwise called;
+        ``whole``: see ``without``)."""
         if not self.absorbing.intersection(missing):
             return backward
-        made = self._made.get(missing)
+        made = self._made.get((missing, whole))
         if made is None:
-            made = self._made[missing] = self._make(frozenset(missing)) or backward
+            made = self._made[missing, whole] = \
+                self._make(frozenset(missing), whole) or backward
         return made
 
 
 # Note [Gradients that eager leaves None]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# Eager leaves a gradient None when no gradient reaches it: every path to it
-# starts at an output autograd gave no gradient for.  The compiled backward
-# computes all of them (from zeros, or symbolic zeros), so the runtime returns
-# None for those it can tell are made from the missing tangents alone:
+# Eager leaves a gradient None when no gradient reaches it: autograd runs
+# the nodes reachable from the outputs that have a gradient, a built-in
+# formula whose incoming gradients are all absent gives absent gradients, and
+# a custom Function's backward, once its node runs, gives what it returns --
+# tensors, even where it was handed zeros for an absent gradient
+# (``materialize_grads``).  The compiled backward computes all of them (from
+# zeros, or symbolic zeros), so the runtime returns None for those eager
+# leaves None:
 #
 # * no custom Function's backward in the program: the backward is linear in
 #   its tangents, so a gradient that reads tangents, all missing, is one of
 #   them.  A gradient that reads no tangent at all cannot come from such a
 #   backward; it is kept as computed.
-# * a custom Function's backward may add values that read no tangent (a
-#   mixture-of-experts auxiliary loss's backward returns ``ones`` for the
-#   loss, whatever the gradient): eager runs it, with zeros for the missing
-#   tangents (``materialize_grads``), whenever autograd reaches its node, and
-#   what it adds reaches the inputs.  Reading a missing tangent is then not
-#   enough: a gradient is None only where a pass that knows which ops keep a
-#   zero a zero (products, views, sums, additions of zeros, the ``*_backward``
-#   formulas in their gradient argument) proves it zero; any other op of a
-#   zero (``cos``, ``x + 1``, a constant added) makes a value that is kept.
+# * a custom Function's backward in the program: it may return values that
+#   read no tangent (a mixture-of-experts auxiliary loss's backward returns
+#   ``ones``) or zeros made from a missing tangent (``return g0`` for an input
+#   of an unused output: eager's gradient is zeros, not None), so the values
+#   cannot tell.  The trace keeps the shape of the autograd graph it
+#   differentiated (``AutogradReach``: its nodes, which are custom, their
+#   edges); per missing set the runtime replays on it which nodes run and
+#   which edges carry a gradient, as the engine does.  (A graph loaded from
+#   the disk cache has no such record: its gradients are kept as computed.)
+
+
+@dataclass(frozen=True)
+class AutogradReach:
+    """Note [Gradients that eager leaves None]: the traced autograd graph's
+    shape.  Edge targets are node indices, or ``-1 - m`` for the m-th input
+    differentiated; ``order``: each node after every node with an edge to it."""
+    custom: tuple[bool, ...]
+    edges: tuple[tuple[int, ...], ...]
+    roots: tuple[tuple[int, ...], ...]     # per tangent
+    order: tuple[int, ...]
+    positions: tuple[tuple[int, ...], ...]  # per input differentiated, its backward outputs
+
+    def left_none(self, missing: frozenset[int]) -> frozenset[int]:
+        given = [r for j, rs in enumerate(self.roots) if j not in missing for r in rs]
+        ran, stack = set(), [r for r in given if r >= 0]
+        while stack:                       # the nodes the engine runs
+            k = stack.pop()
+            if k not in ran:
+                ran.add(k)
+                stack.extend(e for e in self.edges[k] if e >= 0)
+        reached = {r for r in given if r >= 0}     # nodes given a gradient
+        inputs = {-1 - r for r in given if r < 0}  # inputs given a gradient
+        for k in self.order:
+            if k in ran and (self.custom[k] or k in reached):
+                for e in self.edges[k]:
+                    if e >= 0:
+                        reached.add(e)
+                    else:
+                        inputs.add(-1 - e)
+        return frozenset(p for m, ps in enumerate(self.positions) if m not in inputs
+                         for p in ps)
+
+
+def autograd_reach(outputs: list, wrt: list, positions: list) -> AutogradReach:
+    """The AutogradReach of ``outputs``' autograd graph, differentiated with
+    respect to ``wrt`` (whose backward outputs are ``positions``)."""
+    inputs = {id(t): m for m, t in enumerate(wrt)}
+    index: dict[int, int] = {}
+    nodes: list = []
+    edges: list[list[int]] = []
+
+    def target(fn) -> int | None:
+        if fn is None:
+            return None
+        if _torch.is_leaf_accumulator(fn):
+            m = inputs.get(id(fn.variable))
+            return None if m is None else -1 - m
+        k = index.get(id(fn))
+        if k is None:
+            k = index[id(fn)] = len(nodes)
+            nodes.append(fn)
+            edges.append([])
+        return k
+
+    roots = []
+    for t in outputs:
+        if not isinstance(t, torch.Tensor) or not t.requires_grad:
+            roots.append(())
+        elif t.grad_fn is None:
+            m = inputs.get(id(t))
+            roots.append(() if m is None else (-1 - m,))
+        else:
+            roots.append((target(t.grad_fn),))
+    k = 0
+    while k < len(nodes):                  # nodes are numbered as found
+        for fn, _ in nodes[k].next_functions:
+            e = target(fn)
+            if e is not None:
+                edges[k].append(e)
+        k += 1
+    # each node after those with an edge to it: reversed post-order
+    order, done = [], set()
+    for start in range(len(nodes)):
+        if start in done:
+            continue
+        stack = [(start, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                order.append(k)
+                continue
+            if k in done:
+                continue
+            done.add(k)
+            stack.append((k, True))
+            stack.extend((e, False) for e in edges[k] if e >= 0 and e not in done)
+    order.reverse()
+    custom = tuple(isinstance(fn, torch.autograd.function.BackwardCFunction) for fn in nodes)
+    return AutogradReach(custom, tuple(map(tuple, edges)), tuple(roots), tuple(order),
+                         tuple(map(tuple, positions)))
 
 
 def _tangent_deps(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
@@ -289,65 +398,26 @@ def _tangent_deps(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:
                  for o in bw_gm.graph.output_node().args[0])
 
 
-_SUMS = {aten.sum.default, aten.sum.dim_IntList, aten.mean.dim, aten.neg.default,
-         aten.clone.default, aten._to_copy.default, aten.repeat.default}
-_PRODUCTS = {aten.mul.Tensor, aten.mm.default, aten.bmm.default, aten.matmul.default,
-             aten.mul.Scalar, aten.div.Scalar}
-
-
-def _stays_zero(n: fx.Node, zero: set, side: set) -> bool:
-    """Note [Gradients that eager leaves None]: whether ``n`` is zero when
-    its inputs in ``zero`` are (its other tangent-side inputs not proven
-    zero), by ops known to keep a zero a zero."""
-    target = n.target
-    if target is operator.getitem:
-        return n.args[0] in zero
-    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
-        return False
-    first = n.args[0] if n.args else None
-    tensors = [a for a in n.args if isinstance(a, fx.Node)]
-    if target in _PRODUCTS:
-        return any(a in zero for a in tensors)
-    if target is aten.div.Tensor or target in _SUMS or is_view_op(target):
-        return first in zero
-    if target in _ADDITIVE:
-        return bool(tensors) and all(a in zero for a in tensors) and len(tensors) == 2
-    if target._schema.name.endswith("_backward"):   # linear in its gradient argument
-        return first in zero and all(a in zero for a in n.all_input_nodes if a in side)
-    return False
-
-
-def _proven_zero(bw_gm: fx.GraphModule, missing: frozenset[int]) -> frozenset[int]:
-    graph = bw_gm.graph
-    side = _tangent_side(graph)
-    zero: set = set()
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            if _tangent_index(n) in missing:
-                zero.add(n)
-        elif n.op == "call_function" and any(a in zero for a in n.all_input_nodes) and \
-                _stays_zero(n, zero, side):
-            zero.add(n)
-    return frozenset(k for k, o in enumerate(graph.output_node().args[0]) if o in zero)
-
-
 class GradientsLeftNone:
     """Note [Gradients that eager leaves None]: per missing set (a tuple of
     tangent indices), the backward outputs that are None."""
 
     def __init__(self, bw_gm: fx.GraphModule):
-        self._custom = bw_gm.meta.get(CUSTOM_BACKWARD_META, True)
-        self._graph = bw_gm if self._custom else None
-        self._deps = None if self._custom else _tangent_deps(bw_gm)
+        custom = bw_gm.meta.get(CUSTOM_BACKWARD_META, True)
+        self._reach = bw_gm.meta.get(REACH_META) if custom else None
+        self._custom = custom
+        self._deps = None if custom else _tangent_deps(bw_gm)
         self._known: dict[tuple, frozenset[int]] = {}
 
     def __call__(self, missing: tuple) -> frozenset[int]:
         none = self._known.get(missing)
         if none is None:
             gone = frozenset(missing)
-            if self._custom:
-                none = _proven_zero(self._graph, gone)
-            else:
+            if not self._custom:
                 none = frozenset(k for k, d in enumerate(self._deps) if d and d <= gone)
+            elif self._reach is not None:
+                none = self._reach.left_none(gone)
+            else:   # a graph from the disk cache: kept as computed
+                none = frozenset()
             self._known[missing] = none
         return none

@@ -17,7 +17,7 @@ import torch
 from . import _torch, subclass
 from ._torch import pytree
 from .analyze import OutputInfo, OutputKind, Signature
-from .views import AliasPlan, replay
+from .views import AliasPlan, SizeArg, has_size_args, replay, resolved
 
 
 class Assembler:
@@ -100,8 +100,18 @@ class Assembler:
                 not info.no_grad_view and not info.via_detached_alias:
             src(f"u{i} = {_replay_source(base, plan, src)}")  # rebuild_alias, specialised
             return
+        plan_src = src.bind(plan, 'plan')
+        if plan is not None and has_size_args(plan.steps):  # Note [Sizes in replay plans]
+            n_in = len(self.sig.inputs)
+            plan_src = f"{src.bind(_resolved_plan, 'resolved_plan')}({plan_src}, " \
+                f"({''.join(f'i{k}, ' for k in range(n_in))}))"
         src(f"u{i} = {src.bind(rebuild_alias, 'rebuild_alias')}({base}, o{self.graph_pos[i]}, "
-            f"{src.bind(info, 'info')}, {src.bind(plan, 'plan')}, {graph_base})")
+            f"{src.bind(info, 'info')}, {plan_src}, {graph_base})")
+
+
+def _resolved_plan(plan: AliasPlan, inputs: tuple) -> AliasPlan:
+    """``plan`` with its sizes computed from the call's inputs (views.SizeArg)."""
+    return AliasPlan(resolved(plan.steps, inputs), plan.from_original_input)
 
 
 def _replay_source(base: str, plan: AliasPlan, src: Any) -> str:
@@ -121,6 +131,11 @@ def _replay_source(base: str, plan: AliasPlan, src: Any) -> str:
 def _literal(value: Any, src: Any) -> str:
     if type(value) in (int, bool, type(None)):
         return repr(value)
+    if isinstance(value, SizeArg):  # Note [Sizes in replay plans] (views.py)
+        return value.source()
+    if type(value) in (list, tuple) and any(isinstance(v, SizeArg) for v in value):
+        items = ", ".join(_literal(v, src) for v in value)
+        return f"[{items}]" if type(value) is list else f"({items}{',' if len(value) == 1 else ''})"
     return src.bind(value, "arg")
 
 

@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, hops, objects, subclass, tokens
+from . import _torch, hops, objects, stateless, subclass, tokens
 from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
-from .missing import CUSTOM_BACKWARD_META
+from .missing import CUSTOM_BACKWARD_META, REACH_META
 from .reuse import offered_values
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
@@ -144,6 +144,8 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
                 hops.needs_shape_env(error, fake_mode):  # Note [Fake rules that need a ShapeEnv]
             return trace_call(fn, options, leaves, in_spec, report, loss_index=loss_index,
                               require_grad=require_grad, specialise=specialise, shape_env=True)
+        if isinstance(error, stateless.TracedTensorStored):
+            raise
         with torch.set_grad_enabled(grad_enabled):
             raise_eager_error(fn, leaves, in_spec, error)
         reads = _reads_for(error, flat_fn, graph_inputs, grad_enabled) if specialise else None
@@ -339,6 +341,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
                 parts = dataclasses.replace(parts, saved_hooks_at_runtime=True)
             # Note [Missing tangents] (missing.py)
             parts.bw_gm.meta[CUSTOM_BACKWARD_META] = traced.gm.meta.get(CUSTOM_BACKWARD_META, True)
+            if REACH_META in traced.gm.meta:  # Note [Gradients that eager leaves None]
+                parts.bw_gm.meta[REACH_META] = traced.gm.meta[REACH_META]
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

@@ -26,7 +26,8 @@ then traces the program again with make_fx, which handles everything
 (tracing has no effect but the graph; the counter
 ``aotgrad.traced_by_make_fx`` counts these):
 
-* symbolic sizes (inputs with them, or an op producing them: ``nonzero``),
+* symbolic sizes (inputs with them, symbolic ints as inputs, or an op
+  producing them: ``nonzero``),
 * tensors the trace did not create and was not given: constants such as
   ``torch.tensor(2.0)`` (make_fx interns and constant-folds them),
 * data-dependent ops (``item``, ``is_nonzero``), opaque objects,
@@ -501,6 +502,9 @@ def record(fn: Callable, args: Sequence[Any], names: Sequence[str],
     fake_mode = _torch.detect_fake_mode(flat)
     if fake_mode is None:
         raise NeedsMakeFx("no fake inputs")
+    if any(isinstance(x, _torch.sym_types) for x in flat):
+        # arithmetic on a symbolic int input asks make_fx's tracer for its symbols
+        raise NeedsMakeFx("symbolic inputs")
     recorder = _Recorder(fake_mode, decompositions, functional)
     for name, value in zip(names, flat, strict=True):
         recorder.placeholder(name, value)

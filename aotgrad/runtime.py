@@ -493,11 +493,14 @@ def _autograd_function(sig: Signature, compiled: CompiledGraphs, poisoned: dict[
         bwd(f"bw = {bwd.bind(compiled.keeping_backward, 'keeping_backward')}() if "
             f"{bwd.bind(_torch.keeps_graph, 'keeps_graph')}() else {bw}")
         bw = "bw"
-    if compiled.missing is not None and boundary is None and not writes and diff:
+    if compiled.missing is not None and not writes and diff:
         # Note [Missing tangents] (missing.py): a backward that leaves them out
         bwd(f"bw_now = {bw}")
         bwd("if missing:")
-        bwd(f"bw_now = {bwd.bind(compiled.missing, 'without_missing')}(missing, bw_now)", 2)
+        # a subclass's gradient is rebuilt from all its plain tensors: none of them None
+        whole = ", True" if boundary is not None else ""
+        bwd(f"bw_now = {bwd.bind(compiled.missing, 'without_missing')}(missing, bw_now{whole})",
+            2)
         bw = "bw_now"
     bwd("kept = None")
     bwd(f"if {bwd.bind(torch.is_grad_enabled, 'grad_enabled')}():  # create_graph=True")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -35,7 +36,7 @@ from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_b
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
                           MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
-from .missing import CUSTOM_BACKWARD_META, has_custom_backward
+from .missing import CUSTOM_BACKWARD_META, REACH_META, autograd_reach, has_custom_backward
 from .partition import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
@@ -426,6 +427,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     late_tangents: list = []
     backward_writes: list[BackwardWrite] = []
     custom_backward: list[bool] = []    # Note [Missing tangents] (missing.py)
+    reach_of: list = []                 # Note [Gradients that eager leaves None]
+    reach: list = []
 
     def joint(primals, tangents):
         # the light tracer refuses checkpoint regions itself: one dispatch mode less
@@ -457,6 +460,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                         tokens.backward_effects_marked():  # Note [Effects in the backward]
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
                 custom_backward[:] = [has_custom_backward([values[k] for k in diff])]
+                if custom_backward[0]:   # Note [Gradients that eager leaves None]
+                    reach_of[:] = [([values[k] for k in diff], wrt)]
                 writes = watch.writes()
                 backward_writes[:] = [w for w, _ in writes]
             grads_iter = iter(grads)
@@ -467,6 +472,13 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                 subclass.check_rebuildable(g)
             grad_is_none[:] = [g is None for g, layout in zip(all_grads, grad_layouts)
                                for _ in range(subclass.num_plain(layout))]
+            if reach_of:   # the backward outputs of each input differentiated
+                starts = list(itertools.accumulate(
+                    (subclass.num_plain(layout) for layout in grad_layouts), initial=0))
+                reach[:] = [autograd_reach(*reach_of[0], [
+                    range(starts[i], starts[i + 1])
+                    for i, info in enumerate(sig.inputs) if info.requires_grad])]
+                reach_of.clear()
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             grads_out = [_torch.from_functional(g)
                          for g in _plain_values(sig, [g for g in all_grads if g is not None])]
@@ -498,6 +510,8 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                        for w in backward_writes)
     _annotate(gm, in_descs, out_descs)
     gm.meta[CUSTOM_BACKWARD_META] = any(custom_backward)
+    if any(custom_backward) and reach:
+        gm.meta[REACH_META] = reach[0]
     if poisoned:
         gm.graph.eliminate_dead_code()
         gm.recompile()

@@ -263,3 +263,80 @@ def test_inductor_subclass_inputs_dynamic_fullgraph(inductor_calls):
         _two_tensor_step(compiled, _subclass_program, n)
     # one forward and one backward, both symbolic: the second size reused them
     assert [kw.get("is_backward", False) for kw, _ in inductor_calls] == [False, True]
+
+
+# ---------------------------------------------------------------- Python floats (dynamic=True)
+# Note [Python floats for inductor] (_torch/inductor.py): dynamo passes a float
+# argument as a 0-d float64 tensor read with .item(); inductor lowers that read
+# only after the float is made tensor ops (it raised KeyError: 'unbacked_bindings').
+
+def _scaled(x, a):
+    return (x * a + 1).sin() - a / 2
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_inductor_python_float_argument_dynamic(inductor_calls, requires_grad):
+    compiled = torch.compile(_scaled, backend=backends.inductor, dynamic=True)
+    for n, a in ((3, 0.5), (4, 2.5), (5, -3.25)):
+        x = torch.randn(n, requires_grad=requires_grad)
+        xe = x.detach().clone().requires_grad_(requires_grad)
+        out, ref = compiled(x, a), _scaled(xe, a)
+        assert_close(out, ref)
+        if requires_grad:
+            out.sum().backward()
+            ref.sum().backward()
+            assert_close(x.grad, xe.grad)
+    # the float stayed symbolic: one compile serves every value
+    assert len(inductor_calls) == (2 if requires_grad else 1)
+
+
+def test_inductor_python_float_used_as_python_value():
+    """A float the pass cannot make tensor ops (math.floor) is specialised:
+    dynamo traces the frame again with it a constant."""
+    import math
+
+    def f(x, a):
+        return x * math.floor(a)
+
+    compiled = torch.compile(f, backend=backends.inductor, dynamic=True)
+    for a in (0.5, 2.5, 2.5):
+        x = torch.randn(3)
+        assert_close(compiled(x, a), f(x, a))
+
+
+def test_inductor_adam_step_dynamic():
+    """A compiled optimizer step (its hyperparameters are Python floats)."""
+    results = []
+    for backend in (None, backends.inductor):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        mod = nn.Linear(3, 2)
+        opt = torch.optim.Adam(mod.parameters(), lr=0.01)
+        step = opt.step if backend is None else torch.compile(opt.step, backend=backend,
+                                                             dynamic=True)
+        for n in (4, 2):
+            opt.zero_grad()
+            mod(torch.ones(n, 3)).pow(2).sum().backward()
+            step()
+        results.append([p.detach().clone() for p in mod.parameters()])
+    assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_an_int_input_returned_after_arithmetic(requires_grad):
+    """A step counter returned next to the loss: from the second call dynamo
+    passes the int as a symbolic graph input that only ``n + 1`` reads; the
+    light tracer refuses symbolic inputs (make_fx traces the arithmetic)
+    -- it raised AttributeError ('_Tracked' object has no attribute
+    'symnode_tracker')."""
+    torch._dynamo.reset()
+
+    def f(x, n):
+        return x.cos() * 2, n + 1
+
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager)
+    for n in range(1, 4):
+        x = torch.ones(3, requires_grad=requires_grad)
+        got, want = compiled(x, n), f(x, n)
+        torch.testing.assert_close(got[0], want[0])
+        assert got[1] == want[1]

@@ -252,3 +252,83 @@ def test_gradients_that_read_no_tangent_are_kept(how):
     x = torch.ones(3, requires_grad=True)
     compile_(lambda x: _Constant.apply(x))(x)[0].sum().backward()
     assert x.grad.tolist() == [7.0, 7.0, 7.0]
+
+
+class _TwoOutputs(torch.autograd.Function):
+    """The gradient of ``b`` is the (materialised) gradient of the first
+    output: zeros when that output is unused -- a tensor, not None."""
+
+    @staticmethod
+    def forward(ctx, x, b):
+        ctx.save_for_backward(x)
+        return x * 2 + b, x.sin()
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (x,) = ctx.saved_tensors
+        return g0 * 2 + g1 * x.cos(), BACKWARD_OF_B["b"](g0)
+
+
+BACKWARD_OF_B = {"b": lambda g0: g0}
+
+
+@pytest.mark.parametrize("how", ["aot_function", "torch.compile"])
+@pytest.mark.parametrize("of_b", ["g0", "g0 * 3", "g0.clone()", "zeros_like(g0)"])
+def test_a_custom_backward_that_ran_gives_tensors_not_none(how, of_b, monkeypatch):
+    """Note [Gradients that eager leaves None]: once a custom Function's node
+    runs, what its backward returns reaches the inputs, zeros included
+    (SGD with momentum and weight decay then moves ``b``; it skips a None);
+    a custom node reached only from an unused output does not run (None)."""
+    monkeypatch.setitem(BACKWARD_OF_B, "b", {
+        "g0": lambda g0: g0, "g0 * 3": lambda g0: g0 * 3, "g0.clone()": lambda g0: g0.clone(),
+        "zeros_like(g0)": lambda g0: torch.zeros_like(g0)}[of_b])
+    compile_ = {"aot_function": lambda f: aot_function(f, nop),
+                "torch.compile": lambda f: torch.compile(
+                    f, backend=aotgrad.backends.aot_eager, fullgraph=True)}[how]
+
+    def f(x, b, c):
+        p, q = _TwoOutputs.apply(x, b)
+        r, _ = _TwoOutputs.apply(c, c * 1)    # reached only from r, never used
+        return p, q, r, c * 2
+
+    for used in ((1,), (0,), (3,), (1, 3)):
+        torch._dynamo.reset()
+        results = []
+        for fn in (f, compile_(f)):
+            x, b, c = (torch.ones(3, requires_grad=True) for _ in range(3))
+            outs = fn(x, b, c)
+            sum(outs[k].sum() for k in used).backward()
+            results.append([t.grad for t in (x, b, c)])
+        want, got = results
+        for w, g in zip(want, got):
+            assert (g is None) == (w is None), (used, want, got)
+            if w is not None:
+                torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("how", ["aot_function", "torch.compile"])
+def test_missing_tangents_of_a_subclass_program(how):
+    """Note [Missing tangents] for tensor subclass programs: the unused
+    output's zeros never meet ``1 / x`` (log's backward) at ``x = 0``, and the
+    gradient is rebuilt from all its plain tensors (``without(whole=True)``);
+    it was nan where eager gives 2."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def f(x):
+        return x.log(), 2 * x, x.sin()
+
+    compile_ = {"aot_function": lambda f: aot_function(f, nop),
+                "torch.compile": lambda f: torch.compile(
+                    f, backend=aotgrad.backends.aot_eager, fullgraph=True)}[how]
+    torch._dynamo.reset()
+    compiled = compile_(f)
+    for used in ((1,), (2,), (1, 2), (0, 1)):
+        results = []
+        for fn in (f, compiled):
+            x = TwoTensor(torch.tensor([0.0, 1.0, 2.0]),
+                          torch.tensor([0.0, 3.0, 4.0])).requires_grad_()
+            outs = fn(x)
+            sum(outs[k].sum() for k in used).backward()
+            results.append((x.grad.a, x.grad.b))
+        want, got = results
+        torch.testing.assert_close(got, want, equal_nan=True)

@@ -423,3 +423,82 @@ def test_hooks_of_the_wrapped_module_registered_or_removed_after_compiling():
     both()
     h.remove()
     both()
+
+
+class _SharedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.c = self.a                       # one submodule, two names
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(x)))
+
+
+def _one_layer_twice():
+    lin = nn.Linear(3, 3)
+    return nn.Sequential(lin, nn.Tanh(), lin)
+
+
+@pytest.mark.parametrize("make", [_SharedTwice, _one_layer_twice])
+@pytest.mark.parametrize("how", ["aot_module", "aot_module_simplified"])
+def test_a_submodule_reachable_under_two_names(make, how):
+    """Note [Modules reachable under two names] (stateless.py): the module
+    keeps its own parameters (they were the trace's fake tensors after the
+    first call, and the second call raised), and the shared weight gets the
+    gradient of both uses."""
+    torch.manual_seed(0)
+    eager = make()
+    mod = make()
+    mod.load_state_dict(eager.state_dict())
+    before = {n: p for n, p in mod.named_parameters()}
+    if how == "aot_module":
+        compiled = aotgrad.aot_module(mod, nop)
+    else:
+        compiled = aotgrad.aot_module_simplified(mod, [torch.randn(2, 3)], nop)
+    for step in range(2):
+        x = torch.randn(2, 3)
+        want = eager(x)
+        got = compiled(x)
+        torch.testing.assert_close(got, want)
+        want.sum().backward()
+        got.sum().backward()
+        for (name, p), q in zip(mod.named_parameters(), eager.parameters()):
+            assert type(p) is nn.Parameter and p is before[name], name
+            torch.testing.assert_close(p.grad, q.grad)
+    assert all(type(v) is torch.Tensor for v in mod.state_dict().values())
+
+
+class _Stores(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.how, self.hist, self.cache = how, [], {}
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.how == "attribute":
+            self.lin.last = y
+        elif self.how == "list":
+            self.hist.append(y.detach())
+        elif self.how == "dict":
+            self.cache["y"] = (y,)
+        return y.relu()
+
+
+@pytest.mark.parametrize("how", ["attribute", "list", "dict"])
+def test_a_forward_storing_a_tensor_on_its_module_is_an_error(how):
+    """Note [Tensors a trace leaves on the module] (stateless.py): the trace's
+    tensor was left on the module (a FakeTensor: using it later failed, and
+    no call's value was ever stored); now the module is put back as it was
+    and the call raises, naming the attribute."""
+    m = _Stores(how)
+    compiled = aotgrad.aot_module(m, nop)
+    where = {"attribute": "_Stores.lin.last", "list": "_Stores.hist",
+             "dict": "_Stores.cache"}[how]
+    with pytest.raises(RuntimeError, match=f"stored a tensor.*{where}"):
+        compiled(torch.randn(2, 3))
+    assert not hasattr(m.lin, "last") and m.hist == [] and m.cache == {}
+    m.how = None       # a forward that stores nothing still compiles and runs
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(aotgrad.aot_module(m, nop)(x), m(x))

@@ -48,6 +48,11 @@ aten = torch.ops.aten
 sym_types = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
+def is_traced_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor of a trace (fake, or functional over one)."""
+    return isinstance(value, (FakeTensor, FunctionalTensor))
+
+
 def detect_fake_mode(values) -> FakeTensorMode | None:
     """The fake mode of the first fake tensor among ``values`` (a flat list)."""
     for v in values:

@@ -127,15 +127,41 @@ def inductor_pre_grad_passes(gm: torch.fx.GraphModule, example_inputs) -> torch.
 
 
 def inductor_joint_passes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """inductor's joint-graph passes over an ATen graph: Note [Inductor's graph passes]."""
+    """inductor's joint-graph passes over an ATen graph: Note [Inductor's graph passes];
+    the Python floats in it made tensors first (``tensorify_python_scalars``)."""
     from torch._inductor.compile_fx import _recursive_joint_graph_passes
     from torch._inductor.virtualized import V
     vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     devices = [v.device for v in vals if isinstance(v, torch.Tensor)]
     kwargs = {"input_device": next((d for d in devices if d.type != "cpu"), None)} \
         if "input_device" in inspect.signature(_recursive_joint_graph_passes).parameters else {}
-    with V.set_fake_mode(detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)):
+    fake_mode = detect_fake_mode(vals)
+    tensorify_python_scalars(gm, fake_mode)
+    with V.set_fake_mode(fake_mode or FakeTensorMode(allow_non_fake_inputs=True)):
         return _recursive_joint_graph_passes(gm, **kwargs)
+
+
+def tensorify_python_scalars(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
+    """Note [Python floats for inductor]: the ``.item()`` of each float
+    scalar input of ``gm`` and the arithmetic on its symbol rewritten as
+    tensor ops, in place, as torch's AOTAutograd does before inductor sees a
+    graph.  Under ``torch.compile(dynamic=True)`` dynamo passes a Python
+    float as a 0-d float64 tensor that the graph reads with
+    ``_local_scalar_dense``, whose result is a *backed* symbol (dynamo's
+    ``zf0``): inductor lowers ``_local_scalar_dense`` only for results bound
+    as unbacked symbols (``KeyError: 'unbacked_bindings'``), and it cannot
+    compute with float symbols.  A float the pass cannot turn into tensor
+    ops is specialised instead: the pass marks it and raises dynamo's
+    ``TensorifyScalarRestartAnalysis``, and dynamo traces the frame again
+    with the float a constant.  No-op without a ShapeEnv (static shapes)."""
+    if fake_mode is None or fake_mode.shape_env is None:
+        return
+    try:
+        from torch.fx.passes._tensorify_python_scalars import tensorify_python_scalars as run
+    except ImportError:  # pragma: no cover (a torch without the pass)
+        return
+    run(gm, fake_mode.shape_env, fake_mode)
+    gm.recompile()
 
 
 def inductor_decompositions() -> dict:

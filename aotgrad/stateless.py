@@ -1,0 +1,107 @@
+"""Calling a module with its parameters and buffers replaced by the graph's inputs.
+
+Note [Modules reachable under two names]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The entry points lift a module's parameters and buffers by
+``named_parameters(remove_duplicate=False)``: a submodule registered twice
+(``self.c = self.a``, a ``Sequential`` holding one layer twice) gives each
+of its tensors two names, and two graph inputs.  Both names are one slot
+(the same module's attribute): ``torch.func.functional_call`` with
+``tie_weights=False`` sets the slot twice and, on the way out, restores it
+from the first replacement -- leaving a fake tensor of the trace on the
+caller's module.  So only the first name of each slot is replaced; the
+inputs of the other names are not read by the graph (their gradients are
+None; at run time they are the same tensor as the first name's, which gets
+the whole gradient).
+
+Note [Tensors a trace leaves on the module]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A forward that stores a tensor on its module (``self.h = y``,
+``self.hist.append(y)``) runs once, while tracing: what it stores is a
+tensor of the trace, not a value of any call, and using it later fails or
+reads nothing real.  ``functional_call`` looks at the attributes of the
+module tree after the call; one that now holds a traced tensor (directly or
+in a list, tuple or dict) is put back as it was and the trace stops with an
+error naming it (``torch.compile`` replays such writes; an ahead-of-time
+graph cannot).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import _torch
+
+
+def functional_call(mod: nn.Module, state: tuple[dict, ...], args: tuple,
+                    kwargs: dict | None = None, **options: Any) -> Any:
+    """``torch.func.functional_call(mod, state, args, kwargs, tie_weights=False)``
+    with one name per slot (Note [Modules reachable under two names])."""
+    seen: set[tuple[int, str]] = set()
+    once = []
+    for names in state:
+        kept = {}
+        for name, value in names.items():
+            prefix, _, attr = name.rpartition(".")
+            try:
+                owner = mod.get_submodule(prefix) if prefix else mod
+            except AttributeError:   # not a submodule path: functional_call decides
+                kept[name] = value
+                continue
+            slot = (id(owner), attr)
+            if slot not in seen:
+                seen.add(slot)
+                kept[name] = value
+        once.append(kept)
+    before = [(m, dict(vars(m))) for m in mod.modules()]
+    out = torch.func.functional_call(mod, tuple(once), args, kwargs, tie_weights=False,
+                                     **options)
+    _refuse_traced_tensors_left(mod, before)
+    return out
+
+
+class TracedTensorStored(RuntimeError):
+    """Note [Tensors a trace leaves on the module]: raised as it is (the
+    program is not run eagerly to find eager's error: that would store again)."""
+
+
+def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:
+    """Note [Tensors a trace leaves on the module]."""
+    names = {id(m): name for name, m in mod.named_modules(remove_duplicate=False)}
+    for m, attrs in before:
+        for attr, value in list(vars(m).items()):
+            if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            if (attr in attrs and attrs[attr] is value and not isinstance(value, (list, dict))) \
+                    or not _holds_traced_tensor(value):
+                continue
+            if attr in attrs:
+                setattr(m, attr, attrs[attr])
+                if isinstance(value, list) and value is attrs[attr]:   # appended to
+                    value[:] = [v for v in value if not _holds_traced_tensor(v)]
+                elif isinstance(value, dict) and value is attrs[attr]:
+                    for k in [k for k, v in value.items() if _holds_traced_tensor(v)]:
+                        del value[k]
+            else:
+                delattr(m, attr)
+            where = ".".join(filter(None, (type(mod).__name__, names.get(id(m)), attr)))
+            raise TracedTensorStored(
+                f"aotgrad: the module's forward stored a tensor it computed on the module "
+                f"({where}, {type(value).__name__}). An ahead-of-time trace runs the forward "
+                f"once, so what is stored there would be a tensor of the trace, not this "
+                f"call's value (Note [Tensors a trace leaves on the module]). Return the "
+                f"tensor from forward instead, store it outside the compiled call, or use "
+                f"torch.compile (which replays such writes).")
+
+
+def _holds_traced_tensor(value: Any, depth: int = 0) -> bool:
+    if _torch.is_traced_tensor(value):
+        return True
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return any(_holds_traced_tensor(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return any(_holds_traced_tensor(v, depth + 1) for v in value.values())
+    return False
