@@ -179,8 +179,8 @@ def _insert_reloads(bw_gm: fx.GraphModule, wanted: set[str]) -> None:
     for first_use, p in firsts:
         val = p.meta["val"]
         if previous is None:   # the first: RELOAD_LEAD compute nodes ahead
-            at = computing.index(first_use)
-            start = computing[max(at - RELOAD_LEAD, 0)]
+            at = computing.index(first_use) if first_use in computing else len(computing)
+            start = computing[max(at - RELOAD_LEAD, 0)] if computing else first_use
         else:
             start = previous
         with graph.inserting_before(start):
