@@ -22,7 +22,7 @@ from ._torch import (any_autocast_enabled, autocast_state, forward_ad_level,
 from .codegen import Namespace, make_function
 from .compile import Compiler, logged
 from .partition import default_partition
-from .pipeline import (CompileOptions, CompileReport, compile_call,
+from .pipeline import (CompileOptions, CompileReport, compile_call, static_weights,
                        compile_rebased)
 from .rebase import AliasedMutatedInputs
 from .runtime import MISS
@@ -42,7 +42,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.storage_offset())
 
 
-def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
+def guard_key(leaves: list, in_spec: Any, dynamic: bool, num_static: int = 0) -> tuple:
     # ``in_spec`` is the TreeSpec, or for flat tensor calls just their number
     """Note [Guard key]: everything about a call that the compiled program assumes.
 
@@ -57,10 +57,10 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool) -> tuple:
                    torch.get_default_dtype()]
     tensor_ids = []
     passed = []
-    for leaf in leaves:
+    for k, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             tensor_ids.append(id(leaf))
-            if dynamic:
+            if dynamic and k >= num_static:   # Note [Static weight shapes] (pipeline.py)
                 parts.append((leaf.dim(), leaf.dtype, leaf.device, leaf.requires_grad))
             else:
                 parts.append(_tensor_key(leaf))
@@ -199,7 +199,8 @@ class AOTFunction:
             if run is None:
                 run = self._compiled[key] = transforms.Lifted(self, leaves, in_spec, flat)
             return run, leaves, in_spec, key
-        key = guard_key(leaves, len(args) if flat else in_spec, self.options.dynamic)
+        key = guard_key(leaves, len(args) if flat else in_spec, self.options.dynamic,
+                        static_weights(self.options))
         run = self._compiled.get(key)
         if run is None:
             run = self._compile(leaves, in_spec, key)

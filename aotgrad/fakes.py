@@ -18,7 +18,7 @@ import torch
 from . import _torch, config
 
 
-def fakes_from_reals(mode: Any, values: Sequence[Any], static: bool) -> list:
+def fakes_from_reals(mode: Any, values: Sequence[Any], static: bool, num_static: int = 0) -> list:
     """Fake versions of the tensors among ``values`` (in a fresh ``mode``;
     other values as they are).  Note [Plain fakes]: ``mode.from_tensor``
     describes a tensor in general (views, subclasses, storage sharing, grads,
@@ -29,7 +29,9 @@ def fakes_from_reals(mode: Any, values: Sequence[Any], static: bool) -> list:
     an empty meta tensor of its sizes and strides (a storage of its extent,
     as from_tensor makes), wrapped as the mode wraps results, with its
     ``requires_grad`` (``tests/test_record.py`` compares the two).  Other
-    tensors go through ``from_tensor``."""
+    tensors go through ``from_tensor``.  ``num_static``: the first values get
+    static sizes even when not ``static`` (Note [Static weight shapes],
+    pipeline.py)."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     # any other kind of tensor among them (a subclass, sparse) might share
     # storage with a plain one unseen: then all go through from_tensor
@@ -42,12 +44,13 @@ def fakes_from_reals(mode: Any, values: Sequence[Any], static: bool) -> list:
             ptr = t.untyped_storage().data_ptr()
             (shared if ptr in seen else seen).add(ptr)
     out = []
-    for v in values:
+    for k, v in enumerate(values):
         if not isinstance(v, torch.Tensor):
             out.append(v)
             continue
         fake = _plain_fake(mode, v, shared) if plain else None
-        out.append(fake if fake is not None else mode.from_tensor(v, static_shapes=static))
+        out.append(fake if fake is not None else
+                   mode.from_tensor(v, static_shapes=static or k < num_static))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from . import _torch, hops, objects, stateless, subclass, tokens
+from . import _torch, config, hops, objects, stateless, subclass, tokens
 from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
@@ -88,21 +88,34 @@ def _timed(report: CompileReport, stage: str):
         secs[stage] = secs.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool, shape_env: bool = False):
+def fake_inputs_for(graph_inputs: Sequence[Any], dynamic: bool, shape_env: bool = False,
+                    num_static: int = 0):
     """Fake versions of the graph inputs, and their fake mode.
 
     Under torch.compile the fake mode is dynamo's (found on fake inputs or on
     the tracing context): real inputs are converted by it, which returns the
     very fake tensors dynamo traced with, symbolic sizes included.  Otherwise
-    a fresh mode is made, symbolic when ``dynamic``, with a ShapeEnv when
+    a fresh mode is made, symbolic when ``dynamic`` (but for the first
+    ``num_static`` inputs: Note [Static weight shapes]), with a ShapeEnv when
     ``shape_env`` (Note [Fake rules that need a ShapeEnv], hops.py).
     """
     mode = _torch.detect_fake_mode(list(graph_inputs))
     if mode is None:
         mode = _torch.new_fake_mode(dynamic, shape_env)
-        return mode, fakes_from_reals(mode, graph_inputs, static=not dynamic)
+        return mode, fakes_from_reals(mode, graph_inputs, static=not dynamic,
+                                      num_static=num_static)
     return mode, [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not subclass.is_fake(x)
                   else x for x in graph_inputs]
+
+
+def static_weights(options: CompileOptions) -> int:
+    """Note [Static weight shapes]: with ``dynamic=True`` the parameters and
+    buffers (the first ``num_params_buffers`` inputs) keep static sizes when
+    ``config.static_weight_shapes`` is set (the default, as in torch): a
+    model's weights do not change shape between calls, and static sizes give
+    the compilers concrete shapes to work with; the guard key then holds
+    their sizes (``api.guard_key``), so other shapes compile again."""
+    return options.num_params_buffers if options.dynamic and config.static_weight_shapes else 0
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,8 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
         flat = flatten_inputs(leaves, in_spec, options.num_params_buffers)
         flat_fn = make_flat_fn(fn, flat)
         graph_inputs = select_graph_inputs(flat, leaves)
-        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
+        num_static = static_weights(options)
+        fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env, num_static)
     attempt = functools.partial(_trace, options=options, stage=stage, report=report,
                                 grad_enabled=grad_enabled, loss_index=loss_index)
     rng = torch.random.get_rng_state()
@@ -152,7 +166,7 @@ def trace_call(fn: Callable, options: CompileOptions, leaves: list, in_spec: Any
         if reads is None:
             _raise_explained(error)
             raise
-    fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env)
+    fake_mode, fakes = fake_inputs_for(graph_inputs, options.dynamic, shape_env, num_static)
     rng = torch.random.get_rng_state()
     try:
         answered = AnsweredFunction(fn, flat, reads)
