@@ -236,6 +236,24 @@ class TestSubclassMutation(SubclassTestCase):
         for got, want in ((c_out, e_out), (c_inp, e_inp), (c_grad, e_grad)):
             self.assert_same_tensor(got, want)
 
+    def test_mutated_subclass_input_used_after_the_call(self):
+        """README, ``disable_guess_zero_tangent_for_mutated_input_subclass``:
+        the mutated input's tangent is traced as its output's subclass (no
+        guess that it comes as plain zeros): a gradient reaching the mutated
+        input after the call is eager's (torch's guess raises here)."""
+        def f(x):
+            x.mul_(2)
+            return x + 1
+
+        def run(fn):
+            leaf = TwoTensor(torch.tensor([1., 2.]), torch.tensor([3., 4.])).requires_grad_()
+            x = leaf * 1
+            out = fn(x)
+            (out.sum() + (x * x).sum()).backward()
+            return leaf.grad
+
+        self.assert_same_tensor(run(aot_function(f, nop)), run(f))
+
     def test_mutation_under_no_grad(self):
         def f(a, b):
             with torch.no_grad():
