@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from . import offload
 from .peak import Timeline, step_timeline
 from .problem import tensor_bytes
 
@@ -45,9 +46,7 @@ from .problem import tensor_bytes
 #: PCIe), in ``recompute_cost``'s units.
 COPY_COST_PER_BYTE = 20_000
 
-_OFFLOAD = "aotgrad.offload."
-_RELOAD = "aotgrad.reload."
-_WAIT = "aotgrad.reload_wait."
+_OFFLOAD, _RELOAD, _WAIT = offload.offload_op, offload.reload_op, offload.reload_wait_op
 
 
 @dataclass(frozen=True)
@@ -57,17 +56,19 @@ class CopyTimes:
     held_until: dict[str, int] = field(default_factory=dict)   # offloaded value -> step
 
 
-def _is(n: fx.Node, prefix: str) -> bool:
-    return n.op == "call_function" and str(n.target).startswith(prefix)
+def _is(n: fx.Node, op: object) -> bool:
+    return n.target is op
 
 
 def timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None, recomputed: frozenset[str],
-             cost: Callable[[fx.Node], int]) -> tuple[Timeline, CopyTimes]:
-    """The step's timeline (Note [Peak of a step]) with its offloaded blocks
-    held until their copies out are done, and the copies' times."""
+             cost: Callable[[fx.Node], int],
+             cache: dict | None = None) -> tuple[Timeline, CopyTimes]:
+    """The step's timeline (Note [Peak of a step]; ``cache``: step_timeline's)
+    with its offloaded blocks held until their copies out are done, and the
+    copies' times."""
     offloads = any(_is(n, _OFFLOAD) for n in fw_gm.graph.nodes)
     copies = copy_times(fw_gm, bw_gm, cost) if offloads else CopyTimes()
-    return step_timeline(fw_gm, bw_gm, recomputed, copies.held_until), copies
+    return step_timeline(fw_gm, bw_gm, recomputed, copies.held_until, cache), copies
 
 
 def copy_times(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,

@@ -138,6 +138,11 @@ def _(x: torch.Tensor) -> None:
     return None
 
 
+#: the ops as graphs hold them
+offload_op = torch.ops.aotgrad.offload.default
+reload_op = torch.ops.aotgrad.reload.default
+reload_wait_op = torch.ops.aotgrad.reload_wait.default
+
 #: Note [Reload ahead]: the first reload, in nodes before its value's first use
 RELOAD_LEAD = 8
 

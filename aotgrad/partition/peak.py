@@ -31,12 +31,14 @@ flow], below).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from .. import _torch
+from . import offload
 from ..descriptors import DESC, Saved, Tangent, UserOutput
 
 
@@ -64,11 +66,8 @@ class Timeline:
         for b in self.buffers:
             delta[b.start] += b.nbytes
             delta[b.end + 1] -= b.nbytes
-        out, current = [], 0
-        for d in delta[:-1]:
-            current += d
-            out.append(current)
-        return out
+        del delta[-1]
+        return list(itertools.accumulate(delta))
 
     @property
     def peak(self) -> int:
@@ -92,15 +91,34 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def _storage(n: fx.Node, device: torch.device):
+def _storage_info(val: torch.Tensor, cache: dict | None = None) -> tuple:
+    """(device, storage key, bytes) of a fake value; a tensor without
+    storage: (device, None, its size).  The key is the storage's identity,
+    which the value keeps alive.  ``cache``: by the value's id, the value
+    kept with its answer (so the id stands for it) -- the planner measures
+    many plans whose nodes carry the joint's values."""
+    if cache is not None:
+        hit = cache.get(id(val))
+        if hit is not None:
+            return hit[1]
+    try:
+        info = (val.device, _torch.live_storage_key(val), int(val.untyped_storage().nbytes()))
+    except (NotImplementedError, RuntimeError):
+        info = (val.device, None, _torch_bytes(val))
+    if cache is not None:
+        cache[id(val)] = (val, info)
+    return info
+
+
+def _storage(n: fx.Node, device: torch.device, cache: dict | None = None):
     """(storage key, bytes) of ``n``'s tensor on ``device``, or None."""
     val = n.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.device != device:
+    if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return _torch.storage_of(val), int(val.untyped_storage().nbytes())
-    except (NotImplementedError, RuntimeError):  # a tensor without storage: its size
-        return ("node", n), _torch_bytes(val)
+    on, key, nbytes = _storage_info(val, cache)
+    if on != device:
+        return None
+    return (key, nbytes) if key is not None else (("node", n), nbytes)
 
 
 def _torch_bytes(val: torch.Tensor) -> int:
@@ -110,17 +128,16 @@ def _torch_bytes(val: torch.Tensor) -> int:
     return numel * val.element_size()
 
 
-def known_storages_bytes(nodes, device: torch.device) -> int:
+def known_storages_bytes(nodes, device: torch.device, cache: dict | None = None) -> int:
     """The bytes of the distinct storages of ``nodes``' values on ``device``
     (a tensor without storage, ``_storage``'s fallback, is not counted)."""
     seen, total = set(), 0
     for n in nodes:
         val = n.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.device != device:
+        if not isinstance(val, torch.Tensor):
             continue
-        try:
-            key, nbytes = _torch.storage_of(val), int(val.untyped_storage().nbytes())
-        except (NotImplementedError, RuntimeError):
+        on, key, nbytes = _storage_info(val, cache)
+        if on != device or key is None:
             continue
         if key not in seen:
             seen.add(key)
@@ -143,23 +160,20 @@ def timeline_device(joint_gm: fx.GraphModule, primals) -> torch.device | None:
     return None
 
 
-_OFFLOAD = "offload"
-_RELOAD = "reload"
-
-
-def _is(n: fx.Node, op: str) -> bool:
-    target = getattr(n.target, "_overloadpacket", None) or n.target
-    return getattr(target, "__name__", str(target)).split(".")[-1] == op and \
-        "aotgrad" in str(target)
+# aotgrad's own copy ops (offload.py registers them)
+_OFFLOAD = offload.offload_op
+_RELOAD = offload.reload_op
 
 
 def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
                   recomputed: frozenset[str] = frozenset(),
-                  held_until: dict[str, int] | None = None) -> Timeline:
+                  held_until: dict[str, int] | None = None,
+                  cache: dict | None = None) -> Timeline:
     """Note [Peak of a step]: the timeline of running ``fw_gm`` then ``bw_gm``.
     ``recomputed``: names of backward nodes that recompute forward values;
     ``held_until``: per offloaded value, the step its block is held to (its
-    copy out still reading it: Note [Copies in time], copies.py)."""
+    copy out still reading it: Note [Copies in time], copies.py); ``cache``:
+    ``_storage_info``'s, for timelines of one joint's plans."""
     device = _device_of(fw_gm)
     fw_nodes = [n for n in fw_gm.graph.nodes if n.op == "call_function"]
     bw_nodes = [n for n in bw_gm.graph.nodes if n.op == "call_function"] if bw_gm else []
@@ -191,28 +205,29 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
     # recomputed node in the backward carries the forward node's value (and
     # storage), and per-use copies (planner.recompute_per_use) each carry it again.
     key_of: dict[fx.Node, object] = {}
+    storage_of: dict[fx.Node, object] = {}   # the storage each placed node's value has
 
     def key(n: fx.Node, s, by_storage: dict | None = None):
         for a in n.all_input_nodes:
-            if a in key_of and a.meta.get("_aotgrad_storage") == s[0]:
+            if a in key_of and storage_of.get(a) == s[0]:
                 return key_of[a]
         if by_storage is not None and s[0] in by_storage:
             return by_storage[s[0]]
         return ("node", id(n))
 
     def place(n: fx.Node, s, by_storage: dict | None = None):
-        n.meta["_aotgrad_storage"] = s[0]
+        storage_of[n] = s[0]
         key_of[n] = k = key(n, s, by_storage)
         return k
 
     inputs = set()
     input_keys: dict = {}      # storage of a forward input -> its key
     for p in fw_gm.graph.find_nodes(op="placeholder"):
-        s = _storage(p, device)
+        s = _storage(p, device, cache)
         if s is not None:
             inputs.add(p.name)
             k = input_keys.setdefault(s[0], ("input", s[0]))
-            p.meta["_aotgrad_storage"] = s[0]
+            storage_of[p] = s[0]
             key_of[p] = k
             touch(k, s[1], p.name, "input", 0, last_step)
     out = fw_gm.graph.output_node()
@@ -222,10 +237,10 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
         if isinstance(v, fx.Node):
             role.setdefault(v, d)
     bw_places = {p.name: p for p in bw_gm.graph.find_nodes(op="placeholder")} if bw_gm else {}
-    offloaded = {n.args[0] for n in fw_nodes if _is(n, _OFFLOAD) and n.args}
+    offloaded = {n.args[0] for n in fw_nodes if n.target is _OFFLOAD and n.args}
     fw_by_name = {}
     for n in fw_nodes:
-        s = _storage(n, device)
+        s = _storage(n, device, cache)
         if s is None:
             continue
         k = place(n, s, input_keys)
@@ -242,10 +257,10 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
         touch(k, s[1], n.name, kind, fw_index[n], end)
     saved_keys: dict = dict(input_keys)   # storage -> key, of what the backward is given
     for name, p in bw_places.items():
-        s = _storage(p, device)
+        s = _storage(p, device, cache)
         if s is None:
             continue
-        p.meta["_aotgrad_storage"] = s[0]
+        storage_of[p] = s[0]
         if name in inputs:
             key_of[p] = input_keys.get(s[0], ("input", s[0]))
             continue  # a saved input: counted whole step
@@ -262,19 +277,17 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
              if isinstance(a, fx.Node)}
     input_key_set = set(input_keys.values())
     for n in bw_nodes:
-        s = _storage(n, device)
+        s = _storage(n, device, cache)
         if s is None:
             continue
         k = place(n, s)
         if n in grads:
             kind, end = "gradient", last_step
         else:
-            kind = "reloaded" if _is(n, _RELOAD) else \
+            kind = "reloaded" if n.target is _RELOAD else \
                 "recomputed" if n.name in recomputed else "temporary"
             end = last_use(n, bw_index, bw_index[n])
         if k in input_key_set:
             continue  # a view of an input (t(weight))
         touch(k, s[1], n.name, kind, bw_index[n], end)
-    for n in key_of:
-        n.meta.pop("_aotgrad_storage", None)
     return Timeline(steps, tuple(Buffer(*span) for span in spans.values()))

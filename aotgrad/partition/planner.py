@@ -212,6 +212,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
                   ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Note [Peak budget]: the forward and backward graphs of the plan chosen."""
     costs: dict[object, int] = {}    # by the joint's node (backward copies carry its meta)
+    storages: dict = {}              # the values' storages, for every timeline (peak.py)
     raw_cost = cost
 
     def cost(n: fx.Node, as_copy: bool = False) -> int:
@@ -260,7 +261,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
             held = [n for n in saved if n.op != "placeholder" and n not in fwd_outputs and
                     n.name not in away and not may_save_sizes(n)]
             bounds[c.cut, c.offload] = known_storages_bytes(
-                [*roles.primals, *held, *roles.tangents], bound_device)
+                [*roles.primals, *held, *roles.tangents], bound_device, storages)
         return bounds[c.cut, c.offload]
 
     impure = impure_calls(joint_gm.graph)
@@ -302,7 +303,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
         else:
             recomputed = frozenset(n.name for n in bw_gm.graph.nodes
                                    if n.op == "call_function" and n.name in fw_names)
-            timeline, copies = copy_plan.timeline(fw_gm, bw_gm, recomputed, cost)
+            timeline, copies = copy_plan.timeline(fw_gm, bw_gm, recomputed, cost, storages)
             time = _backward_work(bw_gm, cost) + copies.stall
             points[c] = PlanPoint(c, timeline.peak, time, cuts[c.cut].saved_bytes, moved_bytes)
         if config.debug_assert and (peak_bound(c) > points[c].peak or
@@ -535,8 +536,14 @@ def recompute_per_use(bw_gm: fx.GraphModule, fw_names: set[str],
         anchor.kwargs = fx.node.map_arg(anchor.kwargs, lambda a: result.get(a, a))
     if changed:
         _place_inputs_first(graph)
-        graph.eliminate_dead_code()
-        graph.lint()
+        # dead copies and originals: pure by construction (``copyable``); the
+        # graph's impure nodes were found above (fx's own pass asks each node)
+        for n in reversed(graph.nodes):
+            if n.op == "call_function" and not n.users and n not in impure and \
+                    not is_random_or_mutating(n):
+                graph.erase_node(n)
+        if config.debug_assert:
+            graph.lint()
         bw_gm.recompile()
     return changed
 
