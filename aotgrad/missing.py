@@ -51,6 +51,7 @@ hold such a Function, it counts as set).
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -291,9 +292,17 @@ class MissingTangents:
 #   of an unused output: eager's gradient is zeros, not None), so the values
 #   cannot tell.  The trace keeps the shape of the autograd graph it
 #   differentiated (``AutogradReach``: its nodes, which are custom, their
-#   edges); per missing set the runtime replays on it which nodes run and
-#   which edges carry a gradient, as the engine does.  (A graph loaded from
-#   the disk cache has no such record: its gradients are kept as computed.)
+#   edges, the gradient edges ``autograd.grad`` captures -- a non-leaf
+#   input's too -- and, from a hook on each custom node during the trace's
+#   backward, the inputs its backward returns None for); per missing set the
+#   runtime replays on it which nodes run and which edges carry a gradient,
+#   as the engine does.  (A graph loaded from the disk cache has no such
+#   record: its gradients are kept as computed.)  What it cannot do is take
+#   back what a custom node that eager would not run adds to a gradient that
+#   is there: ``backward`` returning ``ones_like(g)`` for an input whose
+#   other uses are in the loss, all of the node's outputs unused, adds ones
+#   (shared with torch's aot_function; torch.compile traces such Functions
+#   itself and is exact).
 
 
 @dataclass(frozen=True)
@@ -328,63 +337,96 @@ class AutogradReach:
                          for p in ps)
 
 
-def autograd_reach(outputs: list, wrt: list, positions: list) -> AutogradReach:
-    """The AutogradReach of ``outputs``' autograd graph, differentiated with
-    respect to ``wrt`` (whose backward outputs are ``positions``)."""
-    inputs = {id(t): m for m, t in enumerate(wrt)}
-    index: dict[int, int] = {}
-    nodes: list = []
-    edges: list[list[int]] = []
+class ReachRecorder:
+    """Note [Gradients that eager leaves None]: the AutogradReach of
+    ``outputs``' autograd graph, differentiated with respect to ``wrt``.  Made
+    before the trace's ``autograd.grad`` runs: a hook on each custom node
+    records which of its inputs its backward returns None for (no gradient
+    flows there); ``finish`` after it."""
 
-    def target(fn) -> int | None:
-        if fn is None:
-            return None
-        if _torch.is_leaf_accumulator(fn):
-            m = inputs.get(id(fn.variable))
-            return None if m is None else -1 - m
-        k = index.get(id(fn))
-        if k is None:
-            k = index[id(fn)] = len(nodes)
-            nodes.append(fn)
-            edges.append([])
-        return k
+    def __init__(self, outputs: list, wrt: list):
+        sinks: dict[tuple[int, int], int] = {}   # (node, output) autograd.grad captures
+        self._kept = []                          # what the ids stand for
+        for m, t in enumerate(wrt):
+            edge = torch.autograd.graph.get_gradient_edge(t)
+            self._kept.append(edge.node)
+            sinks[id(edge.node), edge.output_nr] = m
+        leaves = {id(t): m for m, t in enumerate(wrt) if t.is_leaf}
+        index: dict[int, int] = {}
+        nodes: list = []
+        edges: list[list[tuple[int, int]]] = []   # per node: (position, target)
 
-    roots = []
-    for t in outputs:
-        if not isinstance(t, torch.Tensor) or not t.requires_grad:
-            roots.append(())
-        elif t.grad_fn is None:
-            m = inputs.get(id(t))
-            roots.append(() if m is None else (-1 - m,))
-        else:
-            roots.append((target(t.grad_fn),))
-    k = 0
-    while k < len(nodes):                  # nodes are numbered as found
-        for fn, _ in nodes[k].next_functions:
-            e = target(fn)
-            if e is not None:
-                edges[k].append(e)
-        k += 1
-    # each node after those with an edge to it: reversed post-order
-    order, done = [], set()
-    for start in range(len(nodes)):
-        if start in done:
-            continue
-        stack = [(start, False)]
-        while stack:
-            k, expanded = stack.pop()
-            if expanded:
-                order.append(k)
+        def target(fn, nr: int) -> int | None:
+            if fn is None:
+                return None
+            m = sinks.get((id(fn), nr))
+            if m is None and _torch.is_leaf_accumulator(fn):
+                m = leaves.get(id(fn.variable))
+                if m is None:
+                    return None
+            if m is not None:
+                return -1 - m
+            k = index.get(id(fn))
+            if k is None:
+                k = index[id(fn)] = len(nodes)
+                nodes.append(fn)
+                edges.append([])
+            return k
+
+        self.roots = []
+        for t in outputs:
+            if not isinstance(t, torch.Tensor) or not t.requires_grad:
+                self.roots.append(())
                 continue
-            if k in done:
+            edge = torch.autograd.graph.get_gradient_edge(t)
+            r = target(edge.node, edge.output_nr)
+            self.roots.append(() if r is None else (r,))
+        k = 0
+        while k < len(nodes):                  # nodes are numbered as found
+            for i, (fn, nr) in enumerate(nodes[k].next_functions):
+                e = target(fn, nr)
+                if e is not None:
+                    edges[k].append((i, e))
+            k += 1
+        self.custom = [isinstance(fn, torch.autograd.function.BackwardCFunction)
+                       for fn in nodes]
+        self.edges = edges
+        self.returned_none: dict[int, tuple[bool, ...]] = {}
+        self._hooks = [fn.register_hook(functools.partial(self._record, k))
+                       for k, fn in enumerate(nodes) if self.custom[k]]
+        self._kept.extend(nodes)
+
+    def _record(self, k: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        self.returned_none[k] = tuple(g is None for g in grad_inputs)
+
+    def finish(self, positions: list) -> AutogradReach:
+        """The AutogradReach; ``positions``: per input of ``wrt``, its backward outputs."""
+        for h in self._hooks:
+            h.remove()
+        edges = []
+        for k, es in enumerate(self.edges):   # a custom backward's None carries nothing
+            none = self.returned_none.get(k, ())
+            edges.append(tuple(e for i, e in es if not (i < len(none) and none[i])))
+        # each node after those with an edge to it: reversed post-order
+        order, done = [], set()
+        for start in range(len(edges)):
+            if start in done:
                 continue
-            done.add(k)
-            stack.append((k, True))
-            stack.extend((e, False) for e in edges[k] if e >= 0 and e not in done)
-    order.reverse()
-    custom = tuple(isinstance(fn, torch.autograd.function.BackwardCFunction) for fn in nodes)
-    return AutogradReach(custom, tuple(map(tuple, edges)), tuple(roots), tuple(order),
-                         tuple(map(tuple, positions)))
+            stack = [(start, False)]
+            while stack:
+                k, expanded = stack.pop()
+                if expanded:
+                    order.append(k)
+                    continue
+                if k in done:
+                    continue
+                done.add(k)
+                stack.append((k, True))
+                stack.extend((e, False) for e in edges[k] if e >= 0 and e not in done)
+        order.reverse()
+        self._kept.clear()
+        return AutogradReach(tuple(self.custom), tuple(edges), tuple(self.roots), tuple(order),
+                             tuple(map(tuple, positions)))
 
 
 def _tangent_deps(bw_gm: fx.GraphModule) -> tuple[frozenset[int], ...]:

@@ -36,7 +36,7 @@ from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_b
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
                           MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
-from .missing import CUSTOM_BACKWARD_META, REACH_META, autograd_reach, has_custom_backward
+from .missing import CUSTOM_BACKWARD_META, REACH_META, ReachRecorder, has_custom_backward
 from .partition import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
@@ -456,12 +456,12 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             writes: list = []
             if diff and wrt:
                 watch = _BackwardWatch(known, f_args, sig, f_tangents)
+                custom_backward[:] = [has_custom_backward([values[k] for k in diff])]
+                if custom_backward[0]:   # Note [Gradients that eager leaves None]
+                    reach_of[:] = [ReachRecorder([values[k] for k in diff], wrt)]
                 with _backward_autocast(config.backward_pass_autocast), \
                         tokens.backward_effects_marked():  # Note [Effects in the backward]
                     grads = _differentiate([values[k] for k in diff], wrt, f_tangents, poisoned)
-                custom_backward[:] = [has_custom_backward([values[k] for k in diff])]
-                if custom_backward[0]:   # Note [Gradients that eager leaves None]
-                    reach_of[:] = [([values[k] for k in diff], wrt)]
                 writes = watch.writes()
                 backward_writes[:] = [w for w, _ in writes]
             grads_iter = iter(grads)
@@ -475,7 +475,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             if reach_of:   # the backward outputs of each input differentiated
                 starts = list(itertools.accumulate(
                     (subclass.num_plain(layout) for layout in grad_layouts), initial=0))
-                reach[:] = [autograd_reach(*reach_of[0], [
+                reach[:] = [reach_of[0].finish([
                     range(starts[i], starts[i + 1])
                     for i, info in enumerate(sig.inputs) if info.requires_grad])]
                 reach_of.clear()

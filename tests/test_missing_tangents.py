@@ -332,3 +332,57 @@ def test_missing_tangents_of_a_subclass_program(how):
             results.append((x.grad.a, x.grad.b))
         want, got = results
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+class _NoneForFirst(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, 2 * g
+
+
+class _Product(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g * b, g * a
+
+
+@pytest.mark.parametrize("how", ["aot_function", "torch.compile"])
+@pytest.mark.parametrize("leaves", [True, False])
+def test_which_gradients_eager_leaves_none_with_custom_backwards(how, leaves):
+    """Note [Gradients that eager leaves None]: an edge a custom backward
+    returns None for carries no gradient (x got zeros from the unused
+    ``x * 3``); inputs that are not leaves are found at their gradient edges
+    (every gradient, y's too, came back None)."""
+    compile_ = {"aot_function": lambda f: aot_function(f, nop),
+                "torch.compile": lambda f: torch.compile(
+                    f, backend=aotgrad.backends.aot_eager, fullgraph=True)}[how]
+
+    def f(x, y, z):
+        return (_NoneForFirst.apply(x.sin(), y), x * 3, y.sin(), y + z,
+                _Product.apply(x, z * y))
+
+    for used in ((0,), (2,), (1, 3), (4,), (0, 4)):
+        torch._dynamo.reset()
+        results = []
+        for fn in (f, compile_(f)):
+            torch.manual_seed(0)
+            base = [torch.randn(4, requires_grad=True) for _ in range(3)]
+            ins = base if leaves else [t * 1.5 for t in base]
+            outs = fn(*ins)
+            sum(outs[k].sum() for k in used).backward()
+            results.append([t.grad for t in base])
+        want, got = results
+        for w, g in zip(want, got):
+            assert (g is None) == (w is None), (used, want, got)
+            if w is not None:
+                torch.testing.assert_close(g, w)
