@@ -312,7 +312,7 @@ class AutogradReach:
     differentiated; ``order``: each node after every node with an edge to it."""
     custom: tuple[bool, ...]
     edges: tuple[tuple[int, ...], ...]
-    roots: tuple[tuple[int, ...], ...]     # per tangent
+    roots: tuple[tuple[int, ...], ...]     # per (plain) tangent
     order: tuple[int, ...]
     positions: tuple[tuple[int, ...], ...]  # per input differentiated, its backward outputs
 
@@ -399,8 +399,11 @@ class ReachRecorder:
     def _record(self, k: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
         self.returned_none[k] = tuple(g is None for g in grad_inputs)
 
-    def finish(self, positions: list) -> AutogradReach:
-        """The AutogradReach; ``positions``: per input of ``wrt``, its backward outputs."""
+    def finish(self, positions: list, tangents: list[int] | None = None) -> AutogradReach:
+        """The AutogradReach; ``positions``: per input of ``wrt``, its backward
+        outputs; ``tangents``: per output, how many plain tangents it has (a
+        tensor subclass's: one per plain tensor; the runtime's missing sets
+        count those)."""
         for h in self._hooks:
             h.remove()
         edges = []
@@ -425,7 +428,9 @@ class ReachRecorder:
                 stack.extend((e, False) for e in edges[k] if e >= 0 and e not in done)
         order.reverse()
         self._kept.clear()
-        return AutogradReach(tuple(self.custom), tuple(edges), tuple(self.roots), tuple(order),
+        roots = self.roots if tangents is None else \
+            [r for r, count in zip(self.roots, tangents) for _ in range(count)]
+        return AutogradReach(tuple(self.custom), tuple(edges), tuple(roots), tuple(order),
                              tuple(map(tuple, positions)))
 
 

@@ -477,7 +477,9 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
                     (subclass.num_plain(layout) for layout in grad_layouts), initial=0))
                 reach[:] = [reach_of[0].finish([
                     range(starts[i], starts[i + 1])
-                    for i, info in enumerate(sig.inputs) if info.requires_grad])]
+                    for i, info in enumerate(sig.inputs) if info.requires_grad],
+                    [len(sig.graph_output_plain_meta[k]) for k in diff]
+                    if sig.has_subclasses else None)]
                 reach_of.clear()
             outs = [_torch.from_functional(v) for v in _plain_values(sig, values)]
             grads_out = [_torch.from_functional(g)

@@ -451,12 +451,12 @@ def _offload_choice(saved: Sequence[fx.Node], problem: RematProblem, k: int) -> 
     return out
 
 
-def _anchored(graph: fx.Graph) -> set[fx.Node]:
+def _anchored(graph: fx.Graph, impure: set[fx.Node] | None = None) -> set[fx.Node]:
     """Backward nodes that read a tangent (or are impure, or the output): the
     ones whose order Note [Recompute just in time] keeps."""
     anchored = {p for p in graph.find_nodes(op="placeholder")
                 if isinstance(p.meta.get(DESC), Tangent)}
-    impure = impure_calls(graph)
+    impure = impure_calls(graph) if impure is None else impure
     for n in graph.nodes:
         if n.op == "output" or n in impure or any(a in anchored for a in n.all_input_nodes):
             anchored.add(n)
@@ -481,8 +481,8 @@ def recompute_per_use(bw_gm: fx.GraphModule, fw_names: set[str],
     values) or higher-order ops (a replayed random op).  Returns whether it
     changed the graph."""
     graph = bw_gm.graph
-    anchored = _anchored(graph)
     impure = impure_calls(graph)
+    anchored = _anchored(graph, impure)
 
     memo: dict[fx.Node, bool] = {}
 
