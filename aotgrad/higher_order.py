@@ -86,6 +86,7 @@ import torch.fx as fx
 from . import _torch
 from .analyze import Signature
 from .descriptors import DESC, Primal
+from .missing import DYNAMO_FUNCTION_META
 from .partition import Partitioned, reachable
 from .reuse import ReusingPartition
 from .trace import graph_values
@@ -180,6 +181,11 @@ def plan_higher_order(parts: Partitioned, sig: Signature, *, program: Callable |
             slot[index[s]] = j
     refusal = _refusal(sig, needed, read, program=program, can_compile=can_compile,
                        subclasses=subclasses, poisoned=poisoned, backward_writes=backward_writes)
+    if refusal is None and parts.bw_gm.meta.get(DYNAMO_FUNCTION_META):
+        refusal = ("it calls a custom autograd.Function that dynamo traced (torch.compile's "
+                   "autograd_function_apply), whose backward graph runs with grad mode off; "
+                   "call the Function outside the compiled region, or compile with "
+                   "aotgrad.aot_function / aot_module, which differentiate it twice")
     if refusal is not None or len(placeholders) != n:
         if subclasses or len(placeholders) != n:  # placeholders are plain tensors
             slot = [None] * n

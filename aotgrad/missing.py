@@ -42,7 +42,7 @@ gradient.  A custom ``autograd.Function``'s backward need be neither: it gets
 zeros for an undefined gradient (``materialize_grads``, the default) and may
 compute anything from them (``x + ga * x``, ``ga.cos()``).  So a program whose
 joint backward ran a custom Function's backward (an ``autograd.Function``
-node in the traced autograd graph: ``has_custom_backward``, which also counts
+node in the traced autograd graph: ``custom_backwards``, which also counts
 higher-order ops built on one) is not specialised: the runtime's zeros are
 what eager passes such a backward (``CUSTOM_BACKWARD_META`` on the backward
 graph, set by the trace; absent, e.g. a graph loaded from the cache that may
@@ -72,13 +72,23 @@ _ADDITIVE = {aten.add.Tensor, aten.sub.Tensor}
 CUSTOM_BACKWARD_META = "aotgrad_custom_backward"
 #: ``bw_gm.meta`` key: its AutogradReach, when it did
 REACH_META = "aotgrad_autograd_reach"
+#: ``bw_gm.meta`` key: one of them is dynamo's (``custom_backwards``)
+DYNAMO_FUNCTION_META = "aotgrad_dynamo_function"
 
 
-def has_custom_backward(outputs) -> bool:
+def custom_backwards(outputs) -> tuple[bool, bool]:
     """Whether the autograd graph of ``outputs`` holds a custom
-    ``autograd.Function`` node (Note [Missing tangents])."""
-    return any(isinstance(fn, torch.autograd.function.BackwardCFunction) for fn in
-               _torch.autograd_nodes([t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]))
+    ``autograd.Function`` node (Note [Missing tangents]), and whether one is
+    dynamo's ``autograd_function_apply``: its backward is a graph dynamo
+    traced with grad mode off, so the gradients it gives are not
+    differentiable (Note [Higher-order backward] refuses them)."""
+    custom = graph_only = False
+    for fn in _torch.autograd_nodes([t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]):
+        if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            custom = True
+            cls = getattr(fn, "_forward_cls", None)
+            graph_only = graph_only or "AutogradFunctionApply" in getattr(cls, "__qualname__", "")
+    return custom, graph_only
 
 _ZERO, _KEEP = "zero", "keep"
 

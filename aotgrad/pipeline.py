@@ -24,7 +24,7 @@ from .analyze import Signature, analyze
 from .check import check_graph
 from .descriptors import DESC, Primal
 from .fakes import fakes_from_reals
-from .missing import CUSTOM_BACKWARD_META, REACH_META
+from .missing import CUSTOM_BACKWARD_META, DYNAMO_FUNCTION_META, REACH_META
 from .reuse import offered_values
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
@@ -355,8 +355,9 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
                 parts = dataclasses.replace(parts, saved_hooks_at_runtime=True)
             # Note [Missing tangents] (missing.py)
             parts.bw_gm.meta[CUSTOM_BACKWARD_META] = traced.gm.meta.get(CUSTOM_BACKWARD_META, True)
-            if REACH_META in traced.gm.meta:  # Note [Gradients that eager leaves None]
-                parts.bw_gm.meta[REACH_META] = traced.gm.meta[REACH_META]
+            for key in (REACH_META, DYNAMO_FUNCTION_META):   # missing.py
+                if key in traced.gm.meta:
+                    parts.bw_gm.meta[key] = traced.gm.meta[key]
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

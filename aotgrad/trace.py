@@ -36,7 +36,8 @@ from .analyze import (InputInfo, OutputKind, Signature, describe, intermediate_b
 from .descriptors import (DESC, Grad, IntermediateBase, MutatedInBackward, MutatedInput,
                           MutatedTangent, Primal, Tangent, UserOutput)
 from .flatten import FlatFunction
-from .missing import CUSTOM_BACKWARD_META, REACH_META, ReachRecorder, has_custom_backward
+from .missing import (CUSTOM_BACKWARD_META, DYNAMO_FUNCTION_META, REACH_META, ReachRecorder,
+                      custom_backwards)
 from .partition import CheckpointRegionMarker, strip_tags
 from .record import NotFunctional, add_placeholders, mutated_so_far, recording, trace_graph
 from .views import is_view_op
@@ -456,7 +457,7 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
             writes: list = []
             if diff and wrt:
                 watch = _BackwardWatch(known, f_args, sig, f_tangents)
-                custom_backward[:] = [has_custom_backward([values[k] for k in diff])]
+                custom_backward[:] = custom_backwards([values[k] for k in diff])
                 if custom_backward[0]:   # Note [Gradients that eager leaves None]
                     reach_of[:] = [ReachRecorder([values[k] for k in diff], wrt)]
                 with _backward_autocast(config.backward_pass_autocast), \
@@ -511,8 +512,10 @@ def _trace_joint(flat_fn, fake_inputs, known: _Known, decompositions, loss_index
     out_descs += tuple(MutatedTangent(w.index) if w.of_tangent else MutatedInBackward(w.index)
                        for w in backward_writes)
     _annotate(gm, in_descs, out_descs)
-    gm.meta[CUSTOM_BACKWARD_META] = any(custom_backward)
-    if any(custom_backward) and reach:
+    gm.meta[CUSTOM_BACKWARD_META] = bool(custom_backward) and custom_backward[0]
+    if len(custom_backward) > 1 and custom_backward[1]:
+        gm.meta[DYNAMO_FUNCTION_META] = True
+    if gm.meta[CUSTOM_BACKWARD_META] and reach:
         gm.meta[REACH_META] = reach[0]
     if poisoned:
         gm.graph.eliminate_dead_code()

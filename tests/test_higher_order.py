@@ -650,3 +650,46 @@ def test_create_graph_under_torch_compile_with_a_size_input():
         (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
         results.append([g, *torch.autograd.grad((g ** 2).sum(), leaf)])
     assert_all_close(*results)
+
+
+class _ProductAndSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b, a + b
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        a, b = ctx.saved_tensors
+        return g0 * b * a + g1, g0 * a
+
+
+def test_a_custom_function_dynamo_traced_is_refused_not_detached():
+    """Note [Higher-order backward]: under torch.compile dynamo traces a
+    custom Function into ``autograd_function_apply``, whose backward graph
+    runs with grad mode off.  Its create_graph gradients came back detached
+    (the second-order terms silently dropped); now they are exact and
+    differentiating them raises, naming the reason.  aot_function, which
+    runs the Function itself, differentiates it twice as eager does."""
+    torch._dynamo.reset()
+
+    def f(x, y):
+        return _ProductAndSum.apply(x, y)
+
+    def grads(fn):
+        x = torch.ones(4, requires_grad=True)
+        y = torch.full((4,), 2.0, requires_grad=True)
+        gx, gy = torch.autograd.grad(fn(x, y)[0].sum(), (x, y), create_graph=True)
+        return x, y, gx, gy
+
+    x, y, gx, gy = grads(f)
+    (gx.pow(2).sum() + gy.pow(2).sum()).backward()
+    want = (gx.detach(), gy.detach(), x.grad, y.grad)
+    cx, cy, cgx, cgy = grads(torch.compile(f, backend=aotgrad.backends.aot_eager))
+    torch.testing.assert_close((cgx.detach(), cgy.detach()), want[:2])
+    assert cgx.requires_grad and cgy.requires_grad
+    with pytest.raises(RuntimeError, match="dynamo traced"):
+        (cgx.pow(2).sum() + cgy.pow(2).sum()).backward()
+    ax, ay, agx, agy = grads(aotgrad.aot_function(f, aotgrad.nop))
+    (agx.pow(2).sum() + agy.pow(2).sum()).backward()
+    torch.testing.assert_close((ax.grad, ay.grad), want[2:])
