@@ -23,7 +23,9 @@ reads nothing real.  ``functional_call`` looks at the attributes of the
 module tree after the call; one that now holds a traced tensor (directly or
 in a list, tuple or dict) is put back as it was and the trace stops with an
 error naming it (``torch.compile`` replays such writes; an ahead-of-time
-graph cannot).
+graph cannot) -- but for the attributes torch's ``spectral_norm`` and old
+``weight_norm`` pre-hooks recompute at every call, which are put back
+without an error.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _torch
 
@@ -68,12 +72,26 @@ class TracedTensorStored(RuntimeError):
     program is not run eagerly to find eager's error: that would store again)."""
 
 
+def _recomputed_attributes(m: nn.Module) -> set[str]:
+    """Attributes a forward pre-hook of torch's recomputes from parameters at
+    every call (``spectral_norm``'s and the old ``weight_norm``'s ``weight``):
+    what the trace stores there is put back, with no error -- the module
+    reads it only after the hook has set it again."""
+    return {hook.name for hook in m._forward_pre_hooks.values()
+            if isinstance(hook, (SpectralNorm, WeightNorm))}
+
+
 def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:
     """Note [Tensors a trace leaves on the module]."""
     names = {id(m): name for name, m in mod.named_modules(remove_duplicate=False)}
     for m, attrs in before:
+        recomputed = _recomputed_attributes(m) if m._forward_pre_hooks else set()
         for attr, value in list(vars(m).items()):
             if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            if attr in recomputed:
+                if attr in attrs and attrs[attr] is not value:
+                    setattr(m, attr, attrs[attr])
                 continue
             if (attr in attrs and attrs[attr] is value and not isinstance(value, (list, dict))) \
                     or not _holds_traced_tensor(value):

@@ -502,3 +502,30 @@ def test_a_forward_storing_a_tensor_on_its_module_is_an_error(how):
     m.how = None       # a forward that stores nothing still compiles and runs
     x = torch.randn(2, 3)
     torch.testing.assert_close(aotgrad.aot_module(m, nop)(x), m(x))
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_weights_recomputed_by_torch_pre_hooks_are_not_refused(norm):
+    """Note [Tensors a trace leaves on the module]: spectral_norm's and the
+    old weight_norm's pre-hooks set ``module.weight`` from the parameters at
+    every call; the trace's value is put back with no error (the refusal
+    made these modules fail to compile), outputs and gradients as eager's."""
+    wrap = {"spectral_norm": nn.utils.spectral_norm, "weight_norm": nn.utils.weight_norm}[norm]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # weight_norm's deprecation
+        eager = wrap(nn.Linear(3, 3))
+        mod = wrap(nn.Linear(3, 3))
+    mod.load_state_dict(eager.state_dict())
+    compiled = aotgrad.aot_module(mod, nop)
+    for _ in range(2):
+        x = torch.randn(2, 3)
+        want, got = eager(x), compiled(x)
+        torch.testing.assert_close(got, want)
+        want.sum().backward()
+        got.sum().backward()
+        for p, q in zip(mod.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        for b, c in zip(mod.buffers(), eager.buffers()):
+            torch.testing.assert_close(b, c)
+    assert type(mod.weight) is torch.Tensor
