@@ -23,9 +23,9 @@ reads nothing real.  ``functional_call`` looks at the attributes of the
 module tree after the call; one that now holds a traced tensor (directly or
 in a list, tuple or dict) is put back as it was and the trace stops with an
 error naming it (``torch.compile`` replays such writes; an ahead-of-time
-graph cannot) -- but for the attributes torch's ``spectral_norm`` and old
-``weight_norm`` pre-hooks recompute at every call, which are put back
-without an error.
+graph cannot) -- but for the attributes torch's ``spectral_norm``, old
+``weight_norm`` and pruning pre-hooks recompute at every call, which are put
+back without an error.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -74,11 +75,16 @@ class TracedTensorStored(RuntimeError):
 
 def _recomputed_attributes(m: nn.Module) -> set[str]:
     """Attributes a forward pre-hook of torch's recomputes from parameters at
-    every call (``spectral_norm``'s and the old ``weight_norm``'s ``weight``):
+    every call (``spectral_norm``'s, the old ``weight_norm``'s, pruning's):
     what the trace stores there is put back, with no error -- the module
     reads it only after the hook has set it again."""
-    return {hook.name for hook in m._forward_pre_hooks.values()
-            if isinstance(hook, (SpectralNorm, WeightNorm))}
+    names = set()
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, (SpectralNorm, WeightNorm)):
+            names.add(hook.name)
+        elif isinstance(hook, BasePruningMethod):
+            names.add(hook._tensor_name)
+    return names
 
 
 def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune
 
 import aotgrad
 from aotgrad import aot_function, nop
@@ -504,13 +505,19 @@ def test_a_forward_storing_a_tensor_on_its_module_is_an_error(how):
     torch.testing.assert_close(aotgrad.aot_module(m, nop)(x), m(x))
 
 
-@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def _pruned(lin):
+    torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    return lin
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm", "prune"])
 def test_weights_recomputed_by_torch_pre_hooks_are_not_refused(norm):
     """Note [Tensors a trace leaves on the module]: spectral_norm's and the
     old weight_norm's pre-hooks set ``module.weight`` from the parameters at
     every call; the trace's value is put back with no error (the refusal
     made these modules fail to compile), outputs and gradients as eager's."""
-    wrap = {"spectral_norm": nn.utils.spectral_norm, "weight_norm": nn.utils.weight_norm}[norm]
+    wrap = {"spectral_norm": nn.utils.spectral_norm, "weight_norm": nn.utils.weight_norm,
+            "prune": _pruned}[norm]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # weight_norm's deprecation
