@@ -64,7 +64,8 @@ def functional_call(mod: nn.Module, state: tuple[dict, ...], args: tuple,
     before = [(m, dict(vars(m))) for m in mod.modules()]
     out = torch.func.functional_call(mod, tuple(once), args, kwargs, tie_weights=False,
                                      **options)
-    _refuse_traced_tensors_left(mod, before)
+    given = {id(v) for names in once for v in names.values()}
+    _refuse_traced_tensors_left(mod, before, given)
     return out
 
 
@@ -87,8 +88,10 @@ def _recomputed_attributes(m: nn.Module) -> set[str]:
     return names
 
 
-def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:
-    """Note [Tensors a trace leaves on the module]."""
+def _refuse_traced_tensors_left(mod: nn.Module, before: list, given: set[int]) -> None:
+    """Note [Tensors a trace leaves on the module]; ``given``: the ids of the
+    tensors put in for the parameters and buffers, which a module may mirror
+    (an RNN's ``_flat_weights``) -- not values it computed."""
     names = {id(m): name for name, m in mod.named_modules(remove_duplicate=False)}
     for m, attrs in before:
         recomputed = _recomputed_attributes(m) if m._forward_pre_hooks else set()
@@ -100,14 +103,14 @@ def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:
                     setattr(m, attr, attrs[attr])
                 continue
             if (attr in attrs and attrs[attr] is value and not isinstance(value, (list, dict))) \
-                    or not _holds_traced_tensor(value):
+                    or not _holds_traced_tensor(value, given):
                 continue
             if attr in attrs:
                 setattr(m, attr, attrs[attr])
                 if isinstance(value, list) and value is attrs[attr]:   # appended to
-                    value[:] = [v for v in value if not _holds_traced_tensor(v)]
+                    value[:] = [v for v in value if not _holds_traced_tensor(v, given)]
                 elif isinstance(value, dict) and value is attrs[attr]:
-                    for k in [k for k, v in value.items() if _holds_traced_tensor(v)]:
+                    for k in [k for k, v in value.items() if _holds_traced_tensor(v, given)]:
                         del value[k]
             else:
                 delattr(m, attr)
@@ -121,11 +124,11 @@ def _refuse_traced_tensors_left(mod: nn.Module, before: list) -> None:
                 f"torch.compile (which replays such writes).")
 
 
-def _holds_traced_tensor(value: Any, depth: int = 0) -> bool:
+def _holds_traced_tensor(value: Any, given: set[int], depth: int = 0) -> bool:
     if _torch.is_traced_tensor(value):
-        return True
+        return id(value) not in given
     if depth < 3 and isinstance(value, (list, tuple)):
-        return any(_holds_traced_tensor(v, depth + 1) for v in value)
+        return any(_holds_traced_tensor(v, given, depth + 1) for v in value)
     if depth < 3 and isinstance(value, dict):
-        return any(_holds_traced_tensor(v, depth + 1) for v in value.values())
+        return any(_holds_traced_tensor(v, given, depth + 1) for v in value.values())
     return False
