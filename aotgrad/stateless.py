@@ -91,7 +91,9 @@ def _recomputed_attributes(m: nn.Module) -> set[str]:
 def _refuse_traced_tensors_left(mod: nn.Module, before: list, given: set[int]) -> None:
     """Note [Tensors a trace leaves on the module]; ``given``: the ids of the
     tensors put in for the parameters and buffers, which a module may mirror
-    (an RNN's ``_flat_weights``) -- not values it computed."""
+    in private attributes (an RNN's ``_flat_weights``) -- not values it
+    computed; a public attribute holding one (``self.w = self.lin.weight``)
+    would keep a trace tensor and is refused."""
     names = {id(m): name for name, m in mod.named_modules(remove_duplicate=False)}
     for m, attrs in before:
         recomputed = _recomputed_attributes(m) if m._forward_pre_hooks else set()
@@ -102,21 +104,24 @@ def _refuse_traced_tensors_left(mod: nn.Module, before: list, given: set[int]) -
                 if attr in attrs and attrs[attr] is not value:
                     setattr(m, attr, attrs[attr])
                 continue
+            # a module's private mirror of its parameters (an RNN's _flat_weights)
+            # holds the tensors put in; anywhere else they count too
+            mirrored = given if attr.startswith("_") else frozenset()
             if (attr in attrs and attrs[attr] is value and not isinstance(value, (list, dict))) \
-                    or not _holds_traced_tensor(value, given):
+                    or not _holds_traced_tensor(value, mirrored):
                 continue
             if attr in attrs:
                 setattr(m, attr, attrs[attr])
                 if isinstance(value, list) and value is attrs[attr]:   # appended to
-                    value[:] = [v for v in value if not _holds_traced_tensor(v, given)]
+                    value[:] = [v for v in value if not _holds_traced_tensor(v, mirrored)]
                 elif isinstance(value, dict) and value is attrs[attr]:
-                    for k in [k for k, v in value.items() if _holds_traced_tensor(v, given)]:
+                    for k in [k for k, v in value.items() if _holds_traced_tensor(v, mirrored)]:
                         del value[k]
             else:
                 delattr(m, attr)
             where = ".".join(filter(None, (type(mod).__name__, names.get(id(m)), attr)))
             raise TracedTensorStored(
-                f"aotgrad: the module's forward stored a tensor it computed on the module "
+                f"aotgrad: the module's forward stored a tensor on the module "
                 f"({where}, {type(value).__name__}). An ahead-of-time trace runs the forward "
                 f"once, so what is stored there would be a tensor of the trace, not this "
                 f"call's value (Note [Tensors a trace leaves on the module]). Return the "

@@ -559,3 +559,22 @@ def test_modules_mirroring_their_parameters_are_not_refused(kind):
         for p, q in zip(mod.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad)
     torch.testing.assert_close(mod(x)[0], eager(x)[0])   # the module still runs eagerly
+
+
+def test_a_forward_storing_a_parameter_on_its_module_is_an_error():
+    """``self.w = self.lin.weight`` in forward would leave the trace's
+    stand-in for the parameter on the module (Note [Tensors a trace leaves on
+    the module]); only a module's private mirrors of its parameters pass."""
+    class Keeps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.w = self.lin.weight
+            return self.lin(x)
+
+    m = Keeps()
+    with pytest.raises(RuntimeError, match="stored a tensor.*Keeps.w"):
+        aotgrad.aot_module(m, nop)(torch.randn(2, 3))
+    assert not hasattr(m, "w")
