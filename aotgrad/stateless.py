@@ -47,6 +47,7 @@ def functional_call(mod: nn.Module, state: tuple[dict, ...], args: tuple,
     with one name per slot (Note [Modules reachable under two names])."""
     seen: set[tuple[int, str]] = set()
     once = []
+    slots = []      # (owner, attribute, the tensor put there, its name)
     for names in state:
         kept = {}
         for name, value in names.items():
@@ -60,13 +61,53 @@ def functional_call(mod: nn.Module, state: tuple[dict, ...], args: tuple,
             if slot not in seen:
                 seen.add(slot)
                 kept[name] = value
+                slots.append((owner, attr, value, name))
         once.append(kept)
     before = [(m, dict(vars(m))) for m in mod.modules()]
-    out = torch.func.functional_call(mod, tuple(once), args, kwargs, tie_weights=False,
-                                     **options)
+    rebound: list[str] = []
+
+    def check_slots(module: nn.Module, args: Any, output: Any) -> None:
+        # Note [Parameters and buffers rebound in forward]: still inside the call
+        rebound.extend(name for owner, attr, value, name in slots
+                       if _slot_value(owner, attr) is not value)
+
+    handle = mod.register_forward_hook(check_slots)
+    try:
+        out = torch.func.functional_call(mod, tuple(once), args, kwargs, tie_weights=False,
+                                         **options)
+    finally:
+        handle.remove()
     given = {id(v) for names in once for v in names.values()}
     _refuse_traced_tensors_left(mod, before, given)
+    if rebound:
+        raise TracedTensorStored(
+            f"aotgrad: the module's forward assigns a new tensor to its parameter or buffer "
+            f"{rebound[0]!r} ({type(mod).__name__}.{rebound[0]} = ...). The compiled call "
+            f"cannot assign it at each call (the assignment would be lost: Note [Parameters "
+            f"and buffers rebound in forward]). Update it in place instead "
+            f"(self.{rebound[0].rpartition('.')[2]}.copy_(new) or an in-place op), or use "
+            f"torch.compile.")
     return out
+
+
+def _slot_value(owner: nn.Module, attr: str) -> Any:
+    for table in (owner._parameters, owner._buffers):
+        if attr in table:
+            return table[attr]
+    return owner.__dict__.get(attr)
+
+
+# Note [Parameters and buffers rebound in forward]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A forward that assigns a new tensor to a parameter or buffer
+# (``self.cache = self.cache + x``, ``self.register_buffer("cos", bigger)``)
+# does it on the trace's stand-in, in the slot functional_call filled; on the
+# way out functional_call puts the module's own tensor back and the
+# assignment is lost -- every call would read the old buffer (functorch's
+# aot_module does the same).  A forward hook on the root module, which runs
+# inside the call, finds each slot that no longer holds the tensor put in,
+# and the trace stops with an error naming it: in-place updates (``copy_``,
+# ``add_``) are the graph's input mutations, applied at every call.
 
 
 class TracedTensorStored(RuntimeError):

@@ -578,3 +578,43 @@ def test_a_forward_storing_a_parameter_on_its_module_is_an_error():
     with pytest.raises(RuntimeError, match="stored a tensor.*Keeps.w"):
         aotgrad.aot_module(m, nop)(torch.randn(2, 3))
     assert not hasattr(m, "w")
+
+
+class _Rebinds(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.register_buffer("cache", torch.zeros(3))
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.how == "buffer":
+            self.cache = self.cache + x.sum()
+        elif self.how == "register":
+            self.register_buffer("cache", torch.cat([self.cache, self.cache]))
+        elif self.how == "child":
+            self.lin.bias = nn.Parameter(self.lin.bias * 2)
+        else:                         # in place: the graph's input mutation
+            self.cache.add_(x.sum())
+        return self.lin(x) + self.cache[:3]
+
+
+@pytest.mark.parametrize("how", ["buffer", "register", "child", "in place"])
+def test_a_forward_rebinding_a_parameter_or_buffer(how):
+    """Note [Parameters and buffers rebound in forward] (stateless.py): the
+    assignment was lost at every call (the buffer stayed zeros, outputs
+    drifted from eager's); now it is an error naming the slot.  In-place
+    updates are the graph's input mutations and match eager."""
+    torch.manual_seed(0)
+    eager, mod = _Rebinds(how), _Rebinds(how)
+    mod.load_state_dict(eager.state_dict())
+    compiled = aotgrad.aot_module(mod, nop)
+    if how != "in place":
+        with pytest.raises(RuntimeError, match="assigns a new tensor to its parameter or buffer"):
+            compiled(torch.ones(3))
+        torch.testing.assert_close(mod.cache, torch.zeros(3))
+        return
+    for k in range(3):
+        x = torch.full((3,), float(k + 1))
+        torch.testing.assert_close(compiled(x), eager(x))
+        torch.testing.assert_close(mod.cache, eager.cache)
