@@ -45,7 +45,7 @@ from .compile import nop
 from .descriptors import DESC, Primal, Tangent
 from .flatten import flatten_inputs
 from .partition import MemoryPolicy
-from .partition import copies as copy_plan
+from .partition.copies import timeline as copies_timeline
 from .partition.peak import Timeline
 from .partition.problem import recompute_cost
 from .pipeline import CompileReport
@@ -301,7 +301,7 @@ def _explain(target: Target, partition_fn: Callable, partitioner: str,
     part = report.partitioned
     fw_gm, bw_gm = report.forward_graph, report.backward_graph if part is not None else None
     recomputed = recomputed_names(fw_gm, bw_gm)
-    timeline, _ = copy_plan.timeline(fw_gm, bw_gm, recomputed, recompute_cost)
+    timeline, _ = copies_timeline(fw_gm, bw_gm, recomputed, recompute_cost)
     live, nf = timeline.live, timeline.num_forward_steps
     saved = saved_tensors(report, labels)
     return ExplainReport(

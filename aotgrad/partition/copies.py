@@ -38,15 +38,13 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from . import offload
+from .offload import offload_op, reload_op, reload_wait_op
 from .peak import Timeline, step_timeline
 from .problem import tensor_bytes
 
 #: A byte copied one way between pinned CPU memory and a device (~50 GB/s of
 #: PCIe), in ``recompute_cost``'s units.
 COPY_COST_PER_BYTE = 20_000
-
-_OFFLOAD, _RELOAD, _WAIT = offload.offload_op, offload.reload_op, offload.reload_wait_op
 
 
 @dataclass(frozen=True)
@@ -56,17 +54,13 @@ class CopyTimes:
     held_until: dict[str, int] = field(default_factory=dict)   # offloaded value -> step
 
 
-def _is(n: fx.Node, op: object) -> bool:
-    return n.target is op
-
-
 def timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None, recomputed: frozenset[str],
              cost: Callable[[fx.Node], int],
              cache: dict | None = None) -> tuple[Timeline, CopyTimes]:
     """The step's timeline (Note [Peak of a step]; ``cache``: step_timeline's)
     with its offloaded blocks held until their copies out are done, and the
     copies' times."""
-    offloads = any(_is(n, _OFFLOAD) for n in fw_gm.graph.nodes)
+    offloads = any(n.target is offload_op for n in fw_gm.graph.nodes)
     copies = copy_times(fw_gm, bw_gm, cost) if offloads else CopyTimes()
     return step_timeline(fw_gm, bw_gm, recomputed, copies.held_until, cache), copies
 
@@ -83,14 +77,14 @@ def copy_times(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
     back_done: dict[fx.Node, int] = {}
     ends: list[int] = []              # per step, when the compute stream is past it
     for n in nodes:
-        if _is(n, _OFFLOAD):
+        if n.target is offload_op:
             value = n.args[0]
             start = max(now, out_free)
             out_free = out_done[value.name] = start + COPY_COST_PER_BYTE * _bytes(value)
-        elif _is(n, _RELOAD):
+        elif n.target is reload_op:
             start = max(now, back_free, out_done.get(n.args[0].name, 0))
             back_free = back_done[n] = start + COPY_COST_PER_BYTE * _bytes(n)
-        elif _is(n, _WAIT):
+        elif n.target is reload_wait_op:
             ready = back_done.get(n.args[0], now)
             if ready > now:
                 stall += ready - now

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-_side_streams: dict[int, "torch.cuda.Stream"] = {}
+_streams: dict[tuple[str, int], "torch.cuda.Stream"] = {}   # by (direction, device index)
 
 # Note [Offload events]: per CPU copy (by its data pointer) the event of its
 # copy out, until its copy back waits for it.  A copy never reloaded (no
@@ -47,13 +47,22 @@ _side_streams: dict[int, "torch.cuda.Stream"] = {}
 _copied: dict[int, "torch.cuda.Event"] = {}
 
 
+def _stream(direction: str, device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _streams.get((direction, index))
+    if stream is None:
+        stream = _streams[direction, index] = torch.cuda.Stream(device=index)
+    return stream
+
+
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
     """The side stream the copies out of ``device`` run on."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _side_streams.get(index)
-    if stream is None:
-        stream = _side_streams[index] = torch.cuda.Stream(device=index)
-    return stream
+    return _stream("out", device)
+
+
+def reload_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream the copies back to ``device`` run on (the other copy engine)."""
+    return _stream("back", device)
 
 
 @torch.library.custom_op("aotgrad::offload", mutates_args=())
@@ -83,16 +92,6 @@ def _(x: torch.Tensor) -> torch.Tensor:
 # Note [Offload events]: per reloaded block (by its data pointer) the event of
 # its copy back, until reload_wait waits for it.
 _reloading: dict[int, "torch.cuda.Event"] = {}
-_reload_streams: dict[int, "torch.cuda.Stream"] = {}
-
-
-def reload_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The side stream the copies back to ``device`` run on."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _reload_streams.get(index)
-    if stream is None:
-        stream = _reload_streams[index] = torch.cuda.Stream(device=index)
-    return stream
 
 
 @torch.library.custom_op("aotgrad::reload", mutates_args=())

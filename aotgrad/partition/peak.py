@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from .. import _torch
-from . import offload
+from .offload import offload_op, reload_op
 from ..descriptors import DESC, Saved, Tangent, UserOutput
 
 
@@ -160,11 +160,6 @@ def timeline_device(joint_gm: fx.GraphModule, primals) -> torch.device | None:
     return None
 
 
-# aotgrad's own copy ops (offload.py registers them)
-_OFFLOAD = offload.offload_op
-_RELOAD = offload.reload_op
-
-
 def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
                   recomputed: frozenset[str] = frozenset(),
                   held_until: dict[str, int] | None = None,
@@ -237,7 +232,7 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
         if isinstance(v, fx.Node):
             role.setdefault(v, d)
     bw_places = {p.name: p for p in bw_gm.graph.find_nodes(op="placeholder")} if bw_gm else {}
-    offloaded = {n.args[0] for n in fw_nodes if n.target is _OFFLOAD and n.args}
+    offloaded = {n.args[0] for n in fw_nodes if n.target is offload_op and n.args}
     fw_by_name = {}
     for n in fw_nodes:
         s = _storage(n, device, cache)
@@ -284,7 +279,7 @@ def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
         if n in grads:
             kind, end = "gradient", last_step
         else:
-            kind = "reloaded" if n.target is _RELOAD else \
+            kind = "reloaded" if n.target is reload_op else \
                 "recomputed" if n.name in recomputed else "temporary"
             end = last_use(n, bw_index, bw_index[n])
         if k in input_key_set:

@@ -94,7 +94,7 @@ from .. import _torch, config
 from ..descriptors import DESC, Tangent
 from ..rng import replay_random_ops
 from .apply import build_partition, inputs_first
-from . import copies as copy_plan
+from .copies import timeline as copies_timeline
 from .offload import insert_offload
 from .mincut import Cut, RematProblem, min_cut_saved_values
 from .peak import Timeline, known_storages_bytes, timeline_device
@@ -303,7 +303,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
         else:
             recomputed = frozenset(n.name for n in bw_gm.graph.nodes
                                    if n.op == "call_function" and n.name in fw_names)
-            timeline, copies = copy_plan.timeline(fw_gm, bw_gm, recomputed, cost, storages)
+            timeline, copies = copies_timeline(fw_gm, bw_gm, recomputed, cost, storages)
             time = _backward_work(bw_gm, cost) + copies.stall
             points[c] = PlanPoint(c, timeline.peak, time, cuts[c.cut].saved_bytes, moved_bytes)
         if config.debug_assert and (peak_bound(c) > points[c].peak or
