@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -69,6 +70,8 @@ def guard_key(leaves: list, in_spec: Any, dynamic: bool, num_static: int = 0) ->
         elif type(leaf) not in _VALUE_TYPES and is_plain_object(leaf):
             passed.append(leaf)  # Note [Objects passed in]: by state, below
             parts.append(type(leaf))
+        elif type(leaf) is float:   # -0.0 == 0.0, but 1 / -0.0 is -inf
+            parts.append((float, leaf, math.copysign(1.0, leaf)))
         else:
             parts.append((type(leaf), hashable(leaf)))
     if passed:

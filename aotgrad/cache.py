@@ -32,6 +32,7 @@ import pickle
 import shutil
 import tempfile
 import tokenize
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -273,12 +274,29 @@ def bypass_reason(gm: fx.GraphModule, options: CompileOptions) -> str | None:
         return "saved-tensor hooks are active (callables have no stable identity)"
     if callable(config.activation_memory_budget_runtime_estimator):
         return "config.activation_memory_budget_runtime_estimator is a callable"
+    for n in gm.graph.nodes:   # what the graph's code names but the key cannot hold
+        if n.op == "call_module" and any(
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                for m in gm.get_submodule(n.target).modules()):
+            return f"the submodule {n.target} has hooks (callables have no stable identity)"
+        if n.op == "call_function" and _user_function(n.target):
+            return (f"the graph calls the Python function {_qualname(n.target)} (its code and "
+                    "closure are not in the key)")
+    if gm._forward_hooks or gm._forward_pre_hooks:
+        return "the graph module has forward hooks (callables have no stable identity)"
     if not config.autograd_cache_allow_custom_autograd_functions:
         for n in gm.graph.nodes:
             if n.op == "call_function" and _is_custom_autograd_function(n.target):
                 return ("the graph calls a custom autograd.Function (set "
                         "config.autograd_cache_allow_custom_autograd_functions to cache it)")
     return None
+
+
+def _user_function(target: Any) -> bool:
+    """A Python function of the user's (``allow_in_graph``): named by the
+    graph's code only; torch's own are fixed by the torch version."""
+    return isinstance(target, types.FunctionType) and \
+        not (target.__module__ or "").split(".")[0] in ("torch", "aotgrad", "operator", "math")
 
 
 def _is_custom_autograd_function(target: Any) -> bool:
@@ -330,7 +348,22 @@ def program_text(gm: fx.GraphModule) -> str:
             parts.append(f"{target}: {_tensor_digest(value)}")
         else:
             parts.append(f"{target}: {type(value).__qualname__} {value!r}")
+    for target in sorted({n.target for n in gm.graph.find_nodes(op="call_module")}):
+        parts.append(f"{target}: {_module_text(gm.get_submodule(target))}")
     return "\n".join(parts)
+
+
+def _module_text(module: torch.nn.Module) -> str:
+    """A submodule a ``call_module`` node runs: its type, mode and public
+    attributes (``eps``, ``momentum``, ...), with its own submodules'; its
+    parameters and buffers are the graph's inputs."""
+    parts = []
+    for name, m in module.named_modules():
+        attrs = sorted((k, _tensor_digest(v) if isinstance(v, torch.Tensor) else
+                        _qualname(v) if callable(v) else repr(v))
+                       for k, v in vars(m).items() if not k.startswith("_"))
+        parts.append(f"{name or '.'} {_qualname(type(m))} {attrs}")
+    return "; ".join(parts)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -370,10 +403,19 @@ def cache_key(gm: fx.GraphModule, leaves: list, options: CompileOptions) -> str 
         # Note [Options outside the cache key] (config.py)
         repr(sorted((k, repr(v)) for k, v in config.cache_key_options().items())),
     ]
-    for x in leaves:
+    same: dict[int, int] = {}     # which leaves are one tensor, or share a storage
+    storages: dict[tuple, int] = {}
+    for k, x in enumerate(leaves):
         if isinstance(x, torch.Tensor):
+            try:
+                storage = storages.setdefault((x.device.type, x.untyped_storage().data_ptr()), k)
+            except (NotImplementedError, RuntimeError):
+                storage = None
             parts.append(repr((tuple(x.shape), x.stride(), x.dtype, x.device.type,
-                               x.requires_grad, x.storage_offset())))
+                               x.requires_grad, x.storage_offset(), same.setdefault(id(x), k),
+                               storage)))
+        elif type(x) is float:    # -0.0 == 0.0, but repr tells them apart
+            parts.append(repr((float, x)))
         else:
             parts.append(repr((type(x).__name__, x)))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

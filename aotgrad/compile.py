@@ -27,7 +27,7 @@ import torch.fx as fx
 from . import _torch, config
 from .check import checked_first_call
 from .codegen import fresh_outputs, graph_function, reads_storage_offsets, stride_free_inputs
-from .missing import (CUSTOM_BACKWARD_META, GradientsLeftNone, MissingTangents,
+from .missing import (CUSTOM_BACKWARD_META, REACH_META, GradientsLeftNone, MissingTangents,
                       absorbing_tangents, without)
 from .partition import Partitioned
 from .views import is_view_op
@@ -340,14 +340,21 @@ def _missing_tangents(program: int, bw_gm: fx.GraphModule,
                       bw_compiler: Compiler) -> MissingTangents | None:
     """Note [Missing tangents]: the backwards for missing tangents, compiled
     when a call misses them (None when zeros give eager's values)."""
+    reach = None    # with a custom backward: which missing tangents may be symbolic zeros
     if bw_gm.meta.get(CUSTOM_BACKWARD_META, True):
-        return None    # a custom Function's backward gets the zeros, as in eager
-    absorbing = absorbing_tangents(bw_gm)
+        reach = bw_gm.meta.get(REACH_META)
+        if reach is None:
+            return None    # a custom Function's backward gets the zeros, as in eager
+    absorbing = absorbing_tangents(bw_gm, custom=reach is not None)
     if not absorbing:
         return None
 
     def make(missing: frozenset[int], whole: bool) -> Callable | None:
-        gm = without(bw_gm, missing, whole)
+        if reach is not None:    # Note [Tangents that reach no custom backward]
+            missing, whole = reach.symbolic(missing), True
+            if not missing & absorbing:
+                return None
+        gm = without(bw_gm, missing, whole, custom=reach is not None)
         if gm is None:
             return None
         with compiling("backward", program):

@@ -47,6 +47,28 @@ higher-order ops built on one) is not specialised: the runtime's zeros are
 what eager passes such a backward (``CUSTOM_BACKWARD_META`` on the backward
 graph, set by the trace; absent, e.g. a graph loaded from the cache that may
 hold such a Function, it counts as set).
+
+Note [Tangents that reach no custom backward]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Such a program still specialises, per missing set, for the missing tangents
+whose gradient reaches no custom node that runs: the traced autograd graph
+(``AutogradReach``, Note [Gradients that eager leaves None]) says which nodes
+the engine runs (those reached from a given root) and which nodes each
+tangent's root reaches.  The zeros of such a tangent meet only built-in
+formulas, which are linear, and custom nodes that do not run, whose whole
+contribution eager leaves out -- so they may be symbolic zeros, exactly as
+above, through the custom backward's ATen ops too.  Two silent wrong values
+go: ``f(x) = (x.log(), CF.apply(x))`` with the log unused at ``x = 0``
+(eager 3, the zeros nan), and a custom backward that eager does not run
+returning ``ones_like(g)`` into a gradient that is there (it added ones).
+The specialisation is made when a missing tangent's zeros would meet
+another value or go through an op that need not keep them zero
+(``absorbing_tangents(custom=True)``).  The other missing tangents get the
+runtime's zeros, as a running custom
+backward gets them in eager (a node that does not run but is also reached
+from such a tangent still adds what it computes from zeros).  The
+specialised graph returns its all-zero gradients as zeros (``whole``):
+which are None is the AutogradReach's to say.
 """
 
 from __future__ import annotations
@@ -115,14 +137,19 @@ def _linear(n: fx.Node) -> bool:
                               (v.is_floating_point() or v.is_complex()) for v in vals)
 
 
-def _rule(n: fx.Node, zero: set, side: set) -> tuple[Any, bool]:
+def _rule(n: fx.Node, zero: set, side: set, custom: bool = False) -> tuple[Any, bool]:
     """What zero inputs (``zero``, on the tangents' ``side``) make of ``n``:
     ``_ZERO``, ``_KEEP`` or an input that stands for it; and whether the
-    zeros meet another tensor (the value then depends on the specialisation)."""
+    zeros meet another tensor (the value then depends on the specialisation).
+    ``custom``: a custom backward may add a gradient that reads no tangent
+    (Note [Tangents that reach no custom backward]), so a sum is zero only
+    when all its terms are."""
     if n.target is operator.getitem:
         return (_ZERO, False) if n.args[0] in zero else (_KEEP, False)
     inputs = n.all_input_nodes
-    if all(a in zero for a in inputs if a in side) and _linear(n):
+    summed = custom and n.target in _ADDITIVE and any(
+        _is_tensor(a) and a not in zero for a in n.args[:2])
+    if not summed and all(a in zero for a in inputs if a in side) and _linear(n):
         return _ZERO, any(_is_tensor(a) and a not in zero for a in inputs)
     if n.target in _ADDITIVE and len(n.args) >= 2:
         a, b = n.args[0], n.args[1]
@@ -155,9 +182,34 @@ def _same_ints(xs, ys) -> bool:
         for x, y in zip(xs, ys))
 
 
-def absorbing_tangents(bw_gm: fx.GraphModule) -> frozenset[int]:
-    """Note [Missing tangents]: the tangents whose zeros meet another value.
-    One pass: per node, the tangents that make it zero when missing alone."""
+#: ops whose value is zero when their tangent-side inputs are (first argument
+#: only, for ``div``); in a program with a custom backward, a zero through any
+#: other op may differ from the symbolic one (``ones_like(g)``, ``g.cos()``)
+_ZERO_PRESERVING = {aten.mul.Tensor, aten.mul.Scalar, aten.neg.default, aten.mm.default,
+                    aten.bmm.default, aten.sum.default, aten.sum.dim_IntList, aten.mean.dim,
+                    aten.clone.default, aten._to_copy.default, aten.cat.default,
+                    aten.stack.default, aten.add.Tensor, aten.sub.Tensor}
+
+
+def _keeps_zero(n: fx.Node, zero: set) -> bool:
+    """Whether ``n`` is zero where its ``zero`` inputs are, as computed."""
+    target = n.target
+    if target is operator.getitem or is_view_op(target):
+        return True
+    if target in (aten.div.Tensor, aten.div.Scalar):
+        return n.args[0] in zero and not (len(n.args) > 1 and n.args[1] in zero)
+    if target in (aten.add.Tensor, aten.sub.Tensor):
+        return all(isinstance(a, fx.Node) for a in n.args[:2])   # no scalar added
+    return target in _ZERO_PRESERVING or (
+        isinstance(target, torch._ops.OpOverload) and
+        target._schema.name.endswith("_backward") and bool(n.args) and n.args[0] in zero)
+
+
+def absorbing_tangents(bw_gm: fx.GraphModule, custom: bool = False) -> frozenset[int]:
+    """Note [Missing tangents]: the tangents whose zeros meet another value
+    (``custom``: or go through an op that may not keep them zero: Note
+    [Tangents that reach no custom backward]).  One pass: per node, the
+    tangents that make it zero when missing alone."""
     graph = bw_gm.graph
     side = _tangent_side(graph)
     zero_when: dict[fx.Node, frozenset[int]] = {}
@@ -174,8 +226,9 @@ def absorbing_tangents(bw_gm: fx.GraphModule) -> frozenset[int]:
         candidates = frozenset().union(*(zero_when.get(a, frozenset()) for a in inputs))
         made = []
         for j in candidates:
-            kind, meets = _rule(n, {a for a in inputs if j in zero_when.get(a, ())}, side)
-            if meets:
+            zero = {a for a in inputs if j in zero_when.get(a, ())}
+            kind, meets = _rule(n, zero, side, custom)
+            if meets or (custom and kind is _ZERO and not _keeps_zero(n, zero)):
                 absorbing.add(j)
             if kind is _ZERO:
                 made.append(j)
@@ -185,12 +238,13 @@ def absorbing_tangents(bw_gm: fx.GraphModule) -> frozenset[int]:
 
 
 def without(bw_gm: fx.GraphModule, missing: frozenset[int],
-            whole: bool = False) -> fx.GraphModule | None:
+            whole: bool = False, custom: bool = False) -> fx.GraphModule | None:
     """Note [Missing tangents]: the backward graph with the ``missing`` tangents
     absent (None where no graph can be made: a zero to materialise is not
     strided).  ``whole``: a gradient that is all zero is returned as zeros,
     not None -- a tensor subclass's gradient is rebuilt from all its plain
-    tensors (Note [Gradients that eager leaves None] then says which are None)."""
+    tensors (Note [Gradients that eager leaves None] then says which are None).
+    ``custom``: the program has a custom backward (``_rule``)."""
     graph = fx.Graph()
     env: dict = {}
     graph.output(graph.graph_copy(bw_gm.graph, env))
@@ -213,7 +267,7 @@ def without(bw_gm: fx.GraphModule, missing: frozenset[int],
             else:
                 n.args = (fx.node.map_arg(n.args[0], lambda a: None if a in zero else a),)
             continue
-        kind, _ = _rule(n, zero, side)
+        kind, _ = _rule(n, zero, side, custom)
         if kind is _ZERO:
             zero.add(n)
         elif isinstance(kind, fx.Node):
@@ -307,12 +361,10 @@ class MissingTangents:
 #   backward, the inputs its backward returns None for); per missing set the
 #   runtime replays on it which nodes run and which edges carry a gradient,
 #   as the engine does.  (A graph loaded from the disk cache has no such
-#   record: its gradients are kept as computed.)  What it cannot do is take
-#   back what a custom node that eager would not run adds to a gradient that
-#   is there: ``backward`` returning ``ones_like(g)`` for an input whose
-#   other uses are in the loss, all of the node's outputs unused, adds ones
-#   (shared with torch's aot_function; torch.compile traces such Functions
-#   itself and is exact).
+#   record: its gradients are kept as computed.)  What a custom node that
+#   eager would not run adds to a gradient that is there is taken back by
+#   the missing set's specialisation: Note [Tangents that reach no custom
+#   backward].
 
 
 @dataclass(frozen=True)
@@ -328,12 +380,7 @@ class AutogradReach:
 
     def left_none(self, missing: frozenset[int]) -> frozenset[int]:
         given = [r for j, rs in enumerate(self.roots) if j not in missing for r in rs]
-        ran, stack = set(), [r for r in given if r >= 0]
-        while stack:                       # the nodes the engine runs
-            k = stack.pop()
-            if k not in ran:
-                ran.add(k)
-                stack.extend(e for e in self.edges[k] if e >= 0)
+        ran = self._ran(missing)
         reached = {r for r in given if r >= 0}     # nodes given a gradient
         inputs = {-1 - r for r in given if r < 0}  # inputs given a gradient
         for k in self.order:
@@ -345,6 +392,36 @@ class AutogradReach:
                         inputs.add(-1 - e)
         return frozenset(p for m, ps in enumerate(self.positions) if m not in inputs
                          for p in ps)
+
+    def _ran(self, missing: frozenset[int]) -> set[int]:
+        """The nodes the engine runs: those reached from a given root."""
+        ran, stack = set(), [r for j, rs in enumerate(self.roots) if j not in missing
+                             for r in rs if r >= 0]
+        while stack:
+            k = stack.pop()
+            if k not in ran:
+                ran.add(k)
+                stack.extend(e for e in self.edges[k] if e >= 0)
+        return ran
+
+    def symbolic(self, missing: frozenset[int]) -> frozenset[int]:
+        """Note [Tangents that reach no custom backward]: the ``missing``
+        tangents whose roots reach no custom node that runs."""
+        ran = self._ran(missing)
+        out = set()
+        for j in missing:
+            seen, stack = set(), [r for r in self.roots[j] if r >= 0]
+            while stack:
+                k = stack.pop()
+                if k in seen:
+                    continue
+                seen.add(k)
+                if self.custom[k] and k in ran:
+                    break
+                stack.extend(e for e in self.edges[k] if e >= 0)
+            else:
+                out.add(j)
+        return frozenset(out)
 
 
 class ReachRecorder:

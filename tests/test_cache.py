@@ -227,3 +227,78 @@ class TestCacheRobustness(unittest.TestCase):
             torch.testing.assert_close(f(x)[0], gm(x)[0])
             self.assertEqual([fs for _, _, fs in os.walk(Cache.directory()) if fs], [])
             Cache.clear()
+
+
+class TestWhatTheKeyHolds(TestAutogradCache):
+    """Each a program the key once mistook for another (silently the first
+    one's values)."""
+
+    def compile_simplified(self, module, inputs):
+        return aot_module_simplified(fx.symbolic_trace(module), inputs, nop)
+
+    def test_which_inputs_are_one_tensor(self):
+        class AddTwice(nn.Module):
+            def forward(self, a, b):
+                return (a * 2 + b,)
+
+        x, a, b = torch.randn(3), torch.randn(3), torch.randn(3)
+        torch.testing.assert_close(self.compile_simplified(AddTwice(), [x, x])(x, x)[0], x * 3)
+        torch.testing.assert_close(self.compile_simplified(AddTwice(), [a, b])(a, b)[0], a * 2 + b)
+
+    def test_a_submodules_attributes_and_mode(self):
+        class Norm(nn.Module):
+            def __init__(self, eps):
+                super().__init__()
+                self.ln = nn.LayerNorm(3, eps=eps)
+                self.bn = nn.BatchNorm1d(3)
+
+            def forward(self, x):
+                return (self.bn(self.ln(x)),)
+
+        x = torch.randn(4, 3)
+        for eps, train in ((1e-5, True), (10.0, True), (1e-5, False)):
+            m = Norm(eps).train(train)
+            want = Norm(eps).train(train)(x)[0]
+            torch.testing.assert_close(self.compile_simplified(m, [x])(x)[0], want)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 0)
+
+    def test_hooks_and_python_functions_are_bypassed(self):
+        class Lin(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(2, 2)
+
+            def forward(self, x):
+                return (self.lin(x) * 2,)
+
+        x = torch.randn(1, 2)
+        gm = fx.symbolic_trace(Lin())
+        gm.register_forward_hook(lambda m, i, o: (o[0] * 10,))
+        torch.testing.assert_close(aot_module_simplified(gm, [x], nop)(x)[0], gm(x)[0])
+        gm = fx.symbolic_trace(Lin())
+        gm.lin.register_forward_hook(lambda m, i, o: o * 10)
+        aot_module_simplified(gm, [x], nop)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_bypass"], 2)
+
+        def make(k):
+            def op(x):
+                return x * k
+            return op
+
+        for k in (2.0, 5.0):
+            graph = fx.Graph()
+            p = graph.placeholder("x")
+            graph.output((graph.call_function(make(k), (p,)),))
+            gm = fx.GraphModule(nn.Module(), graph)
+            torch.testing.assert_close(aot_module_simplified(gm, [x], nop)(x)[0], x * k)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_hit"], 0)
+        self.assertEqual(counters["aot_autograd"]["autograd_cache_bypass"], 4)
+
+    def test_negative_zero(self):
+        def f(x, s):
+            return x / s
+
+        x = torch.ones(2)
+        compiled = aotgrad.aot_function(f, nop)
+        for s in (0.0, -0.0, 0.0):
+            torch.testing.assert_close(compiled(x, s), f(x, s))

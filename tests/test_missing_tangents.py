@@ -427,3 +427,57 @@ def test_custom_backward_in_a_subclass_program(how):
             assert (g is None) == (w is None), (used, want, got)
             if w is not None:
                 torch.testing.assert_close(g, w)
+
+
+class _Triple(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 3
+
+
+class _CosBackward(torch.autograd.Function):
+    """A backward that is not linear in its gradient: ``cos(0) = 1``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.cos()
+
+
+def log_beside_a_custom_function(x):
+    return x.log(), _Triple.apply(x)
+
+
+def custom_function_unused(x):
+    return _CosBackward.apply(x), x * 2
+
+
+def one_custom_node_runs(x):
+    return _CosBackward.apply(x), _CosBackward.apply(x * 2)
+
+
+@pytest.mark.parametrize("how", ["aot_function", "torch.compile"])
+@pytest.mark.parametrize("f, want", [(log_beside_a_custom_function, [3.0, 3.0]),
+                                     (custom_function_unused, [2.0, 2.0]),
+                                     (one_custom_node_runs, [2 * 1.0 - 1 + 1.0806, 1.0806])])
+def test_tangents_that_reach_no_custom_backward_are_absent(how, f, want):
+    """Note [Tangents that reach no custom backward]: with the first output
+    unused, its zeros are symbolic when they reach no custom node that runs --
+    no nan from the log's formula at 0, no ``cos(0)`` from a custom backward
+    eager does not run -- while the custom node that runs still gets zeros."""
+    torch._dynamo.reset()
+    compiled = aot_function(f, nop) if how == "aot_function" else \
+        torch.compile(f, backend=aotgrad.backends.aot_eager, fullgraph=True)
+    x = torch.tensor([0.0, 1.0])
+    eager = grads(f, x, (1,))
+    if f is not one_custom_node_runs:
+        assert eager.tolist() == want   # the test's premise
+    torch.testing.assert_close(grads(compiled, x, (1,)), eager)
+    check(compiled, f, x)
