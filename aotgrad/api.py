@@ -215,13 +215,18 @@ class AOTFunction:
         except GuardFailed:  # Note [Shape guards] (pipeline.py), Note [Values read while tracing]
             out = self._call_shape_variant(key, leaves, in_spec)
         except AliasedMutatedInputs as aliased:  # Note [Aliased mutated inputs]
-            alias_key = (key, aliased.groups)
-            run = self._compiled.get(alias_key)
-            if run is None:
-                run = self._compile(leaves, in_spec, alias_key, aliased)
-            out = run(leaves)
+            out = self._call_aliased(key, leaves, in_spec, aliased)
         # Note [Objects passed in] (objects.py): built with the call's objects
         return out.finish(leaves) if type(out) is Deferred else out
+
+    def _call_aliased(self, key: tuple, leaves: list, in_spec: Any,
+                      aliased: AliasedMutatedInputs) -> Any:
+        """The compilation of ``key`` for the call's aliased mutated inputs."""
+        alias_key = (key, aliased.groups)
+        run = self._compiled.get(alias_key)
+        if run is None:
+            run = self._compile(leaves, in_spec, alias_key, aliased)
+        return run(leaves)
 
     def fast_function(self, key: tuple, run: Callable[[list], Any], leaves: list,
                       exprs: list[str], extra_guard: str, namespace: dict | None = None, *,
@@ -262,14 +267,20 @@ class AOTFunction:
     def _call_shape_variant(self, key: tuple, leaves: list, in_spec: Any) -> Any:
         """The first compilation for ``key`` whose shape guards hold, else a new one."""
         variants = self._shape_variants.setdefault(key, [])
-        for run in variants:
+        for k, run in enumerate(variants):
             try:
                 return run(leaves)
             except GuardFailed:
                 continue
-        run = self._compile(leaves, in_spec, (key, "shapes", len(variants)))
+            except AliasedMutatedInputs as aliased:   # this variant's sizes, other aliasing
+                return self._call_aliased((key, "shapes", k), leaves, in_spec, aliased)
+        variant = (key, "shapes", len(variants))
+        run = self._compile(leaves, in_spec, variant)
         variants.append(run)
-        return run(leaves)
+        try:
+            return run(leaves)
+        except AliasedMutatedInputs as aliased:
+            return self._call_aliased(variant, leaves, in_spec, aliased)
 
     def _compile(self, leaves: list, in_spec: Any, key: tuple,
                  aliased: AliasedMutatedInputs | None = None) -> Callable[[list], Any]:

@@ -138,9 +138,19 @@ def record_reads(flat_fn: FlatFunction, graph_inputs: Sequence[Any],
         with noting:
             return flat_fn(*xs)
 
-    with rng_kept(copies), torch.set_grad_enabled(grad_enabled):
-        gm = _torch.make_fx(torch.func.functionalize(noted, remove="mutations_and_views"),
-                            tracing_mode="real")(*copies)
+    try:
+        with rng_kept(copies), torch.set_grad_enabled(grad_enabled):
+            gm = _torch.make_fx(torch.func.functionalize(noted, remove="mutations_and_views"),
+                                tracing_mode="real")(*copies)
+    except RuntimeError:
+        # functionalize's tensors do not require grad, and a program that
+        # differentiates its inputs (the second program of a double backward:
+        # higher_order.VJPProgram) needs them to; the guard refuses ops that
+        # write in place (``_guard_graph``), so the recording need not be functional
+        noting = _Noting()
+        copies = [copy_for_eager(x) for x in graph_inputs]
+        with rng_kept(copies), torch.set_grad_enabled(grad_enabled):
+            gm = _torch.make_fx(noted, tracing_mode="real")(*copies)
     if not noting.reads:
         raise RuntimeError("no value was read")
     read_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in READ_OPS]

@@ -693,3 +693,24 @@ def test_a_custom_function_dynamo_traced_is_refused_not_detached():
     ax, ay, agx, agy = grads(aotgrad.aot_function(f, aotgrad.nop))
     (agx.pow(2).sum() + agy.pow(2).sum()).backward()
     torch.testing.assert_close((ax.grad, ay.grad), want[2:])
+
+
+def test_double_backward_reading_a_python_float_under_dynamic_compile():
+    """torch.compile(dynamic=True) passes a Python float as a 0-d tensor the
+    graph reads with ``.item()``; the second program is specialised on the
+    value it reads (Note [Values read while tracing]) -- its recording runs
+    the program under autograd, which functionalize's tensors do not carry."""
+    torch._dynamo.reset()
+
+    def f(x, a):
+        return (x.sin() * a).pow(2).sum()
+
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager, dynamic=True)
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def second(fn, a):
+        (g,) = torch.autograd.grad(fn(x, a), x, create_graph=True)
+        return g, torch.autograd.grad(g.square().sum(), x)[0]
+
+    for a in (0.3, 0.7, 0.3, -1.5):
+        torch.testing.assert_close(second(compiled, a), second(f, a))

@@ -527,3 +527,22 @@ class TestDebugAssert(TestCase):
             x = torch.ones(3)
             aot_function(lambda a: (a.mul_(2), a.view(-1))[1], nop)(x)
             torch.testing.assert_close(x, torch.full((3,), 2.0))
+
+
+def test_overlapping_inputs_after_distinct_ones_with_dynamic_shapes():
+    """Note [Aliased mutated inputs] under dynamic=True: a call whose mutated
+    inputs overlap, after calls whose inputs did not, compiles its own program
+    (the exception saying so escaped to the user from the shape-variant path)."""
+    def f(x, y):
+        x.add_(1)
+        return x * y
+
+    compiled = aot_function(f, nop, dynamic=True)
+    compiled(torch.arange(4.0), torch.arange(4.0) + 10)
+    for make in (lambda: (lambda t: (t, t))(torch.arange(4.0)),
+                 lambda: (lambda b: (b[0:4], b[1:5]))(torch.arange(5.0)),
+                 lambda: (lambda b: (b[0:3], b[2:5]))(torch.arange(5.0))):
+        x, y = make()
+        ex, ey = make()
+        torch.testing.assert_close(compiled(x, y), f(ex, ey))
+        torch.testing.assert_close((x, y), (ex, ey))
