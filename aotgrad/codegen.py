@@ -468,9 +468,17 @@ def _addresses_storage(op_name: str) -> bool:
     return "as_strided" in op_name or "set_" in op_name or "storage" in op_name
 
 
+#: ``gm.meta`` key: the program read a storage offset in Python while it was
+#: traced (Note [Offsets read in Python], values.py)
+OFFSETS_READ_META = "aotgrad_offsets_read"
+
+
 def reads_storage_offsets(gm: fx.GraphModule) -> bool:
     """Whether an op of ``gm`` addresses storage absolutely, reading its
-    inputs' storage offsets (Note [Offsets nobody reads], runtime.py)."""
+    inputs' storage offsets (Note [Offsets nobody reads], runtime.py), or the
+    program read one while it was traced."""
+    if gm.meta.get(OFFSETS_READ_META):
+        return True
     for n in gm.graph.nodes:
         if n.op == "call_function":
             schema = getattr(n.target, "_schema", None)

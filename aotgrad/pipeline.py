@@ -31,12 +31,12 @@ from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inpu
 from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
 from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebased_inputs,
                      rebased_runtime)
-from .codegen import INPUT_UPDATES_META
+from .codegen import INPUT_UPDATES_META, OFFSETS_READ_META
 from .runtime import build_runtime, input_updates
 from .higher_order import DifferentiableBackward, plan_higher_order
 from .saved_hooks import inline_hooks, inlineable
 from .views import alias_plans
-from .values import (AnsweredFunction, GuardFailed, RandomRead, ValueReads, copy_for_eager,
+from .values import (AnsweredFunction, offsets_read, GuardFailed, RandomRead, ValueReads, copy_for_eager,
                      record_reads, rng_kept, value_guarded)
 from .record import TRACER_META, NeedsMakeFx
 from .trace import SecondPass, TracedGraph, analyze_and_trace, one_pass_possible, trace
@@ -199,7 +199,7 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
            loss_index: int | None) -> tuple[Signature, TracedGraph]:
     required = [isinstance(f, torch.Tensor) and f.requires_grad for f in fakes]
     with _torch.tracing_context(fake_mode), torch.set_grad_enabled(grad_enabled), \
-            _torch.hide_saved_tensor_hooks():
+            _torch.hide_saved_tensor_hooks(), offsets_read() as offsets:
         report.stage_seconds.setdefault("analyze", 0.0)  # 0 when done in one pass
         sig, traced, tracer = _one_pass(flat_fn, fakes, options, stage, grad_enabled,
                                         loss_index)
@@ -220,6 +220,8 @@ def _trace(flat_fn: Callable, fake_mode: Any, fakes: list, *, options: CompileOp
             check_graph(traced.gm)
         report.traced = traced
         report.tracing = f"{runs}, by {traced.gm.meta.get(TRACER_META, 'make_fx')}"
+    if offsets.seen:   # Note [Offsets read in Python] (values.py)
+        traced.gm.meta[OFFSETS_READ_META] = True
     return sig, traced
 
 
@@ -358,6 +360,8 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
             for key in (REACH_META, DYNAMO_FUNCTION_META):   # missing.py
                 if key in traced.gm.meta:
                     parts.bw_gm.meta[key] = traced.gm.meta[key]
+            if traced.gm.meta.get(OFFSETS_READ_META):   # Note [Offsets read in Python]
+                parts.fw_gm.meta[OFFSETS_READ_META] = parts.bw_gm.meta[OFFSETS_READ_META] = True
             check_graph(parts.fw_gm)
             check_graph(parts.bw_gm)
         report.partitioned = parts

@@ -38,6 +38,8 @@ never specialise (they promise a graph for every input value).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -77,6 +79,43 @@ class ValueReads:
     guard: fx.GraphModule    # guard inputs -> the tuple of values read
     guard_inputs: tuple      # the graph inputs the guard takes (indices)
     sizes: tuple             # per guard input: the size the guard was made for
+
+
+# Note [Offsets read in Python]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The fast path leaves out the storage offsets of inputs the graphs never
+# address absolutely (Note [Offsets nobody reads], runtime.py).  A program
+# that reads one in Python (``x + x.storage_offset()``) bakes the traced
+# value into its graph, which then holds for that offset only.  While the
+# program is traced, ``Tensor.storage_offset`` called from code outside torch
+# and aotgrad is noted (``offsets_read``), and the graphs then count as
+# reading offsets: the guard checks them, and another offset compiles again.
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+class offsets_read:
+    """Note [Offsets read in Python]: ``with offsets_read() as reads:``, then
+    ``reads.seen``."""
+
+    def __enter__(self) -> "offsets_read":
+        self.seen = False
+        self._saved = torch.Tensor.__dict__.get("storage_offset")
+        base = torch._C.TensorBase.storage_offset
+
+        def storage_offset(t: torch.Tensor) -> Any:
+            if not self.seen and \
+                    not sys._getframe(1).f_code.co_filename.startswith(_LIBRARY_DIRS):
+                self.seen = True
+            return base(t)
+
+        torch.Tensor.storage_offset = storage_offset  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._saved is None:
+            del torch.Tensor.storage_offset
+        else:
+            torch.Tensor.storage_offset = self._saved  # type: ignore[method-assign]
 
 
 def copy_for_eager(x: Any) -> Any:

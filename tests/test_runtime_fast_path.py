@@ -605,3 +605,21 @@ def test_fast_function_is_made_when_it_first_runs(monkeypatch):
         assert made.count("fast_call") == 1 and compiled._fast.__name__ == "fast_call"
         torch.testing.assert_close(compiled(*args), eager(*args))
         assert made.count("fast_call") == 1
+
+
+def test_a_storage_offset_read_in_python_is_guarded():
+    """Note [Offsets read in Python]: the traced offset is baked into the
+    graph, so the fast path must not leave the offset out of its guard."""
+    def f(x):
+        return x * 2 + x.storage_offset()
+
+    for requires_grad in (False, True):
+        compiled = aotgrad.aot_function(f, aotgrad.nop)
+        base = torch.zeros(10, requires_grad=requires_grad)
+        for k in (0, 1, 2, 1):
+            x, ex = base[k:k + 4], base[k:k + 4]
+            out, want = compiled(x), f(ex)
+            torch.testing.assert_close(out, want)
+            if requires_grad:
+                torch.testing.assert_close(torch.autograd.grad(out.sum(), base),
+                                           torch.autograd.grad(want.sum(), base))
