@@ -2,11 +2,12 @@
 
 When ``config.enable_autograd_cache`` is on, ``aot_module_simplified`` on an
 FX graph it has seen before loads the result instead of tracing again.  The
-key (Note [Cache key]) covers the graph's code (with its subgraphs and
-tensor constants: ``program_text``), the metadata of every input
-(lifted parameters too), the options that shape the result (compilers,
-partitioner, decompositions, aotgrad.config, grad mode) and the torch and
-aotgrad versions.
+key (Note [Cache key]) covers the graph's code (with its subgraphs, tensor
+constants, and the type, mode and public attributes of the submodules it
+calls: ``program_text``), the metadata of every input (lifted parameters
+too) and which inputs are one tensor or share a storage, the options that
+shape the result (compilers, partitioner, decompositions, aotgrad.config,
+grad mode) and the torch and aotgrad versions.
 
 Two levels:
 
@@ -20,7 +21,10 @@ compilers, and compilers wrapped in ``SerializableAOTDispatchCompiler``.
 Anything else bypasses the cache (counted as ``autograd_cache_bypass``; an
 error under ``config.strict_autograd_cache``), as do programs calling custom
 autograd.Functions (unless ``config.autograd_cache_allow_custom_autograd_functions``)
-and options holding callables (``config.joint_custom_pass``).
+and options holding callables (``config.joint_custom_pass``), graphs whose
+code names what the key cannot hold (a Python function of the user's, as
+``allow_in_graph`` leaves in dynamo's graph: its closure) and graphs or
+called submodules with hooks.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from .codegen import INPUT_UPDATES_META, get_attr_path
 from .runtime import build_runtime, input_updates
 from .views import alias_plans
 
-AOTGRAD_CACHE_VERSION = 3
+AOTGRAD_CACHE_VERSION = 4
 
 
 class SerializableAOTDispatchCompiler:
