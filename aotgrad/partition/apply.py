@@ -131,7 +131,7 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
     env: dict[fx.Node, fx.Node] = {}
     for n in inputs:
         p = _torch.add_node(new, "placeholder", n.name, (), {}, name=n.name)  # snake already
-        p.meta = dict(n.meta)
+        p.meta.update(n.meta)    # (a new node's own dict: no attribute set, which costs)
         env[n] = p
     needed = ancestors(list(outputs) + list(effects), stop=frozenset(inputs))
     for n in graph.nodes:
@@ -144,7 +144,7 @@ def extract_graph(graph: fx.Graph, inputs: Sequence[fx.Node], outputs: Sequence,
             continue
         made = _torch.add_node(new, n.op, n.target, fx.map_arg(n.args, env.__getitem__),
                                fx.map_arg(n.kwargs, env.__getitem__), n.name, n.type)
-        made.meta = dict(n.meta)
+        made.meta.update(n.meta)
         env[n] = made
     new.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outputs))
     return new  # in the source graph's order, so well formed (no lint: 2% of a CNN's compile)

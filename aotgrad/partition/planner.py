@@ -522,8 +522,7 @@ def recompute_per_use(bw_gm: fx.GraphModule, fw_names: set[str],
                 stack.extend((a, False) for a in v.all_input_nodes if a not in result)
                 continue
             if current is None:             # the original, placed before its first anchor
-                v.args = fx.node.map_arg(v.args, result.__getitem__)
-                v.kwargs = fx.node.map_arg(v.kwargs, result.__getitem__)
+                _read_from(v, result)
                 node = v
             else:
                 with graph.inserting_before(anchor):
@@ -532,8 +531,7 @@ def recompute_per_use(bw_gm: fx.GraphModule, fw_names: set[str],
                 changed = True
             latest[v] = (node, step)
             result[v] = node
-        anchor.args = fx.node.map_arg(anchor.args, lambda a: result.get(a, a))
-        anchor.kwargs = fx.node.map_arg(anchor.kwargs, lambda a: result.get(a, a))
+        _read_from(anchor, result)
     if changed:
         _place_inputs_first(graph)
         # dead copies and originals: pure by construction (``copyable``); the
@@ -546,6 +544,15 @@ def recompute_per_use(bw_gm: fx.GraphModule, fw_names: set[str],
             graph.lint()
         bw_gm.recompile()
     return changed
+
+
+def _read_from(n: fx.Node, result: dict[fx.Node, fx.Node]) -> None:
+    """``n`` reads ``result[a]`` for each input ``a`` it has there (setting a
+    node's arguments costs as much as making one: only when one changes)."""
+    if all(result.get(a, a) is a for a in n.all_input_nodes):
+        return
+    n.args = fx.node.map_arg(n.args, lambda a: result.get(a, a))
+    n.kwargs = fx.node.map_arg(n.kwargs, lambda a: result.get(a, a))
 
 
 def _random(n: fx.Node) -> bool:
