@@ -156,6 +156,9 @@ def _placeholder_index(k: int, p: fx.Node) -> int:
     return desc.index if isinstance(desc, Primal) else k
 
 
+_INVOKE_SUBGRAPH = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+
+
 def plan_higher_order(parts: Partitioned, sig: Signature, *, program: Callable | None,
                       can_compile: bool, subclasses: bool, poisoned: bool,
                       backward_writes: bool) -> HigherOrderPlan:
@@ -186,6 +189,12 @@ def plan_higher_order(parts: Partitioned, sig: Signature, *, program: Callable |
                    "autograd_function_apply), whose backward graph runs with grad mode off; "
                    "call the Function outside the compiled region, or compile with "
                    "aotgrad.aot_function / aot_module, which differentiate it twice")
+    if refusal is None and _INVOKE_SUBGRAPH is not None and any(
+            g.find_nodes(op="call_function", target=_INVOKE_SUBGRAPH)
+            for g in (fw, parts.bw_gm.graph)):
+        refusal = ("it calls a nested_compile_region (torch.compile's invoke_subgraph), whose "
+                   "backward torch cannot differentiate again; compile with "
+                   "aotgrad.aot_function / aot_module, where the region is plain code")
     if refusal is not None or len(placeholders) != n:
         if subclasses or len(placeholders) != n:  # placeholders are plain tensors
             slot = [None] * n

@@ -714,3 +714,30 @@ def test_double_backward_reading_a_python_float_under_dynamic_compile():
 
     for a in (0.3, 0.7, 0.3, -1.5):
         torch.testing.assert_close(second(compiled, a), second(f, a))
+
+
+def test_a_nested_compile_region_is_refused_for_double_backward_under_compile():
+    """Under torch.compile a nested_compile_region is an invoke_subgraph node,
+    whose backward torch cannot differentiate again: the first-order gradient
+    is exact and differentiating it raises, naming the reason (it crashed in
+    torch's invoke_subgraph backward); aot_function differentiates it twice."""
+    @torch.compiler.nested_compile_region
+    def block(x, w):
+        return (x @ w).sin() * x
+
+    def f(x, w):
+        return block(block(x, w), w)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aotgrad.backends.aot_eager, fullgraph=True)
+    (g,) = torch.autograd.grad(compiled(x, w).sum(), x, create_graph=True)
+    (want,) = torch.autograd.grad(f(x, w).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, want)
+    with pytest.raises(RuntimeError, match="nested_compile_region"):
+        torch.autograd.grad(g.square().sum(), x)
+    (g,) = torch.autograd.grad(aot_function(f, nop)(x, w).sum(), x, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(g.square().sum(), x),
+                               torch.autograd.grad(want.square().sum(), x))
