@@ -60,13 +60,16 @@ contribution eager leaves out -- so they may be symbolic zeros, exactly as
 above, through the custom backward's ATen ops too.  Two silent wrong values
 go: ``f(x) = (x.log(), CF.apply(x))`` with the log unused at ``x = 0``
 (eager 3, the zeros nan), and a custom backward that eager does not run
-returning ``ones_like(g)`` into a gradient that is there (it added ones).
-The specialisation is made when a missing tangent's zeros would meet
-another value or go through an op that need not keep them zero
-(``absorbing_tangents(custom=True)``).  The other missing tangents get the
-runtime's zeros, as a running custom
-backward gets them in eager (a node that does not run but is also reached
-from such a tangent still adds what it computes from zeros).  The
+computing from a missing tangent into a gradient that is there
+(``g.cos()``: it added ones).  The specialisation is made when a missing
+tangent's zeros would meet another value or go through an op that need not
+keep them zero (``absorbing_tangents(custom=True)``).  The other missing
+tangents get the runtime's zeros, as a running custom backward gets them in
+eager (a node that does not run but is also reached from such a tangent
+still adds what it computes from zeros), and a custom backward that eager
+does not run still adds what it computes from no tangent at all (``ones``,
+or ``ones_like`` of the zeros autograd makes for an output of the Function
+the program never returns): shared with torch's aot_function.  The
 specialised graph returns its all-zero gradients as zeros (``whole``):
 which are None is the AutogradReach's to say.
 """
@@ -362,9 +365,9 @@ class MissingTangents:
 #   runtime replays on it which nodes run and which edges carry a gradient,
 #   as the engine does.  (A graph loaded from the disk cache has no such
 #   record: its gradients are kept as computed.)  What a custom node that
-#   eager would not run adds to a gradient that is there is taken back by
-#   the missing set's specialisation: Note [Tangents that reach no custom
-#   backward].
+#   eager would not run adds to a gradient that is there from a missing
+#   tangent is taken back by the missing set's specialisation, what it adds
+#   from no tangent is not: Note [Tangents that reach no custom backward].
 
 
 @dataclass(frozen=True)
