@@ -234,6 +234,10 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         news = outs[len(outs) - len(targets):]
         for t, new in zip(targets, news):
+            if new.dtype != t.dtype and not torch.can_cast(new.dtype, t.dtype):
+                # eager's in-place op refuses it; fake kernels may not (mul_)
+                raise RuntimeError(f"result type {_dtype_name(new.dtype)} can't be cast to "
+                                   f"the desired output type {_dtype_name(t.dtype)}")
             if (new.shape, new.stride(), new.storage_offset(), new.dtype, new.device) != \
                     (t.shape, t.stride(), t.storage_offset(), t.dtype, t.device):
                 self.refuse(f"{func}'s new value has other metadata", NotFunctional)
@@ -434,6 +438,11 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
 
 
 _VARIANTS: dict[Any, tuple | None] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """As eager's messages name it: ``Float``, ``Long``, ``ComplexFloat``."""
+    return torch.empty((), dtype=dtype, device="meta").type().rpartition(".")[2][:-len("Tensor")]
 
 
 def functional_variant(func) -> tuple[Any, list[tuple[int, str]]] | None:

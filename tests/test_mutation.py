@@ -1,5 +1,6 @@
 """Input mutations, views and aliasing: compiled behaves exactly like eager."""
 
+import pytest
 import torch
 import torch.nn as nn
 from expecttest import TestCase
@@ -546,3 +547,20 @@ def test_overlapping_inputs_after_distinct_ones_with_dynamic_shapes():
         ex, ey = make()
         torch.testing.assert_close(compiled(x, y), f(ex, ey))
         torch.testing.assert_close((x, y), (ex, ey))
+
+
+def test_an_in_place_op_whose_result_type_cannot_be_cast_raises_as_eager():
+    """Eager refuses ``int_tensor.mul_(2.7)`` (the result is Float); torch's
+    fake kernel of ``mul_`` does not, and the compiled call wrote the
+    truncated product into the input (torch's AOTAutograd does too)."""
+    cases = [(lambda x: x.mul_(2.7), lambda: torch.arange(4)),
+             (lambda x: x.__imul__(2.5), lambda: torch.arange(4)),
+             (lambda x: x.mul_(1j), lambda: torch.arange(4.0)),
+             (lambda x: x.mul_(2), lambda: torch.tensor([True, False]))]
+    for f, make in cases:
+        with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
+            f(make())
+        x = make()
+        with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
+            aot_function(f, nop)(x)
+        assert torch.equal(x, make())
