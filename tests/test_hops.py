@@ -203,3 +203,27 @@ def test_out_dtype(how):
 
     x = torch.randint(-3, 3, (4, 3), dtype=torch.int8)
     assert_close(_compiled(how, fn, False)(x), fn(x))
+
+
+def test_invoke_quant_under_compile():
+    """hop_db's invoke_quant: the graph makes the HOP's options object from
+    constants and both halves read it; the backward makes it again (the
+    partition asserted it was saved and not a tensor)."""
+    from torch.testing._internal.hop_db import hop_db
+
+    op = next(o for o in hop_db if o.name == "invoke_quant")
+    for sample in op.sample_inputs(None, torch.float32, requires_grad=True):
+        def f(*args, sample=sample):
+            return op.op(*args, **sample.kwargs)
+
+        def run(fn, sample=sample):
+            xs = [t.detach().clone().requires_grad_(t.requires_grad)
+                  if isinstance(t, torch.Tensor) else t for t in (sample.input, *sample.args)]
+            out = fn(*xs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            sum(o.sum() for o in outs).backward()
+            return [o.detach() for o in outs], [x.grad for x in xs if isinstance(x, torch.Tensor)]
+
+        torch._dynamo.reset()
+        torch.testing.assert_close(
+            run(torch.compile(f, backend=aotgrad.backends.aot_eager, fullgraph=True)), run(f))

@@ -43,7 +43,11 @@ def build_partition(joint_gm: fx.GraphModule, roles: JointRoles,
     saved tensors then saved symbolic ints; the backward takes them in the
     opposite order, symbolic ints first.
     """
-    saved = sizes_instead_of_tensors(roles, saved)
+    # a Python object the graph makes from constants (an invoke_quant's options):
+    # the backward makes it again
+    saved = [n for n in sizes_instead_of_tensors(roles, saved)
+             if n.all_input_nodes or _torch.is_sym_node(n) or
+             isinstance(n.meta.get("val"), torch.Tensor)]
     saved_syms = [n for n in saved if _torch.is_sym_node(n)]
     saved_tensors = [n for n in saved if not _torch.is_sym_node(n)]
     for n in saved_tensors:
