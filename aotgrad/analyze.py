@@ -37,7 +37,7 @@ import torch
 
 from . import _torch, hops, subclass, tangents
 from .flatten import FlatFunction
-from .record import NotFunctional, functionalizing_itself
+from .record import NotFunctional, dtype_name, functionalizing_itself
 from .subclass import Layout
 
 
@@ -646,7 +646,19 @@ class EagerChecks(_torch.TorchDispatchMode):
                     "tensor before performing the operation. (aotgrad: in-place writes, "
                     "fills included, into a tensor whose elements overlap, e.g. an expand(), "
                     "cannot be compiled.)")
+            if func in _PROMOTING_IN_PLACE and len(args) > 1:
+                promoted = torch.result_type(args[0], args[1])
+                if not torch.can_cast(promoted, args[0].dtype):
+                    # eager's error; torch's fake kernels of these do not check
+                    # (record.py's light tracer checks the mutations it records)
+                    raise RuntimeError(f"result type {dtype_name(promoted)} can't be cast to "
+                                       f"the desired output type {dtype_name(args[0].dtype)}")
         return func(*args, **(kwargs or {}))
+
+
+_PROMOTING_IN_PLACE = frozenset({_torch.aten.mul_.Tensor, _torch.aten.mul_.Scalar,
+                                 _torch.aten.add_.Tensor, _torch.aten.add_.Scalar,
+                                 _torch.aten.sub_.Tensor, _torch.aten.sub_.Scalar})
 
 
 # ---------------------------------------------------------------- .data assignment

@@ -236,8 +236,8 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
         for t, new in zip(targets, news):
             if new.dtype != t.dtype and not torch.can_cast(new.dtype, t.dtype):
                 # eager's in-place op refuses it; fake kernels may not (mul_)
-                raise RuntimeError(f"result type {_dtype_name(new.dtype)} can't be cast to "
-                                   f"the desired output type {_dtype_name(t.dtype)}")
+                raise RuntimeError(f"result type {dtype_name(new.dtype)} can't be cast to "
+                                   f"the desired output type {dtype_name(t.dtype)}")
             if (new.shape, new.stride(), new.storage_offset(), new.dtype, new.device) != \
                     (t.shape, t.stride(), t.storage_offset(), t.dtype, t.device):
                 self.refuse(f"{func}'s new value has other metadata", NotFunctional)
@@ -440,7 +440,7 @@ class _Recorder(_torch.ProxyTorchDispatchMode):
 _VARIANTS: dict[Any, tuple | None] = {}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """As eager's messages name it: ``Float``, ``Long``, ``ComplexFloat``."""
     return torch.empty((), dtype=dtype, device="meta").type().rpartition(".")[2][:-len("Tensor")]
 

@@ -552,11 +552,15 @@ def test_overlapping_inputs_after_distinct_ones_with_dynamic_shapes():
 def test_an_in_place_op_whose_result_type_cannot_be_cast_raises_as_eager():
     """Eager refuses ``int_tensor.mul_(2.7)`` (the result is Float); torch's
     fake kernel of ``mul_`` does not, and the compiled call wrote the
-    truncated product into the input (torch's AOTAutograd does too)."""
+    truncated product into the input (torch's AOTAutograd does too).  Both
+    traces check: the light one (record.py) and under functionalization
+    (``EagerChecks``, analyze.py)."""
     cases = [(lambda x: x.mul_(2.7), lambda: torch.arange(4)),
              (lambda x: x.__imul__(2.5), lambda: torch.arange(4)),
              (lambda x: x.mul_(1j), lambda: torch.arange(4.0)),
-             (lambda x: x.mul_(2), lambda: torch.tensor([True, False]))]
+             (lambda x: x.mul_(2), lambda: torch.tensor([True, False])),
+             (lambda x: x.mul_(torch.tensor(2.7)), lambda: torch.arange(4)),
+             (lambda x: x[1:].mul_(2.7), lambda: torch.arange(4))]   # a view: functionalized
     for f, make in cases:
         with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
             f(make())
