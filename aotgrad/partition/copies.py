@@ -55,14 +55,14 @@ class CopyTimes:
 
 
 def timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None, recomputed: frozenset[str],
-             cost: Callable[[fx.Node], int],
-             cache: dict | None = None) -> tuple[Timeline, CopyTimes]:
-    """The step's timeline (Note [Peak of a step]; ``cache``: step_timeline's)
-    with its offloaded blocks held until their copies out are done, and the
-    copies' times."""
-    offloads = any(n.target is offload_op for n in fw_gm.graph.nodes)
+             cost: Callable[[fx.Node], int], cache: dict | None = None,
+             device: torch.device | None = None) -> tuple[Timeline, CopyTimes]:
+    """The step's timeline (Note [Peak of a step]; ``cache``, ``device``:
+    step_timeline's) with its offloaded blocks held until their copies out are
+    done, and the copies' times."""
+    offloads = bool(fw_gm.graph.find_nodes(op="call_function", target=offload_op))
     copies = copy_times(fw_gm, bw_gm, cost) if offloads else CopyTimes()
-    return step_timeline(fw_gm, bw_gm, recomputed, copies.held_until, cache), copies
+    return step_timeline(fw_gm, bw_gm, recomputed, copies.held_until, cache, device), copies
 
 
 def copy_times(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,

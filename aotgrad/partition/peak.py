@@ -163,13 +163,14 @@ def timeline_device(joint_gm: fx.GraphModule, primals) -> torch.device | None:
 def step_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule | None,
                   recomputed: frozenset[str] = frozenset(),
                   held_until: dict[str, int] | None = None,
-                  cache: dict | None = None) -> Timeline:
+                  cache: dict | None = None, device: torch.device | None = None) -> Timeline:
     """Note [Peak of a step]: the timeline of running ``fw_gm`` then ``bw_gm``.
     ``recomputed``: names of backward nodes that recompute forward values;
     ``held_until``: per offloaded value, the step its block is held to (its
     copy out still reading it: Note [Copies in time], copies.py); ``cache``:
-    ``_storage_info``'s, for timelines of one joint's plans."""
-    device = _device_of(fw_gm)
+    ``_storage_info``'s, for timelines of one joint's plans; ``device``: the
+    one measured, when known (``timeline_device``), else ``_device_of`` the forward."""
+    device = _device_of(fw_gm) if device is None else device
     fw_nodes = [n for n in fw_gm.graph.nodes if n.op == "call_function"]
     bw_nodes = [n for n in bw_gm.graph.nodes if n.op == "call_function"] if bw_gm else []
     steps = tuple([f"forward:{n.name}" for n in fw_nodes] +

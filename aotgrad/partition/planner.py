@@ -243,7 +243,7 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
                        list(dict.fromkeys(offload_of(saved) + [n.name for n in moved])))
         return fw_gm, bw_gm, sum(tensor_bytes(n) or 0 for n in moved)
 
-    bound_device = timeline_device(joint_gm, roles.primals)
+    bound_device = timeline_dev = timeline_device(joint_gm, roles.primals)
     if not any(isinstance(g, fx.Node) and g.op == "call_function" and g in problem.tangent_side
                for g in roles.bwd_outputs):
         bound_device = None    # the backward may have no step: no bound
@@ -303,7 +303,8 @@ def plan_for_peak(joint_gm: fx.GraphModule, num_fwd_outputs: int, budget: PeakBu
         else:
             recomputed = frozenset(n.name for n in bw_gm.graph.nodes
                                    if n.op == "call_function" and n.name in fw_names)
-            timeline, copies = copies_timeline(fw_gm, bw_gm, recomputed, cost, storages)
+            timeline, copies = copies_timeline(fw_gm, bw_gm, recomputed, cost, storages,
+                                               timeline_dev)
             time = _backward_work(bw_gm, cost) + copies.stall
             points[c] = PlanPoint(c, timeline.peak, time, cuts[c.cut].saved_bytes, moved_bytes)
         if config.debug_assert and (peak_bound(c) > points[c].peak or
