@@ -117,3 +117,36 @@ def needs_shape_env(error: BaseException, fake_mode: Any) -> bool:
             tb = tb.tb_next
         error = error.__cause__ or error.__context__
     return False
+
+
+# Note [Random numbers in a region's backward]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Under torch.compile a nested_compile_region is an ``invoke_subgraph`` node;
+# torch's own autograd rule for it splits the region into a forward and a
+# backward subgraph.  In aotgrad's trace a region called twice gets a
+# backward subgraph that runs its random ops again (dropout's mask drawn
+# anew), so the gradient does not match the forward's numbers -- a silent
+# wrong value.  Until the region is partitioned by aotgrad itself, a joint
+# whose backward calls a region that draws random numbers is refused.
+def refuse_random_region_backward(joint_gm: Any, tangent_side: set) -> None:
+    """Note [Random numbers in a region's backward]."""
+    import torch
+
+    target = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    if target is None:
+        return
+    for n in joint_gm.graph.find_nodes(op="call_function", target=target):
+        body = n.args[0] if n.args else None
+        sub = getattr(joint_gm, body.target, None) if getattr(body, "op", None) == "get_attr" \
+            else None
+        if n not in tangent_side or sub is None:
+            continue
+        for m in sub.graph.nodes:
+            if isinstance(m.target, torch._ops.OpOverload) and \
+                    torch.Tag.nondeterministic_seeded in m.target.tags:
+                raise NotImplementedError(
+                    f"aotgrad: the backward of a nested_compile_region ({body.target}) draws "
+                    f"random numbers again ({m.target}), so its gradient would not match "
+                    "the forward's (dropout's mask). Move the random op out of the region, "
+                    "or compile with aotgrad.aot_function / aot_module, where the region is "
+                    "plain code (Note [Random numbers in a region's backward], hops.py).")

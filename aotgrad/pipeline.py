@@ -22,13 +22,13 @@ import torch.fx as fx
 from . import _torch, config, hops, objects, stateless, subclass, tokens
 from .analyze import Signature, analyze
 from .check import check_graph
-from .descriptors import DESC, Primal
+from .descriptors import DESC, Primal, Tangent
 from .fakes import fakes_from_reals
 from .missing import CUSTOM_BACKWARD_META, DYNAMO_FUNCTION_META, REACH_META
 from .reuse import offered_values
 from .compile import CompiledGraphs, Compiler, compile_inference, compile_joint
 from .flatten import FlatInputs, flatten_inputs, make_flat_fn, select_graph_inputs
-from .partition import STATIC_INPUTS_META, Partitioned, default_partition, partition
+from .partition import STATIC_INPUTS_META, Partitioned, default_partition, descendants, partition
 from .rebase import (AliasedMutatedInputs, RebasedFunction, plan_rebasing, rebased_inputs,
                      rebased_runtime)
 from .codegen import INPUT_UPDATES_META, OFFSETS_READ_META
@@ -348,6 +348,9 @@ def compile_traced(t: Traced, options: CompileOptions, report: CompileReport) ->
                 mutated = frozenset(k for i in mutated for k in traced.boundary.plain_indices(i))
                 static = frozenset(k for i in static for k in traced.boundary.plain_indices(i))
             traced.gm.meta[STATIC_INPUTS_META] = static
+            hops.refuse_random_region_backward(   # Note [Random numbers in a region's backward]
+                traced.gm, descendants(p for p in traced.gm.graph.find_nodes(op="placeholder")
+                                       if isinstance(p.meta.get(DESC), Tangent)))
             parts = partition(traced.gm, _split_joint_inputs(traced),
                               traced.num_fwd_outputs, options.partition_fn, mutated)
             hooks = _torch.top_saved_tensor_hooks()

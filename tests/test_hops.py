@@ -227,3 +227,22 @@ def test_invoke_quant_under_compile():
         torch._dynamo.reset()
         torch.testing.assert_close(
             run(torch.compile(f, backend=aotgrad.backends.aot_eager, fullgraph=True)), run(f))
+
+
+def test_a_region_that_draws_random_numbers_in_its_backward_is_refused():
+    """Note [Random numbers in a region's backward]: a nested_compile_region
+    with dropout, called twice, had a backward subgraph that drew its mask
+    again (a gradient matching no forward mask); now a clear error.  One call
+    keeps the mask and matches eager's."""
+    @torch.compiler.nested_compile_region
+    def block(x):
+        return torch.nn.functional.dropout(x, 0.5, True)
+
+    torch._dynamo.reset()
+    x = torch.ones(12, requires_grad=True)
+    with pytest.raises(Exception, match="draws random numbers again"):
+        torch.compile(lambda x: block(block(x)), backend=backends.aot_eager)(x).sum().backward()
+    torch._dynamo.reset()
+    y = torch.compile(lambda x: block(x.sin()), backend=backends.aot_eager)(x)
+    y.sum().backward()
+    assert torch.equal(y != 0, x.grad != 0)
